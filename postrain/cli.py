@@ -1,0 +1,161 @@
+"""The `postrain` command line: one small function per subcommand.
+
+Heavy libraries (torch, transformers, trl) are imported only inside the jobs, so `--help`, `config`, `recipes`
+and `--dry-run` answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from postrain.errors import PostrainError
+
+app = typer.Typer(
+    name="postrain",
+    help="Recipe-driven LLM post-training over Hugging Face TRL.\n\n"
+    "Every job reads a YAML recipe; any key can be overridden as key=value, e.g.\n\n"
+    "  postrain grpo recipes/math.yaml trainer.learning_rate=1e-6",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = typer.Argument(..., help="Recipe file (a path, or a name under recipes/).")
+OverridesArg = typer.Argument(None, help="key=value overrides (OmegaConf dotlist), applied last.")
+DryRun = typer.Option(False, "--dry-run", help="Validate the recipe and print the plan; load no weights.")
+Smoke = typer.Option(False, "--smoke", help="Run a few steps on the embedded tiny model and built-in data.")
+Overwrite = typer.Option(False, "--overwrite", help="Replace an existing run directory.")
+Resume = typer.Option(False, "--resume", help="Continue the run in an existing run directory (same recipe).")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
+    from postrain.recipes import load_recipe
+
+    recipe_obj = load_recipe(recipe, overrides or [], command)
+    if smoke:
+        from postrain.recipes.smoke import smoke_layer
+
+        layer = smoke_layer(recipe_obj.command, recipe_obj.cfg)
+        recipe_obj = load_recipe(recipe, overrides or [], command, smoke_layer=layer)
+    return recipe_obj
+
+
+def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool) -> None:
+    try:
+        recipe_obj = load(recipe, overrides, command, smoke)
+        if dry_run:
+            _print_plan(recipe_obj)
+            return
+        from postrain.jobs import RunOptions, run_job
+
+        cmdline = " ".join(shlex.quote(a) for a in ["postrain", *sys.argv[1:]])
+        result = run_job(recipe_obj, RunOptions(overwrite=overwrite, resume=resume, command_line=cmdline, smoke=smoke))
+        console.print(f"[green]done[/]: {result.get('run_dir', '')}")
+    except PostrainError as e:
+        _fail(str(e))
+
+
+def _print_plan(recipe_obj) -> None:
+    from postrain.jobs.plan import plan
+
+    table = Table(title=f"plan: {recipe_obj.cfg['name']}", show_header=False)
+    for key, value in plan(recipe_obj).items():
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print("[green]recipe is valid[/] (dry run: nothing loaded, nothing written)")
+
+
+@app.command(epilog="Example: postrain sft recipes/demo/sft.yaml trainer.num_train_epochs=2")
+def sft(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
+        smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
+    """Supervised fine-tuning (TRL SFTTrainer)."""
+    _job("sft", recipe, overrides, dry_run, smoke, overwrite, resume)
+
+
+@app.command(epilog="Example: postrain dpo recipes/demo/dpo.yaml trainer.beta=0.1 'trainer.loss_type=[ipo]'")
+def dpo(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
+        smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
+    """Preference optimization (TRL DPOTrainer; every TRL loss_type)."""
+    _job("dpo", recipe, overrides, dry_run, smoke, overwrite, resume)
+
+
+@app.command(epilog="Example: postrain grpo recipes/math.yaml trainer.learning_rate=1e-6")
+def grpo(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
+         smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
+    """Online RL with group-relative advantages (TRL GRPOTrainer) and recipe-defined rewards."""
+    _job("grpo", recipe, overrides, dry_run, smoke, overwrite, resume)
+
+
+@app.command(name="eval", epilog="Example: postrain eval recipes/demo/eval.yaml model.name_or_path=runs/demo/sft")
+def eval_(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
+          smoke: bool = Smoke, overwrite: bool = Overwrite) -> None:
+    """Generate on eval sets and score with reward functions (accuracy, unparsable, length)."""
+    _job("eval", recipe, overrides, dry_run, smoke, overwrite, False)
+
+
+@app.command(epilog="Example: postrain merge recipes/demo/merge.yaml merge.merge_method=slerp")
+def merge(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
+          smoke: bool = Smoke, overwrite: bool = Overwrite) -> None:
+    """Merge models with mergekit (linear, slerp, task_arithmetic, ties, dare_ties, ...)."""
+    _job("merge", recipe, overrides, dry_run, smoke, overwrite, False)
+
+
+@app.command(epilog="Example: postrain run recipes/demo/pipeline.yaml")
+def run(pipeline: str = typer.Argument(..., help="Pipeline recipe (command: pipeline)."),
+        overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun, smoke: bool = Smoke,
+        overwrite: bool = Overwrite) -> None:
+    """Run a pipeline of stages; finished stages with an unchanged recipe are skipped (resume)."""
+    _job("pipeline", pipeline, overrides, dry_run, smoke, overwrite, False)
+
+
+@app.command(epilog="Example: postrain config recipes/math.yaml trainer.learning_rate=1e-6")
+def config(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, smoke: bool = Smoke) -> None:
+    """Print the fully resolved recipe (defaults, inheritance, overrides, interpolation); run nothing."""
+    try:
+        recipe_obj = load(recipe, overrides, None, smoke)
+    except PostrainError as e:
+        _fail(str(e))
+    typer.echo(f"# {recipe_obj.path}  (command: {recipe_obj.command}, hash: {recipe_obj.hash})")
+    typer.echo(recipe_obj.to_yaml(), nl=False)
+
+
+@app.command(epilog="Example: postrain recipes --json")
+def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+            root: Optional[Path] = typer.Option(None, help="Folder to list (default: recipes/).")) -> None:
+    """List the recipes under recipes/ with their command and, for paper recipes, the paper."""
+    from postrain.recipes.catalog import list_recipes
+
+    rows = list_recipes(root)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="recipes")
+    for col in ("recipe", "command", "paper", "arXiv"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["path"], r["command"] or "?", r.get("paper") or "", r.get("arxiv") or "")
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data sources, built-in tasks and formatting."""

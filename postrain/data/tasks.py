@@ -1,0 +1,125 @@
+"""Built-in synthetic tasks with exact answers: the data of the demo, the tests and `--smoke`.
+
+Every task yields rows with the columns all jobs need, so one task feeds SFT, DPO, GRPO and eval alike:
+  prompt     the question text
+  completion the reference answer as the model should write it (SFT target)
+  answer     the exact answer (what verifiers compare against)
+  chosen     = completion; rejected: a plausible wrong answer (DPO pairs)
+
+Splits are disjoint by construction: each problem is assigned to `test` or `train` by a hash of its text, so a
+held-out score is a score on problems never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+
+from postrain.errors import DataError
+
+TASKS: dict[str, Callable[..., list[dict]]] = {}
+
+
+def register_task(name: str):
+    def deco(fn):
+        TASKS[name] = fn
+        return fn
+
+    return deco
+
+
+def _in_split(text: str, split: str, test_fraction: float) -> bool:
+    bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    is_test = bucket < test_fraction
+    if split in ("test", "validation", "eval"):
+        return is_test
+    if split == "train":
+        return not is_test
+    raise DataError(f"built-in tasks have splits 'train' and 'test', not {split!r}")
+
+
+def _take(candidates: Iterator[dict], n: int, split: str, test_fraction: float, limit: int) -> list[dict]:
+    rows, seen = [], set()
+    for tries, row in enumerate(candidates):
+        if len(rows) >= n or tries >= limit:
+            break
+        if row["prompt"] in seen or not _in_split(row["prompt"], split, test_fraction):
+            continue
+        seen.add(row["prompt"])
+        rows.append(row)
+    return rows
+
+
+@register_task("arithmetic")
+def arithmetic(
+    split: str = "train",
+    n: int = 1000,
+    digits: int = 2,
+    ops: str = "+",
+    seed: int = 0,
+    test_fraction: float = 0.1,
+) -> list[dict]:
+    """`a<op>b=` with operands of exactly `digits` digits; the answer is the exact integer result."""
+    if digits < 1:
+        raise DataError(f"arithmetic: digits must be >= 1, got {digits}")
+    if not ops or set(ops) - set("+-*"):
+        raise DataError(f"arithmetic: ops must be made of '+', '-', '*', got {ops!r}")
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1
+    rng = random.Random(f"{seed}-{split}")
+
+    def candidates():
+        while True:
+            a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
+            result = {"+": a + b, "-": a - b, "*": a * b}[op]
+            wrong = result + rng.choice([-10, -1, 1, 10])
+            yield {
+                "prompt": f"{a}{op}{b}=",
+                "completion": str(result),
+                "answer": str(result),
+                "chosen": str(result),
+                "rejected": str(wrong),
+            }
+
+    space = (hi - lo + 1) ** 2 * len(ops)
+    return _take(candidates(), min(n, space), split, test_fraction, limit=50 * n + 1000)
+
+
+@register_task("reverse")
+def reverse(
+    split: str = "train", n: int = 1000, length: int = 5, alphabet: str = "abcdefgh", seed: int = 0,
+    test_fraction: float = 0.1,
+) -> list[dict]:
+    """`reverse:<word>=`: the answer is the word reversed."""
+    rng = random.Random(f"{seed}-{split}")
+
+    def candidates():
+        while True:
+            word = "".join(rng.choice(alphabet) for _ in range(length))
+            target = word[::-1]
+            wrong = target[1:] + target[0]
+            yield {
+                "prompt": f"reverse:{word}=",
+                "completion": target,
+                "answer": target,
+                "chosen": target,
+                "rejected": wrong,
+            }
+
+    return _take(candidates(), n, split, test_fraction, limit=50 * n + 1000)
+
+
+def build_task(name: str, split: str, params: dict) -> list[dict]:
+    import difflib
+    import inspect
+
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"unknown built-in task {name!r}{hint} (available: {', '.join(TASKS)})")
+    fn = TASKS[name]
+    valid = [p for p in inspect.signature(fn).parameters if p != "split"]
+    bad = [k for k in params if k not in valid]
+    if bad:
+        raise DataError(f"built-in task {name!r} has no parameter {bad[0]!r}; valid: {', '.join(valid)}")
+    return fn(split=split, **params)

@@ -1,0 +1,226 @@
+"""What every job shares: the run directory, its records, the TRL version check and the trainer config.
+
+A run directory holds:
+  recipe.yaml    the resolved recipe, its hash in the header
+  env.json       package versions, git commit, seed, command line, recipe hash
+  metrics.jsonl  one line per logging step
+  model/         the final model (safetensors) with its tokenizer
+  status.json    `running` / `done`, wall time: how a pipeline knows a stage finished
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from postrain.errors import PostrainError, RunDirError
+from postrain.recipes import Recipe
+
+# The TRL versions postrain is tested against (pyproject.toml declares the same range).
+TRL_TESTED = ((1, 16), (1, 17))  # >= 1.16, < 1.17
+MODEL_SUBDIR = "model"
+
+
+def check_trl_version() -> None:
+    """Refuse to run on a TRL outside the tested range: trainer internals move between minor versions."""
+    if os.environ.get("POSTRAIN_SKIP_VERSION_CHECK"):
+        return
+    import trl
+
+    parts = tuple(int(p) for p in trl.__version__.split(".")[:2] if p.isdigit())
+    lo, hi = TRL_TESTED
+    if not (lo <= parts < hi):
+        raise PostrainError(
+            f"postrain is tested with trl >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} but trl {trl.__version__} is installed. "
+            f"Install a tested version (pip install 'trl>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}') or set "
+            f"POSTRAIN_SKIP_VERSION_CHECK=1 to run anyway."
+        )
+
+
+@dataclass
+class RunOptions:
+    """How a job treats its run directory (from the CLI flags)."""
+
+    overwrite: bool = False
+    resume: bool = False
+    command_line: str = ""
+    smoke: bool = False
+
+
+def prepare_run_dir(recipe: Recipe, options: RunOptions) -> Path:
+    """Create the run directory, refusing to overwrite a previous run unless asked."""
+    run_dir = Path(recipe.cfg["output_dir"])
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if options.resume:
+            saved = read_recipe_hash(run_dir)
+            if saved is not None and saved != recipe.hash:
+                raise RunDirError(
+                    f"cannot resume {run_dir}: its recipe hash is {saved} but this recipe resolves to {recipe.hash}; "
+                    f"resume with the same recipe, or start over with --overwrite"
+                )
+        elif options.overwrite:
+            shutil.rmtree(run_dir)
+        else:
+            raise RunDirError(
+                f"run directory {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
+                f"--resume to continue it, or choose another with output_dir=... (or name=...)"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe.save(run_dir)
+    write_json(run_dir / "env.json", environment(recipe, options))
+    write_json(run_dir / "status.json", {"status": "running", "recipe_hash": recipe.hash, "started": time.time()})
+    return run_dir
+
+
+def read_recipe_hash(run_dir: Path) -> str | None:
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.exists():
+        return None
+    first = path.read_text().split("\n", 1)[0]
+    return first.rsplit(" ", 1)[-1] if "hash" in first else None
+
+
+def read_status(run_dir: Path) -> dict:
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@contextmanager
+def running(run_dir: Path):
+    """Mark the run `done` (with its wall time) when the body finishes, `failed` if it raises."""
+    start = time.time()
+    status = read_status(run_dir)
+    try:
+        yield
+    except BaseException as e:
+        write_json(run_dir / "status.json", {**status, "status": "failed", "error": repr(e)[:500]})
+        raise
+    write_json(run_dir / "status.json", {**status, "status": "done", "wall_time_s": round(time.time() - start, 2)})
+
+
+def write_json(path: Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(recipe: Recipe, options: RunOptions) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("postrain", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "mergekit", "math-verify"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "command_line": options.command_line or " ".join(sys.argv),
+        "command": recipe.command,
+        "recipe": str(recipe.path) if recipe.path else None,
+        "recipe_hash": recipe.hash,
+        "seed": recipe.cfg.get("seed"),
+        "git_commit": _git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+    }
+
+
+def trainer_config(recipe: Recipe, run_dir: Path, config_cls: type, **forced: Any):
+    """Build the TRL config from the `trainer:` section, with postrain's run directory and seed."""
+    import torch
+
+    kwargs = dict(recipe.cfg.get("trainer") or {})
+    if "output_dir" in kwargs:
+        raise PostrainError("set the run directory with the top-level `output_dir`, not `trainer.output_dir`")
+    kwargs["output_dir"] = str(run_dir / "checkpoints")
+    kwargs.setdefault("seed", recipe.cfg["seed"])
+    kwargs.setdefault("report_to", "none")
+    # TRL defaults bf16 to True; on a machine without a bf16 GPU that would run slowly or fail, so unless the
+    # recipe says otherwise, use bf16 exactly where it is supported.
+    if kwargs.get("bf16") is None and not kwargs.get("fp16"):
+        kwargs["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    kwargs.update(forced)
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise PostrainError(f"invalid `trainer:` section for {config_cls.__name__}: {e}") from None
+
+
+def metrics_callback(run_dir: Path):
+    """A TrainerCallback appending each log to `metrics.jsonl` (one JSON object per logging step)."""
+    from transformers import TrainerCallback
+
+    path = Path(run_dir) / "metrics.jsonl"
+
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or not state.is_world_process_zero:
+                return
+            with path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
+
+    return MetricsJsonl()
+
+
+def peft_config(recipe: Recipe):
+    section = recipe.cfg.get("peft")
+    if not section:
+        return None
+    from peft import LoraConfig
+
+    section = dict(section)
+    section.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return LoraConfig(**section)
+    except (ValueError, TypeError) as e:
+        raise PostrainError(f"invalid `peft:` section: {e}") from None
+
+
+def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
+    """Save the trained model (LoRA adapters merged into the base) and tokenizer into `run_dir/model`."""
+    out = Path(run_dir) / MODEL_SUBDIR
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # a peft model: ship a plain model every tool can load
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def resume_checkpoint(run_dir: Path, options: RunOptions) -> str | None:
+    if not options.resume:
+        return None
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def quiet_libraries() -> None:
+    """Keep the console for postrain's own output: no per-weight loading bars, no advisory warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,5 @@
+"""Recipes: load, layer (`defaults:`), override, validate, save the resolved config."""
+
+from postrain.recipes.loader import Recipe, find_recipe, load_recipe, recipe_hash, recipes_root
+
+__all__ = ["Recipe", "find_recipe", "load_recipe", "recipe_hash", "recipes_root"]

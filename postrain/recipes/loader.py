@@ -1,0 +1,231 @@
+"""Load a recipe: layer, override, interpolate, validate.
+
+Precedence, lowest first:
+  1. the command's built-in defaults (postrain.recipes.schema),
+  2. the recipes named in the recipe's `defaults:` list, in order, each resolved recursively the same way
+     (a path relative to the recipe's own folder, else to the `recipes/` folder; `.yaml` may be left off),
+  3. the recipe itself,
+  4. command-line overrides (`key=value`, OmegaConf dotlist syntax).
+Then `${...}` interpolations resolve, and the result is checked against the command's schema.
+Every leaf key remembers which layer set it, so an error can name the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from postrain.errors import RecipeError
+from postrain.recipes.schema import RECIPE_SCHEMAS
+from postrain.recipes.validate import validate_recipe
+
+BUILTIN = "built-in defaults"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-6` as a float, as YAML 1.2 and users do (YAML 1.1 wants `1.0e-6`)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+COMMAND_LINE = "command line"
+
+
+def recipes_root() -> Path:
+    """The `recipes/` folder: $POSTRAIN_RECIPES, else ./recipes, else the one beside the installed package."""
+    env = os.environ.get("POSTRAIN_RECIPES")
+    if env:
+        return Path(env)
+    cwd = Path.cwd() / "recipes"
+    if cwd.is_dir():
+        return cwd
+    return Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass
+class Recipe:
+    """A resolved, validated recipe."""
+
+    command: str
+    cfg: dict[str, Any]
+    path: Path | None = None
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return recipe_hash(self.cfg)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.cfg, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+    def save(self, run_dir: Path) -> Path:
+        """Write the resolved recipe as `recipe.yaml` (with its hash in a header comment) into `run_dir`."""
+        out = Path(run_dir) / "recipe.yaml"
+        out.write_text(f"# postrain resolved recipe, hash {self.hash}\n" + self.to_yaml())
+        return out
+
+
+def recipe_hash(cfg: dict) -> str:
+    text = yaml.safe_dump(cfg, sort_keys=True, default_flow_style=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def builtin_defaults(command: str) -> dict[str, Any]:
+    schema = RECIPE_SCHEMAS[command]
+    return dataclasses.asdict(schema())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        # OmegaConf's YAML loader reads `1e-6` as a float (plain YAML 1.1 reads it as a string).
+        data = yaml.load(path.read_text(), Loader=_YamlLoader)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def find_recipe(ref: str, relative_to: Path | None) -> Path:
+    """Resolve a recipe reference: as given, relative to `relative_to`, then relative to `recipes/`."""
+    candidates = []
+    for base in ([relative_to] if relative_to else []) + [Path.cwd(), recipes_root()]:
+        for name in (ref, ref + ".yaml", ref + ".yml"):
+            p = Path(name) if Path(name).is_absolute() else base / name
+            candidates.append(p)
+            if p.is_file():
+                return p.resolve()
+    raise RecipeError(f"recipe '{ref}' not found (looked in {relative_to or Path.cwd()} and {recipes_root()})")
+
+
+def _leaf_origins(data: Any, origin: str, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        if prefix:
+            out[prefix] = origin
+        for k, v in data.items():
+            out.update(_leaf_origins(v, origin, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = origin
+    return out
+
+
+def _layers(path: Path, seen: tuple[Path, ...]) -> list[tuple[dict, str]]:
+    """The file's `defaults:` layers (recursively, lowest first) followed by the file itself."""
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise RecipeError(f"recipe defaults form a cycle: {chain}")
+    data = _read_yaml(path)
+    defaults = data.pop("defaults", []) or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise RecipeError(f"{path}: 'defaults' must be a list of recipe paths")
+    layers: list[tuple[dict, str]] = []
+    for ref in defaults:
+        layers += _layers(find_recipe(ref, path.parent), (*seen, path))
+    layers.append((data, str(path)))
+    return layers
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.learning_rate=1e-6)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"cannot parse overrides {overrides}: {e}") from None
+
+
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | dict | None = None,
+    command: str | None = None,
+    smoke_layer: dict | None = None,
+) -> Recipe:
+    """Load, layer, override, interpolate and validate a recipe.
+
+    `command` is the subcommand it runs under: a recipe that declares another command is refused.
+    `overrides` is a list of `key=value` strings (command line) or a nested dict (pipeline stages).
+    `smoke_layer` (from `--smoke`) sits between the recipe and the overrides.
+    """
+    layers: list[tuple[dict, str]] = []
+    recipe_path = None
+    if path is not None:
+        recipe_path = Path(path)
+        if not recipe_path.is_file():
+            recipe_path = find_recipe(str(path), None)
+        recipe_path = recipe_path.resolve()
+        layers = _layers(recipe_path, ())
+    declared = None
+    for data, _ in layers:
+        declared = data.get("command", declared)
+    if isinstance(overrides, dict):
+        override_layer = overrides
+    else:
+        override_layer = _parse_overrides(list(overrides or []))
+    declared = override_layer.get("command", declared)
+    if declared is None:
+        if command is None:
+            raise RecipeError(f"{recipe_path}: the recipe does not declare its `command:` (one of {', '.join(RECIPE_SCHEMAS)})")
+        declared = command
+    if declared not in RECIPE_SCHEMAS:
+        raise RecipeError(f"{recipe_path}: unknown command {declared!r}; expected one of {', '.join(RECIPE_SCHEMAS)}")
+    if command is not None and declared != command:
+        raise RecipeError(
+            f"{recipe_path} is a `{declared}` recipe; run it with `postrain {declared if declared != 'pipeline' else 'run'} "
+            f"{path}`, not `postrain {command}`"
+        )
+
+    smoke = [(smoke_layer, "--smoke")] if smoke_layer else []
+    all_layers = [(builtin_defaults(declared), BUILTIN), *layers, *smoke, (override_layer, COMMAND_LINE)]
+    origins: dict[str, str] = {}
+    merged = OmegaConf.create({})
+    for data, origin in all_layers:
+        origins.update(_leaf_origins(data, origin))
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"cannot merge {origin}: {e}") from None
+    if declared == "pipeline":
+        _default_stage_outputs(merged)
+    try:
+        cfg = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        raise RecipeError(f"cannot resolve interpolation{f' in {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}") from None
+    validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
+    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
+
+
+def _default_stage_outputs(merged) -> None:
+    """Give each pipeline stage its run directory, `<output_dir>/<stage>`, so `${stages.<name>.output}` resolves."""
+    for name in list(merged.get("stages") or {}):
+        stage = merged.stages[name]
+        if isinstance(stage, dict) or OmegaConf.is_dict(stage):
+            if stage.get("output") is None:
+                stage.output = "${output_dir}/" + str(name)

@@ -1,0 +1,201 @@
+"""The shape of a recipe, one dataclass per command.
+
+A recipe is validated against these dataclasses at load time, before any model loads. Sections that map onto a
+TRL config (`trainer:`), a peft config (`peft:`) are checked against that library's own dataclass fields, so the
+valid keys are always those of the installed version. The defaults here are the *built-in defaults* layer: the
+lowest layer of every recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Sections whose keys are the fields of a library dataclass, by command. Resolved lazily (importing trl is slow).
+TRAINER_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
+
+
+@dataclass
+class PaperSpec:
+    """The paper a recipe reproduces (shown by `postrain recipes`)."""
+
+    title: str = ""
+    arxiv: str = ""
+    url: str | None = None
+    notes: str | None = None
+
+
+@dataclass
+class TinyModelSpec:
+    """Size of the embedded tiny Qwen2-style model (`model.name_or_path: tiny`)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelSpec:
+    """Which model to start from: `tiny`, a local path or run directory, or a hub id (passed through untouched)."""
+
+    name_or_path: str = "tiny"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+
+
+@dataclass
+class SourceSpec:
+    """One dataset.
+
+    `source` is `builtin:<task>` (see `postrain.data.tasks`), a local .jsonl/.json/.csv/.parquet file, or a hub
+    dataset id. `columns` maps the column a job needs onto the dataset's column (`{prompt: question}`).
+    """
+
+    source: str = "builtin:arithmetic"
+    config: str | None = None
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    # Parameters of a built-in task (digits, n, seed, ...).
+    task: dict[str, Any] = field(default_factory=dict)
+    # Wrap the prompt as a chat turn ([{"role": "user", ...}]) so the tokenizer's chat template applies.
+    chat: bool = False
+    system_prompt: str | None = None
+    # Python format string applied to the prompt text, e.g. "{prompt}\nPut the answer in \\boxed{{}}."
+    prompt_template: str | None = None
+    # `score_pairs`: rows of (prompt, completion, score), e.g. an eval run's samples.jsonl, become preference
+    # pairs (best-scored completion chosen, worst rejected) for every prompt whose scores differ.
+    transform: Literal["score_pairs"] | None = None
+
+
+@dataclass
+class DataSpec:
+    train: SourceSpec | None = None
+    eval: SourceSpec | None = None
+
+
+@dataclass
+class RewardSpec:
+    """A reward function: a built-in `name` or a user's `fn` (`module:function` or `path/file.py:function`)."""
+
+    name: str | None = None
+    fn: str | None = None
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+    alias: str | None = None
+
+
+@dataclass
+class RewardErrorPolicy:
+    """What a reward function that raises does to the run: `fail` stops it, `score` scores the completion as
+    `score` and counts it (logged as rewards/<name>/errors)."""
+
+    policy: Literal["fail", "score"] = "fail"
+    score: float = 0.0
+
+
+@dataclass
+class GenerationSpec:
+    """Decoding for `postrain eval` (batched, KV cache)."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1
+    batch_size: int = 64
+
+
+@dataclass
+class CommonSpec:
+    """Keys every recipe has."""
+
+    command: str = ""
+    name: str = "run"
+    output_dir: str = "runs/${name}"
+    seed: int = 42
+    description: str | None = None
+    paper: PaperSpec | None = None
+
+
+@dataclass
+class SFTRecipe(CommonSpec):
+    command: str = "sft"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trl": "SFTConfig"})
+    peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+
+
+@dataclass
+class DPORecipe(CommonSpec):
+    command: str = "dpo"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    # None: TRL's implicit reference (a frozen copy of the starting policy, or the adapter-free base under peft).
+    ref_model: ModelSpec | None = None
+    data: DataSpec = field(default_factory=DataSpec)
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trl": "DPOConfig"})
+    peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+
+
+@dataclass
+class GRPORecipe(CommonSpec):
+    command: str = "grpo"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trl": "GRPOConfig"})
+    peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+
+
+@dataclass
+class EvalRecipe(CommonSpec):
+    command: str = "eval"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    sets: dict[str, SourceSpec] = field(default_factory=dict)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
+
+
+@dataclass
+class MergeRecipe(CommonSpec):
+    command: str = "merge"
+    # mergekit's own configuration (merge_method, models, base_model, parameters, dtype, ...).
+    merge: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageSpec:
+    """One pipeline stage: a command, its recipe, and dotlist-style overrides (`{trainer.max_steps: 10}`)."""
+
+    command: str = ""
+    recipe: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Filled in by the pipeline: the stage's run directory, referable as ${stages.<name>.output}.
+    output: str | None = None
+
+
+@dataclass
+class PipelineRecipe(CommonSpec):
+    command: str = "pipeline"
+    stages: dict[str, StageSpec] = field(default_factory=dict)
+
+
+RECIPE_SCHEMAS: dict[str, type] = {
+    "sft": SFTRecipe,
+    "dpo": DPORecipe,
+    "grpo": GRPORecipe,
+    "eval": EvalRecipe,
+    "merge": MergeRecipe,
+    "pipeline": PipelineRecipe,
+}

@@ -1,0 +1,117 @@
+"""`--smoke`: run any recipe for a few steps on the embedded tiny model and built-in data.
+
+The smoke layer sits above the recipe and below command-line overrides. It swaps every model for the tiny
+model, every dataset for the built-in arithmetic task (whose rows carry every column a job reads, so column
+mappings are dropped), and shrinks the schedule. Everything else in the recipe (loss types, rewards, generation
+settings) is kept, so a smoke run exercises the recipe's own method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SMOKE_TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+
+SMOKE_TRAINER: dict[str, dict[str, Any]] = {
+    "common": {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "use_liger_kernel": False,
+    },
+    "sft": {"max_length": 64, "packing": False},
+    "dpo": {"max_length": 64, "precompute_ref_batch_size": 4},
+    "grpo": {
+        "num_generations": 2,
+        "generation_batch_size": None,
+        "steps_per_generation": None,
+        "max_completion_length": 8,
+        "use_vllm": False,
+        "per_device_eval_batch_size": 2,
+    },
+}
+
+
+def _tiny_model(spec: dict | None, seed: int = 0) -> dict:
+    return {
+        "name_or_path": "tiny",
+        "revision": None,
+        "dtype": "float32",
+        "trust_remote_code": False,
+        "attn_implementation": None,
+        "tiny": {**SMOKE_TINY, "seed": seed},
+    }
+
+
+def _builtin_source(spec: dict | None, split: str) -> dict | None:
+    if spec is None:
+        return None
+    return {
+        "source": "builtin:arithmetic",
+        "config": None,
+        "split": split,
+        "columns": {},
+        "limit": None,
+        "task": {"n": 32, "digits": 1},
+        "prompt_template": None,
+        "transform": None,
+        # chat / system_prompt are kept: they exercise the chat template path the recipe uses.
+    }
+
+
+def smoke_layer(command: str, cfg: dict) -> dict:
+    layer: dict[str, Any] = {}
+    if command in ("sft", "dpo", "grpo", "eval"):
+        layer["model"] = _tiny_model(cfg.get("model"))
+    if command == "dpo" and cfg.get("ref_model"):
+        layer["ref_model"] = _tiny_model(cfg["ref_model"])
+    if command in ("sft", "dpo", "grpo"):
+        data = cfg.get("data") or {}
+        layer["data"] = {
+            "train": _builtin_source(data.get("train") or {}, "train"),
+            "eval": _builtin_source(data.get("eval"), "test"),
+        }
+        trainer = dict(SMOKE_TRAINER["common"])
+        trainer.update(SMOKE_TRAINER[command])
+        if command == "grpo":
+            # Keep the recipe's own generation batch arithmetic valid at smoke size.
+            trainer["num_generations"] = 2
+        if command == "dpo" and not (cfg.get("trainer") or {}).get("precompute_ref_log_probs"):
+            trainer.pop("precompute_ref_batch_size")
+        layer["trainer"] = trainer
+    if command == "eval":
+        layer["sets"] = {name: {**_builtin_source({}, "test"), "task": {"n": 8, "digits": 1}} for name in cfg.get("sets", {})}
+        layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}
+    if command == "merge":
+        layer["merge"] = _smoke_merge(cfg.get("merge") or {})
+    return layer
+
+
+def _smoke_merge(merge: dict) -> dict:
+    """Point every model reference of a mergekit config at tiny models (distinct seeds, same shape)."""
+    from postrain.models.loading import resolve_model_path
+
+    seed = iter(range(100))
+
+    def tiny_path() -> str:
+        return resolve_model_path("tiny", {**SMOKE_TINY, "seed": next(seed)})
+
+    out: dict[str, Any] = {}
+    if "base_model" in merge and merge["base_model"]:
+        out["base_model"] = tiny_path()
+    if "models" in merge:
+        out["models"] = [{**m, "model": tiny_path()} for m in merge["models"]]
+    if "slices" in merge:
+        out["slices"] = [
+            {**s, "sources": [{**src, "model": tiny_path(), "layer_range": [0, SMOKE_TINY["num_layers"]]} for src in s.get("sources", [])]}
+            for s in merge["slices"]
+        ]
+    out["dtype"] = "float32"
+    return out

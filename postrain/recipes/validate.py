@@ -1,0 +1,162 @@
+"""Check a resolved recipe against its dataclass schema: unknown keys and wrong types, with their origin.
+
+One mechanism for every section: our own dataclasses (postrain.recipes.schema) and the library dataclasses that
+some sections map onto (TRL's SFTConfig / DPOConfig / GRPOConfig under `trainer:`, peft's LoraConfig under
+`peft:`). An unknown key names the file (or command line) it came from and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import types
+import typing
+from typing import Any, Literal, Union
+
+from postrain.errors import RecipeError
+
+
+def _library_dataclass(meta: dict) -> type | None:
+    if "trl" in meta:
+        import trl
+
+        return getattr(trl, meta["trl"])
+    if "peft" in meta:
+        import peft
+
+        return getattr(peft, meta["peft"])
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> type annotation of a dataclass (init fields only), with string annotations resolved."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # some library annotations do not resolve; fall back to the raw ones
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return "any"
+    if tp is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, typing.Sequence):
+        args = typing.get_args(tp)
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a YAML value fits a type annotation. Lenient where YAML cannot express the type exactly."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is object:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, list):
+            return False
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return any(value == m.value or value == m.name or value is m for m in tp)
+    # A library class we cannot build from YAML directly (e.g. a parallelism config): mappings and strings pass
+    # and the library checks them when the config object is built.
+    return isinstance(value, (dict, str))
+
+
+def _origin(origins: dict[str, str], path: str) -> str:
+    # The most specific recorded origin for this key or one of its parents.
+    key = path
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return "built-in defaults"
+
+
+def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, str]) -> RecipeError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {', '.join(sorted(valid)[:30])}"
+    return RecipeError(f"unknown key '{path}' (from {_origin(origins, path)}): {hint}")
+
+
+def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], meta: dict | None = None) -> None:
+    """Raise RecipeError for the first unknown key or wrongly typed value under `path`."""
+    lib_cls = _library_dataclass(meta or {})
+    if lib_cls is not None and value is not None:
+        if not isinstance(value, dict):
+            raise RecipeError(f"'{path}' (from {_origin(origins, path)}) must be a mapping of {lib_cls.__name__} fields")
+        _validate_dataclass(value, lib_cls, path, origins)
+        return
+    if not _matches(value, tp):
+        raise RecipeError(
+            f"'{path}' (from {_origin(origins, path)}) has the wrong type: expected {type_name(tp)}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    # Recurse into dataclass-typed values, including inside Optional / list / dict.
+    for inner in _dataclass_members(tp):
+        if isinstance(value, dict) and inner is not None:
+            _validate_dataclass(value, inner, path, origins)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]) and isinstance(value, dict):
+        for k, v in value.items():
+            validate_section(v, args[1], f"{path}.{k}", origins)
+    if origin is list and args and dataclasses.is_dataclass(args[0]) and isinstance(value, list):
+        for i, v in enumerate(value):
+            validate_section(v, args[0], f"{path}[{i}]", origins)
+
+
+def _dataclass_members(tp: Any) -> list[type]:
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return []
+
+
+def _validate_dataclass(value: dict, cls: type, path: str, origins: dict[str, str]) -> None:
+    types_ = field_types(cls)
+    metas = {f.name: dict(f.metadata) for f in dataclasses.fields(cls)}
+    for key, sub in value.items():
+        sub_path = f"{path}.{key}" if path else str(key)
+        if key not in types_:
+            raise unknown_key_error(sub_path, str(key), list(types_), origins)
+        validate_section(sub, types_[key], sub_path, origins, metas.get(key))
+
+
+def validate_recipe(cfg: dict, schema: type, origins: dict[str, str]) -> None:
+    _validate_dataclass(cfg, schema, "", origins)

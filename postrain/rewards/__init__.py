@@ -1,0 +1,22 @@
+"""Reward functions for GRPO-style training and eval: the built-ins, user functions, and the error policy.
+
+    from postrain.rewards import build_rewards
+    rewards, weights = build_rewards([{"name": "exact_match"}, {"fn": "my_rewards.py:brevity", "weight": 0.1}])
+
+Built-ins live in :mod:`postrain.rewards.builtin` and register themselves in :data:`REWARDS` on import.
+"""
+
+from postrain.rewards import builtin  # noqa: F401  (registers the built-in rewards)
+from postrain.rewards.build import GuardedReward, build_rewards, load_function
+from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text, register_reward
+
+__all__ = [
+    "REWARDS",
+    "GuardedReward",
+    "RewardFunction",
+    "RewardSpecError",
+    "build_rewards",
+    "completion_text",
+    "load_function",
+    "register_reward",
+]

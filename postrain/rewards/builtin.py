@@ -1,0 +1,320 @@
+"""The built-in rewards: exact_match, math_verify, format, length.
+
+Each is a RewardFunction class registered under its recipe name; its constructor parameters are the recipe's
+``args``. Built-ins do not raise on odd completions (they score them 0.0); they raise only on misuse, such as a
+missing answer column.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from decimal import Decimal
+from typing import Any
+
+from postrain.rewards.registry import RewardFunction, RewardSpecError, completion_text, register_reward
+
+# -- answer extraction (exact_match) ----------------------------------------------------------------------------
+
+# A number, with optional thousands commas ("1,000"), decimals and a sign; a minus right after a word character
+# or ")" is a subtraction, not a sign.
+_NUMBER_IN_TEXT = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_WHOLE_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
+_ANSWER_MARKER = re.compile(r"\banswer\s*(?::|is\b)", re.IGNORECASE)
+_BOXED = "\\boxed{"
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced), or None if there is none or it is unclosed."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 0
+    content_start = start + len(_BOXED)
+    for index in range(content_start, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            if depth == 0:
+                return text[content_start:index]
+            depth -= 1
+    return None
+
+
+def after_answer_marker(text: str) -> str | None:
+    """The rest of the line after the last "Answer:" / "answer is", without surrounding ``$``, ``*`` and a
+    trailing full stop; None when there is no marker or nothing follows it."""
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if not markers:
+        return None
+    rest = text[markers[-1].end() :].lstrip(" \t\n:")
+    line = rest.split("\n", 1)[0].strip()
+    line = line.strip("*").strip().rstrip(".").strip()
+    if len(line) >= 2 and line.startswith("$") and line.endswith("$"):
+        line = line.strip("$").strip()
+    return line or None
+
+
+def last_number(text: str) -> str | None:
+    """The last number in the text, as written ("1,000", "-3.5"), or None."""
+    numbers = _NUMBER_IN_TEXT.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def as_number(text: str) -> Decimal | None:
+    """The value of a string that is exactly a number (thousands commas allowed), else None."""
+    text = text.strip()
+    if not _WHOLE_NUMBER.fullmatch(text):
+        return None
+    return Decimal(text.replace(",", ""))
+
+
+class RegexExtractor:
+    """The last match of a regex: its group if it has one, else the whole match (a class, to stay picklable)."""
+
+    def __init__(self, pattern: str):
+        try:
+            self.regex = re.compile(pattern)
+        except re.error as error:
+            raise RewardSpecError(f"extract regex {pattern!r} does not compile: {error}") from None
+        if self.regex.groups > 1:
+            raise RewardSpecError(f"extract regex {pattern!r} must have at most one group, it has {self.regex.groups}")
+
+    def __call__(self, text: str) -> str | None:
+        matches = list(self.regex.finditer(text))
+        return matches[-1].group(self.regex.groups) if matches else None
+
+
+def _auto_extract(text: str) -> str | None:
+    for extract in (last_boxed, after_answer_marker, last_number):
+        answer = extract(text)
+        if answer is not None and answer.strip():
+            return answer
+    return text
+
+
+def _whole_text(text: str) -> str:
+    return text
+
+
+_EXTRACTORS = {"auto": _auto_extract, "boxed": last_boxed, "last_number": last_number, "full": _whole_text}
+
+
+def _reference_column(columns: dict[str, Any], column: str, reward_name: str, count: int) -> list:
+    if column not in columns:
+        available = sorted(key for key, value in columns.items() if isinstance(value, (list, tuple)))
+        raise ValueError(
+            f"reward {reward_name!r} needs the dataset column {column!r} (set answer_column in its args); "
+            f"columns passed: {', '.join(available) or 'none'}"
+        )
+    references = columns[column]
+    if len(references) != count:
+        raise ValueError(f"column {column!r} has {len(references)} values for {count} completions")
+    return list(references)
+
+
+@register_reward("exact_match", description="1.0 when the answer extracted from the completion equals the reference")
+class ExactMatch(RewardFunction):
+    """Scores 1.0 when the answer extracted from the completion equals the reference answer, else 0.0.
+
+    ``extract`` picks how the answer is found in the completion:
+
+    - ``"auto"``: the content of the last ``\\boxed{...}``; else the rest of the line after the last "Answer:" /
+      "answer is"; else the last number; else the whole text.
+    - ``"boxed"``, ``"last_number"``: only that strategy. ``"full"``: the whole text.
+    - ``"re:<regex>"``: the last match of the regex (its group, if it has one).
+
+    The reference comes from the ``answer_column`` dataset column (a list of references: any of them matches; None
+    never matches). Answer and reference are compared with surrounding whitespace stripped (``strip``) and
+    case-folded unless ``case_sensitive``; when both are numbers they compare by value ("85" == "85.0",
+    "1,000" == "1000"). An unparsable completion scores 0.0.
+    """
+
+    def __init__(
+        self, answer_column: str = "answer", extract: str = "auto", strip: bool = True, case_sensitive: bool = False
+    ):
+        super().__init__()
+        if not isinstance(extract, str):
+            raise RewardSpecError(f"extract must be a string, got {extract!r}")
+        if extract.startswith("re:"):
+            self._extract = RegexExtractor(extract[3:])
+        elif extract in _EXTRACTORS:
+            self._extract = _EXTRACTORS[extract]
+        else:
+            raise RewardSpecError(
+                f"unknown extract {extract!r}; use one of {', '.join(_EXTRACTORS)} or 're:<regex with one group>'"
+            )
+        self.answer_column = answer_column
+        self.extract = extract
+        self.strip = strip
+        self.case_sensitive = case_sensitive
+
+    def parse(self, text: str) -> str | None:
+        """The answer extracted from ``text``, or None when there is none (or it is empty)."""
+        answer = self._extract(text)
+        if answer is None:
+            return None
+        if self.strip:
+            answer = answer.strip()
+        return answer if answer.strip() else None
+
+    def matches(self, answer: str, reference: Any) -> bool:
+        if reference is None:
+            return False
+        if isinstance(reference, (list, tuple)):
+            return any(self.matches(answer, one) for one in reference)
+        reference = str(reference)
+        if self.strip:
+            reference = reference.strip()
+        answer_number, reference_number = as_number(answer), as_number(reference)
+        if answer_number is not None and reference_number is not None:
+            return answer_number == reference_number
+        if not self.case_sensitive:
+            return answer.casefold() == reference.casefold()
+        return answer == reference
+
+    def __call__(self, completions: list, **columns: Any) -> list[float]:
+        references = _reference_column(columns, self.answer_column, self.name, len(completions))
+        scores = []
+        for completion, reference in zip(completions, references):
+            answer = self.parse(completion_text(completion))
+            scores.append(1.0 if answer is not None and self.matches(answer, reference) else 0.0)
+        return scores
+
+
+# -- math_verify --------------------------------------------------------------------------------------------------
+
+_MATH_VERIFY_TIMEOUT_SECONDS = 5
+
+
+def _math_verify_timeout() -> int | None:
+    """math_verify times out with SIGALRM, which only works in the main thread: no timeout elsewhere."""
+    return _MATH_VERIFY_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> tuple:
+    """Parse a gold answer; a bare one ("0.5", "x^2+1", "\\frac{1}{2}") is read as LaTeX math ``$...$``."""
+    from math_verify import parse
+
+    timeout = _math_verify_timeout()
+    parsed = []
+    if "$" not in gold and "\\boxed" not in gold:
+        parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    if not parsed:
+        parsed = parse(gold, parsing_timeout=timeout)
+    return tuple(parsed)
+
+
+@register_reward("math_verify", description="1.0 when the completion's final answer is mathematically equivalent")
+class MathVerify(RewardFunction):
+    """Scores 1.0 when the completion's final answer is mathematically equivalent to the gold answer, else 0.0.
+
+    Uses the ``math_verify`` package: the completion's answer is parsed (a ``\\boxed{}``, "final answer is ...",
+    LaTeX or a plain expression) and compared with the gold answer from the ``answer_column`` column, so
+    ``\\boxed{\\frac{1}{2}}`` matches gold "0.5" or "1/2". A gold answer without ``$`` or ``\\boxed`` is read as
+    LaTeX math. A completion (or gold) with no parseable answer scores 0.0. Parsing and comparison time out
+    after 5 s in the main thread; in other threads (where math_verify's SIGALRM timeout cannot work) there is
+    no timeout.
+    """
+
+    def __init__(self, answer_column: str = "answer"):
+        super().__init__()
+        import math_verify  # noqa: F401  (fail at build time, not at the first batch, if it is missing)
+
+        self.answer_column = answer_column
+
+    def _parse_completion(self, text: str) -> list:
+        from math_verify import parse
+
+        return parse(text, parsing_timeout=_math_verify_timeout())
+
+    def parse(self, text: str) -> str | None:
+        """The first value math_verify parses from ``text``, as a string; None when it finds no answer."""
+        parsed = self._parse_completion(text)
+        return str(parsed[0]) if parsed else None
+
+    def __call__(self, completions: list, **columns: Any) -> list[float]:
+        from math_verify import verify
+
+        references = _reference_column(columns, self.answer_column, self.name, len(completions))
+        scores = []
+        for completion, reference in zip(completions, references):
+            gold = _parse_gold(str(reference)) if reference is not None else ()
+            answer = self._parse_completion(completion_text(completion))
+            equivalent = bool(gold and answer) and verify(
+                list(gold), answer, timeout_seconds=_math_verify_timeout()
+            )
+            scores.append(1.0 if equivalent else 0.0)
+        return scores
+
+
+# -- format -------------------------------------------------------------------------------------------------------
+
+_FORMAT_MODES = ("search", "fullmatch")
+
+
+@register_reward("format", description="`score` when the completion matches a regex, else 0.0")
+class Format(RewardFunction):
+    """Scores ``score`` when the completion matches the regex ``pattern``, else 0.0.
+
+    ``mode="search"`` matches anywhere in the completion, ``mode="fullmatch"`` must match all of it. The regex is
+    compiled with DOTALL: ``.`` also matches newlines (use ``[^\\n]`` to stay on one line).
+    """
+
+    def __init__(self, pattern: str, score: float = 1.0, mode: str = "search"):
+        super().__init__()
+        if mode not in _FORMAT_MODES:
+            raise RewardSpecError(f"unknown mode {mode!r}; use one of {', '.join(_FORMAT_MODES)}")
+        try:
+            self._regex = re.compile(pattern, re.DOTALL)
+        except re.error as error:
+            raise RewardSpecError(f"pattern {pattern!r} does not compile: {error}") from None
+        self.pattern = pattern
+        self.score = float(score)
+        self.mode = mode
+
+    def __call__(self, completions: list, **columns: Any) -> list[float]:
+        match = self._regex.search if self.mode == "search" else self._regex.fullmatch
+        return [self.score if match(completion_text(c)) else 0.0 for c in completions]
+
+
+# -- length -------------------------------------------------------------------------------------------------------
+
+
+@register_reward("length", description="a penalty for completions longer than max_length or away from target")
+class Length(RewardFunction):
+    """A length-shaping penalty (<= 0) on the completion's length in characters.
+
+    With ``max_length``: ``-scale * max(0, len - max_length) / max_length`` (0.0 up to max_length).
+    With ``target``: ``-scale * |len - target| / target``. Give exactly one of the two. Only ``unit="chars"`` is
+    supported: counting tokens would need the policy's tokenizer.
+    """
+
+    def __init__(
+        self, target: int | None = None, max_length: int | None = None, scale: float = 1.0, unit: str = "chars"
+    ):
+        super().__init__()
+        if (target is None) == (max_length is None):
+            raise RewardSpecError("give exactly one of target or max_length")
+        limit = target if target is not None else max_length
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+            which = "target" if target is not None else "max_length"
+            raise RewardSpecError(f"{which} must be a positive number, got {limit!r}")
+        if unit != "chars":
+            raise RewardSpecError(f"unknown unit {unit!r}; only 'chars' is supported (tokens need the tokenizer)")
+        self.target = target
+        self.max_length = max_length
+        self.scale = float(scale)
+        self.unit = unit
+
+    def penalty(self, length: int) -> float:
+        if self.max_length is not None:
+            excess = max(0, length - self.max_length)
+            return -self.scale * excess / self.max_length if excess else 0.0
+        distance = abs(length - self.target)
+        return -self.scale * distance / self.target if distance else 0.0
+
+    def __call__(self, completions: list, **columns: Any) -> list[float]:
+        return [self.penalty(len(completion_text(c))) for c in completions]

@@ -1,0 +1,93 @@
+"""The reward function base class, the registry of built-in rewards, and the spec error.
+
+A reward function follows TRL's calling convention: ``reward(completions, **columns) -> list[float]``, where
+``completions`` is a list of strings or (conversational) a list of message lists, and ``columns`` holds the
+dataset columns aligned with the completions plus whatever else TRL passes (``prompts``, ``completion_ids``,
+``trainer_state``, ``log_extra``, ``log_metric``, ...), which a reward ignores unless it needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from postrain.errors import PostrainError
+
+
+class RewardSpecError(PostrainError, ValueError):
+    """A reward entry of a recipe is malformed: unknown name, bad args, an `fn` that cannot be imported."""
+
+
+class RewardFunction:
+    """Base class of the rewards: a named callable scoring a batch of completions.
+
+    ``name`` is the logging name; ``__name__`` is kept equal to it because TRL logs ``rewards/<__name__>/mean``.
+    Rewards that extract an answer from the completion also define ``parse(text) -> str | None`` (None: no answer
+    could be extracted), which eval uses to count unparsable answers.
+    """
+
+    reward_name: str = ""  # the registry name, set by @register_reward on built-in classes
+
+    def __init__(self, name: str | None = None):
+        self.rename(name or self.reward_name or type(self).__name__)
+
+    def rename(self, name: str) -> None:
+        self.name = name
+        self.__name__ = name
+
+    def __call__(self, completions: list, **columns: Any) -> list[float]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<reward {self.name!r} ({type(self).__name__})>"
+
+
+# name -> factory (a callable taking the recipe's `args` as keyword params and returning a RewardFunction)
+REWARDS: dict[str, Callable[..., RewardFunction]] = {}
+
+
+def register_reward(name: str, *, description: str | None = None):
+    """Class/function decorator adding a reward factory to :data:`REWARDS` under ``name``.
+
+    The factory gets ``reward_name`` and ``description`` attributes (the description defaults to the first line
+    of its docstring), which ``postrain`` uses to list the built-ins.
+    """
+
+    def decorator(factory):
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name]!r})")
+        factory.reward_name = name
+        factory.description = description or (factory.__doc__ or "").strip().split("\n")[0]
+        REWARDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion: the string itself, or the content of the last message of a conversation.
+
+    Message contents given as a list of parts (``[{"type": "text", "text": ...}, ...]``) are joined.
+    """
+    if isinstance(completion, str):
+        return completion
+    if completion is None:
+        return ""
+    if isinstance(completion, dict):  # a single message
+        return _content_text(completion.get("content"))
+    if isinstance(completion, (list, tuple)):
+        if not completion:
+            return ""
+        return completion_text(completion[-1])
+    raise TypeError(
+        f"a completion must be a string or a list of messages, got {type(completion).__name__}: {completion!r:.80}"
+    )
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    return str(content)
