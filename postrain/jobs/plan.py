@@ -79,8 +79,13 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         ]
         out["models"] = ", ".join(str(r) for r in refs)
     elif cmd == "pipeline":
+        from postrain.jobs.pipeline import stage_recipe
+
         for name, stage in cfg["stages"].items():
-            out[f"stage {name}"] = f"{stage['command']} {stage['recipe']}"
+            loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
+            if loaded.command in ("sft", "dpo", "grpo"):
+                plan(loaded)
+            out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
     return out
 
 

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from postrain.errors import RecipeError
+from postrain.recipes.checks import run_checks
 from postrain.recipes.schema import RECIPE_SCHEMAS
 from postrain.recipes.validate import validate_recipe
 
@@ -219,6 +220,7 @@ def load_recipe(
         key = getattr(e, "full_key", "") or ""
         raise RecipeError(f"cannot resolve interpolation{f' in {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}") from None
     validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
+    run_checks(declared, cfg, origins)
     return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
 
 

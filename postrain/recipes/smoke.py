@@ -50,19 +50,23 @@ def _tiny_model(spec: dict | None, seed: int = 0) -> dict:
     }
 
 
-def _builtin_source(spec: dict | None, split: str) -> dict | None:
+def _builtin_source(spec: dict | None, split: str, n: int = 32) -> dict | None:
+    """A small built-in dataset in place of `spec`. Layers merge mappings key by key, so a column mapping cannot
+    be removed, only made the identity (built-in rows carry every standard column under its own name)."""
     if spec is None:
         return None
+    if str(spec.get("source", "")).startswith("builtin:"):
+        return {"split": split, "task": {"n": n}, "limit": None}
     return {
         "source": "builtin:arithmetic",
         "config": None,
         "split": split,
-        "columns": {},
+        "columns": {target: target for target in (spec.get("columns") or {})},
         "limit": None,
-        "task": {"n": 32, "digits": 1},
+        "task": {"n": n, "digits": 1},
         "prompt_template": None,
         "transform": None,
-        # chat / system_prompt are kept: they exercise the chat template path the recipe uses.
+        # chat / system_prompt are kept: they exercise the chat-template path the recipe uses.
     }
 
 
@@ -87,7 +91,7 @@ def smoke_layer(command: str, cfg: dict) -> dict:
             trainer.pop("precompute_ref_batch_size")
         layer["trainer"] = trainer
     if command == "eval":
-        layer["sets"] = {name: {**_builtin_source({}, "test"), "task": {"n": 8, "digits": 1}} for name in cfg.get("sets", {})}
+        layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in cfg.get("sets", {}).items()}
         layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})

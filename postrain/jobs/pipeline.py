@@ -1,0 +1,161 @@
+"""`postrain run PIPELINE.yaml`: stages in order, each a command with its recipe and overrides.
+
+Each stage writes its own run directory, `<pipeline output_dir>/<stage>`, which later stages reference as
+`${stages.<stage>.output}` (a run directory is accepted wherever a model is). The pipeline directory records the
+lineage: which stage produced which model, from which models, under which recipe hash.
+
+Resuming: a stage whose run directory finished under the same resolved-recipe hash is skipped; one that was
+interrupted is rerun (from its last checkpoint, if any); one whose recipe changed is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from postrain.errors import PostrainError
+from postrain.jobs.common import RunOptions, read_recipe_hash, read_status, write_json
+from postrain.recipes import Recipe, find_recipe, load_recipe
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """`{"trainer.max_steps": 5}` -> `{"trainer": {"max_steps": 5}}` (stage overrides use dotted keys)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def stage_recipe(recipe: Recipe, name: str, stage: dict, smoke: bool) -> Recipe:
+    base = recipe.path.parent if recipe.path else None
+    path = find_recipe(stage["recipe"], base)
+    overrides = {**nest(stage["overrides"]), "output_dir": stage["output"], "name": f"{recipe.cfg['name']}-{name}"}
+    loaded = load_recipe(path, overrides, stage["command"])
+    if smoke:
+        from postrain.recipes.smoke import smoke_layer
+
+        loaded = load_recipe(path, overrides, stage["command"], smoke_layer=smoke_layer(loaded.command, loaded.cfg))
+    return loaded
+
+
+def model_inputs(stage_cfg: dict) -> list[str]:
+    """The model references a stage starts from (for the lineage)."""
+    refs = []
+    for key in ("model", "ref_model"):
+        if stage_cfg.get(key):
+            refs.append(stage_cfg[key]["name_or_path"])
+    merge = stage_cfg.get("merge") or {}
+    refs += [m.get("model") for m in merge.get("models", []) if m.get("model")]
+    refs += [s.get("model") for sl in merge.get("slices", []) for s in sl.get("sources", [])]
+    if merge.get("base_model"):
+        refs.append(merge["base_model"])
+    return [str(r) for r in refs]
+
+
+def run(recipe: Recipe, options: RunOptions) -> dict:
+    from postrain.jobs import run_job
+
+    cfg = recipe.cfg
+    if not cfg["stages"]:
+        raise PostrainError(f"pipeline {recipe.path} has no stages")
+    pipe_dir = Path(cfg["output_dir"])
+    pipe_dir.mkdir(parents=True, exist_ok=True)
+    recipe.save(pipe_dir)
+    # Load every stage first: a bad key in the last stage fails before the first one trains.
+    stages = {name: stage_recipe(recipe, name, stage, options.smoke) for name, stage in cfg["stages"].items()}
+    lineage: list[dict] = []
+    for name, stage in stages.items():
+        run_dir = Path(stage.cfg["output_dir"])
+        saved_hash, status = read_recipe_hash(run_dir), read_status(run_dir).get("status")
+        record = {
+            "stage": name, "command": stage.command, "recipe": str(stage.path), "recipe_hash": stage.hash,
+            "run_dir": str(run_dir), "inputs": model_inputs(stage.cfg),
+        }
+        if status == "done" and saved_hash == stage.hash:
+            print(f"[pipeline] {name}: finished earlier with the same recipe ({stage.hash}); skipped", flush=True)
+            lineage.append({**record, "status": "skipped (done)"})
+            continue
+        same_recipe_interrupted = saved_hash == stage.hash
+        if saved_hash is not None and not same_recipe_interrupted and not options.overwrite:
+            raise PostrainError(
+                f"stage {name!r}: {run_dir} holds a run of another recipe (hash {saved_hash}, now {stage.hash}). "
+                f"Pass --overwrite to rerun it, or point the pipeline's output_dir elsewhere."
+            )
+        print(f"[pipeline] {name}: postrain {stage.command} {stage.path}", flush=True)
+        start = time.time()
+        stage_options = RunOptions(
+            overwrite=saved_hash is not None and not same_recipe_interrupted,
+            resume=same_recipe_interrupted,
+            command_line=f"{options.command_line} [stage {name}]",
+        )
+        run_job(stage, stage_options)
+        lineage.append({**record, "status": "done", "wall_time_s": round(time.time() - start, 2)})
+        write_json(pipe_dir / "lineage.json", lineage)
+    write_json(pipe_dir / "lineage.json", lineage)
+    rows = summary_rows(stages)
+    write_json(pipe_dir / "summary.json", rows)
+    (pipe_dir / "summary.md").write_text(markdown_table(rows))
+    print_table(rows)
+    return {"run_dir": str(pipe_dir), "summary": rows}
+
+
+def summary_rows(stages: dict[str, Recipe]) -> list[dict]:
+    """One row per eval stage and set: which stage's model, its scores, and that stage's training wall time."""
+    by_output = {str(Path(s.cfg["output_dir"]).resolve()): name for name, s in stages.items()}
+    rows = []
+    for name, stage in stages.items():
+        if stage.command != "eval":
+            continue
+        results_path = Path(stage.cfg["output_dir"]) / "results.json"
+        if not results_path.exists():
+            continue
+        results = json.loads(results_path.read_text())
+        model_ref = stage.cfg["model"]["name_or_path"]
+        producer = by_output.get(str(Path(model_ref).resolve()))
+        wall = read_status(Path(stage.cfg["output_dir"]).parent / producer).get("wall_time_s") if producer else None
+        for set_name, r in results["sets"].items():
+            rows.append({
+                "eval": name, "model": producer or model_ref, "set": set_name, "accuracy": r["accuracy"],
+                "unparsable": r["unparsable"], "mean_length": r["mean_length_tokens"], "train_wall_s": wall,
+            })
+    return rows
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}%"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+COLUMNS = [("eval", "stage"), ("model", "model"), ("set", "set"), ("accuracy", "accuracy"),
+           ("unparsable", "unparsable"), ("mean_length", "mean length (tokens)"), ("train_wall_s", "wall time (s)")]
+
+
+def _cells(row: dict) -> list[str]:
+    return [_fmt(row[key], pct=key in ("accuracy", "unparsable")) for key, _ in COLUMNS]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pipeline summary")
+    for _, title in COLUMNS:
+        table.add_column(title)
+    for r in rows:
+        table.add_row(*_cells(r))
+    Console().print(table)

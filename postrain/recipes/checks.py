@@ -1,0 +1,74 @@
+"""Load-time checks that TRL itself makes only deep inside training (or not at all).
+
+TRL reads `loss_type` only when the first loss is computed; a typo there would surface after the model loaded
+and data was tokenized. The valid values are read from the installed TRL's own field documentation, so the
+check follows the TRL version rather than a copy of its list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+
+from postrain.errors import RecipeError
+from postrain.recipes.schema import TRAINER_CONFIGS
+
+
+@functools.lru_cache(maxsize=None)
+def documented_choices(config_name: str, field_name: str) -> tuple[str, ...]:
+    """The quoted values listed in the help of a TRL config field ('Possible/Supported values are ...')."""
+    import trl
+
+    cls = getattr(trl, config_name)
+    field = {f.name: f for f in dataclasses.fields(cls)}[field_name]
+    help_text = field.metadata.get("help", "")
+    match = re.search(r"values are:?(.*?)\.(\s|$)", help_text, re.S)
+    if not match:
+        return ()
+    return tuple(dict.fromkeys(re.findall(r"'([a-z0-9_]+)'", match.group(1))))
+
+
+def check_loss_types(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    if command not in ("dpo", "grpo"):
+        return
+    value = (cfg.get("trainer") or {}).get("loss_type")
+    if value is None:
+        return
+    choices = documented_choices(TRAINER_CONFIGS[command], "loss_type")
+    if not choices:  # the installed TRL documents them differently: leave the check to TRL
+        return
+    for lt in [value] if isinstance(value, str) else value:
+        if lt not in choices:
+            close = difflib.get_close_matches(str(lt), choices, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            origin = origins.get("trainer.loss_type", "built-in defaults")
+            raise RecipeError(
+                f"unknown trainer.loss_type {lt!r} (from {origin}) for {TRAINER_CONFIGS[command]}: {hint}"
+                f"TRL {command} loss types: {', '.join(choices)}"
+            )
+
+
+COMMAND_CHECKS = [check_loss_types]
+
+
+def run_checks(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    for check in COMMAND_CHECKS:
+        check(command, cfg, origins)
+
+
+def check_merge_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """Validate `merge:` against mergekit's schema and method registry at load time.
+
+    The models need not exist yet (in a pipeline they are produced by earlier stages), so every reference is
+    checked with a stand-in hub id here; the merge job checks the real references before it writes anything.
+    """
+    if command != "merge":
+        return
+    from postrain.merging import validate_merge_config
+
+    validate_merge_config(cfg.get("merge") or {}, resolve_model=lambda ref: "postrain-check/not-yet-resolved")
+
+
+COMMAND_CHECKS.append(check_merge_section)

@@ -1,0 +1,1 @@
+"""Thin TRL subclasses: they override documented hook points only."""

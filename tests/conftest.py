@@ -1,0 +1,33 @@
+"""Shared fixtures: an isolated model cache and working directory per test session, tiny recipes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postrain_env(tmp_path_factory):
+    # One tiny-model cache per test worker, never the user's ~/.cache.
+    os.environ.setdefault("POSTRAIN_CACHE", str(tmp_path_factory.mktemp("postrain_cache")))
+    os.environ["POSTRAIN_RECIPES"] = str(REPO / "recipes")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)  # tests run in parallel workers; one thread each avoids oversubscription
+    yield
+
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,76 @@
+"""The command line as a user meets it: help, config, errors without tracebacks, dry runs, the recipe list."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from postrain.cli import app
+from tests.conftest import write_recipe
+
+runner = CliRunner()
+JOBS = ["sft", "dpo", "grpo", "eval", "merge"]
+
+
+def test_help_lists_the_five_subcommands():
+    out = runner.invoke(app, ["--help"]).output
+    for cmd in JOBS:
+        assert f" {cmd} " in out
+
+
+@pytest.mark.parametrize("cmd", [*JOBS, "run", "config", "recipes"])
+def test_each_subcommand_help_shows_an_example(cmd):
+    result = runner.invoke(app, [cmd, "--help"])
+    assert result.exit_code == 0
+    assert "Example: postrain" in result.output
+
+
+def test_config_shows_override_applied():
+    result = runner.invoke(app, ["config", "recipes/demo/sft.yaml", "trainer.learning_rate=1.25e-4", "name=zzz"])
+    assert result.exit_code == 0, result.output
+    assert "learning_rate: 0.000125" in result.output
+    assert "output_dir: runs/zzz" in result.output
+
+
+def test_misspelt_key_exits_nonzero_with_suggestion_and_no_traceback(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "defaults: [base/sft]\ntrainer: {lerning_rate: 1.0e-5}\n")
+    result = runner.invoke(app, ["config", str(path)])
+    assert result.exit_code != 0
+    assert "lerning_rate" in result.output and "did you mean 'learning_rate'" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["sft", "recipes/demo/sft.yaml", "trainer.per_device_train_bach_size=4"])
+    assert result.exit_code != 0 and "per_device_train_batch_size" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_dry_run_prints_batch_arithmetic():
+    result = runner.invoke(app, ["grpo", "recipes/demo/grpo.yaml", "--dry-run", "trainer.per_device_train_batch_size=16",
+                                 "trainer.num_generations=4", "trainer.gradient_accumulation_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert "32" in result.output  # 16 x 2 accumulation completions per optimizer step
+    assert "8 (groups of 4" in result.output  # prompts per optimizer step
+
+
+def test_dry_run_catches_impossible_grpo_batch_before_loading(monkeypatch):
+    import postrain.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("dry run loaded a model"))
+    result = runner.invoke(app, ["grpo", "recipes/demo/grpo.yaml", "--dry-run", "trainer.per_device_train_batch_size=12",
+                                 "trainer.num_generations=8"])
+    assert result.exit_code != 0
+    assert "not divisible by trainer.num_generations=8" in result.output
+
+
+def test_wrong_command_for_recipe_is_refused():
+    result = runner.invoke(app, ["dpo", "recipes/demo/sft.yaml", "--dry-run"])
+    assert result.exit_code != 0 and "postrain sft" in result.output
+
+
+def test_recipes_lists_commands_as_json():
+    result = runner.invoke(app, ["recipes", "--json"])
+    rows = json.loads(result.output)
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["recipes/math.yaml"]["command"] == "grpo"
+    assert by_path["recipes/demo/pipeline.yaml"]["command"] == "pipeline"

@@ -1,0 +1,104 @@
+"""Built-in tasks, file sources, column mapping and the errors that name what is missing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from postrain.data.sources import load_source
+from postrain.data.tasks import build_task
+from postrain.errors import DataError
+
+
+def test_arithmetic_answers_are_exact():
+    rows = build_task("arithmetic", "train", {"n": 200, "digits": 3, "ops": "+-*"})
+    assert len(rows) == 200
+    for r in rows:
+        a, op, b = r["prompt"][:3], r["prompt"][3], r["prompt"][4:7]
+        expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert r["answer"] == r["completion"] == r["chosen"] == str(expected)
+        assert r["rejected"] != r["answer"]
+        assert len(a) == len(b) == 3 and r["prompt"].endswith("=")
+
+
+def test_splits_are_disjoint_and_deterministic():
+    train = {r["prompt"] for r in build_task("arithmetic", "train", {"n": 3000})}
+    test = {r["prompt"] for r in build_task("arithmetic", "test", {"n": 300})}
+    assert train and test and not train & test
+    assert train == {r["prompt"] for r in build_task("arithmetic", "train", {"n": 3000})}
+
+
+def test_unknown_task_parameter_is_named():
+    with pytest.raises(DataError, match="no parameter 'digit'.*digits"):
+        build_task("arithmetic", "train", {"digit": 2})
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_file_sources_with_column_mapping(tmp_path, suffix):
+    rows = [{"question": f"q{i}", "gold": str(i)} for i in range(5)]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["question", "gold"])
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    ds = load_source({"source": str(path), "columns": {"prompt": "question", "answer": "gold"}}, "grpo")
+    assert ds["prompt"] == [f"q{i}" for i in range(5)] and ds["answer"] == [str(i) for i in range(5)]
+
+
+def test_missing_column_names_dataset_wanted_and_present(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "response": "r"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_source({"source": str(path)}, "dpo", where="data.train")
+    msg = str(e.value)
+    assert str(path) in msg and "'prompt'" in msg and "question, response" in msg and "data.train" in msg
+    with pytest.raises(DataError, match="no column 'questoin'.*question, response"):
+        load_source({"source": str(path), "columns": {"prompt": "questoin"}}, "grpo")
+
+
+def test_chat_wrapping_and_template():
+    ds = load_source({"source": "builtin:arithmetic", "task": {"n": 3}, "chat": True, "system_prompt": "be exact",
+                      "prompt_template": "Q: {prompt}"}, "sft")
+    row = ds[0]
+    assert row["prompt"][0] == {"role": "system", "content": "be exact"}
+    assert row["prompt"][1]["role"] == "user" and row["prompt"][1]["content"].startswith("Q: ")
+    assert row["completion"] == [{"role": "assistant", "content": row["answer"]}]
+
+
+def test_score_pairs_pairs_best_with_worst(tmp_path):
+    samples = [
+        {"prompt": "1+1=", "completion": "2", "score": 1.0},
+        {"prompt": "1+1=", "completion": "3", "score": 0.0},
+        {"prompt": "2+2=", "completion": "4", "score": 1.0},
+        {"prompt": "2+2=", "completion": "4", "score": 1.0},  # no contrast: no pair
+    ]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    ds = load_source({"source": str(path), "transform": "score_pairs"}, "dpo")
+    assert len(ds) == 1 and ds[0]["chosen"] == "2" and ds[0]["rejected"] == "3"
+
+
+def test_hub_name_is_passed_through(monkeypatch):
+    import datasets
+
+    seen = {}
+
+    def fake_load(name, config, split):
+        seen.update(name=name, config=config, split=split)
+        return datasets.Dataset.from_list([{"problem": "p", "answer": "a"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    ds = load_source({"source": "org/some-data", "config": "main", "split": "test", "columns": {"prompt": "problem"}}, "grpo")
+    assert seen == {"name": "org/some-data", "config": "main", "split": "test"} and ds[0]["prompt"] == "p"
