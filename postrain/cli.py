@@ -45,15 +45,11 @@ def _fail(message: str) -> None:
 
 
 def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
-    from postrain.recipes import load_recipe
+    from postrain.recipes import load_recipe, load_smoke_recipe
 
-    recipe_obj = load_recipe(recipe, overrides or [], command)
     if smoke:
-        from postrain.recipes.smoke import smoke_layer
-
-        layer = smoke_layer(recipe_obj.command, recipe_obj.cfg)
-        recipe_obj = load_recipe(recipe, overrides or [], command, smoke_layer=layer)
-    return recipe_obj
+        return load_smoke_recipe(recipe, overrides or [], command)
+    return load_recipe(recipe, overrides or [], command)
 
 
 def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool) -> None:

@@ -74,3 +74,28 @@ def test_recipes_lists_commands_as_json():
     by_path = {r["path"]: r for r in rows}
     assert by_path["recipes/math.yaml"]["command"] == "grpo"
     assert by_path["recipes/demo/pipeline.yaml"]["command"] == "pipeline"
+
+
+def test_trl_outside_tested_range_is_refused_with_a_clear_message(monkeypatch):
+    import trl
+
+    from postrain.errors import PostrainError
+    from postrain.jobs.common import check_trl_version
+
+    monkeypatch.delenv("POSTRAIN_SKIP_VERSION_CHECK", raising=False)
+    monkeypatch.setattr(trl, "__version__", "0.9.6")
+    with pytest.raises(PostrainError, match=r"tested with trl >=1\.16,<1\.17 but trl 0\.9\.6"):
+        check_trl_version()
+    monkeypatch.setenv("POSTRAIN_SKIP_VERSION_CHECK", "1")
+    check_trl_version()
+
+
+def test_pyproject_declares_the_same_trl_range():
+    import tomllib
+
+    from postrain.jobs.common import TRL_TESTED
+    from tests.conftest import REPO
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (lo, hi) = TRL_TESTED
+    assert f"trl>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}" in deps

@@ -17,7 +17,7 @@ from typing import Any
 
 from postrain.errors import PostrainError
 from postrain.jobs.common import RunOptions, read_recipe_hash, read_status, write_json
-from postrain.recipes import Recipe, find_recipe, load_recipe
+from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
 
 
 def nest(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -35,13 +35,10 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
 def stage_recipe(recipe: Recipe, name: str, stage: dict, smoke: bool) -> Recipe:
     base = recipe.path.parent if recipe.path else None
     path = find_recipe(stage["recipe"], base)
-    overrides = {**nest(stage["overrides"]), "output_dir": stage["output"], "name": f"{recipe.cfg['name']}-{name}"}
-    loaded = load_recipe(path, overrides, stage["command"])
+    overrides = {**nest(stage.get("overrides") or {}), "output_dir": stage["output"], "name": f"{recipe.cfg['name']}-{name}"}
     if smoke:
-        from postrain.recipes.smoke import smoke_layer
-
-        loaded = load_recipe(path, overrides, stage["command"], smoke_layer=smoke_layer(loaded.command, loaded.cfg))
-    return loaded
+        return load_smoke_recipe(path, overrides, stage["command"], data_wins=True)
+    return load_recipe(path, overrides, stage["command"])
 
 
 def model_inputs(stage_cfg: dict) -> list[str]:
@@ -58,6 +55,27 @@ def model_inputs(stage_cfg: dict) -> list[str]:
     return [str(r) for r in refs]
 
 
+def _strings(node: Any):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def upstream_stages(stage_cfg: dict, outputs: dict[str, str]) -> list[str]:
+    """The earlier stages whose run directory this stage reads (a model, a samples file, ...)."""
+    found = []
+    for value in _strings({k: v for k, v in stage_cfg.items() if k not in ("output_dir", "name")}):
+        for name, out in outputs.items():
+            if (value == out or value.startswith(out.rstrip("/") + "/")) and name not in found:
+                found.append(name)
+    return found
+
+
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.jobs import run_job
 
@@ -70,19 +88,26 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     # Load every stage first: a bad key in the last stage fails before the first one trains.
     stages = {name: stage_recipe(recipe, name, stage, options.smoke) for name, stage in cfg["stages"].items()}
     lineage: list[dict] = []
+    outputs: dict[str, str] = {}
+    ran: set[str] = set()  # stages (re)run in this invocation: whatever reads them must rerun too
     for name, stage in stages.items():
         run_dir = Path(stage.cfg["output_dir"])
         saved_hash, status = read_recipe_hash(run_dir), read_status(run_dir).get("status")
+        upstream = upstream_stages(stage.cfg, outputs)
+        outputs[name] = stage.cfg["output_dir"]
         record = {
             "stage": name, "command": stage.command, "recipe": str(stage.path), "recipe_hash": stage.hash,
-            "run_dir": str(run_dir), "inputs": model_inputs(stage.cfg),
+            "run_dir": str(run_dir), "inputs": model_inputs(stage.cfg), "upstream": upstream,
         }
-        if status == "done" and saved_hash == stage.hash:
+        stale_inputs = [u for u in upstream if u in ran]
+        if status == "done" and saved_hash == stage.hash and not stale_inputs:
             print(f"[pipeline] {name}: finished earlier with the same recipe ({stage.hash}); skipped", flush=True)
             lineage.append({**record, "status": "skipped (done)"})
             continue
-        same_recipe_interrupted = saved_hash == stage.hash
-        if saved_hash is not None and not same_recipe_interrupted and not options.overwrite:
+        same_recipe_interrupted = saved_hash == stage.hash and status != "done"
+        if status == "done" and stale_inputs:
+            print(f"[pipeline] {name}: rerunning, its input stage(s) {', '.join(stale_inputs)} ran again", flush=True)
+        elif saved_hash is not None and not same_recipe_interrupted and not options.overwrite:
             raise PostrainError(
                 f"stage {name!r}: {run_dir} holds a run of another recipe (hash {saved_hash}, now {stage.hash}). "
                 f"Pass --overwrite to rerun it, or point the pipeline's output_dir elsewhere."
@@ -95,6 +120,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
             command_line=f"{options.command_line} [stage {name}]",
         )
         run_job(stage, stage_options)
+        ran.add(name)
         lineage.append({**record, "status": "done", "wall_time_s": round(time.time() - start, 2)})
         write_json(pipe_dir / "lineage.json", lineage)
     write_json(pipe_dir / "lineage.json", lineage)

@@ -68,7 +68,12 @@ def check_merge_section(command: str, cfg: dict, origins: dict[str, str]) -> Non
         return
     from postrain.merging import validate_merge_config
 
-    validate_merge_config(cfg.get("merge") or {}, resolve_model=lambda ref: "postrain-check/not-yet-resolved")
+    import hashlib
+
+    def stand_in(ref: str) -> str:  # distinct per reference, so mergekit's duplicate-input check still applies
+        return "postrain-check/" + hashlib.sha256(str(ref).encode()).hexdigest()[:12]
+
+    validate_merge_config(cfg.get("merge") or {}, resolve_model=stand_in)
 
 
 COMMAND_CHECKS.append(check_merge_section)

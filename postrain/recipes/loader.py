@@ -85,6 +85,23 @@ class Recipe:
         return out
 
 
+def load_smoke_recipe(
+    path: str | Path, overrides: list[str] | dict | None = None, command: str | None = None, data_wins: bool = False
+) -> Recipe:
+    """Load a recipe with the `--smoke` layer: tiny model, built-in data, a few steps (postrain.recipes.smoke).
+
+    The layer sits below the overrides, so a user's explicit override still applies. With `data_wins` (pipeline
+    stages) its datasets go above the overrides: a stage reading an earlier smoke stage's samples would find
+    no usable data (an untrained model's samples give no preference pairs), while models still flow on.
+    """
+    from postrain.recipes.smoke import smoke_layer
+
+    first = load_recipe(path, overrides, command, command_checks=False)
+    layer = smoke_layer(first.command, first.cfg)
+    top = {k: layer[k] for k in ("data", "sets") if k in layer} if data_wins else None
+    return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
+
+
 def recipe_hash(cfg: dict) -> str:
     text = yaml.safe_dump(cfg, sort_keys=True, default_flow_style=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -167,12 +184,16 @@ def load_recipe(
     overrides: list[str] | dict | None = None,
     command: str | None = None,
     smoke_layer: dict | None = None,
+    command_checks: bool = True,
+    top_layer: dict | None = None,
 ) -> Recipe:
     """Load, layer, override, interpolate and validate a recipe.
 
     `command` is the subcommand it runs under: a recipe that declares another command is refused.
     `overrides` is a list of `key=value` strings (command line) or a nested dict (pipeline stages).
-    `smoke_layer` (from `--smoke`) sits between the recipe and the overrides.
+    `smoke_layer` (from `--smoke`) sits between the recipe and the overrides. `command_checks=False` skips the
+    checks that depend on the finished recipe (loss types, mergekit's schema): `--smoke` loads once without them
+    to build its layer, then again with them.
     """
     layers: list[tuple[dict, str]] = []
     recipe_path = None
@@ -203,7 +224,8 @@ def load_recipe(
         )
 
     smoke = [(smoke_layer, "--smoke")] if smoke_layer else []
-    all_layers = [(builtin_defaults(declared), BUILTIN), *layers, *smoke, (override_layer, COMMAND_LINE)]
+    top = [(top_layer, "--smoke (data)")] if top_layer else []
+    all_layers = [(builtin_defaults(declared), BUILTIN), *layers, *smoke, (override_layer, COMMAND_LINE), *top]
     origins: dict[str, str] = {}
     merged = OmegaConf.create({})
     for data, origin in all_layers:
@@ -220,7 +242,8 @@ def load_recipe(
         key = getattr(e, "full_key", "") or ""
         raise RecipeError(f"cannot resolve interpolation{f' in {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}") from None
     validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
-    run_checks(declared, cfg, origins)
+    if command_checks:
+        run_checks(declared, cfg, origins)
     return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
 
 

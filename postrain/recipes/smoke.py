@@ -91,7 +91,8 @@ def smoke_layer(command: str, cfg: dict) -> dict:
             trainer.pop("precompute_ref_batch_size")
         layer["trainer"] = trainer
     if command == "eval":
-        layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in cfg.get("sets", {}).items()}
+        sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
+        layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in sets.items()}
         layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})
@@ -108,6 +109,10 @@ def _smoke_merge(merge: dict) -> dict:
         return resolve_model_path("tiny", {**SMOKE_TINY, "seed": next(seed)})
 
     out: dict[str, Any] = {}
+    if not merge.get("models") and not merge.get("slices"):  # a base recipe names no models: merge two tiny ones
+        merge = {**merge, "merge_method": merge.get("merge_method", "linear"),
+                 "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b", "parameters": {"weight": 0.5}}]}
+        out["merge_method"] = merge["merge_method"]
     if "base_model" in merge and merge["base_model"]:
         out["base_model"] = tiny_path()
     if "models" in merge:

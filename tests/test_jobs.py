@@ -1,0 +1,198 @@
+"""Each job end to end on the tiny model: what it writes, how it refuses, how it fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from postrain.cli import app
+from tests.conftest import TINY, write_recipe
+
+runner = CliRunner()
+TINY_MODEL = "model: {name_or_path: tiny, dtype: float32, tiny: %s}\n" % json.dumps(TINY)
+SMALL_TRAINER = "max_steps: 2, per_device_train_batch_size: 4, logging_steps: 1, report_to: none"
+
+
+def postrain(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def sft_recipe(tmp_path: Path, extra: str = "") -> Path:
+    return write_recipe(tmp_path / "sft.yaml", f"""
+defaults: [base/sft]
+{TINY_MODEL}
+data: {{train: {{source: "builtin:arithmetic", task: {{n: 16, digits: 1}}}}}}
+trainer: {{{SMALL_TRAINER}, max_length: 32}}
+{extra}
+""")
+
+
+def test_sft_writes_run_directory_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run"
+    postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={out}")
+    header = (out / "recipe.yaml").read_text().splitlines()[0]
+    env = json.loads((out / "env.json").read_text())
+    assert header.endswith(env["recipe_hash"])
+    assert env["seed"] == 42 and env["packages"]["trl"] and "command_line" in env
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tokenizer.json").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "done"
+
+    again = runner.invoke(app, ["sft", str(sft_recipe(tmp_path)), f"output_dir={out}"])
+    assert again.exit_code != 0 and "--overwrite" in again.output and "Traceback" not in again.output
+    assert (out / "model" / "model.safetensors").exists()  # nothing lost
+    postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={out}", "--overwrite")
+
+
+def test_sft_chat_with_lora_saves_a_plain_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = sft_recipe(tmp_path, "peft: {r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
+    out = tmp_path / "run"
+    postrain("sft", str(recipe), f"output_dir={out}", "data.train.chat=true")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["implicit", "explicit", "precomputed"])
+def test_dpo_reference_model_modes(tmp_path, mode):
+    extra = {
+        "implicit": "",
+        "explicit": "ref_model: {name_or_path: tiny, dtype: float32, tiny: %s}" % json.dumps({**TINY, "seed": 5}),
+        "precomputed": "",
+    }[mode]
+    recipe = write_recipe(tmp_path / "dpo.yaml", f"""
+defaults: [base/dpo]
+{TINY_MODEL}
+{extra}
+data: {{train: {{source: "builtin:arithmetic", task: {{n: 8, digits: 1}}}}}}
+trainer: {{{SMALL_TRAINER}, max_length: 32, loss_type: [sigmoid, sft], loss_weights: [1.0, 0.5]}}
+""")
+    args = ["dpo", str(recipe), f"output_dir={tmp_path / 'run'}"]
+    if mode == "precomputed":
+        args.append("trainer.precompute_ref_log_probs=true")
+    postrain(*args)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in logged)
+
+
+def grpo_recipe(tmp_path: Path, rewards: str, policy: str = "fail") -> Path:
+    return write_recipe(tmp_path / "grpo.yaml", f"""
+defaults: [base/grpo]
+{TINY_MODEL}
+data: {{train: {{source: "builtin:arithmetic", task: {{n: 16, digits: 1}}}}}}
+rewards: {rewards}
+reward_errors: {{policy: {policy}, score: 0.0}}
+trainer: {{{SMALL_TRAINER}, num_generations: 4, max_completion_length: 4, use_vllm: false, gradient_checkpointing: false}}
+""")
+
+
+def test_grpo_logs_each_reward_separately(tmp_path):
+    recipe = grpo_recipe(tmp_path, '[{name: exact_match}, {name: length, weight: 0.1, args: {max_length: 2}}]')
+    postrain("grpo", str(recipe), f"output_dir={tmp_path / 'run'}")
+    keys = set().union(*(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
+    assert {"rewards/exact_match/mean", "rewards/length/mean", "rewards/exact_match/errors"} <= keys
+
+
+FLAKY_REWARD = '''
+def flaky(completions, **kwargs):
+    """Raises on every completion that contains a digit 1..9 (most of them)."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[-1]["content"]
+        if any(d in text for d in "123456789"):
+            raise ValueError("cannot score " + repr(text))
+        out.append(1.0)
+    return out
+'''
+
+
+def test_grpo_reward_that_raises_fails_the_run_by_default(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(FLAKY_REWARD)
+    recipe = grpo_recipe(tmp_path, '[{fn: "my_rewards.py:flaky"}]', policy="fail")
+    result = runner.invoke(app, ["grpo", str(recipe), f"output_dir={tmp_path / 'run'}"])
+    assert result.exit_code != 0
+    assert "flaky" in str(result.exception) or "flaky" in result.output
+
+
+def test_grpo_reward_errors_scored_and_counted_under_score_policy(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(FLAKY_REWARD)
+    recipe = grpo_recipe(tmp_path, '[{fn: "my_rewards.py:flaky"}]', policy="score")
+    postrain("grpo", str(recipe), f"output_dir={tmp_path / 'run'}")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    errors = sum(m.get("rewards/flaky/errors", 0) for m in logged)
+    assert errors > 0  # the untrained model writes digits: those completions failed, were scored, and counted
+
+
+def eval_recipe(tmp_path: Path, model: str) -> Path:
+    return write_recipe(tmp_path / "eval.yaml", f"""
+defaults: [base/eval]
+model: {{name_or_path: "{model}"}}
+sets: {{heldout: {{source: "builtin:arithmetic", split: test, task: {{n: 6, digits: 1}}}}}}
+generation: {{max_new_tokens: 4, batch_size: 4}}
+rewards: [{{name: exact_match, args: {{extract: full}}}}, {{name: length, weight: 0.5, args: {{max_length: 1}}}}]
+""")
+
+
+def test_eval_writes_samples_and_consistent_summary(tmp_path):
+    postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={tmp_path / 'sft'}")
+    postrain("eval", str(eval_recipe(tmp_path, str(tmp_path / "sft"))), f"output_dir={tmp_path / 'ev'}",
+             "generation.num_samples=2", "generation.do_sample=true")
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())["sets"]["heldout"]
+    samples = [json.loads(line) for line in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert results["prompts"] == 6 and results["samples"] == len(samples) == 12
+    assert results["accuracy"] == pytest.approx(sum(s["rewards"]["exact_match"] for s in samples) / 12)
+    assert results["unparsable"] == pytest.approx(sum(s["parsed"] is None for s in samples) / 12)
+    for s in samples:
+        expected = s["rewards"]["exact_match"] + 0.5 * s["rewards"]["length"]
+        assert s["score"] == pytest.approx(expected)
+        assert s["rewards"]["exact_match"] == float(s["completion"].strip() == s["answer"])
+
+
+def test_merge_of_two_checkpoints_is_evaluable(tmp_path):
+    postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={tmp_path / 'a'}")
+    postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={tmp_path / 'b'}", "seed=7", "trainer.learning_rate=1e-3")
+    merge = write_recipe(tmp_path / "merge.yaml", f"""
+defaults: [base/merge]
+merge:
+  merge_method: linear
+  models: [{{model: "{tmp_path / 'a'}", parameters: {{weight: 0.5}}}}, {{model: "{tmp_path / 'b'}", parameters: {{weight: 0.5}}}}]
+""")
+    postrain("merge", str(merge), f"output_dir={tmp_path / 'm'}")
+    from safetensors.torch import load_file
+
+    a, b, m = (load_file(tmp_path / d / "model" / "model.safetensors") for d in "abm")
+    for key in m:
+        assert (m[key] - (a[key] + b[key]) / 2).abs().max() < 1e-6, key
+    postrain("eval", str(eval_recipe(tmp_path, str(tmp_path / "m"))), f"output_dir={tmp_path / 'ev'}")
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["sets"]["heldout"]["samples"] == 6
+
+
+def test_pipeline_passes_models_records_lineage_and_resumes(tmp_path):
+    sft_recipe(tmp_path)
+    eval_recipe(tmp_path, "placeholder")
+    pipe = write_recipe(tmp_path / "pipe.yaml", f"""
+command: pipeline
+name: p
+output_dir: {tmp_path / 'pipe'}
+stages:
+  sft: {{command: sft, recipe: sft.yaml}}
+  ev: {{command: eval, recipe: eval.yaml, overrides: {{model.name_or_path: "${{stages.sft.output}}"}}}}
+""")
+    first = postrain("run", str(pipe))
+    lineage = json.loads((tmp_path / "pipe" / "lineage.json").read_text())
+    assert [s["stage"] for s in lineage] == ["sft", "ev"] and lineage[1]["inputs"] == [str(tmp_path / "pipe" / "sft")]
+    assert "accuracy" in first and (tmp_path / "pipe" / "summary.md").exists()
+    again = postrain("run", str(pipe))
+    assert again.count("skipped") == 2
+    # A changed stage recipe is not silently overwritten.
+    changed = runner.invoke(app, ["run", str(pipe), "stages.sft.overrides={trainer.learning_rate: 0.01}"])
+    assert changed.exit_code != 0 and "--overwrite" in changed.output
+    rerun = postrain("run", str(pipe), "stages.sft.overrides={trainer.learning_rate: 0.01}", "--overwrite")
+    assert rerun.count("skipped") == 0  # sft changed; eval's input model changed under it, so it reruns too
