@@ -653,6 +653,7 @@ def run_mergekit(
         lazy_unpickle=False,
         safe_serialization=True,
         write_model_card=True,
+        quiet=True,  # no progress bars: a tiny merge takes well under a second, a large one logs its own steps
     )
     if options:
         unknown = [k for k in options if k not in MergeOptions.model_fields]

@@ -196,3 +196,13 @@ stages:
     assert changed.exit_code != 0 and "--overwrite" in changed.output
     rerun = postrain("run", str(pipe), "stages.sft.overrides={trainer.learning_rate: 0.01}", "--overwrite")
     assert rerun.count("skipped") == 0  # sft changed; eval's input model changed under it, so it reruns too
+
+
+def test_sft_on_chat_messages_file(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(8)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={tmp_path / 'run'}", f"data.train.source={data}",
+             "trainer.assistant_only_loss=true")
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -30,7 +30,9 @@ JOB_COLUMNS: dict[str, list[tuple[str, ...]]] = {
 def as_source(spec: dict | SourceSpec) -> SourceSpec:
     if isinstance(spec, SourceSpec):
         return spec
-    return SourceSpec(**spec)
+    fields = {f.name for f in dataclasses.fields(SourceSpec)}
+    # Keys of richer specs (an eval set's `generation:`) are not the source's business; the recipe was validated.
+    return SourceSpec(**{k: v for k, v in spec.items() if k in fields})
 
 
 def describe(spec: SourceSpec) -> str:

@@ -59,15 +59,8 @@ def arithmetic(
     ops: str = "+",
     seed: int = 0,
     test_fraction: float = 0.1,
-    carry_error_rate: float = 0.0,
 ) -> list[dict]:
-    """`a<op>b=` with operands of exactly `digits` digits; the answer is the exact integer result.
-
-    `carry_error_rate` makes the demonstrations imperfect: that fraction of the additions that need a carry get,
-    as their `completion` (the SFT target), the classic mistake of adding each column without carrying
-    (38+45= -> 73). `answer` and `chosen` stay exact, so a verifier still knows the truth. This is the setting
-    where imitation alone plateaus and learning from a verifier (GRPO, verifier-labelled DPO) has room to help.
-    """
+    """`a<op>b=` with operands of exactly `digits` digits; the answer is the exact integer result."""
     if digits < 1:
         raise DataError(f"arithmetic: digits must be >= 1, got {digits}")
     if not ops or set(ops) - set("+-*"):
@@ -80,12 +73,9 @@ def arithmetic(
             a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
             result = {"+": a + b, "-": a - b, "*": a * b}[op]
             wrong = result + rng.choice([-10, -1, 1, 10])
-            shown = result
-            if op == "+" and carry_error_rate and _without_carry(a, b) != result and rng.random() < carry_error_rate:
-                shown = _without_carry(a, b)
             yield {
                 "prompt": f"{a}{op}{b}=",
-                "completion": str(shown),
+                "completion": str(result),
                 "answer": str(result),
                 "chosen": str(result),
                 "rejected": str(wrong),
@@ -93,15 +83,6 @@ def arithmetic(
 
     space = (hi - lo + 1) ** 2 * len(ops)
     return _take(candidates(), min(n, space), split, test_fraction, limit=50 * n + 1000)
-
-
-def _without_carry(a: int, b: int) -> int:
-    """Column-wise sum that drops every carry: 38+45 -> 73, 95+17 -> 2."""
-    out, place = 0, 1
-    while a or b:
-        out += ((a % 10 + b % 10) % 10) * place
-        a, b, place = a // 10, b // 10, place * 10
-    return out
 
 
 @register_task("reverse")

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from postrain.errors import PostrainError, RunDirError
 from postrain.recipes import Recipe
@@ -162,8 +162,13 @@ def trainer_config(recipe: Recipe, run_dir: Path, config_cls: type, **forced: An
         raise PostrainError(f"invalid `trainer:` section for {config_cls.__name__}: {e}") from None
 
 
+# What the console shows of each log line (everything goes to metrics.jsonl).
+CONSOLE_METRICS = ("loss", "reward", "rewards/accuracies", "mean_token_accuracy", "learning_rate", "grad_norm")
+
+
 def metrics_callback(run_dir: Path):
-    """A TrainerCallback appending each log to `metrics.jsonl` (one JSON object per logging step)."""
+    """A TrainerCallback appending each log to `metrics.jsonl` (one JSON object per logging step) and printing
+    a one-line summary; it replaces the trainer's console printer, which prints every logged key."""
     from transformers import TrainerCallback
 
     path = Path(run_dir) / "metrics.jsonl"
@@ -174,6 +179,9 @@ def metrics_callback(run_dir: Path):
                 return
             with path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
+            shown = "  ".join(f"{k.split('/')[-1]} {logs[k]:.4g}" for k in CONSOLE_METRICS if isinstance(logs.get(k), (int, float)))
+            if shown:
+                print(f"  step {state.global_step}/{state.max_steps}  {shown}", flush=True)
 
     return MetricsJsonl()
 
@@ -212,7 +220,13 @@ def resume_checkpoint(run_dir: Path, options: RunOptions) -> str | None:
 
 def quiet_libraries() -> None:
     """Keep the console for postrain's own output: no per-weight loading bars, no advisory warnings."""
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Advisories a user cannot act on from a recipe (CPU pinning, libraries' own deprecations of each other).
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|accelerate|peft)\..*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mergekit\..*")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -224,3 +238,46 @@ def quiet_libraries() -> None:
         datasets.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def train_with_trl(
+    recipe: Recipe,
+    options: RunOptions,
+    *,
+    job: str,
+    trainer_cls: type,
+    config_cls: type,
+    config_overrides: dict[str, Any] | None = None,
+    trainer_kwargs: Callable[[], dict[str, Any]] | None = None,
+) -> dict:
+    """The skeleton every TRL training job shares: data, run directory, model, trainer, train, save.
+
+    `trainer_kwargs` is called once the run directory exists, for what a job adds (a reference model, rewards).
+    Data is loaded before the run directory is made, so a missing column leaves nothing behind.
+    """
+    from postrain.data.sources import load_source
+    from postrain.models.loading import load_model
+
+    data = recipe.cfg["data"]
+    train = load_source(data["train"], job, where="data.train")
+    eval_ds = load_source(data["eval"], job, where="data.eval") if data.get("eval") else None
+    run_dir = prepare_run_dir(recipe, options)
+    with running(run_dir):
+        model, tokenizer, _ = load_model(recipe.cfg["model"])
+        trainer = trainer_cls(
+            model=model,
+            args=trainer_config(recipe, run_dir, config_cls, **(config_overrides or {})),
+            train_dataset=train,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config(recipe),
+            callbacks=[metrics_callback(run_dir)],
+            **(trainer_kwargs() if trainer_kwargs else {}),
+        )
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)  # metrics_callback prints a compact line instead
+        trainer.remove_callback(PrinterCallback)
+        trainer.train(resume_from_checkpoint=resume_checkpoint(run_dir, options))
+        save_final_model(trainer, tokenizer, run_dir)
+    return {"run_dir": str(run_dir)}

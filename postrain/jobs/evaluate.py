@@ -108,7 +108,15 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
     rewards, weights = build_rewards(cfg["rewards"], on_error=policy["policy"], error_score=policy["score"], base_dir=base_dir)
-    sets = {name: load_source(spec, "eval", where=f"sets.{name}").to_list() for name, spec in cfg["sets"].items()}
+    sets, generation = {}, {}
+    for name, spec in cfg["sets"].items():
+        spec = dict(spec)
+        overrides = spec.pop("generation", None) or {}
+        bad = [k for k in overrides if k not in cfg["generation"]]
+        if bad:
+            raise RecipeError(f"sets.{name}.generation.{bad[0]} is not a generation setting; valid: {', '.join(cfg['generation'])}")
+        generation[name] = {**cfg["generation"], **overrides}
+        sets[name] = load_source(spec, "eval", where=f"sets.{name}").to_list()
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir):
         import torch
@@ -119,9 +127,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
                                    "generation": cfg["generation"], "sets": {}}
         with (Path(run_dir) / "samples.jsonl").open("w") as f:
             for name, rows in sets.items():
-                completions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg["generation"])
+                completions = generate(model, tokenizer, [r["prompt"] for r in rows], generation[name])
                 summary, samples = score_set(rows, completions, rewards, weights, tokenizer)
-                results["sets"][name] = summary
+                results["sets"][name] = {**summary, "generation": generation[name]}
                 for s in samples:
                     f.write(json.dumps({"set": name, **s}, default=str) + "\n")
         write_json(Path(run_dir) / "results.json", results)

@@ -28,7 +28,10 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
         *parents, leaf = str(key).split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = {**node[leaf], **nest(value)}  # `trainer.x: 1` and `trainer: {y: 2}` both apply
+        else:
+            node[leaf] = nest(value) if isinstance(value, dict) else value
     return out
 
 
@@ -124,19 +127,19 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         lineage.append({**record, "status": "done", "wall_time_s": round(time.time() - start, 2)})
         write_json(pipe_dir / "lineage.json", lineage)
     write_json(pipe_dir / "lineage.json", lineage)
-    rows = summary_rows(stages)
+    rows = summary_rows(stages, reported={n for n, st in cfg["stages"].items() if st.get("report", True)})
     write_json(pipe_dir / "summary.json", rows)
     (pipe_dir / "summary.md").write_text(markdown_table(rows))
     print_table(rows)
     return {"run_dir": str(pipe_dir), "summary": rows}
 
 
-def summary_rows(stages: dict[str, Recipe]) -> list[dict]:
-    """One row per eval stage and set: which stage's model, its scores, and that stage's training wall time."""
+def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:
+    """One row per reported eval stage and set: which stage's model, its scores, that stage's training wall time."""
     by_output = {str(Path(s.cfg["output_dir"]).resolve()): name for name, s in stages.items()}
     rows = []
     for name, stage in stages.items():
-        if stage.command != "eval":
+        if stage.command != "eval" or name not in reported:
             continue
         results_path = Path(stage.cfg["output_dir"]) / "results.json"
         if not results_path.exists():
@@ -181,7 +184,7 @@ def print_table(rows: list[dict]) -> None:
 
     table = Table(title="pipeline summary")
     for _, title in COLUMNS:
-        table.add_column(title)
+        table.add_column(title, no_wrap=True)
     for r in rows:
         table.add_row(*_cells(r))
-    Console().print(table)
+    Console(width=max(Console().width, 120)).print(table)

@@ -65,12 +65,12 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     elif cmd == "eval":
         from postrain.data.sources import source_size
 
-        gen = cfg["generation"]
         out["model"] = cfg["model"]["name_or_path"]
         for name, spec in cfg["sets"].items():
-            out[f"set {name}"] = f"{source_size(spec) or 'unknown'} prompts x {gen['num_samples']} samples"
-        out["decoding"] = "sampled" if gen["do_sample"] else "greedy"
-        out["max new tokens"] = gen["max_new_tokens"]
+            gen = {**cfg["generation"], **(spec.get("generation") or {})}
+            decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
+            out[f"set {name}"] = (f"{source_size(spec) or 'unknown'} prompts x {gen['num_samples']} samples, "
+                                  f"{decoding}, <= {gen['max_new_tokens']} new tokens")
     elif cmd == "merge":
         merge = cfg["merge"]
         out["merge method"] = merge.get("merge_method")

@@ -76,6 +76,13 @@ class SourceSpec:
 
 
 @dataclass
+class EvalSetSpec(SourceSpec):
+    """An eval set: a data source plus optional decoding overrides for this set (e.g. sampled vs greedy)."""
+
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DataSpec:
     train: SourceSpec | None = None
     eval: SourceSpec | None = None
@@ -161,7 +168,7 @@ class GRPORecipe(CommonSpec):
 class EvalRecipe(CommonSpec):
     command: str = "eval"
     model: ModelSpec = field(default_factory=ModelSpec)
-    sets: dict[str, SourceSpec] = field(default_factory=dict)
+    sets: dict[str, EvalSetSpec] = field(default_factory=dict)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     rewards: list[RewardSpec] = field(default_factory=list)
     reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
@@ -181,6 +188,8 @@ class StageSpec:
     command: str = ""
     recipe: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Whether an eval stage's results go into the pipeline's summary table.
+    report: bool = True
     # Filled in by the pipeline: the stage's run directory, referable as ${stages.<name>.output}.
     output: str | None = None
 
