@@ -99,3 +99,14 @@ def test_pyproject_declares_the_same_trl_range():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     (lo, hi) = TRL_TESTED
     assert f"trl>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}" in deps
+
+
+def test_recipes_shows_paper_title_and_arxiv_id(tmp_path):
+    root = tmp_path / "recipes"
+    write_recipe(root / "base" / "dpo.yaml", "command: dpo\n")
+    write_recipe(root / "papers" / "p.yaml", "defaults: [../base/dpo]\npaper: {title: A Paper, arxiv: '2401.00001'}\n")
+    rows = json.loads(runner.invoke(app, ["recipes", "--json", "--root", str(root)]).output)
+    paper = next(r for r in rows if r["path"].endswith("papers/p.yaml"))
+    assert paper["command"] == "dpo" and paper["paper"] == "A Paper" and paper["arxiv"] == "2401.00001"
+    table = runner.invoke(app, ["recipes", "--root", str(root)]).output
+    assert "A Paper" in table and "2401.00001" in table
