@@ -117,8 +117,10 @@ def test_grpo_reward_that_raises_fails_the_run_by_default(tmp_path):
     (tmp_path / "my_rewards.py").write_text(FLAKY_REWARD)
     recipe = grpo_recipe(tmp_path, '[{fn: "my_rewards.py:flaky"}]', policy="fail")
     result = runner.invoke(app, ["grpo", str(recipe), f"output_dir={tmp_path / 'run'}"])
-    assert result.exit_code != 0
-    assert "flaky" in str(result.exception) or "flaky" in result.output
+    assert result.exit_code == 2  # a user error: one message, no traceback
+    assert "reward 'flaky' raised ValueError" in result.output and "my_rewards.py" in result.output
+    assert "Traceback" not in result.output
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
 
 
 def test_grpo_reward_errors_scored_and_counted_under_score_policy(tmp_path):

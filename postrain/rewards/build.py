@@ -10,10 +10,11 @@ import importlib.util
 import inspect
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError
+from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ class GuardedReward(RewardFunction):
 
     The wrapped callable is called on the whole batch. If it raises (or returns the wrong number of scores):
 
-    - ``on_error="fail"``: a RuntimeError naming the reward and the original error is raised;
+    - ``on_error="fail"``: a RewardError (a RuntimeError) naming the reward, the original error and where it
+      was raised;
     - ``on_error="score"``: it is called again one completion at a time (every list argument aligned with the
       completions sliced to that completion), and only the completions that raise are scored ``error_score``.
 
@@ -86,7 +88,12 @@ class GuardedReward(RewardFunction):
             return self._score(completions, columns)
         except Exception as error:
             if self.on_error == "fail":
-                raise RuntimeError(f"reward {self.name!r} raised {type(error).__name__}: {error}") from error
+                frames = traceback.extract_tb(error.__traceback__)
+                where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+                raise RewardError(
+                    f"reward {self.name!r} raised {type(error).__name__}: {error}{where}. The run stops under "
+                    f"reward_errors.policy: fail; set policy: score to score such completions as failed and count them"
+                ) from error
             return self._score_one_at_a_time(completions, columns, batch_error=error)
 
     def _score(self, completions: list, columns: dict[str, Any]) -> list[float | None]:

@@ -13,6 +13,10 @@ from typing import Any, Callable
 from postrain.errors import PostrainError
 
 
+class RewardError(PostrainError, RuntimeError):
+    """A reward function raised while scoring, under the error policy `fail`."""
+
+
 class RewardSpecError(PostrainError, ValueError):
     """A reward entry of a recipe is malformed: unknown name, bad args, an `fn` that cannot be imported."""
 
