@@ -173,13 +173,10 @@ def _format_row(row: dict, spec: SourceSpec) -> dict:
 def source_size(spec: dict | SourceSpec) -> int | None:
     """Number of rows, without loading a model; None where it cannot be known cheaply (hub datasets)."""
     spec = as_source(spec)
+    if spec.transform == "score_pairs":  # pairs are only known once scores are grouped
+        return None
     if spec.source.startswith("builtin:") or Path(spec.source).exists():
         n = len(_read_rows(spec))
-        if spec.transform == "score_pairs":
-            return None
         return min(n, spec.limit) if spec.limit is not None else n
     return None
 
-
-def spec_dict(spec: SourceSpec) -> dict:
-    return dataclasses.asdict(spec)

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import PostrainError, RunDirError
+from postrain.models.loading import MODEL_SUBDIR
 from postrain.recipes import Recipe
 
 # The TRL versions postrain is tested against (pyproject.toml declares the same range).
 TRL_TESTED = ((1, 16), (1, 17))  # >= 1.16, < 1.17
-MODEL_SUBDIR = "model"
 
 
 def check_trl_version() -> None:

@@ -147,7 +147,7 @@ def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:
         results = json.loads(results_path.read_text())
         model_ref = stage.cfg["model"]["name_or_path"]
         producer = by_output.get(str(Path(model_ref).resolve()))
-        wall = read_status(Path(stage.cfg["output_dir"]).parent / producer).get("wall_time_s") if producer else None
+        wall = read_status(Path(stages[producer].cfg["output_dir"])).get("wall_time_s") if producer else None
         for set_name, r in results["sets"].items():
             rows.append({
                 "eval": name, "model": producer or model_ref, "set": set_name, "accuracy": r["accuracy"],

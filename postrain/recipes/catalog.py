@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from postrain.recipes.loader import _YamlLoader, recipes_root
+from postrain.errors import RecipeError
+from postrain.recipes.loader import _YamlLoader, find_recipe, recipes_root
 
 
 def _declared(path: Path, key: str, seen: int = 0):
@@ -17,12 +18,15 @@ def _declared(path: Path, key: str, seen: int = 0):
         return None
     if key in data or seen > 8:
         return data.get(key)
-    for ref in data.get("defaults") or []:
-        for cand in (path.parent / ref, path.parent / f"{ref}.yaml", recipes_root() / ref, recipes_root() / f"{ref}.yaml"):
-            if cand.is_file():
-                found = _declared(cand, key, seen + 1)
-                if found is not None:
-                    return found
+    defaults = data.get("defaults") or []
+    for ref in [defaults] if isinstance(defaults, str) else defaults:
+        try:
+            parent = find_recipe(str(ref), path.parent)  # the loader's own resolution, so listing matches loading
+        except RecipeError:
+            continue
+        found = _declared(parent, key, seen + 1)
+        if found is not None:
+            return found
     return None
 
 

@@ -129,11 +129,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def find_recipe(ref: str, relative_to: Path | None) -> Path:
     """Resolve a recipe reference: as given, relative to `relative_to`, then relative to `recipes/`."""
-    candidates = []
     for base in ([relative_to] if relative_to else []) + [Path.cwd(), recipes_root()]:
         for name in (ref, ref + ".yaml", ref + ".yml"):
             p = Path(name) if Path(name).is_absolute() else base / name
-            candidates.append(p)
             if p.is_file():
                 return p.resolve()
     raise RecipeError(f"recipe '{ref}' not found (looked in {relative_to or Path.cwd()} and {recipes_root()})")

@@ -39,7 +39,7 @@ SMOKE_TRAINER: dict[str, dict[str, Any]] = {
 }
 
 
-def _tiny_model(spec: dict | None, seed: int = 0) -> dict:
+def _tiny_model(seed: int = 0) -> dict:
     return {
         "name_or_path": "tiny",
         "revision": None,
@@ -73,9 +73,9 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32) -> dict | None:
 def smoke_layer(command: str, cfg: dict) -> dict:
     layer: dict[str, Any] = {}
     if command in ("sft", "dpo", "grpo", "eval"):
-        layer["model"] = _tiny_model(cfg.get("model"))
+        layer["model"] = _tiny_model()
     if command == "dpo" and cfg.get("ref_model"):
-        layer["ref_model"] = _tiny_model(cfg["ref_model"])
+        layer["ref_model"] = _tiny_model(seed=1)
     if command in ("sft", "dpo", "grpo"):
         data = cfg.get("data") or {}
         layer["data"] = {
