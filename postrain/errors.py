@@ -20,3 +20,14 @@ class DataError(PostrainError):
 
 class RunDirError(PostrainError):
     """The run directory exists and would be overwritten."""
+
+
+def did_you_mean(word: object, choices, n: int = 3) -> str:
+    """"did you mean 'a' or 'b'?" for the choices closest to a misspelt `word` (case-insensitive), or "".
+
+    The one spelling-hint helper: every error about an unknown key, name or parameter uses it."""
+    import difflib
+
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(by_lower[c]) for c in close)}?" if close else ""

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from tests.conftest import write_recipe
+from tests.conftest import REPO, write_recipe
 
 runner = CliRunner()
 JOBS = ["sft", "dpo", "grpo", "eval", "merge"]
@@ -49,8 +49,15 @@ def test_dry_run_prints_batch_arithmetic():
     result = runner.invoke(app, ["grpo", "recipes/demo/grpo.yaml", "--dry-run", "trainer.per_device_train_batch_size=16",
                                  "trainer.num_generations=4", "trainer.gradient_accumulation_steps=2"])
     assert result.exit_code == 0, result.output
-    assert "32" in result.output  # 16 x 2 accumulation completions per optimizer step
-    assert "8 (groups of 4" in result.output  # prompts per optimizer step
+    assert "recipe is valid" in result.output
+    from postrain.jobs.plan import plan
+    from postrain.recipes import load_recipe
+
+    planned = plan(load_recipe("recipes/demo/grpo.yaml", ["trainer.per_device_train_batch_size=16",
+                                                          "trainer.num_generations=4", "trainer.gradient_accumulation_steps=2"]))
+    assert planned["completions per optimizer step"].endswith("16 per device x 2 accumulation x 1 processes = 32")
+    assert planned["prompts per optimizer step"].startswith("8 (groups of 4")
+    assert planned["generation batch"].startswith("32 completions = 8 prompts x 4")
 
 
 def test_dry_run_catches_impossible_grpo_batch_before_loading(monkeypatch):
@@ -60,7 +67,34 @@ def test_dry_run_catches_impossible_grpo_batch_before_loading(monkeypatch):
     result = runner.invoke(app, ["grpo", "recipes/demo/grpo.yaml", "--dry-run", "trainer.per_device_train_batch_size=12",
                                  "trainer.num_generations=8"])
     assert result.exit_code != 0
-    assert "not divisible by trainer.num_generations=8" in result.output
+    assert "generation_batch_size (12) must be divisible by num_generations (8)" in result.output  # TRL's own check
+
+
+def test_dry_run_builds_the_trl_config_so_valid_means_valid(tmp_path):
+    """The README's example once passed --dry-run and then failed in TRL: loss_weights did not match loss_type."""
+    result = runner.invoke(app, ["dpo", "recipes/demo/dpo.yaml", "--dry-run", "trainer.loss_type=[ipo]"])
+    assert result.exit_code == 2 and "loss_weights" in result.output and "recipe is valid" not in result.output
+    result = runner.invoke(app, ["dpo", "recipes/demo/dpo.yaml", "--dry-run", "trainer.loss_type=[ipo]",
+                                 "trainer.loss_weights=[1.0]", "model.name_or_path=tiny"])
+    assert result.exit_code == 0 and "recipe is valid" in result.output, result.output
+
+
+def test_dry_run_checks_reward_columns_and_model_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"prompt": "1+1=", "gold": "2"}\n')
+    args = ["grpo", str(REPO / "recipes/demo/grpo.yaml"), "--dry-run", f"data.train.source={data}"]
+    result = runner.invoke(app, args + ["model.name_or_path=tiny"])
+    assert result.exit_code == 2 and "needs the dataset column 'answer'" in result.output
+    assert "data.train" in result.output and "columns present: gold, prompt" in result.output
+    result = runner.invoke(app, args + ["rewards[0].args.answer_column=gold"])
+    assert result.exit_code == 2 and "a list is replaced whole" in result.output
+    result = runner.invoke(app, args + ["model.name_or_path=runs/nonexistent",
+                                        "rewards=[{name: exact_match, args: {answer_column: gold}}]"])
+    assert result.exit_code == 2 and "model.name_or_path" in result.output
+    assert "does not exist locally" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "demo-grpo").exists()
 
 
 def test_wrong_command_for_recipe_is_refused():

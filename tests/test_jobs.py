@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from postrain.cli import app
@@ -50,18 +51,26 @@ def test_sft_writes_run_directory_and_refuses_to_overwrite(tmp_path):
     postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={out}", "--overwrite")
 
 
-def test_sft_chat_with_lora_saves_a_plain_model(tmp_path):
+def test_sft_chat_with_lora_saves_a_plain_model_with_the_adapters_merged(tmp_path):
     from transformers import AutoModelForCausalLM
+
+    from postrain.models.loading import resolve_model_path
 
     recipe = sft_recipe(tmp_path, "peft: {r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
     out = tmp_path / "run"
-    postrain("sft", str(recipe), f"output_dir={out}", "data.train.chat=true")
+    postrain("sft", str(recipe), f"output_dir={out}", "data.train.chat=true", "trainer.learning_rate=1e-2")
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("lora" in name for name, _ in model.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny", TINY)).state_dict()
+    trained = model.state_dict()
+    changed = {k for k in trained if not torch.equal(trained[k], base[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) and k.endswith("weight") for k in changed), changed
 
 
 @pytest.mark.parametrize("mode", ["implicit", "explicit", "precomputed"])
 def test_dpo_reference_model_modes(tmp_path, mode):
+    """The first logged step is computed before any update: against the implicit (or precomputed) reference, a
+    copy of the starting policy, the implicit rewards are exactly 0; against another model they are not."""
     extra = {
         "implicit": "",
         "explicit": "ref_model: {name_or_path: tiny, dtype: float32, tiny: %s}" % json.dumps({**TINY, "seed": 5}),
@@ -79,7 +88,12 @@ trainer: {{{SMALL_TRAINER}, max_length: 32, loss_type: [sigmoid, sft], loss_weig
         args.append("trainer.precompute_ref_log_probs=true")
     postrain(*args)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in m for m in logged)
+    first = next(m for m in logged if "rewards/chosen" in m)
+    if mode == "explicit":
+        assert abs(first["rewards/chosen"]) > 1e-3 and abs(first["rewards/rejected"]) > 1e-3
+    else:
+        assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+        assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
 
 
 def grpo_recipe(tmp_path: Path, rewards: str, policy: str = "fail") -> Path:
@@ -89,7 +103,7 @@ defaults: [base/grpo]
 data: {{train: {{source: "builtin:arithmetic", task: {{n: 16, digits: 1}}}}}}
 rewards: {rewards}
 reward_errors: {{policy: {policy}, score: 0.0}}
-trainer: {{{SMALL_TRAINER}, num_generations: 4, max_completion_length: 4, use_vllm: false, gradient_checkpointing: false}}
+trainer: {{{SMALL_TRAINER}, num_generations: 4, max_completion_length: 4, use_vllm: false, activation_checkpointing: false}}
 """)
 
 
@@ -101,35 +115,43 @@ def test_grpo_logs_each_reward_separately(tmp_path):
 
 
 FLAKY_REWARD = '''
-def flaky(completions, **kwargs):
-    """Raises on every completion that contains a digit 1..9 (most of them)."""
+def flaky(completions, bad, **kwargs):
+    """Raises on every row the data marks bad: decided by the data, whatever the model writes."""
     out = []
-    for c in completions:
-        text = c if isinstance(c, str) else c[-1]["content"]
-        if any(d in text for d in "123456789"):
-            raise ValueError("cannot score " + repr(text))
+    for is_bad in bad:
+        if is_bad:
+            raise ValueError("cannot score this row")
         out.append(1.0)
     return out
 '''
 
 
-def test_grpo_reward_that_raises_fails_the_run_by_default(tmp_path):
+def flaky_setup(tmp_path: Path, policy: str) -> list[str]:
+    """Four prompts, two marked bad; a generation batch of 16 = 4 prompts x 4 completions holds all four rows."""
     (tmp_path / "my_rewards.py").write_text(FLAKY_REWARD)
-    recipe = grpo_recipe(tmp_path, '[{fn: "my_rewards.py:flaky"}]', policy="fail")
-    result = runner.invoke(app, ["grpo", str(recipe), f"output_dir={tmp_path / 'run'}"])
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "bad": i % 2 == 1} for i in range(4)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = grpo_recipe(tmp_path, '[{fn: "my_rewards.py:flaky"}]', policy=policy)
+    return ["grpo", str(recipe), f"output_dir={tmp_path / 'run'}", f"data.train.source={tmp_path / 'rows.jsonl'}",
+            "trainer.per_device_train_batch_size=16"]
+
+
+def test_grpo_reward_that_raises_fails_the_run_by_default(tmp_path):
+    result = runner.invoke(app, flaky_setup(tmp_path, "fail"))
     assert result.exit_code == 2  # a user error: one message, no traceback
-    assert "reward 'flaky' raised ValueError" in result.output and "my_rewards.py" in result.output
+    assert "reward 'flaky' raised ValueError: cannot score this row" in result.output and "my_rewards.py" in result.output
     assert "Traceback" not in result.output
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
 
 
 def test_grpo_reward_errors_scored_and_counted_under_score_policy(tmp_path):
-    (tmp_path / "my_rewards.py").write_text(FLAKY_REWARD)
-    recipe = grpo_recipe(tmp_path, '[{fn: "my_rewards.py:flaky"}]', policy="score")
-    postrain("grpo", str(recipe), f"output_dir={tmp_path / 'run'}")
+    postrain(*flaky_setup(tmp_path, "score"))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    errors = sum(m.get("rewards/flaky/errors", 0) for m in logged)
-    assert errors > 0  # the untrained model writes digits: those completions failed, were scored, and counted
+    steps = [m for m in logged if "rewards/flaky/mean" in m]
+    assert len(steps) == 2
+    for m in steps:  # 2 bad rows x 4 completions fail each step; they score 0, the good half scores 1
+        assert m["rewards/flaky/errors"] == 8
+        assert m["rewards/flaky/mean"] == pytest.approx(0.5)
 
 
 def eval_recipe(tmp_path: Path, model: str) -> Path:
@@ -208,3 +230,22 @@ def test_sft_on_chat_messages_file(tmp_path):
     postrain("sft", str(sft_recipe(tmp_path)), f"output_dir={tmp_path / 'run'}", f"data.train.source={data}",
              "trainer.assistant_only_loss=true")
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_resume_without_checkpoints_is_refused_and_resume_keeps_metrics_unique(tmp_path):
+    recipe = str(sft_recipe(tmp_path))
+    out = tmp_path / "run"
+    postrain("sft", recipe, f"output_dir={out}")
+    refused = runner.invoke(app, ["sft", recipe, f"output_dir={out}", "--resume"])
+    assert refused.exit_code == 2 and "save_strategy: no" in refused.output and "Traceback" not in refused.output
+    assert (out / "model" / "model.safetensors").exists()  # nothing lost
+
+    saving = ["trainer.save_strategy=steps", "trainer.save_steps=1", "trainer.max_steps=3"]
+    postrain("sft", recipe, f"output_dir={tmp_path / 'saved'}", *saving)
+    import shutil
+
+    shutil.rmtree(tmp_path / "saved" / "checkpoints" / "checkpoint-3")  # as if stopped after step 2
+    postrain("sft", recipe, f"output_dir={tmp_path / 'saved'}", *saving, "--resume")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "saved" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]  # step 3 logged once, by the resumed run

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from postrain.merging import MERGE_METHODS, MergeConfigError, run_mergekit, validate_merge_config
+from postrain.merging import MergeConfigError, merge_methods, run_mergekit, validate_merge_config
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"
 
@@ -91,8 +91,8 @@ def _same_tokenizer(tok, ref_dir: Path) -> None:
 
 def test_merge_methods_listed():
     for name in ("linear", "slerp", "ties", "task_arithmetic", "dare_ties", "passthrough"):
-        assert name in MERGE_METHODS
-    assert MERGE_METHODS == sorted(MERGE_METHODS)
+        assert name in merge_methods()
+    assert merge_methods() == sorted(merge_methods())
 
 
 @pytest.mark.parametrize("pair", [("m0", "m1"), ("u0", "u1")], ids=["tied", "untied"])
@@ -340,24 +340,31 @@ def test_not_a_mapping():
         validate_merge_config(["linear"])  # type: ignore[arg-type]
 
 
-def test_copy_tokenizer_from(zoo, tmp_path):
+def test_inputs_without_a_tokenizer_fail_before_merging(zoo, tmp_path):
     root, _ = zoo
     cfg = {
         "merge_method": "linear",
         "models": [{"model": str(root / "notok0")}, {"model": str(root / "notok1")}],
         "parameters": {"weight": 1.0},
     }
-    # no input has a tokenizer and none is given: fail clearly, before merging
-    with pytest.raises(MergeConfigError, match=r"no tokenizer .*notok0"):
+    with pytest.raises(MergeConfigError, match=r"no tokenizer .*notok0.*tokenizer_source"):
         run_mergekit(cfg, tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    out = run_mergekit(cfg, tmp_path / "b", copy_tokenizer_from=str(root / "tok"))
-    assert (out / "tokenizer.json").read_bytes() == (root / "tok" / "tokenizer.json").read_bytes()
-    _, tok = _load(out)
-    # compare with a model dir holding the same files: transformers 5 picks the tokenizer class from config.json's
-    # model_type (Qwen2Tokenizer here), so a bare tokenizer dir loads as a different class
-    _same_tokenizer(tok, root / "m0")
-    assert (out / "generation_config.json").is_file()
+
+
+def test_model_references_walks_every_place_mergekit_reads_a_model():
+    from postrain.merging import model_references
+
+    cfg = {
+        "merge_method": "linear", "base_model": "b",
+        "models": [{"model": "m0"}, {"model": {"model": "m1", "lora": "l1"}}],
+        "slices": [{"base_model": "sb", "sources": [{"model": "s0"}]}],
+        "modules": {"dec": {"models": [{"model": "d0"}], "slices": [{"sources": [{"model": "ds0"}]}]}},
+        "tokenizer_source": "union",
+        "tokenizer": {"source": "t", "tokens": {"<x>": {"source": {"kind": "model_token", "model": "tm"}},
+                                                "<y>": {"source": "ty"}}},
+    }
+    assert model_references(cfg) == ["b", "m0", "m1", "sb", "s0", "d0", "ds0", "t", "tm", "ty"]
 
 
 def test_lora_and_modules_references(zoo, tmp_path, monkeypatch):

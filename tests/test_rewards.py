@@ -45,6 +45,24 @@ def test_exact_match_plain_strings_auto_extraction():
     ]
 
 
+def test_exact_match_auto_with_list_like_and_numeric_answers():
+    """A reference that is not one number is matched against the whole answer, never the last number in it."""
+    reward = build_one("exact_match")
+    completions = [
+        "3 4 9",  # a sorted list: the whole completion
+        "  3 4 9\n",  # surrounding whitespace stripped
+        "Answer: 3 4 9",  # after the marker
+        "\\boxed{3 4 9}",  # boxed
+        "3 9 4",  # wrong order
+        "9",  # the last number of the right answer is not the answer
+        "The sum is 83",  # numeric reference: the last number
+        "83.0",  # numbers compare by value
+        "The sum is 38",
+    ]
+    answers = ["3 4 9"] * 6 + ["83"] * 3
+    assert reward(completions, answer=answers) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
 def test_exact_match_conversational_uses_last_message():
     reward = build_one("exact_match")
     completions = [
@@ -335,7 +353,7 @@ def test_wrong_number_of_scores_is_an_error(tmp_path):
 
 def test_builtin_missing_answer_column_fails_clearly():
     (reward,), _ = build_rewards([{"name": "exact_match"}])
-    with pytest.raises(RuntimeError, match="needs the dataset column 'answer'.*columns passed: gold"):
+    with pytest.raises(RuntimeError, match="needs the dataset column 'answer'.*columns present: gold"):
         reward(["4"], gold=["4"], **TRL_EXTRAS)
 
 

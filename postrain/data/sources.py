@@ -170,12 +170,18 @@ def _format_row(row: dict, spec: SourceSpec) -> dict:
     return out
 
 
+def is_local(spec: dict | SourceSpec) -> bool:
+    """Whether a source is read without a network: a built-in task or a file that exists."""
+    spec = as_source(spec)
+    return spec.source.startswith("builtin:") or Path(spec.source).expanduser().exists()
+
+
 def source_size(spec: dict | SourceSpec) -> int | None:
     """Number of rows, without loading a model; None where it cannot be known cheaply (hub datasets)."""
     spec = as_source(spec)
     if spec.transform == "score_pairs":  # pairs are only known once scores are grouped
         return None
-    if spec.source.startswith("builtin:") or Path(spec.source).exists():
+    if is_local(spec):
         n = len(_read_rows(spec))
         return min(n, spec.limit) if spec.limit is not None else n
     return None

@@ -16,7 +16,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterator
 
-from postrain.errors import DataError
+from postrain.errors import DataError, did_you_mean
 
 TASKS: dict[str, Callable[..., list[dict]]] = {}
 
@@ -110,12 +110,11 @@ def reverse(
 
 
 def build_task(name: str, split: str, params: dict) -> list[dict]:
-    import difflib
     import inspect
 
     if name not in TASKS:
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, TASKS, n=1)
+        hint = f"; {hint}" if hint else ""
         raise DataError(f"unknown built-in task {name!r}{hint} (available: {', '.join(TASKS)})")
     fn = TASKS[name]
     valid = [p for p in inspect.signature(fn).parameters if p != "split"]

@@ -10,6 +10,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import PostrainError, RunDirError
-from postrain.models.loading import MODEL_SUBDIR
+from postrain.models.loading import MODEL_SUBDIR, check_model_reference
 from postrain.recipes import Recipe
 
 # The TRL versions postrain is tested against (pyproject.toml declares the same range).
@@ -67,6 +68,16 @@ def prepare_run_dir(recipe: Recipe, options: RunOptions) -> Path:
                     f"cannot resume {run_dir}: its recipe hash is {saved} but this recipe resolves to {recipe.hash}; "
                     f"resume with the same recipe, or start over with --overwrite"
                 )
+            checkpoint = last_checkpoint(run_dir)
+            if checkpoint is None:
+                saves = (recipe.cfg.get("trainer") or {}).get("save_strategy")
+                why = ("the recipe saves no checkpoints (trainer.save_strategy: no)" if saves == "no"
+                       else "it holds no checkpoint yet")
+                raise RunDirError(
+                    f"cannot resume {run_dir}: {why}, so it would restart at step 0. Start over with --overwrite; "
+                    f"to make runs resumable, set trainer.save_strategy: steps and trainer.save_steps"
+                )
+            drop_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]))
         elif options.overwrite:
             shutil.rmtree(run_dir)
         else:
@@ -155,6 +166,12 @@ def trainer_config(recipe: Recipe, run_dir: Path, config_cls: type, **forced: An
     # recipe says otherwise, use bf16 exactly where it is supported.
     if kwargs.get("bf16") is None and not kwargs.get("fp16"):
         kwargs["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # TRL's configs default the deprecated `gradient_checkpointing` (transformers 5 renamed it); carry that default
+    # under the new name so that every run does not warn about a key the recipe never set.
+    if "activation_checkpointing" not in kwargs and "gradient_checkpointing" not in kwargs:
+        default = {f.name: f.default for f in dataclasses.fields(config_cls)}.get("gradient_checkpointing")
+        if isinstance(default, bool):
+            kwargs["activation_checkpointing"] = default
     kwargs.update(forced)
     try:
         return config_cls(**kwargs)
@@ -211,11 +228,22 @@ def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
     return out
 
 
-def resume_checkpoint(run_dir: Path, options: RunOptions) -> str | None:
-    if not options.resume:
-        return None
+def last_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    return ckpts[-1] if ckpts else None
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Keep the metrics logged up to the checkpoint a run resumes from: the steps after it are logged again."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def resume_checkpoint(run_dir: Path, options: RunOptions) -> str | None:
+    checkpoint = last_checkpoint(run_dir) if options.resume else None
+    return str(checkpoint) if checkpoint else None
 
 
 def quiet_libraries() -> None:
@@ -249,11 +277,13 @@ def train_with_trl(
     config_cls: type,
     config_overrides: dict[str, Any] | None = None,
     trainer_kwargs: Callable[[], dict[str, Any]] | None = None,
+    check_data: Callable[[Any, str], None] | None = None,
 ) -> dict:
     """The skeleton every TRL training job shares: data, run directory, model, trainer, train, save.
 
     `trainer_kwargs` is called once the run directory exists, for what a job adds (a reference model, rewards).
-    Data is loaded before the run directory is made, so a missing column leaves nothing behind.
+    Data is loaded (and `check_data(dataset, where)` run on it) and the model reference resolved before the run
+    directory is made, so a missing column or a mistyped model path leaves nothing behind.
     """
     from postrain.data.sources import load_source
     from postrain.models.loading import load_model
@@ -261,6 +291,12 @@ def train_with_trl(
     data = recipe.cfg["data"]
     train = load_source(data["train"], job, where="data.train")
     eval_ds = load_source(data["eval"], job, where="data.eval") if data.get("eval") else None
+    if check_data is not None:
+        check_data(train, "data.train")
+        if eval_ds is not None:
+            check_data(eval_ds, "data.eval")
+    check_model_reference(recipe.cfg["model"], "model")
+    check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir):
         model, tokenizer, _ = load_model(recipe.cfg["model"])

@@ -65,10 +65,20 @@ def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, 
             chat = isinstance(row.get("prompt"), list)
             flat_completions.append([{"role": "assistant", "content": c}] if chat else c)
             flat_rows.append(row)
-    columns = {k: [r.get(k) for r in flat_rows] for k in rows[0]} if rows else {}
-    columns["prompts"] = columns.pop("prompt", [])
-    per_reward = {fn.name: fn(flat_completions, **columns) for fn in rewards}
     texts = [c[0]["content"] if isinstance(c, list) else c for c in flat_completions]
+    completion_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    # The keyword arguments TRL's GRPOTrainer passes (trl 1.16, `_calculate_rewards`), so that a reward written
+    # for training runs here unchanged: dataset columns, prompts, completion_ids, trainer_state (no trainer: None),
+    # log_extra (extra per-sample columns, kept in samples.jsonl) and log_metric (kept in results.json).
+    extra_columns: dict[str, list] = {}
+    metrics: dict[str, list[float]] = {}
+    columns = {k: [r.get(k) for r in flat_rows] for k in rows[0] if k not in ("prompt", "completion")} if rows else {}
+    columns.update(
+        prompts=[r.get("prompt") for r in flat_rows], completion_ids=completion_ids, trainer_state=None,
+        log_extra=lambda column, values: extra_columns.setdefault(column, []).extend(values),
+        log_metric=lambda name, value: metrics.setdefault(name, []).append(float(value)),
+    )
+    per_reward = {fn.name: fn(flat_completions, **columns) for fn in rewards}
     verifier = rewards[0] if rewards else None
     parsed = [verifier.parse(t) if hasattr(verifier, "parse") else None for t in texts]
     samples = []
@@ -78,9 +88,10 @@ def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, 
         samples.append({
             "prompt": row.get("prompt"), "completion": text, "answer": row.get("answer"),
             "score": total, "rewards": scores, "parsed": parsed[i],
+            **{column: values[i] for column, values in extra_columns.items() if len(values) == len(texts)},
         })
     n = max(len(samples), 1)
-    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    lengths = [len(ids) for ids in completion_ids]
     summary = {
         "prompts": len(rows),
         "samples": len(samples),
@@ -90,6 +101,7 @@ def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, 
         "unparsable": (sum(p is None for p in parsed) / n) if hasattr(verifier, "parse") else None,
         "mean_length_tokens": sum(lengths) / n,
         "reward_errors": {fn.name: fn.pop_error_count() for fn in rewards},
+        **({"reward_metrics": {k: sum(v) / len(v) for k, v in metrics.items()}} if metrics else {}),
     }
     return summary, samples
 
@@ -98,7 +110,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.data.sources import load_source
     from postrain.errors import RecipeError
     from postrain.models.loading import load_model
-    from postrain.rewards import build_rewards
+    from postrain.models.loading import check_model_reference
+    from postrain.rewards import build_rewards, check_reward_columns
 
     cfg = recipe.cfg
     if not cfg["sets"]:
@@ -116,7 +129,10 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         if bad:
             raise RecipeError(f"sets.{name}.generation.{bad[0]} is not a generation setting; valid: {', '.join(cfg['generation'])}")
         generation[name] = {**cfg["generation"], **overrides}
-        sets[name] = load_source(spec, "eval", where=f"sets.{name}").to_list()
+        dataset = load_source(spec, "eval", where=f"sets.{name}")
+        check_reward_columns(rewards, dataset.column_names, f"sets.{name}")
+        sets[name] = dataset.to_list()
+    check_model_reference(cfg["model"], "model")
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir):
         import torch

@@ -17,11 +17,11 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from trl import GRPOConfig
 
     from postrain.jobs.plan import plan
-    from postrain.rewards import build_rewards
+    from postrain.rewards import build_rewards, check_reward_columns
     from postrain.trainers.grpo import PostrainGRPOTrainer
 
     cfg = recipe.cfg
-    plan(recipe)  # the batch arithmetic check, before anything loads
+    plan(recipe)  # TRL's config checks, reward columns and the model path, before anything is written
     if not cfg["rewards"]:
         raise RecipeError("`grpo` needs at least one entry under rewards: (e.g. - name: exact_match)")
     if (cfg.get("trainer") or {}).get("reward_weights") is not None:
@@ -32,4 +32,5 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     return train_with_trl(
         recipe, options, job="grpo", trainer_cls=PostrainGRPOTrainer, config_cls=GRPOConfig,
         config_overrides={"reward_weights": weights}, trainer_kwargs=lambda: {"reward_funcs": rewards},
+        check_data=lambda ds, where: check_reward_columns(rewards, ds.column_names, where),
     )

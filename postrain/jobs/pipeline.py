@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from postrain.errors import PostrainError
-from postrain.jobs.common import RunOptions, read_recipe_hash, read_status, write_json
+from postrain.jobs.common import RunOptions, last_checkpoint, read_recipe_hash, read_status, write_json
 from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
 
 
@@ -50,11 +50,10 @@ def model_inputs(stage_cfg: dict) -> list[str]:
     for key in ("model", "ref_model"):
         if stage_cfg.get(key):
             refs.append(stage_cfg[key]["name_or_path"])
-    merge = stage_cfg.get("merge") or {}
-    refs += [m.get("model") for m in merge.get("models", []) if m.get("model")]
-    refs += [s.get("model") for sl in merge.get("slices", []) for s in sl.get("sources", [])]
-    if merge.get("base_model"):
-        refs.append(merge["base_model"])
+    if stage_cfg.get("merge"):
+        from postrain.merging import model_references
+
+        refs += model_references(stage_cfg["merge"])
     return [str(r) for r in refs]
 
 
@@ -117,9 +116,11 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
             )
         print(f"[pipeline] {name}: postrain {stage.command} {stage.path}", flush=True)
         start = time.time()
+        # An interrupted stage continues from its last checkpoint; without one it starts over.
+        resumable = same_recipe_interrupted and last_checkpoint(run_dir) is not None
         stage_options = RunOptions(
-            overwrite=saved_hash is not None and not same_recipe_interrupted,
-            resume=same_recipe_interrupted,
+            overwrite=saved_hash is not None and not resumable,
+            resume=resumable,
             command_line=f"{options.command_line} [stage {name}]",
         )
         run_job(stage, stage_options)

@@ -6,6 +6,7 @@ folder), a local model folder, or a hub id, which is passed through untouched fo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,43 @@ def resolve_model_path(name_or_path: str, tiny: dict | None = None) -> str:
             f"model path {name_or_path!r} exists but holds no model: expected a run directory with {MODEL_SUBDIR}/ "
             f"(did its run finish?) or a folder with config.json"
         )
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise PostrainError(f"model path {name_or_path!r} does not exist")
-    return name_or_path  # a hub id
+    return hub_id_or_error(name_or_path, what="model")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}")
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """`org/name` as the Hugging Face hub spells repository ids (not a relative path like `./x` or `a/b/c`)."""
+    return bool(_HUB_ID.fullmatch(ref)) and ".." not in ref and "--" not in ref and not ref.endswith(".")
+
+
+def hub_id_or_error(ref: str, what: str = "model", shown: str | None = None) -> str:
+    """`ref`, which does not exist locally, as a hub id; a PostrainError when it cannot be one.
+
+    `runs/nonexistent` has the shape of a hub id, but when `runs/` is a local directory the user meant a path:
+    reading it as a hub id would turn a typo into a network error.
+    """
+    shown = shown or repr(ref)
+    if looks_like_hub_id(ref):
+        head = ref.split("/", 1)[0]
+        if not Path(head).is_dir():
+            return ref
+        raise PostrainError(f"{what} path {shown} does not exist locally (there is a local directory {head!r}, so it is not "
+                            f"read as a hub id); check the path, or whether the run that writes it has finished")
+    raise PostrainError(f"{what} reference {shown} is neither an existing local path nor a Hugging Face hub id "
+                        f"('org/name')")
+
+
+def check_model_reference(spec: dict | None, where: str) -> None:
+    """Resolve a ModelSpec's reference now (before a run directory is made), naming the recipe key on error.
+    The tiny model is not built here: it cannot be missing."""
+    if not spec or is_tiny(spec["name_or_path"]):
+        return
+    try:
+        resolve_model_path(spec["name_or_path"])
+    except PostrainError as e:
+        raise PostrainError(f"{where}.name_or_path: {e}") from None
 
 
 def torch_dtype(name: str):

@@ -8,20 +8,15 @@ check follows the TRL version rather than a copy of its list.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import re
 
-from postrain.errors import RecipeError
-from postrain.recipes.schema import TRAINER_CONFIGS
+from postrain.errors import RecipeError, did_you_mean
 
 
 @functools.lru_cache(maxsize=None)
-def documented_choices(config_name: str, field_name: str) -> tuple[str, ...]:
+def documented_choices(cls: type, field_name: str) -> tuple[str, ...]:
     """The quoted values listed in the help of a TRL config field ('Possible/Supported values are ...')."""
-    import trl
-
-    cls = getattr(trl, config_name)
     field = {f.name: f for f in dataclasses.fields(cls)}[field_name]
     help_text = field.metadata.get("help", "")
     match = re.search(r"values are:?(.*?)\.(\s|$)", help_text, re.S)
@@ -36,16 +31,19 @@ def check_loss_types(command: str, cfg: dict, origins: dict[str, str]) -> None:
     value = (cfg.get("trainer") or {}).get("loss_type")
     if value is None:
         return
-    choices = documented_choices(TRAINER_CONFIGS[command], "loss_type")
+    from postrain.trainers import config_class
+
+    cls = config_class(command)
+    choices = documented_choices(cls, "loss_type")
     if not choices:  # the installed TRL documents them differently: leave the check to TRL
         return
     for lt in [value] if isinstance(value, str) else value:
         if lt not in choices:
-            close = difflib.get_close_matches(str(lt), choices, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(lt, choices, n=1)
+            hint = f"{hint} " if hint else ""
             origin = origins.get("trainer.loss_type", "built-in defaults")
             raise RecipeError(
-                f"unknown trainer.loss_type {lt!r} (from {origin}) for {TRAINER_CONFIGS[command]}: {hint}"
+                f"unknown trainer.loss_type {lt!r} (from {origin}) for {cls.__name__}: {hint}"
                 f"TRL {command} loss types: {', '.join(choices)}"
             )
 

@@ -230,8 +230,10 @@ def load_recipe(
         origins.update(_leaf_origins(data, origin))
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(data))
-        except OmegaConfBaseException as e:
-            raise RecipeError(f"cannot merge {origin}: {e}") from None
+        except (OmegaConfBaseException, TypeError, ValueError) as e:
+            hint = ("; a list is replaced whole, e.g. 'rewards=[{name: exact_match, args: {answer_column: gold}}]'"
+                    if "incompatible container" in str(e) else "")
+            raise RecipeError(f"cannot merge {origin}: {e}{hint}") from None
     if declared == "pipeline":
         _default_stage_outputs(merged)
     try:

@@ -1,8 +1,8 @@
 """The shape of a recipe, one dataclass per command.
 
 A recipe is validated against these dataclasses at load time, before any model loads. Sections that map onto a
-TRL config (`trainer:`), a peft config (`peft:`) are checked against that library's own dataclass fields, so the
-valid keys are always those of the installed version. The defaults here are the *built-in defaults* layer: the
+TRL config (`trainer:`, the class the job builds: `postrain.trainers.TRAINERS`) or a peft config (`peft:`) are
+checked against that class's own dataclass fields, so the valid keys are always those of the installed version. The defaults here are the *built-in defaults* layer: the
 lowest layer of every recipe.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Sections whose keys are the fields of a library dataclass, by command. Resolved lazily (importing trl is slow).
-TRAINER_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
 
 
 @dataclass
@@ -138,7 +136,7 @@ class SFTRecipe(CommonSpec):
     command: str = "sft"
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trl": "SFTConfig"})
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "sft"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
 
 
@@ -149,7 +147,7 @@ class DPORecipe(CommonSpec):
     # None: TRL's implicit reference (a frozen copy of the starting policy, or the adapter-free base under peft).
     ref_model: ModelSpec | None = None
     data: DataSpec = field(default_factory=DataSpec)
-    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trl": "DPOConfig"})
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "dpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
 
 
@@ -160,7 +158,7 @@ class GRPORecipe(CommonSpec):
     data: DataSpec = field(default_factory=DataSpec)
     rewards: list[RewardSpec] = field(default_factory=list)
     reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
-    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trl": "GRPOConfig"})
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "grpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
 
 

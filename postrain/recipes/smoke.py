@@ -23,7 +23,7 @@ SMOKE_TRAINER: dict[str, dict[str, Any]] = {
         "report_to": "none",
         "bf16": False,
         "fp16": False,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "use_liger_kernel": False,
     },
     "sft": {"max_length": 64, "packing": False},

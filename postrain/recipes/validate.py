@@ -8,21 +8,20 @@ some sections map onto (TRL's SFTConfig / DPOConfig / GRPOConfig under `trainer:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import functools
 import types
 import typing
 from typing import Any, Literal, Union
 
-from postrain.errors import RecipeError
+from postrain.errors import RecipeError, did_you_mean
 
 
 def _library_dataclass(meta: dict) -> type | None:
-    if "trl" in meta:
-        import trl
+    if "trainer_config" in meta:
+        from postrain.trainers import config_class
 
-        return getattr(trl, meta["trl"])
+        return config_class(meta["trainer_config"])
     if "peft" in meta:
         import peft
 
@@ -108,8 +107,7 @@ def _origin(origins: dict[str, str], path: str) -> str:
 
 
 def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, str]) -> RecipeError:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {', '.join(sorted(valid)[:30])}"
+    hint = did_you_mean(key, valid) or f"valid keys: {', '.join(sorted(valid)[:30])}"
     return RecipeError(f"unknown key '{path}' (from {_origin(origins, path)}): {hint}")
 
 

@@ -8,7 +8,15 @@ Built-ins live in :mod:`postrain.rewards.builtin` and register themselves in :da
 
 from postrain.rewards import builtin  # noqa: F401  (registers the built-in rewards)
 from postrain.rewards.build import GuardedReward, build_rewards, load_function
-from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError, completion_text, register_reward
+from postrain.rewards.registry import (
+    REWARDS,
+    RewardError,
+    RewardFunction,
+    RewardSpecError,
+    check_reward_columns,
+    completion_text,
+    register_reward,
+)
 
 __all__ = [
     "REWARDS",
@@ -17,6 +25,7 @@ __all__ = [
     "RewardFunction",
     "RewardSpecError",
     "build_rewards",
+    "check_reward_columns",
     "completion_text",
     "load_function",
     "register_reward",

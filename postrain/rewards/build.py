@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -14,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from postrain.errors import did_you_mean
 from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class GuardedReward(RewardFunction):
         self.errors = 0
         self._errors_since_pop = 0
         self._warned = False  # warn on the first failing batch, then log at debug level
+        self.columns = tuple(getattr(reward, "columns", ()))
         self._expose_parse()
 
     def _expose_parse(self) -> None:
@@ -228,11 +229,11 @@ def _weight(spec: dict, where: str) -> float:
 
 def _suggest(word: Any, choices: list[str], label: str | None = None) -> str:
     """"; did you mean 'x'?" for the closest choice (if any), then "<label>: a, b, c" when a label is given."""
-    close = difflib.get_close_matches(str(word), [str(choice) for choice in choices], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(word, choices, n=1)
+    hint = f"; {hint}" if hint else ""
     if label is None:
         return hint
-    return f"{hint}{' ' if close else '; '}{label}: {', '.join(choices) or 'none'}"
+    return f"{hint}{' ' if hint else '; '}{label}: {', '.join(choices) or 'none'}"
 
 
 # -- user functions -----------------------------------------------------------------------------------------------

@@ -13,7 +13,13 @@ import threading
 from decimal import Decimal
 from typing import Any
 
-from postrain.rewards.registry import RewardFunction, RewardSpecError, completion_text, register_reward
+from postrain.rewards.registry import (
+    RewardFunction,
+    RewardSpecError,
+    completion_text,
+    missing_column_message,
+    register_reward,
+)
 
 # -- answer extraction (exact_match) ----------------------------------------------------------------------------
 
@@ -94,6 +100,13 @@ def _auto_extract(text: str) -> str | None:
     return text
 
 
+def _is_numeric_reference(reference: Any) -> bool:
+    """Whether a reference (or every one of a list of accepted references) is a single number."""
+    if isinstance(reference, (list, tuple)):
+        return bool(reference) and all(_is_numeric_reference(one) for one in reference)
+    return reference is not None and as_number(str(reference)) is not None
+
+
 def _whole_text(text: str) -> str:
     return text
 
@@ -104,10 +117,7 @@ _EXTRACTORS = {"auto": _auto_extract, "boxed": last_boxed, "last_number": last_n
 def _reference_column(columns: dict[str, Any], column: str, reward_name: str, count: int) -> list:
     if column not in columns:
         available = sorted(key for key, value in columns.items() if isinstance(value, (list, tuple)))
-        raise ValueError(
-            f"reward {reward_name!r} needs the dataset column {column!r} (set answer_column in its args); "
-            f"columns passed: {', '.join(available) or 'none'}"
-        )
+        raise ValueError(missing_column_message(reward_name, column, available))
     references = columns[column]
     if len(references) != count:
         raise ValueError(f"column {column!r} has {len(references)} values for {count} completions")
@@ -121,7 +131,8 @@ class ExactMatch(RewardFunction):
     ``extract`` picks how the answer is found in the completion:
 
     - ``"auto"``: the content of the last ``\\boxed{...}``; else the rest of the line after the last "Answer:" /
-      "answer is"; else the last number; else the whole text.
+      "answer is"; else, when the reference is a single number, the last number; else the whole text. So a
+      reference that is not a number ("3 4 9") is never compared with the completion's last number.
     - ``"boxed"``, ``"last_number"``: only that strategy. ``"full"``: the whole text.
     - ``"re:<regex>"``: the last match of the regex (its group, if it has one).
 
@@ -146,6 +157,7 @@ class ExactMatch(RewardFunction):
                 f"unknown extract {extract!r}; use one of {', '.join(_EXTRACTORS)} or 're:<regex with one group>'"
             )
         self.answer_column = answer_column
+        self.columns = (answer_column,)
         self.extract = extract
         self.strip = strip
         self.case_sensitive = case_sensitive
@@ -174,11 +186,23 @@ class ExactMatch(RewardFunction):
             return answer.casefold() == reference.casefold()
         return answer == reference
 
+    def answer_for(self, text: str, reference: Any) -> str | None:
+        """The answer to compare with ``reference``. Under ``auto`` a reference that is not a single number
+        ("3 4 9", "Paris") is compared with the boxed answer, the text after an answer marker, or the whole
+        completion: never with the completion's last number, which would score a right answer 0."""
+        if self.extract != "auto" or _is_numeric_reference(reference):
+            return self.parse(text)
+        for extract in (last_boxed, after_answer_marker):
+            answer = extract(text)
+            if answer is not None and answer.strip():
+                return answer.strip() if self.strip else answer
+        return (text.strip() if self.strip else text) or None
+
     def __call__(self, completions: list, **columns: Any) -> list[float]:
         references = _reference_column(columns, self.answer_column, self.name, len(completions))
         scores = []
         for completion, reference in zip(completions, references):
-            answer = self.parse(completion_text(completion))
+            answer = self.answer_for(completion_text(completion), reference)
             scores.append(1.0 if answer is not None and self.matches(answer, reference) else 0.0)
         return scores
 
@@ -224,6 +248,7 @@ class MathVerify(RewardFunction):
         import math_verify  # noqa: F401  (fail at build time, not at the first batch, if it is missing)
 
         self.answer_column = answer_column
+        self.columns = (answer_column,)
 
     def _parse_completion(self, text: str) -> list:
         from math_verify import parse

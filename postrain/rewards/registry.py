@@ -30,6 +30,8 @@ class RewardFunction:
     """
 
     reward_name: str = ""  # the registry name, set by @register_reward on built-in classes
+    # The dataset columns the reward reads (checked against the data when it loads, before any model does).
+    columns: tuple[str, ...] = ()
 
     def __init__(self, name: str | None = None):
         self.rename(name or self.reward_name or type(self).__name__)
@@ -43,6 +45,21 @@ class RewardFunction:
 
     def __repr__(self) -> str:
         return f"<reward {self.name!r} ({type(self).__name__})>"
+
+
+def missing_column_message(reward_name: str, column: str, present: list[str]) -> str:
+    return (f"reward {reward_name!r} needs the dataset column {column!r} (set answer_column in its args, or map "
+            f"a column onto it with columns: {{{column}: <your column>}}); columns present: {', '.join(present) or 'none'}")
+
+
+def check_reward_columns(rewards: list[RewardFunction], present: list[str], where: str) -> None:
+    """Fail before any model loads when a reward reads a column the dataset at `where` lacks."""
+    for reward in rewards:
+        for column in getattr(reward, "columns", ()):
+            if column not in present:
+                from postrain.errors import DataError
+
+                raise DataError(f"{where}: {missing_column_message(reward.name, column, sorted(present))}")
 
 
 # name -> factory (a callable taking the recipe's `args` as keyword params and returning a RewardFunction)
