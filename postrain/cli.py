@@ -149,6 +149,27 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     console.print(table)
 
 
+@app.command(epilog="Example: postrain variants --family preference --json")
+def variants(family: Optional[str] = typer.Option(None, "--family", help="Only this family (e.g. preference, advantage)."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the registered method parts: preference losses, advantages, policy losses, aggregations, ..."""
+    from postrain.registry import FAMILIES, all_variants, suggest
+
+    rows = [v.as_dict() for v in all_variants(family)]
+    if family is not None and family not in FAMILIES:
+        _fail(f"unknown family {family!r}: {suggest(family, FAMILIES, 'families')}")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"variants ({len(rows)})")
+    for col in ("name", "family", "paper", "arXiv", "parameters (paper defaults)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        table.add_row(r["name"], r["family"], r["paper"], r["arxiv"], params)
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,165 @@
+"""One registry mechanism for every family of method parts (preference losses, advantage estimators, policy
+losses, aggregations, regularizers, reward shaping, samplers, named methods).
+
+An entry is a pure function over tensors, registered with a decorator that carries its paper metadata:
+
+    PREFERENCE = Registry("preference")
+
+    @PREFERENCE.register("ipo", paper="A General Theoretical Paradigm to Understand Learning from Human "
+                         "Preferences", arxiv="2310.12036", trl="ipo")
+    def ipo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
+        ...
+
+The function's signature is the single source of truth, as in mergekit's merge-method registry:
+  - parameters before `*` are its **data** (tensors it reads); those without a default are required;
+  - keyword-only parameters after `*` are its **hyperparameters**, their defaults the paper's defaults.
+So `Variant.params` and `Variant.data` are read from the signature, never written twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from postrain.errors import RecipeError, did_you_mean
+
+# Every registry, by family: `postrain variants` lists them all.
+FAMILIES: dict[str, "Registry"] = {}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered entry and its metadata."""
+
+    name: str
+    family: str
+    fn: Callable
+    paper: str
+    arxiv: str
+    # TRL's own option computing exactly the same thing, if any (e.g. `loss_type="ipo"`).
+    trl: str | None = None
+    # Free-form notes: where the formula was checked (authors' code, paper section), deviations.
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.fn)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Hyperparameters (keyword-only arguments) -> paper default (None where there is none)."""
+        return {
+            p.name: (None if p.default is inspect.Parameter.empty else p.default)
+            for p in self.signature.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    @property
+    def data(self) -> dict[str, bool]:
+        """Data inputs (arguments before `*`) -> whether required."""
+        return {
+            p.name: p.default is inspect.Parameter.empty
+            for p in self.signature.parameters.values()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+        }
+
+    def needs(self, name: str) -> bool:
+        """Whether the entry reads data input `name` at all (required or optional)."""
+        return name in self.data
+
+    @property
+    def description(self) -> str:
+        return (inspect.getdoc(self.fn) or "").split("\n\n")[0].replace("\n", " ")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "paper": self.paper,
+            "arxiv": self.arxiv,
+            "params": self.params,
+            "data": [f"{k}{'' if required else ' (optional)'}" for k, required in self.data.items()],
+            "trl": self.trl,
+            "description": self.description,
+            **({"notes": self.notes} if self.notes else {}),
+            **self.extra,
+        }
+
+
+def suggest(word: str, choices, label: str = "valid") -> str:
+    """"did you mean 'x'? valid: a, b, c" for an unknown name among `choices`."""
+    choices = sorted(str(c) for c in choices)
+    hint = did_you_mean(word, choices)
+    return f"{hint}{' ' if hint else ''}{label}: {', '.join(choices) if choices else 'none'}"
+
+
+class Registry:
+    """Named entries of one family, registered by decorator."""
+
+    def __init__(self, family: str, *, what: str | None = None):
+        if family in FAMILIES:
+            raise ValueError(f"registry family {family!r} exists already")
+        self.family = family
+        self.what = what or family.replace("_", " ")
+        self.entries: dict[str, Variant] = {}
+        FAMILIES[family] = self
+
+    def register(self, name: str, *, paper: str, arxiv: str, trl: str | None = None, notes: str = "",
+                 **extra: Any) -> Callable[[Callable], Callable]:
+        def decorator(fn: Callable) -> Callable:
+            if name in self.entries:
+                raise ValueError(f"{self.what} {name!r} is registered twice")
+            if not paper or not arxiv:
+                raise ValueError(f"{self.what} {name!r} needs its paper title and arXiv id")
+            self.entries[name] = Variant(name, self.family, fn, paper, arxiv, trl, notes, dict(extra))
+            fn.variant = self.entries[name]
+            return fn
+
+        return decorator
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, name: str, where: str = "") -> Variant:
+        if name not in self.entries:
+            at = f" ({where})" if where else ""
+            raise RecipeError(f"unknown {self.what} {name!r}{at}: {suggest(name, self.entries)}")
+        return self.entries[name]
+
+    def check_params(self, name: str, params: dict[str, Any], where: str = "") -> Variant:
+        """Raise RecipeError for an unknown entry or hyperparameter (the recipe-load-time check)."""
+        variant = self.get(name, where)
+        valid = variant.params
+        for key in params:
+            if key not in valid:
+                at = f" ({where})" if where else ""
+                raise RecipeError(f"unknown parameter {key!r} for {self.what} {name!r}{at}: "
+                                  f"{suggest(key, valid, 'its parameters')}")
+        return variant
+
+    def call(self, name: str, data: dict[str, Any], params: dict[str, Any]):
+        """Call an entry with the data inputs it reads (others in `data` are ignored) and its hyperparameters."""
+        variant = self.check_params(name, params)
+        wanted = variant.data
+        missing = [k for k, required in wanted.items() if required and data.get(k) is None]
+        if missing:
+            raise ValueError(f"{self.what} {name!r} needs {', '.join(missing)}; it reads: {', '.join(wanted)}")
+        kwargs = {k: v for k, v in data.items() if k in wanted}
+        return variant.fn(**kwargs, **params)
+
+
+def all_variants(family: str | None = None) -> list[Variant]:
+    """Every registered entry (importing the packages that register them), optionally of one family."""
+    import postrain.preference  # noqa: F401  (registers)
+    import postrain.rl  # noqa: F401  (registers)
+
+    out = [v for reg in FAMILIES.values() if family in (None, reg.family) for v in reg]
+    return out

@@ -1,0 +1,508 @@
+"""Policy losses (POLICY_LOSSES) and loss aggregations (AGGREGATIONS) for online RL.
+
+Shapes (see `postrain.rl.registry`): N completions, groups of `group_size` contiguous rows, T completion tokens,
+right-padded; `mask` (N, T) is 1.0 on completion tokens. Padding positions of `logps` / `old_logps` may hold
+garbage (nan, inf): every entry removes them with `torch.where` before any arithmetic.
+
+Contract of a policy-loss entry: returns `(per_token_loss (N, T), metrics)`; `per_token_loss` is 0 at padding, and
+`metrics` holds detached scalars (clip fractions, ratio statistics over the valid tokens of this call).
+A sequence-level objective (GSPO, GMPO, GVPO, A*-PO, DisCO) puts its per-sequence loss on every valid token of that
+row, so `seq_mean_token_mean` turns it back into the paper's mean over sequences (TRL broadcasts its
+sequence-level ratio the same way). Entries that need whole groups (GVPO, DisCO) must see group-aligned rows.
+
+Contract of an aggregation entry: `(per_token_loss, mask, <optional global normalizer>) -> scalar`. When rows are
+split over processes, pass the global normalizer (total tokens / sequences over all processes): then the sum of
+the processes' losses equals the loss of the whole batch on one process.
+
+    loss, metrics = policy_loss("ppo_clip", logps=lp, old_logps=old, advantages=adv, mask=mask,
+                                aggregation="seq_mean_token_mean", epsilon=0.2)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from postrain.rl.registry import AGGREGATIONS, POLICY_LOSSES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _valid(mask: torch.Tensor) -> torch.Tensor:
+    return mask.bool()
+
+
+def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float32 copy with padding set to 0 (torch.where, so nan/inf at padding cannot leak into values or grads)."""
+    return torch.where(_valid(mask), x.float(), torch.zeros((), device=x.device))
+
+
+def _log_ratio(logps, old_logps, mask):
+    # on-policy call without old_logps: ratio 1 with the gradient of logps (TRL's per_token_logps.detach())
+    old = logps.detach() if old_logps is None else old_logps
+    return _clean(logps, mask) - _clean(old, mask)
+
+
+def _adv(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Advantages as (N, 1) or (N, T) float32; padding of (N, T) advantages zeroed."""
+    a = advantages.float()
+    if a.dim() == 1:
+        return a.unsqueeze(1)
+    return _clean(a, mask)
+
+
+def _seq_adv(advantages: torch.Tensor) -> torch.Tensor:
+    a = advantages.float()
+    if a.dim() == 2 and a.shape[1] == 1:
+        a = a.squeeze(1)
+    if a.dim() != 1:
+        raise ValueError("this loss needs one advantage per sequence: shape (N,) or (N, 1)")
+    return a
+
+
+def _lengths(mask):
+    return mask.float().sum(-1)
+
+
+def _seq_mean(x, mask):
+    """Per-row mean over valid tokens of an already-cleaned (N, T) tensor; empty rows give 0."""
+    return x.sum(-1) / _lengths(mask).clamp(min=1.0)
+
+
+def _spread(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put a per-sequence loss (N,) on every valid token of its row (0 at padding)."""
+    return torch.where(_valid(mask), per_seq.unsqueeze(1).expand(mask.shape), torch.zeros((), device=mask.device))
+
+
+def _masked_mean(x, mask):
+    m = mask.float()
+    return ((x.float() * m).sum() / m.sum().clamp(min=1.0)).detach()
+
+
+def _ratio_metrics(ratio, mask, **fractions):
+    valid = _valid(mask) & torch.ones_like(ratio, dtype=torch.bool)
+    r = ratio.detach()
+    out = {"ratio/mean": _masked_mean(r, valid),
+           "ratio/max": r[valid].max() if valid.any() else torch.tensor(1.0),
+           "ratio/min": r[valid].min() if valid.any() else torch.tensor(1.0)}
+    for key, flags in fractions.items():
+        out[key] = _masked_mean(flags.float(), valid)
+    return out
+
+
+def _ppo_terms(ratio, adv, low, high):
+    """-min(r A, clip(r, low, high) A) and the TRL-style clip flags."""
+    clipped = torch.clamp(ratio, low, high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    low_clipped = (ratio < low) & (adv < 0)
+    high_clipped = (ratio > high) & (adv > 0)
+    return loss, low_clipped, high_clipped
+
+
+def _group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if x.shape[0] % group_size:
+        raise ValueError(f"{x.shape[0]} rows are not whole groups of group_size={group_size}")
+    return x.view(-1, group_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# token-ratio PPO family
+# ---------------------------------------------------------------------------------------------------------------
+
+@POLICY_LOSSES.register(
+    "ppo_clip", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    arxiv="2402.03300", trl="importance_sampling_level=token (per-token loss of loss_type grpo/dapo/dr_grpo/bnpo)",
+    notes="GRPO's token-level PPO clip; epsilon_high = DAPO clip-higher (2503.14476, recommends 0.28). "
+          "Checked against TRL 1.16 grpo_trainer._compute_loss.")
+def ppo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon_high: float | None = None):
+    """Token-level PPO clip (GRPO): l = -min(r A, clip(r, 1-epsilon, 1+epsilon_high) A), r = pi/pi_old per token.
+
+    epsilon = 0.2 (DeepSeekMath); epsilon_high defaults to epsilon (DAPO's clip-higher uses 0.28). Advantages (N,)
+    or (N, T). Identical to TRL's per-token loss for importance_sampling_level="token" without `delta`."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    adv = _adv(advantages, mask)
+    loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
+    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                                              "clip_ratio/region_mean": low | high})
+    return _clean(loss, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "dual_clip", paper="Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
+    arxiv="1912.09729",
+    notes="Dual-clip PPO as in verl compute_policy_loss_vanilla (clip_ratio_c=3). Not TRL's `delta`, which caps "
+          "the ratio for every advantage sign.")
+def dual_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon_high: float | None = None,
+              dual_clip_c: float = 3.0):
+    """Dual-clip PPO: the PPO clip loss, and for A < 0 also capped at -c A: l = min(l_ppo, -c A) where A < 0.
+
+    Bounds the loss of negative-advantage tokens whose ratio has grown past c (default c = 3, Ye et al. 2020 /
+    verl's clip_ratio_c); c must be > 1."""
+    if dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    adv = _adv(advantages, mask)
+    loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
+    capped = (adv < 0) & (loss > -dual_clip_c * adv)
+    loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
+    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                                              "clip_ratio/dual_mean": capped})
+    return _clean(loss, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "simple_po", paper="Simple Policy Optimization", arxiv="2401.16025",
+    notes="checked against MyRepositories-hub/Simple-Policy-Optimization atari/trainer.py compute_policy_loss "
+          "('spo' branch) and atari/main.py (epsilon=0.2). Paper is for control; applied per token here.")
+def simple_po(logps, old_logps, advantages, mask, *, epsilon: float = 0.2):
+    """SPO: the clip is replaced by a quadratic penalty, l = -(r A - |A| (r - 1)^2 / (2 epsilon)).
+
+    Its optimum in r sits exactly at the clip boundary r = 1 + sign(A) epsilon, and the gradient pulls r back
+    beyond it instead of vanishing. epsilon = 0.2 (authors' code)."""
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    adv = _adv(advantages, mask)
+    loss = -(ratio * adv - adv.abs() * (ratio - 1) ** 2 / (2 * epsilon))
+    outside = (ratio - 1).abs() > epsilon
+    return _clean(loss, mask), _ratio_metrics(ratio, mask, **{"ratio/outside_epsilon": outside})
+
+
+@POLICY_LOSSES.register(
+    "ce_gppo", paper="CE-GPPO: Controlling Entropy via Gradient-Preserving Clipping Policy Optimization in "
+                     "Reinforcement Learning", arxiv="2509.20712",
+    notes="checked against Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py compute_gppo_loss_general_beta and "
+          "recipe/dapo/1_5B_perf_run_gppo_v1_beta1_05_beta2_1_ours_math.sh (beta1=0.5, beta2=1, eps 0.2/0.2, "
+          "clip_ratio_c=10). 7B recipe uses beta1=0.75.")
+def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon_high: float | None = None,
+            beta1: float = 0.5, beta2: float = 1.0, dual_clip_c: float | None = 10.0):
+    """CE-GPPO: clipped tokens keep a bounded gradient; l = -beta1 (1-eps) (r/sg(r)) A if r < 1-eps and A < 0,
+    -beta2 (1+eps_high) (r/sg(r)) A if r > 1+eps_high and A > 0, else -r A; then dual clip min(l, -c A) for A < 0.
+
+    The value of a clipped token equals the clipped PPO value times beta; its gradient is beta (1 +/- eps) A
+    grad log pi instead of PPO's zero. beta1 = beta2 = 1 is GPPO (Klear-Reasoner). Defaults: the authors'
+    1.5B recipe; dual_clip_c=None disables the dual clip (verl applies it by default)."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    adv = _adv(advantages, mask)
+    kept = ratio / ratio.detach()  # value 1, gradient of r
+    low = (ratio < 1 - epsilon) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
+    loss = torch.where(low, -beta1 * (1 - epsilon) * kept * adv,
+                       torch.where(high, -beta2 * (1 + eps_high) * kept * adv, -ratio * adv))
+    if dual_clip_c is not None:
+        loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
+    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                                              "clip_ratio/region_mean": low | high})
+    return _clean(loss, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "dcpo_clip", paper="DCPO: Dynamic Clipping Policy Optimization", arxiv="2509.02333",
+    notes="checked against lime-RL/DCPO verl/trainer/ppo/core_algos.py get_clip_low_high + "
+          "compute_policy_loss_dcpo (clip_type=dynamic) and recipe/dcpo/run_dcpo.sh (eps_high 0.28, "
+          "clip_ratio_c 10). Only the clip; DCPO's smooth advantage standardisation is an advantage entry.")
+def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon_high: float = 0.28,
+              dual_clip_c: float = 10.0):
+    """DCPO dynamic clip: bounds depend on the old token probability q: r in [(1+sqrt(max(0, 1-4 eps/q)))/2,
+    min((1+sqrt(1+4 eps_high/q))/2, max(c, 10))], then PPO clip and dual clip min(l, -c A) for A < 0.
+
+    Rare tokens (small q) get wide bounds, likely tokens tight ones. Deviation: where q underflows to 0 the
+    authors' code sets the lower bound to 1; we use the q -> 0 limit (0.5), continuous with nearby q."""
+    old = logps.detach() if old_logps is None else old_logps
+    q = torch.exp(_clean(old, mask)).clamp(min=torch.finfo(torch.float32).tiny)
+    low = (1 + torch.sqrt(torch.clamp(1 - 4 * epsilon / q, min=0.0))) / 2
+    high = torch.clamp((1 + torch.sqrt(1 + 4 * epsilon_high / q)) / 2, max=max(dual_clip_c, 10.0))
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    adv = _adv(advantages, mask)
+    loss, low_c, high_c = _ppo_terms(ratio, adv, low, high)
+    loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
+    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low_c, "clip_ratio/high_mean": high_c,
+                                              "clip_ratio/region_mean": low_c | high_c})
+    return _clean(loss, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "cispo", paper="MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention",
+    arxiv="2506.13585", trl="loss_type=cispo",
+    notes="J = sum sg(clip(r, 1-eps_low, 1+eps_high)) A log pi / sum|o| (MiniMax-M1 eq.; no lower bound used). "
+          "Identical to TRL 1.16's cispo per-token loss; epsilon_high keeps TRL's meaning (the absolute cap on r, "
+          "ScaleRL's eps_max, 2510.13786, recommended 5.0); MiniMax-M1 does not publish its value.")
+def cispo(logps, old_logps, advantages, mask, *, epsilon_high: float = 5.0):
+    """CISPO: REINFORCE with a clipped, stop-gradient IS weight: l = -sg(min(r, epsilon_high)) A log pi.
+
+    Every token keeps a gradient (only its weight is capped). epsilon_high is the cap on r itself (TRL's meaning,
+    default 5.0 from ScaleRL as TRL recommends). The paper aggregates with token_mean."""
+    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    weight = torch.clamp(ratio, max=epsilon_high).detach()
+    loss = -weight * _adv(advantages, mask) * _clean(logps, mask)
+    return _clean(loss, mask), _ratio_metrics(ratio, mask, **{"clip_ratio/high_mean": ratio > epsilon_high})
+
+
+@POLICY_LOSSES.register(
+    "gpg_pg", paper="GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
+    arxiv="2504.02546",
+    notes="checked against AMAP-ML/GPG open-r1 gpg_trainer.py and verl compute_policy_loss_gpg (-log_prob * A, "
+          "token-mean). GPG's alpha = B/(B-M) correction belongs to the advantage.")
+def gpg_pg(logps, advantages, mask):
+    """Plain policy gradient: l = -A log pi (no ratio, no clip, no KL).
+
+    Same gradient as ppo_clip on-policy; the loss value differs (A log pi instead of A)."""
+    loss = -_adv(advantages, mask) * _clean(logps, mask)
+    return _clean(loss, mask), {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequence-ratio family (per-sequence loss spread over the row's tokens)
+# ---------------------------------------------------------------------------------------------------------------
+
+@POLICY_LOSSES.register(
+    "gspo", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
+    trl="importance_sampling_level=sequence",
+    notes="checked against TRL 1.16 _compute_loss (sequence branch); eps 3e-4/4e-4 from GSPO v2 sec. 5.1 via TRL's "
+          "paper index. Use aggregation=seq_mean_token_mean for the paper's (1/G) sum_i.")
+def gspo(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_high: float | None = 4e-4):
+    """GSPO: sequence ratio s = exp(mean_t log(pi/pi_old)), l = -min(s A, clip(s, 1-epsilon, 1+epsilon_high) A).
+
+    The per-sequence loss sits on every valid token of its row (as TRL broadcasts it); with (N, T) advantages
+    each token uses its own A with the shared s, as TRL does."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    s = torch.exp(_seq_mean(_log_ratio(logps, old_logps, mask), mask)).unsqueeze(1)
+    adv = _adv(advantages, mask)
+    loss, low, high = _ppo_terms(s.expand(mask.shape), adv, 1 - epsilon, 1 + eps_high)
+    metrics = _ratio_metrics(s.expand(mask.shape), mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                                                             "clip_ratio/region_mean": low | high})
+    return _clean(loss, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "gspo_token", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
+    notes="GSPO-token (paper sec. 4.3): s_it = sg[s_i] pi/sg[pi]; checked against TRL's "
+          "trl.experimental.gspo_token (importance_sampling_level='sequence_token'), not shipped in TRL 1.16.")
+def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_high: float | None = 4e-4):
+    """GSPO-token: s_it = sg[s_i] * pi_t / sg[pi_t], l = -min(s_it A_it, clip(s_it, 1-eps, 1+eps_high) A_it).
+
+    Value of s_it is the sequence ratio s_i, its gradient is s_i grad log pi_t, so per-token advantages can differ
+    along the sequence; with one advantage per sequence its gradient equals GSPO's."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    lp = _clean(logps, mask)
+    seq_log = _seq_mean(_log_ratio(logps, old_logps, mask), mask).detach().unsqueeze(1)
+    ratio = torch.exp(lp - lp.detach() + seq_log)
+    adv = _adv(advantages, mask)
+    loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
+    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                                              "clip_ratio/region_mean": low | high})
+    return _clean(loss, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "gmpo", paper="Geometric-Mean Policy Optimization", arxiv="2507.20673",
+    trl="trl.experimental.gmpo (with aggregation=seq_mean_token_mean)",
+    notes="checked against TRL 1.16 experimental/gmpo/gmpo_trainer.py and verl compute_policy_loss_geo_mean "
+          "(log-space clip (0.4, 0.4), paper sec. 4).")
+def gmpo(logps, old_logps, advantages, mask, *, epsilon: float = 0.4, epsilon_high: float | None = None):
+    """GMPO: geometric mean of sign-aware log-space clipped token ratios, l_i = -A_i exp(mean_t d*_it).
+
+    d = log r clamped to [-epsilon, epsilon_high] only on the side that would increase the objective
+    (min for A > 0, max for A < 0), i.e. ratio range (e^-0.4, e^0.4) by default. Needs one advantage per
+    sequence; the per-sequence loss is spread over the row's tokens (use seq_mean_token_mean)."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    adv = _seq_adv(advantages)
+    lr = _log_ratio(logps, old_logps, mask)
+    clamped = torch.clamp(lr, -epsilon, eps_high)
+    clipped = torch.where(adv.unsqueeze(1) > 0, torch.min(lr, clamped), torch.max(lr, clamped))
+    rho = torch.exp(_seq_mean(_clean(clipped, mask), mask))
+    ratio = torch.exp(lr)
+    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/region_mean": clipped != lr})
+    metrics["ratio/geo_mean"] = rho.detach().mean()
+    return _spread(-adv * rho, mask), metrics
+
+
+@POLICY_LOSSES.register(
+    "gvpo", paper="GVPO: Group Variance Policy Optimization for Large Language Model Post-Training",
+    arxiv="2504.19599",
+    notes="checked against jszkc/GVPO GVPO/gvpo_core_algos.py compute_policy_loss_gvpo and "
+          "run_qwen2-7b_math_gvpo.sh (gvpo_beta=0.1, norm_adv_by_std_in_grpo=False). The authors' loss is the SUM "
+          "of the per-row terms; seq_mean_token_mean gives that sum / N.")
+def gvpo(logps, old_logps, rewards, mask, group_size: int, *, beta: float = 0.1):
+    """GVPO: l_i = 1/2 [(rho_i - sg(mean_g rho)) - (R_i - mean_g R)]^2 / (G - 1), rho_i = beta sum_t log(pi/pi_old).
+
+    A regression of centred implicit rewards onto centred rewards (no IS weight, no clip); its gradient is
+    -beta/(G-1) sum_i w_i grad log pi(y_i), w_i = (R_i - R_bar) - (rho_i - rho_bar). Reads raw `rewards` (N,)
+    and centres them per group itself. Rows must be whole groups; a group of one gives 0."""
+    lr = _log_ratio(logps, old_logps, mask)
+    rho = _group_view(beta * lr.sum(-1), group_size)
+    r = _group_view(rewards.float(), group_size)
+    resid = (rho - rho.detach().mean(1, keepdim=True)) - (r - r.mean(1, keepdim=True))
+    per_seq = 0.5 * resid**2 / max(group_size - 1, 1)
+    return _spread(per_seq.reshape(-1), mask), {"gvpo/implicit_reward_mean": rho.detach().mean()}
+
+
+@POLICY_LOSSES.register(
+    "a_star_po", paper="Accelerating RL for LLM Reasoning with Optimal Advantage Regression", arxiv="2505.20686",
+    trl="trl.experimental.a2po (stage-2 loss, with aggregation=seq_mean_token_mean)",
+    notes="checked against TRL 1.16 experimental/a2po/a2po_trainer.py compute_loss (beta2=1e-3). `advantages` "
+          "must be r - V*(x), V* from the stage-1 estimate (an advantage entry).")
+def a_star_po(logps, ref_logps, advantages, mask, *, beta2: float = 1e-3):
+    """A*-PO stage 2: l_i = (beta2 sum_t log(pi/pi_ref) - A_i)^2 with A_i = r_i - V*(x) (one sample per prompt).
+
+    Least-squares regression of the implicit reward onto the optimal advantage; no ratio to pi_old, no clip."""
+    implicit = beta2 * (_clean(logps, mask) - _clean(ref_logps, mask)).sum(-1)
+    per_seq = (implicit - _seq_adv(advantages)) ** 2
+    return _spread(per_seq, mask), {"a_star_po/implicit_reward_mean": implicit.detach().mean()}
+
+
+@POLICY_LOSSES.register(
+    "disco", paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
+    arxiv="2505.12366",
+    notes="checked against Optimization-AI/DisCO verl/verl/trainer/ppo/core_algos.py "
+          "compute_policy_loss_disco_logL / _Lratio and scripts/train/run_disco_logL_1.5b_8k.sh (tau=10, "
+          "beta=1e3, delta=1e-4). Built for aggregation=seq_mean_token_mean; the authors all-gather the batch.")
+def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "logL", tau: float = 10.0,
+          beta: float = 1e3, delta: float = 1e-4):
+    """DisCO: L = -(1/Q) sum_q [mean_{o+} s(o+) - tau log mean_{o-} exp(s(o-)/tau)] + sg(max(beta (KL-delta), 0)) KL.
+
+    s = mean_t log pi ('logL') or mean_t pi/pi_old ('Lratio'); o+ / o- are rows with reward 1 / 0 (binary
+    rewards); groups without both count in Q but add nothing. KL = token mean of k3(pi_old || pi) over the batch.
+    The authors write the negative term as a gradient-equivalent surrogate of value 1; we return the
+    log-mean-exp itself (same gradient). Rows are spread so that seq_mean_token_mean gives exactly L: row i
+    carries -J_q(i) G / (non-empty rows of q) + c (N / tokens) sum_t kl_it. Rows must be whole groups; an empty
+    completion scores 0."""
+    if score not in ("logL", "Lratio"):
+        raise ValueError(f"score must be 'logL' or 'Lratio', got {score!r}")
+    lr = _log_ratio(logps, old_logps, mask)
+    ratio = torch.exp(lr)
+    s = _seq_mean(_clean(logps, mask) if score == "logL" else _clean(ratio, mask), mask)
+    sg, rg = _group_view(s, group_size), _group_view(rewards.float(), group_size)
+    pos, neg = rg == 1, rg == 0
+    valid = pos.any(1) & neg.any(1)
+    pos_mean = torch.where(pos, sg, 0.0).sum(1) / pos.sum(1).clamp(min=1)
+    # rows without negatives get finite fillers: an all -inf logsumexp would send nan into the backward pass
+    neg_scores = torch.where(neg.any(1, keepdim=True), torch.where(neg, sg / tau, -math.inf), 0.0)
+    neg_lme = tau * (torch.logsumexp(neg_scores, 1) - neg.sum(1).clamp(min=1).log())
+    objective = torch.where(valid, pos_mean - torch.where(valid, neg_lme, 0.0), 0.0)
+    kl_tok = _clean(ratio - lr - 1, mask)
+    tokens = mask.float().sum().clamp(min=1.0)
+    kl = kl_tok.sum() / tokens
+    coef = torch.clamp(beta * (kl - delta), min=0.0).detach()
+    # the group's -J_q goes to its non-empty rows (an empty row's tokens never reach the aggregation)
+    filled = _group_view(_lengths(mask) > 0, group_size)
+    share = torch.where(filled, group_size / filled.sum(1, keepdim=True).clamp(min=1), 0.0)
+    per_seq = (-objective.unsqueeze(1) * share).reshape(-1) + coef * kl_tok.sum(-1) * mask.shape[0] / tokens
+    metrics = {"disco/kl": kl.detach(), "disco/constraint_coef": coef,
+               "disco/valid_group_fraction": valid.float().mean()}
+    return _spread(per_seq, mask), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregations
+# ---------------------------------------------------------------------------------------------------------------
+
+@AGGREGATIONS.register(
+    "token_mean", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arxiv="2503.14476",
+    trl="loss_type=dapo",
+    notes="with global_tokens = TRL's num_items_in_batch this is loss_type=dapo; without it, the local token mean "
+          "(TRL's loss_type=bnpo).")
+def token_mean(per_token_loss, mask, global_tokens=None):
+    """Token-level mean: sum_{i,t} l_it m_it / sum_{i,t} m_it (DAPO).
+
+    Pass `global_tokens` (valid tokens over all processes) when rows are split over processes."""
+    total = mask.float().sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=torch.float32)
+    return _clean(per_token_loss, mask).sum() / total.clamp(min=1.0)
+
+
+@AGGREGATIONS.register(
+    "seq_mean_token_mean", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    arxiv="2402.03300", trl="loss_type=grpo")
+def seq_mean_token_mean(per_token_loss, mask, num_sequences=None):
+    """Original GRPO: mean over sequences of each sequence's token mean, (1/N) sum_i (1/|o_i|) sum_t l_it.
+
+    Empty completions count in N and add 0 (TRL clamps |o_i| >= 1). Pass `num_sequences` (rows over all
+    processes) when rows are split over processes."""
+    n = mask.shape[0] if num_sequences is None else num_sequences
+    return _seq_mean(_clean(per_token_loss, mask), mask).sum() / max(float(n), 1.0)
+
+
+@AGGREGATIONS.register(
+    "seq_mean_token_sum",
+    paper="Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
+    arxiv="2402.14740", notes="the whole completion as one action (sequence log-likelihood); verl's seq-mean-token-sum.")
+def seq_mean_token_sum(per_token_loss, mask, num_sequences=None):
+    """Mean over sequences of each sequence's token sum: (1/N) sum_i sum_t l_it.
+
+    Pass `num_sequences` (rows over all processes) when rows are split over processes."""
+    n = mask.shape[0] if num_sequences is None else num_sequences
+    return _clean(per_token_loss, mask).sum() / max(float(n), 1.0)
+
+
+@AGGREGATIONS.register(
+    "seq_mean_token_sum_norm", paper="Understanding R1-Zero-Like Training: A Critical Perspective",
+    arxiv="2503.20783", trl="loss_type=dr_grpo",
+    notes="TRL divides by (local rows * max_completion_length); pass the configured max_completion_length.")
+def seq_mean_token_sum_norm(per_token_loss, mask, num_sequences=None, *, max_completion_length: int | None = None):
+    """Dr. GRPO: token sum over a constant, sum_{i,t} l_it / (N * max_completion_length).
+
+    No per-sequence length normalisation (removes GRPO's length bias). max_completion_length=None falls back
+    to the padded width T of this batch (verl's behaviour), which is only constant if padding is to the max."""
+    n = mask.shape[0] if num_sequences is None else num_sequences
+    length = mask.shape[1] if max_completion_length is None else max_completion_length
+    return _clean(per_token_loss, mask).sum() / (max(float(n), 1.0) * float(length))
+
+
+@AGGREGATIONS.register(
+    "delta_l", paper="ΔL Normalization: Rethink Loss Aggregation in RLVR", arxiv="2509.07558",
+    notes="checked against zerolllin/Delta-L-Normalization verl/trainer/ppo/core_algos.py (use_grpopp: A_i * "
+          "L_i^-a / mean_j L_j^-a, then masked_mean_allavg = sum / (B * T_max)). alpha=1 is the paper's "
+          "minimum-variance choice (CountDown); the math recipes use 0.75.")
+def delta_l(per_token_loss, mask, length_weight_sum=None, *, alpha: float = 1.0,
+            max_completion_length: int | None = None):
+    """ΔL: sum_i [L_i^-alpha / sum_j L_j^-alpha] sum_t l_it / max_completion_length (unbiased, min variance at 1).
+
+    alpha = 0 is Dr. GRPO's constant normaliser. Empty completions get weight 0. Pass `length_weight_sum`
+    (sum_j L_j^-alpha over all processes) when rows are split; max_completion_length=None uses the padded
+    width T, as the authors' verl code does."""
+    lengths = _lengths(mask)
+    weights = torch.where(lengths > 0, lengths.clamp(min=1.0) ** -alpha, torch.zeros_like(lengths))
+    total = weights.sum() if length_weight_sum is None else torch.as_tensor(length_weight_sum, dtype=torch.float32)
+    length = mask.shape[1] if max_completion_length is None else max_completion_length
+    per_seq = _clean(per_token_loss, mask).sum(-1)
+    return (weights * per_seq).sum() / (total.clamp(min=torch.finfo(torch.float32).tiny) * float(length))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+# Data inputs shared by the RL axes: passed to an entry that reads them, silently skipped by one that does not
+# (so a trainer can hand every loss the same batch); anything else in kwargs is a hyperparameter and is checked.
+DATA_NAMES = frozenset({"logps", "old_logps", "ref_logps", "advantages", "mask", "rewards", "group_size",
+                        "entropies", "prompt_ids", "global_tokens", "num_sequences", "length_weight_sum"})
+
+
+def _split(variant, base: dict, kwargs: dict) -> tuple[dict, dict]:
+    """Data the entry reads (from `base` and `kwargs`) and hyperparameters (the rest of `kwargs`)."""
+    data = {k: v for k, v in {**base, **kwargs}.items() if k in variant.data}
+    return data, {k: v for k, v in kwargs.items() if k not in variant.data and k not in DATA_NAMES}
+
+
+def policy_loss(name: str, *, logps, old_logps=None, advantages=None, mask, aggregation: str = "token_mean",
+                aggregation_params: dict | None = None, **kwargs):
+    """Per-token loss of policy-loss entry `name`, aggregated by `aggregation` -> (loss scalar, metrics dict).
+
+    `kwargs` holds the entry's hyperparameters and any extra data it reads (`ref_logps`, `rewards`,
+    `group_size`); `aggregation_params` holds the aggregation's hyperparameters and global normalizers
+    (`global_tokens`, `num_sequences`, `length_weight_sum`, `max_completion_length`, `alpha`).
+    old_logps=None means on-policy (ratio 1, as TRL with num_iterations=1)."""
+    variant = POLICY_LOSSES.get(name)
+    data, params = _split(variant, {"logps": logps, "old_logps": old_logps, "advantages": advantages,
+                                    "mask": mask}, kwargs)
+    if "old_logps" in variant.data and data.get("old_logps") is None:
+        data["old_logps"] = logps.detach()
+    per_token, metrics = POLICY_LOSSES.call(name, data, params)
+    agg = AGGREGATIONS.get(aggregation)
+    agg_data, agg_params = _split(agg, {}, dict(aggregation_params or {}))
+    loss = AGGREGATIONS.call(aggregation, {"per_token_loss": per_token, "mask": mask, **agg_data}, agg_params)
+    return loss, metrics

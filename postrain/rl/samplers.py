@@ -1,0 +1,212 @@
+"""Samplers and filters: which groups / completions / prompts go into the batch, or with what weight.
+
+Calling convention `fn(rewards (N,), group_size, <data>; *, params)`, N = num_groups * group_size with each group's
+rows contiguous. Each entry documents what it returns:
+  - a group keep mask (num_groups,) bool: expand to rows with `.repeat_interleave(group_size)`;
+  - a row keep mask (N,) bool;
+  - sampling weights / probabilities.
+Refilling a batch after filtering (generating more groups) is the trainer's job. Randomness (exploration draws)
+and per-prompt history come in as data tensors, so every entry is a pure function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from postrain.rl.registry import SAMPLERS
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"{x.shape[0]} rows do not split into groups of {group_size}")
+    return x.reshape(-1, group_size, *x.shape[1:])
+
+
+def _not_all_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    r = _grouped(rewards.float(), group_size)
+    # A group of one is kept: it has no spread to lose (verl's DAPO keeps `len(vals) == 1` groups too).
+    return (r.amax(-1) > r.amin(-1)) | (group_size == 1)
+
+
+def _top_k_rows(score: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """Row keep mask: the k highest scores of each group (ties broken by row order)."""
+    if not 1 <= k <= group_size:
+        raise ValueError(f"k={k} must be in 1..group_size={group_size}")
+    s = _grouped(score, group_size)
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)[:, :k]
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, True)
+    return keep.reshape(-1)
+
+
+@SAMPLERS.register("dynamic_sampling", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+                   arxiv="2503.14476",
+                   notes="DAPO Eq. 11 constraint 0 < |correct| < G, as implemented in verl's DAPO recipe "
+                         "(keep groups whose metric std > 0, or groups of one); not supported in TRL")
+def dynamic_sampling(rewards, group_size):
+    """Dynamic sampling filter: keep the groups whose rewards are not all equal. Returns a group keep mask (num_groups,).
+
+    For 0/1 accuracy rewards this is the paper's 0 < #correct < G. The trainer over-samples and refills the batch
+    with kept groups."""
+    return _not_all_equal(rewards, group_size)
+
+
+@SAMPLERS.register("reinforce_rej", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to "
+                   "Reinforce", arxiv="2504.11343",
+                   notes="checked against RLHFlow/Minimal-RL verl/trainer/ppo/core_algos.py "
+                         "compute_reinforce_rej_outcome_advantage (groups with std == 0 get zero advantage; a group "
+                         "of one is kept)")
+def reinforce_rej(rewards, group_size):
+    """Reinforce-Rej filter: drop the groups whose completions are all correct or all wrong. Returns a group keep mask.
+
+    The authors' code tests the group's reward std > 0, so for the paper's +-1 rewards it is the same filter as
+    `dynamic_sampling`; Reinforce-Rej then uses the raw reward (no mean/std normalisation) as the advantage."""
+    return _not_all_equal(rewards, group_size)
+
+
+@SAMPLERS.register("raft_pp", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce",
+                   arxiv="2504.11343",
+                   notes="checked against RLHFlow/Minimal-RL compute_raft_outcome_advantage (advantage max(r, 0))")
+def raft_pp(rewards, group_size):
+    """RAFT++ sample selection: keep only the positive (r > 0) completions. Returns a row keep mask (N,).
+
+    The authors' code realises this as the advantage max(r, 0), leaving rejected rows in the token-mean
+    denominator; dropping the rows instead changes only that normaliser."""
+    _grouped(rewards, group_size)
+    return rewards > 0
+
+
+@SAMPLERS.register("online_difficulty", paper="Online Difficulty Filtering for Reasoning Oriented Reinforcement "
+                   "Learning", arxiv="2504.03380",
+                   notes="balanced filtering: keep prompts of intermediate on-the-fly accuracy; the paper's "
+                         "thresholds were not verified, so low/high have no default")
+def online_difficulty(rewards, group_size, *, low: float, high: float):
+    """Balanced online difficulty filter: keep the groups whose pass rate p = mean(r > 0) satisfies low <= p <= high.
+
+    Returns a group keep mask. low > 0 and high < 1 drop all-wrong and all-correct groups."""
+    passed = _grouped(rewards > 0, group_size).float().mean(-1)
+    return (passed >= low) & (passed <= high)
+
+
+@SAMPLERS.register("greso", paper="Act Only When It Pays: Efficient Reinforcement Learning for LLM Reasoning via "
+                   "Selective Rollouts", arxiv="2506.02177",
+                   notes="checked against Infini-AI-Lab/GRESO verl/trainer/ttis/presampling_selector.py "
+                         "(easy_/hard_probabilistic_skip) and train-scripts/*greso.sh (p_easy = p_hard = 0.5)")
+def greso(easy_streak, hard_streak, uniform, *, p_easy: float = 0.5, p_hard: float = 0.5,
+          min_keep_prob: float = 0.01):
+    """GRESO pre-rollout skip: roll out prompt q unless u_q < 1 - max(p^k_q, min_keep_prob). Returns a prompt keep mask.
+
+    Runs before generation, so it reads no rewards: `easy_streak` / `hard_streak` (P,) count the most recent
+    consecutive epochs in which the prompt's group was all-correct / all-wrong (update them after each rollout
+    with `greso_streaks`), `uniform` (P,) are U[0, 1) draws. At most one streak is non-zero, so the keep
+    probability is max(p_easy^k_easy, 0.01) * max(p_hard^k_hard, 0.01). In the paper p_easy / p_hard adapt every
+    step (-0.01 when the observed easy / hard zero-variance ratio reaches its target, 1/3 / 2/3 of 0.25, else +0.01,
+    within [0.05, 0.95]); pass the current values as the parameters."""
+    keep_easy = torch.clamp(p_easy ** easy_streak.float(), min=min_keep_prob)
+    keep_hard = torch.clamp(p_hard ** hard_streak.float(), min=min_keep_prob)
+    return uniform >= 1 - keep_easy * keep_hard
+
+
+def greso_streaks(rewards, group_size, easy_streak, hard_streak, *, easy_threshold: float = 0.98,
+                  hard_threshold: float = 0.11):
+    """GRESO history update for the prompts just rolled out: returns (easy_streak, hard_streak) (num_groups,) each.
+
+    A group whose mean reward is >= easy_threshold extends its easy streak (else resets it to 0); <= hard_threshold
+    extends its hard streak (else 0). Thresholds from the authors' presampling_selector.py."""
+    mean = _grouped(rewards.float(), group_size).mean(-1)
+    easy = torch.where(mean >= easy_threshold, easy_streak + 1, torch.zeros_like(easy_streak))
+    hard = torch.where(mean <= hard_threshold, hard_streak + 1, torch.zeros_like(hard_streak))
+    return easy, hard
+
+
+@SAMPLERS.register("gfpo_length", paper="Sample More to Think Less: Group Filtered Policy Optimization for Concise "
+                   "Reasoning", arxiv="2508.09726",
+                   notes="TRL v1.7 trl/experimental/gfpo/gfpo_trainer.py (top num_remains_in_group by score); "
+                         "the paper sweeps k and G, so k has no default")
+def gfpo_length(rewards, group_size, mask, *, k: int):
+    """GFPO length filter: keep the k shortest completions of each group of G. Returns a row keep mask (N,).
+
+    Advantages are then computed over the kept rows of each group only (mean/std of the kept subset); the
+    filtered-out rows get no gradient. Ties go to the earlier row."""
+    _grouped(rewards, group_size)
+    return _top_k_rows(-mask.float().sum(-1), group_size, k)
+
+
+@SAMPLERS.register("gfpo_reward_per_token", paper="Sample More to Think Less: Group Filtered Policy Optimization "
+                   "for Concise Reasoning", arxiv="2508.09726",
+                   notes="token efficiency = reward / length (paper abstract, TRL v1.7 GFPO filter hook); "
+                         "k has no default")
+def gfpo_reward_per_token(rewards, group_size, mask, *, k: int):
+    """GFPO token-efficiency filter: keep the k completions of each group with the highest r / length. Returns a row mask.
+
+    Length is clamped to >= 1 so an empty completion has a finite score."""
+    efficiency = rewards.float() / mask.float().sum(-1).clamp(min=1)
+    return _top_k_rows(efficiency, group_size, k)
+
+
+@SAMPLERS.register("cppo_prune", paper="CPPO: Accelerating the Training of Group Relative Policy Optimization-Based "
+                   "Reasoning Models", arxiv="2503.22342",
+                   notes="checked against lzhxmu/CPPO cppo_verl/recipe/cppo/src/cppo_ray_trainer.py (metric="
+                         "'smallest' prunes the smallest |A|) and math/gsm8k_cppo.sh (pruning_rate=0.5)")
+def cppo_prune(rewards, group_size, advantages, *, pruning_rate: float = 0.5):
+    """CPPO completion pruning: keep the int(N * (1 - pruning_rate)) completions of the batch with the largest |advantage|.
+
+    Returns a row keep mask (N,). The selection is over the whole batch, not per group; ties go to the earlier
+    row. `advantages` (N,) are computed before pruning. The authors' scripts use 0.5; the paper also reports
+    0.75-0.9375 on GSM8K."""
+    keep_n = int(advantages.shape[0] * (1 - pruning_rate))
+    order = torch.argsort(advantages.float().abs(), descending=True, stable=True)[:keep_n]
+    return torch.zeros(advantages.shape[0], dtype=torch.bool, device=advantages.device).scatter_(0, order, True)
+
+
+@SAMPLERS.register("pf_ppo", paper="Policy Filtration for RLHF to Mitigate Noise in Reward Models", arxiv="2409.06957",
+                   notes="checked against verl core_algos.compute_pf_ppo_reweight_data (the authors' verl port; "
+                         "weights over the whole batch, defaults reweight_method='pow', weight_pow=2.0)")
+def pf_ppo(rewards, group_size, *, reweight_method: str = "pow", weight_pow: float = 2.0):
+    """PF-PPO policy filtration weights (N,) for resampling the batch with replacement (torch.multinomial).
+
+    'pow': |r|^weight_pow; 'max_min': 1 for the batch's highest- and lowest-reward samples, else 0 (best-worst);
+    'max_random': 0.4 for the highest-reward samples, 0.1 for the rest (best-random). Weights are then
+    clamp(w + 1e-8, min=1e-8), so every sample keeps a tiny probability."""
+    r = rewards.float()
+    if reweight_method == "pow":
+        w = r.abs() ** weight_pow
+    elif reweight_method == "max_min":
+        w = ((r == r.max()) | (r == r.min())).float()
+    elif reweight_method == "max_random":
+        w = torch.where(r == r.max(), 0.4, 0.1)
+    else:
+        raise ValueError(f"unknown reweight_method {reweight_method!r}: pow, max_min, max_random")
+    return torch.clamp(w + 1e-8, min=1e-8)
+
+
+@SAMPLERS.register("spo_prioritized", paper="Single-stream Policy Optimization", arxiv="2509.13232",
+                   notes="checked against verl-project/verl-recipe spo/spo_ray_trainer.py (EXPLORATION_EPSILON=0.05)")
+def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
+    """SPO prioritized prompt sampling: probabilities proportional to sqrt(p_hat (1 - p_hat)) + exploration_epsilon.
+
+    `p_hat` (P,) is each prompt's tracked success probability alpha / (alpha + beta) from SPO's Beta tracker.
+    Returns probabilities (P,) summing to 1 (uniform if all weights are 0); the trainer draws the batch from them
+    (with replacement when it needs more prompts than there are)."""
+    p = p_hat.float()
+    w = (p * (1 - p)).clamp(min=0).sqrt() + exploration_epsilon
+    total = w.sum()
+    if total <= 0:
+        return torch.full_like(w, 1.0 / w.numel())
+    return w / total
+
+
+@SAMPLERS.register("recent_sample_recovery", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM "
+                   "for Chinese K-12 Mathematics Learning", arxiv="2506.18330",
+                   notes="Recent Sample Recovery, Algorithm 1 of the paper (netease-youdao/Confucius3-Math pdf): "
+                         "valid groups beyond the batch are kept for the next step, no importance correction")
+def recent_sample_recovery(rewards, group_size, buffer_rewards=None, *, batch_groups: int):
+    """RSR batch builder: with dynamic sampling, take the first `batch_groups` valid groups of [buffer, new] for
+    the batch and keep the remaining valid ones as the next step's buffer.
+
+    Candidates are the buffered groups (`buffer_rewards`, rows of previously kept groups, first) followed by this
+    step's new groups (`rewards`); valid = rewards not all equal. Returns a dict of LongTensors indexing candidate
+    groups (0 .. num_buffered + num_new - 1): `batch` (at most batch_groups, in order) and `buffer`. When `batch`
+    is short, the trainer generates more groups and calls again with every valid group so far as the buffer."""
+    pool = rewards if buffer_rewards is None else torch.cat([buffer_rewards.to(rewards), rewards])
+    valid = torch.nonzero(_not_all_equal(pool, group_size)).flatten()
+    return {"batch": valid[:batch_groups], "buffer": valid[batch_groups:]}

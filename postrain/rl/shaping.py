@@ -1,0 +1,161 @@
+"""Reward shaping: `fn(rewards (N,), group_size, <data>; *, params) -> shaped rewards (N,)`.
+
+Applied after rewards are gathered across processes, so every entry sees whole groups (rows g*G .. g*G+G-1).
+Shaped rewards are returned in float32 (the dtype the advantage step works in). Lengths are `mask.sum(-1)`.
+Padding positions of `old_logps` may hold garbage (nan/inf): they are excluded with torch.where.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from postrain.rl.registry import SHAPING
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"{x.shape[0]} rows do not split into groups of {group_size}")
+    return x.reshape(-1, group_size, *x.shape[1:])
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    return mask.float().sum(-1)
+
+
+@SHAPING.register("dapo_overlong", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+                  arxiv="2503.14476",
+                  trl="reward_funcs += trl.rewards.get_soft_overlong_punishment(max_completion_length, "
+                      "overlong_buffer_len) (penalty_factor=1)",
+                  notes="DAPO Eq. 13; same piecewise form as TRL's _SoftOverlongPunishment and verl's DAPO reward "
+                        "manager (overlong_buffer.len / penalty_factor)")
+def dapo_overlong(rewards, group_size, mask, *, max_completion_length: int = 20480,
+                  overlong_buffer_len: int = 4096, penalty_factor: float = 1.0):
+    """Soft overlong punishment: r + R_length, R_length = -penalty_factor * clip((|y| - (L_max - L_cache)) / L_cache, 0, 1).
+
+    DAPO Eq. 13: no penalty up to L_max - L_cache tokens, a linear ramp down to -1 across the last L_cache tokens,
+    -1 beyond L_max (the clip makes the "-1 past L_max" branch the ramp's end, as in the paper and TRL; verl's
+    version keeps falling past L_max, which cannot happen when generation stops at L_max).
+    Defaults are the paper's: 16,384 expected tokens + a 4,096-token soft punish cache = 20,480 max tokens.
+    `penalty_factor` is verl's `overlong_buffer.penalty_factor` (1.0 = the paper)."""
+    expected = max_completion_length - overlong_buffer_len
+    over = ((_lengths(mask) - expected) / overlong_buffer_len).clamp(0.0, 1.0)
+    return rewards.float() - penalty_factor * over
+
+
+@SHAPING.register("grpo_lead_length", paper="GRPO-LEAD: A Difficulty-Aware Reinforcement Learning Approach for "
+                  "Concise Mathematical Reasoning in Language Models", arxiv="2504.09696",
+                  notes="checked against aeroplanepaper/GRPO-LEAD verl/verl/trainer/main_ppo.py "
+                        "get_reweight_rewards; the repo's extra gate (skip groups whose 3 shortest completions "
+                        "average <= 4000 tokens) is not in the paper and is left out")
+def grpo_lead_length(rewards, group_size, mask, *, alpha: float = 0.05):
+    """Length-dependent accuracy reward: a correct completion (r > 0) gets r * exp(-alpha * z), z its length z-score
+    among the group's correct completions; other rows are unchanged.
+
+    z_i = (L_i - mean_correct(L)) / (std_correct(L) + 1e-6), std the unbiased (n-1) std over the group's correct
+    completions, taken as 1 when fewer than two are correct (so a lone correct answer keeps r). alpha = 0.05 as in
+    the authors' code. The paper's penalty for wrong answers (-1) belongs in the reward function itself."""
+    r = _grouped(rewards.float(), group_size)
+    length = _grouped(_lengths(mask), group_size)
+    correct = r > 0
+    n = correct.sum(-1, keepdim=True).float()
+    mean = torch.where(correct, length, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(correct, (length - mean) ** 2, 0.0).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+    std = torch.where(n > 1, var.sqrt(), torch.ones_like(var))
+    z = (length - mean) / (std + 1e-6)
+    return torch.where(correct, r * torch.exp(-alpha * z), r).reshape(-1)
+
+
+@SHAPING.register("unlikeliness", paper="Rewarding the Unlikely: Lifting GRPO Beyond Distribution Sharpening",
+                  arxiv="2506.02355",
+                  notes="checked against AndreHe02/rewarding-unlikely-release ray_lean_trainer.py "
+                        "_compute_advantages (rank_penalty) and examples/lean/grpo.sh (rank_penalty=0.25)")
+def unlikeliness(rewards, group_size, old_logps, mask, *, beta_rank: float = 0.25):
+    """Unlikeliness reward: r_i * (1 - beta_rank * rank_i / G), rank_i the ascending rank (0 = least likely) of the
+    completion's mean-token log-prob under the sampling policy within its group.
+
+    So the least likely completion keeps its full reward and the most likely loses beta_rank*(G-1)/G of it; GRPO's
+    z-score is then taken on the shaped rewards. Ties are ranked by row order. An empty completion has mean
+    log-prob 0 (as verl's masked_mean gives). beta_rank = 0.25 from the authors' script."""
+    valid = mask.bool()
+    total = torch.where(valid, old_logps.float(), 0.0).sum(-1)
+    mean_logp = total / valid.sum(-1).clamp(min=1)
+    seq = _grouped(mean_logp, group_size)
+    order = torch.argsort(seq, dim=-1, stable=True)
+    rank = torch.argsort(order, dim=-1, stable=True).float()
+    r = _grouped(rewards.float(), group_size)
+    return (r * (1 - beta_rank * rank / group_size)).reshape(-1)
+
+
+@SHAPING.register("dra_diversity", paper="DRA-GRPO: Exploring Diversity-Aware Reward Adjustment for R1-Zero-Like "
+                  "Training of Large Language Models", arxiv="2505.09655",
+                  notes="checked against xiwenc1/DRA-GRPO src/open_r1/trl/trainer/grpo_trainer.py "
+                        "(SMI_reweighting); there the similarity matrix spans the local process batch, here the "
+                        "group, as the paper defines it")
+def dra_diversity(rewards, group_size, embeddings):
+    """Diversity-aware reward: r_i / (sum_j s_ij + 1e-6), s_ij the cosine similarity of completions i and j in the
+    group (j = i included, so the divisor is 1 + the similarity to the others).
+
+    `embeddings` (N, D) are sentence embeddings of the completions (the paper uses jina / nomic embedders); they
+    are L2-normalised here. A completion unlike the rest of its group keeps more of its reward."""
+    e = torch.nn.functional.normalize(embeddings.float(), p=2, dim=-1)
+    e = _grouped(e, group_size)
+    similarity = (e @ e.transpose(-1, -2)).sum(-1)
+    r = _grouped(rewards.float(), group_size)
+    return (r / (similarity + 1e-6)).reshape(-1)
+
+
+@SHAPING.register("redit", paper="ReDit: Reward Dithering for Improved LLM Policy Optimization",
+                  arxiv="2506.18631",
+                  notes="r + zero-mean noise (paper abstract and §method); the noise draws are a data input so the "
+                        "entry stays pure; the paper's per-task noise scales were not verified, so sigma has no "
+                        "default")
+def redit(rewards, group_size, noise, *, sigma: float):
+    """Reward dithering: r + sigma * noise, `noise` (N,) zero-mean, unit-variance draws supplied by the caller.
+
+    Pass standard-normal draws for the paper's Gaussian dithering (uniform draws on [-sqrt(3), sqrt(3)] for its
+    uniform variant), drawn fresh each step; sigma is then the noise's standard deviation. Dithering also breaks
+    ties in all-equal groups, so with group z-scores such groups get (noise-only) non-zero advantages."""
+    return rewards.float() + sigma * noise.float()
+
+
+@SHAPING.register("win_rate", paper="A Minimaximalist Approach to Reinforcement Learning from Human Feedback",
+                  arxiv="2401.04056",
+                  notes="SPO's reward: the sample's win rate against the other samples under a preference "
+                        "function; self-comparisons are excluded (including them with P=0.5 is an affine map of "
+                        "the same value per group, so group-normalised advantages are identical)")
+def win_rate(rewards, group_size, preferences):
+    """Win-rate reward: replaces r_i by (1 / (G-1)) * sum_{j != i} P(o_i beats o_j) over the other members of its group.
+
+    `preferences` (N, G): row i, column j = probability (or 0/1 judgment) that completion i beats the j-th
+    completion of its group; the diagonal (self) is ignored. A group of one has no opponent: its reward is 0.5
+    (a tie). The incoming `rewards` are not used."""
+    p = _grouped(preferences.float(), group_size)
+    other = ~torch.eye(group_size, dtype=torch.bool, device=p.device)
+    wins = torch.where(other, p, 0.0).sum(-1)
+    if group_size == 1:
+        return torch.full_like(wins, 0.5).reshape(-1)
+    return (wins / (group_size - 1)).reshape(-1)
+
+
+@SHAPING.register("rm_ensemble_worst_case", paper="Reward Model Ensembles Help Mitigate Overoptimization",
+                  arxiv="2310.02743", notes="WCO, Eq. 4 of the paper")
+def rm_ensemble_worst_case(rewards, group_size, ensemble_rewards):
+    """Worst-case optimisation (WCO): r = min_m R_m over the M reward-model ensemble members.
+
+    `ensemble_rewards` (N, M): each member's score of each completion. No hyperparameters. The incoming
+    `rewards` are not used."""
+    return ensemble_rewards.float().min(-1).values
+
+
+@SHAPING.register("rm_ensemble_uncertainty", paper="Reward Model Ensembles Help Mitigate Overoptimization",
+                  arxiv="2310.02743",
+                  notes="UWO, Eq. 5 of the paper (population variance); the paper shows lam=0.5 for best-of-n "
+                        "and lam=0.1 in its PPO variance analysis, so no single default")
+def rm_ensemble_uncertainty(rewards, group_size, ensemble_rewards, *, lam: float):
+    """Uncertainty-weighted optimisation (UWO): r = mean_m R_m - lam * (1/M) * sum_m (R_m - mean_m R_m)^2.
+
+    `ensemble_rewards` (N, M). The variance is the intra-ensemble (population, 1/M) variance, not the std.
+    The incoming `rewards` are not used."""
+    scores = ensemble_rewards.float()
+    mean = scores.mean(-1)
+    return mean - lam * ((scores - mean.unsqueeze(-1)) ** 2).mean(-1)
