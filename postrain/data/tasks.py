@@ -51,6 +51,23 @@ def _take(candidates: Iterator[dict], n: int, split: str, test_fraction: float, 
     return rows
 
 
+def _with_label_noise(rows: list[dict], label_noise: float, seed: int) -> list[dict]:
+    """Make the SFT target (`completion`) the plausible wrong answer (`rejected`) for a `label_noise` fraction of
+    rows, chosen by a hash of the prompt and seed (so independent of order and split size); `answer`, `chosen`
+    and `rejected` stay right. Demonstrations that are right only part of the time leave a model unsure between
+    the right answer and a wrong one on every prompt: a signal RL from a verifier, or preference learning, can
+    fix quickly."""
+    if not 0.0 <= label_noise < 1.0:
+        raise DataError(f"label_noise must be in [0, 1), got {label_noise}")
+    if not label_noise:
+        return rows
+    for row in rows:
+        digest = hashlib.sha256(f"noise-{seed}-{row['prompt']}".encode()).hexdigest()[:8]
+        if int(digest, 16) / 0xFFFFFFFF < label_noise:
+            row["completion"] = row["rejected"]
+    return rows
+
+
 @register_task("arithmetic")
 def arithmetic(
     split: str = "train",
@@ -59,8 +76,10 @@ def arithmetic(
     ops: str = "+",
     seed: int = 0,
     test_fraction: float = 0.1,
+    label_noise: float = 0.0,
 ) -> list[dict]:
-    """`a<op>b=` with operands of exactly `digits` digits; the answer is the exact integer result."""
+    """`a<op>b=` with operands of exactly `digits` digits; the answer is the exact integer result.
+    `label_noise`: the fraction of rows whose SFT target is a wrong answer (see `_with_label_noise`)."""
     if digits < 1:
         raise DataError(f"arithmetic: digits must be >= 1, got {digits}")
     if not ops or set(ops) - set("+-*"):
@@ -82,15 +101,17 @@ def arithmetic(
             }
 
     space = (hi - lo + 1) ** 2 * len(ops)
-    return _take(candidates(), min(n, space), split, test_fraction, limit=50 * n + 1000)
+    rows = _take(candidates(), min(n, space), split, test_fraction, limit=50 * n + 1000)
+    return _with_label_noise(rows, label_noise, seed)
 
 
 @register_task("reverse")
 def reverse(
     split: str = "train", n: int = 1000, length: int = 5, alphabet: str = "abcdefgh", seed: int = 0,
-    test_fraction: float = 0.1,
+    test_fraction: float = 0.1, label_noise: float = 0.0,
 ) -> list[dict]:
-    """`reverse:<word>=`: the answer is the word reversed."""
+    """`reverse:<word>=`: the answer is the word reversed; the plausible wrong answer is its rotation by one.
+    `label_noise`: the fraction of rows whose SFT target is the wrong answer (see `_with_label_noise`)."""
     rng = random.Random(f"{seed}-{split}")
 
     def candidates():
@@ -106,7 +127,7 @@ def reverse(
                 "rejected": wrong,
             }
 
-    return _take(candidates(), n, split, test_fraction, limit=50 * n + 1000)
+    return _with_label_noise(_take(candidates(), n, split, test_fraction, limit=50 * n + 1000), label_noise, seed)
 
 
 def build_task(name: str, split: str, params: dict) -> list[dict]:
