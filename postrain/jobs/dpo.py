@@ -6,6 +6,9 @@ The reference model, as users of TRL expect:
   - `ref_model: {name_or_path: ...}`: an explicit reference model;
   - `trainer.precompute_ref_log_probs: true`: reference log-probs computed once before training, after which
     the reference model is not kept in memory.
+
+`loss: [{name: simpo, weight: 1.0, beta: 2.0}]` replaces TRL's loss by postrain's preference-loss registry
+(postrain.trainers.dpo); losses that read no reference make no reference forward.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from postrain.recipes import Recipe
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from trl import DPOConfig, DPOTrainer
-
     from postrain.models.loading import load_model
+    from postrain.trainers import config_class, trainer_class
+    from postrain.trainers.dpo import check_loss_columns, parse_losses
 
     ref_spec = recipe.cfg.get("ref_model")
+    losses = recipe.cfg.get("loss") or []
+    terms = parse_losses(losses, recipe.cfg.get("trainer")) if losses else []
     return train_with_trl(
-        recipe, options, job="dpo", trainer_cls=DPOTrainer, config_cls=DPOConfig,
-        trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None},
+        recipe, options, job="dpo", trainer_cls=trainer_class("dpo"), config_cls=config_class("dpo"),
+        trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": losses},
+        # a loss reading dataset columns (score_chosen, ...) fails here, before the model loads
+        check_data=lambda dataset, where: check_loss_columns(terms, dataset.column_names, where),
     )

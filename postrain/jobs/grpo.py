@@ -4,6 +4,8 @@
 (`module:function`, `path/file.py:function`), each with a weight; each one's mean is logged separately as
 rewards/<name>/mean. `reward_errors.policy` decides whether a reward that raises stops the run (`fail`) or
 scores that completion as `reward_errors.score` and counts it (`score`, logged as rewards/<name>/errors).
+`rl:` (or `method:`) swaps TRL's advantage and loss for registry parts (postrain.rl.section,
+postrain.trainers.grpo).
 """
 
 from __future__ import annotations
@@ -29,8 +31,17 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
     rewards, weights = build_rewards(cfg["rewards"], on_error=policy["policy"], error_score=policy["score"], base_dir=base_dir)
+    overrides: dict = {"reward_weights": weights}
+    extra: dict = {"reward_funcs": rewards}
+    if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
+        from postrain.rl.section import parse_rl_section, reference_beta
+
+        extra["rl"] = cfg["rl"]
+        beta = reference_beta(parse_rl_section(cfg["rl"], recipe.origins))
+        if beta is not None:  # TRL builds the reference model and its log-probs only where beta != 0
+            overrides["beta"] = beta
     return train_with_trl(
         recipe, options, job="grpo", trainer_cls=PostrainGRPOTrainer, config_cls=GRPOConfig,
-        config_overrides={"reward_weights": weights}, trainer_kwargs=lambda: {"reward_funcs": rewards},
+        config_overrides=overrides, trainer_kwargs=lambda: extra,
         check_data=lambda ds, where: check_reward_columns(rewards, ds.column_names, where),
     )

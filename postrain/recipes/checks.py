@@ -75,3 +75,27 @@ def check_merge_section(command: str, cfg: dict, origins: dict[str, str]) -> Non
 
 
 COMMAND_CHECKS.append(check_merge_section)
+
+
+def check_rl_parts(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """A GRPO recipe's `rl:` parts: names, parameters, data a GRPO batch can supply, conflicting TRL options."""
+    if command != "grpo" or cfg.get("rl") is None:
+        return
+    from postrain.rl.section import check_rl_section
+
+    check_rl_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_rl_parts)
+
+
+def check_dpo_losses(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """A DPO recipe's `loss:` entries: names, parameters, data the trainer can give, conflicting TRL options."""
+    if command != "dpo" or not cfg.get("loss"):
+        return
+    from postrain.trainers.dpo import parse_losses
+
+    parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins)
+
+
+COMMAND_CHECKS.append(check_dpo_losses)

@@ -241,6 +241,11 @@ def load_recipe(
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or ""
         raise RecipeError(f"cannot resolve interpolation{f' in {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}") from None
+    if declared == "grpo":
+        # `method: dapo` becomes its rl: parts, as a layer just below the recipe's own rl: keys
+        from postrain.rl.methods import apply_method
+
+        apply_method(cfg, origins, _leaf_origins)
     validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
     if command_checks:
         run_checks(declared, cfg, origins)

@@ -98,6 +98,18 @@ class RewardSpec:
 
 
 @dataclass
+class RLSpec:
+    """GRPO's RL parts (postrain.rl.section): each an entry name, or `{name: ..., <its hyperparameters>}`."""
+
+    advantage: str | dict[str, Any] | None = None
+    policy_loss: str | dict[str, Any] | None = None
+    aggregation: str | dict[str, Any] | None = None
+    regularizers: list[str | dict[str, Any]] = field(default_factory=list)
+    shaping: list[str | dict[str, Any]] = field(default_factory=list)
+    samplers: list[str | dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class RewardErrorPolicy:
     """What a reward function that raises does to the run: `fail` stops it, `score` scores the completion as
     `score` and counts it (logged as rewards/<name>/errors)."""
@@ -149,6 +161,10 @@ class DPORecipe(CommonSpec):
     data: DataSpec = field(default_factory=DataSpec)
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "dpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+    # Preference losses from postrain's registry, combined as Σ weight·mean(loss): [{name: simpo, weight: 1.0,
+    # beta: 2.0, gamma: 1.0}] (keys besides name/weight are the loss' hyperparameters; checked at load time by
+    # postrain.trainers.dpo.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
+    loss: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +176,10 @@ class GRPORecipe(CommonSpec):
     reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "grpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+    # A named method (`dapo`, or `{name: dapo, epsilon_high: 0.3}`): expands to its `rl:` parts at load time.
+    method: str | dict[str, Any] | None = None
+    # Registered RL parts replacing TRL's advantage and loss path (postrain.rl.section); None: TRL's, untouched.
+    rl: RLSpec | None = None
 
 
 @dataclass

@@ -1,0 +1,280 @@
+"""The `rl:` section of a GRPO recipe: which registered parts the GRPO trainer composes, parsed and checked.
+
+    rl:
+      advantage: {name: grpo}                         # or just `advantage: grpo`
+      policy_loss: {name: ppo_clip, epsilon: 0.2, epsilon_high: 0.28}
+      aggregation: {name: token_mean}
+      regularizers: [{name: kl_k3, beta: 0.04}]
+      shaping: [{name: dapo_overlong, overlong_buffer_len: 64}]
+
+Each part is `name` plus that registry entry's hyperparameters. A part left out takes TRL's own default
+(`advantage: grpo` = scale_rewards "group", `policy_loss: ppo_clip` + `aggregation: token_mean` = loss_type "dapo"),
+so `rl: {}` trains exactly as TRL's defaults do. Without an `rl:` section the trainer is TRL's, untouched.
+
+`check_rl_section` is the load-time check (postrain.recipes.checks.COMMAND_CHECKS): unknown names and parameters,
+parts whose data a GRPO batch cannot supply, and TRL options that the `rl:` path would silently ignore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from postrain.errors import RecipeError
+from postrain.registry import Registry, Variant
+from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
+
+SINGLE_PARTS: dict[str, Registry] = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS}
+LIST_PARTS: dict[str, Registry] = {"regularizers": REGULARIZERS, "shaping": SHAPING, "samplers": SAMPLERS}
+# TRL 1.16's defaults: scale_rewards="group" (grpo z-score) and loss_type="dapo" (token-level clip, token mean).
+DEFAULT_PARTS = {"advantage": "grpo", "policy_loss": "ppo_clip", "aggregation": "token_mean"}
+
+# The data inputs the GRPO trainer hands each family (postrain.trainers.grpo); an entry reading anything else
+# cannot run there. Rewards, masks and log-probs of the whole gathered batch for advantages and shaping.
+PROVIDED: dict[str, frozenset[str]] = {
+    "advantage": frozenset({"rewards", "group_size", "mask", "entropies", "mean_entropy", "old_logps", "ref_logps"}),
+    "policy_loss": frozenset({"logps", "old_logps", "advantages", "mask", "ref_logps", "rewards", "group_size",
+                              "entropies"}),
+    "aggregation": frozenset({"per_token_loss", "mask", "global_tokens", "num_sequences", "length_weight_sum"}),
+    "regularizer": frozenset({"logps", "ref_logps", "mask", "entropies", "mean_entropy", "all_entropies"}),
+    "shaping": frozenset({"rewards", "group_size", "mask", "old_logps", "noise", "ensemble_rewards"}),
+    "sampler": frozenset(),
+}
+# Why a data input is not available in a GRPO batch (for the error message).
+MISSING_DATA = {
+    "ref_rewards": "rewards of completions sampled from the reference model, which the GRPO trainer does not "
+                   "generate",
+    "state": "a per-prompt history carried across steps (and saved with checkpoints), which the GRPO trainer "
+             "does not keep",
+    "divergence": "a per-prompt policy divergence since the prompt's previous visit, which the GRPO trainer does "
+                  "not track",
+    "embeddings": "sentence embeddings of the completions, and no embedding model is configured",
+    "preferences": "pairwise preference judgments between completions, and no judge is configured",
+}
+# Entries whose data is optional but which would silently degrade without it.
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    ("advantage", "dcpo_smooth"): "it needs each prompt's reward history across steps (`state`); without it every "
+                                  "visit is a first visit, a plain z-score",
+    ("advantage", "spo_tracker"): "it needs each prompt's Beta tracker across steps (`state`) and one completion "
+                                  "per prompt",
+}
+SAMPLER_REASON = ("samplers choose which prompts or completions are trained (DAPO-style ones refill the batch); "
+                  "TRL's GRPOTrainer generates one fixed batch per step with no refill hook, so postrain does not "
+                  "apply them yet. For all-equal groups, the grpo / reinforce_rej advantages are already 0")
+
+# TRL options the `rl:` path replaces or does not reproduce: key -> (is it in effect?, what to use instead).
+# A key counts only where the recipe sets it (TRL's defaults are what the rl: defaults reproduce).
+TRL_CONFLICTS: dict[str, tuple[Any, str]] = {
+    "loss_type": (lambda v, t: True, "rl.policy_loss and rl.aggregation (ppo_clip + token_mean = dapo, "
+                                     "+ seq_mean_token_mean = grpo)"),
+    "scale_rewards": (lambda v, t: True, "rl.advantage (grpo = group, lite_ppo = batch, dr_grpo = none)"),
+    "importance_sampling_level": (lambda v, t: True, "rl.policy_loss: gspo (sequence level)"),
+    "epsilon": (lambda v, t: True, "rl.policy_loss.epsilon"),
+    "epsilon_high": (lambda v, t: True, "rl.policy_loss.epsilon_high"),
+    "delta": (lambda v, t: v is not None, "rl.policy_loss: dual_clip (TRL's delta is not reproduced)"),
+    "multi_objective_aggregation": (lambda v, t: v != "sum_then_normalize",
+                                    "rewards[i].weight (postrain sums the weighted rewards, TRL's "
+                                    "sum_then_normalize)"),
+    "beta": (lambda v, t: v not in (None, 0, 0.0), "rl.regularizers: [{name: kl_k3, beta: ...}]"),
+    "use_bias_correction_kl": (lambda v, t: bool(v) and t.get("beta") not in (None, 0, 0.0),
+                               "nothing: postrain's KL regularizers are not multiplied by the ratio"),
+    "entropy_coef": (lambda v, t: v not in (None, 0, 0.0), "rl.regularizers: [{name: entropy_bonus, "
+                                                         "entropy_coef: ...}]"),
+    "use_adaptive_entropy": (lambda v, t: bool(v), "rl.regularizers: target_entropy (TRL's adaptive controller "
+                                                   "is not reproduced)"),
+    "top_entropy_quantile": (lambda v, t: v is not None and v < 1.0,
+                             "rl.regularizers: [{name: high_entropy_tokens, top_entropy_quantile: ...}]"),
+    "off_policy_mask_threshold": (lambda v, t: v is not None, "nothing: off-policy sequence masking is not "
+                                                              "reproduced by the rl: path"),
+    "use_liger_kernel": (lambda v, t: bool(v), "use_liger_kernel: false (Liger's fused GRPO loss bypasses the "
+                                               "rl: policy loss)"),
+}
+VLLM_CORRECTION = ("set trainer.vllm_importance_sampling_correction: false (TRL's default is true; the vLLM "
+                   "importance-sampling correction is not reproduced by the rl: path)")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One registered entry with the recipe's hyperparameters, and where it sits in the recipe (for errors)."""
+
+    name: str
+    params: dict[str, Any]
+    where: str
+    variant: Variant
+
+
+@dataclass
+class RLParts:
+    advantage: Part
+    policy_loss: Part
+    aggregation: Part
+    regularizers: list[Part] = field(default_factory=list)
+    shaping: list[Part] = field(default_factory=list)
+    samplers: list[Part] = field(default_factory=list)
+
+    def all(self) -> list[tuple[str, Part]]:
+        singles = [("advantage", self.advantage), ("policy_loss", self.policy_loss), ("aggregation", self.aggregation)]
+        return singles + [("regularizer", p) for p in self.regularizers] + [("shaping", p) for p in self.shaping] \
+            + [("sampler", p) for p in self.samplers]
+
+    def reads(self, data_name: str) -> bool:
+        """Whether any part reads `data_name`, counting `reinforce_pp`'s log-probs only where its beta is not 0."""
+        for _, part in self.all():
+            if (part.name, part.variant.family) == ("reinforce_pp", "advantage") \
+                    and data_name in ("old_logps", "ref_logps"):
+                if part.params.get("beta", part.variant.params["beta"]) != 0:
+                    return True
+                continue
+            if part.variant.needs(data_name):
+                return True
+        return False
+
+
+def normalize_part(value: Any, where: str) -> dict[str, Any]:
+    """`name` or `{name: ..., <params>}` -> a fresh `{name: ..., <params>}` mapping."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return dict(value)
+    raise RecipeError(f"'{where}' must be an entry name or a mapping with `name:` and that entry's parameters, "
+                      f"e.g. {{name: ppo_clip, epsilon: 0.2}}; got {value!r}")
+
+
+def normalize_section(section: dict[str, Any]) -> dict[str, Any]:
+    """Every part of an `rl:` mapping in its `{name: ...}` form (lists stay lists)."""
+    out = dict(section)
+    for key in SINGLE_PARTS:
+        if out.get(key) is not None:
+            out[key] = normalize_part(out[key], f"rl.{key}")
+    for key in LIST_PARTS:
+        if out.get(key) is not None:
+            if not isinstance(out[key], list):
+                raise RecipeError(f"'rl.{key}' must be a list of parts, e.g. [{{name: ...}}]; got {out[key]!r}")
+            out[key] = [normalize_part(v, f"rl.{key}[{i}]") for i, v in enumerate(out[key])]
+    return out
+
+
+def _origin(origins: dict[str, str], path: str) -> str:
+    key = path
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key[:key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
+    return "built-in defaults"
+
+
+def _part(registry: Registry, value: Any, path: str, origins: dict[str, str]) -> Part:
+    spec = normalize_part(value, path)
+    name = spec.pop("name")
+    where = f"{path}, from {_origin(origins, path)}"
+    variant = registry.check_params(name, spec, where=where)
+    missing = [k for k, p in variant.signature.parameters.items()
+               if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in spec]
+    if missing:
+        raise RecipeError(f"{registry.what} {name!r} ({where}) has no default for {', '.join(missing)}: "
+                          f"set {', '.join(f'{path}.{k}' for k in missing)}")
+    return Part(name, spec, where, variant)
+
+
+def parse_rl_section(section: dict[str, Any] | None, origins: dict[str, str] | None = None) -> RLParts:
+    """The parts an `rl:` mapping names (TRL's defaults for those left out); RecipeError for unknown names or
+    parameters."""
+    section = dict(section or {})
+    origins = origins or {}
+    unknown = set(section) - set(SINGLE_PARTS) - set(LIST_PARTS)
+    if unknown:
+        raise RecipeError(f"unknown key 'rl.{sorted(unknown)[0]}': valid keys: "
+                          f"{', '.join([*SINGLE_PARTS, *LIST_PARTS])}")
+    singles = {key: _part(reg, section.get(key) or DEFAULT_PARTS[key], f"rl.{key}", origins)
+               for key, reg in SINGLE_PARTS.items()}
+    lists = {}
+    for key, reg in LIST_PARTS.items():
+        values = section.get(key) or []
+        if not isinstance(values, list):
+            raise RecipeError(f"'rl.{key}' must be a list of parts, e.g. [{{name: ...}}]; got {values!r}")
+        lists[key] = [_part(reg, v, f"rl.{key}[{i}]", origins) for i, v in enumerate(values)]
+    return RLParts(**singles, **lists)
+
+
+def _what(part: Part) -> str:
+    from postrain.registry import FAMILIES
+
+    return FAMILIES[part.variant.family].what
+
+
+def steps_per_generation(trainer: dict[str, Any]) -> int:
+    """TRL's default: steps_per_generation = gradient_accumulation_steps unless generation_batch_size sets it."""
+    if trainer.get("steps_per_generation"):
+        return int(trainer["steps_per_generation"])
+    if trainer.get("generation_batch_size"):
+        return max(1, int(trainer["generation_batch_size"]) // int(trainer.get("per_device_train_batch_size") or 8))
+    return int(trainer.get("gradient_accumulation_steps") or 1)
+
+
+def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time check of a GRPO recipe's `rl:` section (see the module docstring)."""
+    if command != "grpo" or cfg.get("rl") is None:
+        return
+    parts = parse_rl_section(cfg["rl"], origins)
+    trainer = cfg.get("trainer") or {}
+    rl_origin = _origin(origins, "rl")
+
+    for family, part in parts.all():
+        if family == "sampler":
+            raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot run in the GRPO trainer: {SAMPLER_REASON}")
+        if (family, part.name) in UNSUPPORTED:
+            raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) cannot run in "
+                              f"the GRPO trainer: {UNSUPPORTED[family, part.name]}")
+        for data_name, required in part.variant.data.items():
+            if required and data_name not in PROVIDED[family]:
+                why = MISSING_DATA.get(data_name, "which a GRPO batch does not provide")
+                raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) reads "
+                                  f"`{data_name}`: {why}")
+
+    # Losses over whole groups (gvpo, disco) need every micro-batch to hold whole groups: TRL shuffles the
+    # generation batch and splits it into steps_per_generation micro-batches, so only one split keeps groups whole.
+    if parts.policy_loss.variant.needs("group_size"):
+        spg = steps_per_generation(trainer)
+        per_device = int(trainer.get("per_device_train_batch_size") or 8)
+        group = int(trainer.get("num_generations") or 8)
+        if spg != 1 or per_device % group:
+            raise RecipeError(
+                f"policy loss {parts.policy_loss.name!r} ({parts.policy_loss.where}) compares the completions of a "
+                f"group, so each micro-batch must hold whole groups: set trainer.steps_per_generation (or "
+                f"gradient_accumulation_steps) to 1 and trainer.per_device_train_batch_size to a multiple of "
+                f"trainer.num_generations (now steps_per_generation={spg}, per_device_train_batch_size={per_device}, "
+                f"num_generations={group})")
+
+    max_len = int(trainer.get("max_completion_length") or 512)
+    for part in parts.shaping:
+        if part.name == "dapo_overlong":
+            buffer = part.params.get("overlong_buffer_len", part.variant.params["overlong_buffer_len"])
+            limit = part.params.get("max_completion_length", max_len)
+            if not 0 < buffer <= limit:
+                raise RecipeError(f"{part.where.split(',')[0]}.overlong_buffer_len ({buffer}, {part.where}) must lie "
+                                  f"in 1..max_completion_length ({limit}, trainer.max_completion_length unless the "
+                                  f"part sets its own)")
+
+    if trainer.get("use_vllm") and trainer.get("vllm_importance_sampling_correction", True):
+        raise RecipeError(f"trainer.use_vllm (from {_origin(origins, 'trainer.use_vllm')}) with TRL's vLLM "
+                          f"importance-sampling correction conflicts with rl: (from {rl_origin}): {VLLM_CORRECTION}")
+    for key, (in_effect, instead) in TRL_CONFLICTS.items():
+        if key in trainer and in_effect(trainer[key], trainer):
+            raise RecipeError(
+                f"trainer.{key} ({trainer[key]!r}, from {_origin(origins, f'trainer.{key}')}) conflicts with rl: "
+                f"(from {rl_origin}): the rl: section replaces TRL's loss and advantage path, which would ignore it. "
+                f"Remove trainer.{key} and use {instead}")
+
+
+def reference_beta(parts: RLParts) -> float | None:
+    """The `beta` to hand TRL's GRPOConfig so that it builds the reference model and computes its log-probs, or
+    None where no part reads them. TRL does both only where beta != 0; under rl: its loss never reads beta
+    otherwise, so the value is the switch (the first reading part's own beta, for a config that reads true)."""
+    if not parts.reads("ref_logps"):
+        return None
+    for _, part in parts.all():
+        if part.variant.needs("ref_logps"):
+            beta = part.params.get("beta", part.variant.params.get("beta"))
+            if beta:
+                return float(beta)
+    return 1.0
