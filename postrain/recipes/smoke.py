@@ -90,6 +90,10 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         if command == "dpo" and not (cfg.get("trainer") or {}).get("precompute_ref_log_probs"):
             trainer.pop("precompute_ref_batch_size")
         layer["trainer"] = trainer
+        shaping = ((cfg.get("rl") or {}).get("shaping")) or []
+        if any(_length_part(part) for part in shaping):
+            # Length-based shaping sized for the paper's lengths must fit the smoke run's completions.
+            layer["rl"] = {"shaping": [_smoke_length_part(part) for part in shaping]}
     if command == "eval":
         sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
         layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in sets.items()}
@@ -97,6 +101,22 @@ def smoke_layer(command: str, cfg: dict) -> dict:
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})
     return layer
+
+
+def _length_part(part) -> bool:
+    return isinstance(part, dict) and any(k in part for k in ("overlong_buffer_len", "max_completion_length"))
+
+
+def _smoke_length_part(part):
+    if not _length_part(part):
+        return part
+    max_len = SMOKE_TRAINER["grpo"]["max_completion_length"]
+    out = dict(part)
+    if "max_completion_length" in out:
+        out["max_completion_length"] = max_len
+    if "overlong_buffer_len" in out:
+        out["overlong_buffer_len"] = max_len // 2
+    return out
 
 
 def _smoke_merge(merge: dict) -> dict:
