@@ -43,6 +43,7 @@ def _per_token_mean(values, mask):
 
 @PREFERENCE.register(
     "dpo", paper="Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+    catalog="preference:1",
     arxiv="2305.18290", trl="loss_type=sigmoid",
     notes="paper Eq. 7; identical to TRL 1.16 _compute_loss 'sigmoid' with f_divergence_type=reverse_kl")
 def dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
@@ -56,6 +57,7 @@ def dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
 
 @PREFERENCE.register(
     "ipo", paper="A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    catalog="preference:2",
     arxiv="2310.12036",
     notes="paper Eq. 17 on summed log-probs (as TRL <= 0.28 and the SPPO / RPO authors' trainers). TRL 1.16's "
           "loss_type=ipo divides each side's log-ratio by its completion length first (see ipo_token_mean)")
@@ -71,6 +73,7 @@ def ipo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
 
 @PREFERENCE.register(
     "ipo_token_mean", paper="A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    catalog="preference:2",
     arxiv="2310.12036", trl="loss_type=ipo",
     notes="TRL 1.16 _compute_loss 'ipo': log-ratios divided by completion length (clamped at 1); TRL's comment "
           "says the IPO authors confirmed this normalization and that the paper's results used it")
@@ -89,6 +92,7 @@ def ipo_token_mean(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_
     "cdpo", paper="A note on DPO with noisy preferences & relationship to IPO (Mitchell, 2023; no arXiv id: "
                   "https://ericmitchell.ai/cdpo.pdf). arXiv id given: Provably Robust DPO, which states cDPO "
                   "as its baseline", arxiv="2403.00409",
+    catalog="preference:3",
     notes="TRL <= 0.28 loss_type=sigmoid with label_smoothing; TRL 1.16's sigmoid ignores label_smoothing, so "
           "no native equivalent")
 def cdpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1,
@@ -105,6 +109,7 @@ def cdpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, 
 
 @PREFERENCE.register(
     "robust", paper="Provably Robust DPO: Aligning Language Models with Noisy Feedback", arxiv="2403.00409",
+    catalog="preference:4",
     trl="loss_type=robust",
     notes="paper Eq. 8 / Sec. 3.1; identical to TRL 1.16 'robust' (ε = label_smoothing)")
 def robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.01,
@@ -122,6 +127,7 @@ def robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
 
 @PREFERENCE.register(
     "hinge", paper="Statistical Rejection Sampling Improves Preference Optimization", arxiv="2309.06657",
+    catalog="preference:32",
     trl="loss_type=hinge",
     notes="RSO's hinge-norm loss (SLiC-HF 2305.10425's calibration hinge normalized by the SFT/reference "
           "policy); identical to TRL 1.16 'hinge'. SLiC-HF's own un-normalized hinge + SFT-target term is not "
@@ -138,6 +144,7 @@ def hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
 
 @PREFERENCE.register(
     "sigmoid_norm", paper="Tulu 3: Pushing Frontiers in Open Language Model Post-Training", arxiv="2411.15124",
+    catalog="preference:trl",
     trl="loss_type=sigmoid_norm",
     notes="length-normalized DPO; checked against allenai/open-instruct dpo_utils.py (loss_type dpo_norm "
           "averages policy and reference log-probs per token) and TRL 1.16 'sigmoid_norm' (lengths clamped at 1)")
@@ -158,6 +165,7 @@ def sigmoid_norm(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_lo
 
 @PREFERENCE.register(
     "exo_pair", paper="Towards Efficient and Exact Optimization of Language Model Alignment", arxiv="2402.00856",
+    catalog="preference:19",
     trl="loss_type=exo_pair",
     notes="pairwise EXO-pref: reverse KL from softmax(β·h) over {y_w, y_l} to the smoothed label [1−ε, ε]; "
           "identical to TRL 1.16 'exo_pair'. haozheji/exact-optimization src/align_stage/loss.py::exact_loss "
@@ -178,6 +186,7 @@ def exo_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @PREFERENCE.register(
     "nca_pair", paper="Noise Contrastive Alignment of Language Models with Explicit Rewards", arxiv="2402.05369",
+    catalog="preference:trl",
     trl="loss_type=nca_pair",
     notes="checked against thu-ml/Noise-Contrastive-Alignment preference_trainer.py (loss_type NCA) and its "
           "yaml (beta 0.01); identical to TRL 1.16 'nca_pair'")
@@ -193,6 +202,7 @@ def nca_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @PREFERENCE.register(
     "bco_pair", paper="Binary Classifier Optimization for Large Language Model Alignment", arxiv="2404.04656",
+    catalog="preference:trl",
     notes="reward shift δ as in TRL <= 0.28 'bco_pair' (RunningMoments mean of β·h over chosen and rejected, "
           "detached). TRL 1.16's 'bco_pair' drops δ: it equals this entry with reward_shift not given")
 def bco_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, reward_shift=None, *,
@@ -210,6 +220,7 @@ def bco_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @PREFERENCE.register(
     "sppo_hard", paper="Self-Play Preference Optimization for Language Model Alignment", arxiv="2405.00675",
+    catalog="preference:36",
     trl="loss_type=sppo_hard",
     notes="TRL's hard-label version (P(y_w ≻ π_t)=1, P(y_l ≻ π_t)=0), identical to TRL 1.16 'sppo_hard'; it is "
           "2× the authors' soft loss at those probabilities (their code halves the sum)")
@@ -224,6 +235,7 @@ def sppo_hard(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
 
 @PREFERENCE.register(
     "sppo", paper="Self-Play Preference Optimization for Language Model Alignment", arxiv="2405.00675",
+    catalog="preference:36",
     notes="checked against uclaml/SPPO sppo/trainer.py::sppo_loss (loss_type 'sppo') and scripts/compute_prob.py "
           "(win rates = mean PairRM probability against the K=5 samples); no TRL equivalent")
 def sppo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_probs, rejected_probs, *,
@@ -248,6 +260,7 @@ def _smoothed_logistic(z, label_smoothing):
 
 @PREFERENCE.register(
     "aot", paper="Distributional Preference Alignment of LLMs via Optimal Transport", arxiv="2406.05882",
+    catalog="preference:21",
     trl="loss_type=aot",
     notes="TRL 1.16 'aot' (contributed with the paper); TRL returns the per-quantile losses, whose mean is "
           "this entry's value. Sorts within the batch it is given: per-device batches in a distributed run")
@@ -266,6 +279,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
 
 @PREFERENCE.register(
     "aot_unpaired", paper="Distributional Preference Alignment of LLMs via Optimal Transport",
+    catalog="preference:21",
     arxiv="2406.05882", trl="loss_type=aot_unpaired",
     notes="TRL 1.16 'aot_unpaired' (TRL <= 0.28 'aot_pair'); the batch loss is returned at every position")
 def aot_unpaired(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1,
@@ -283,6 +297,7 @@ def aot_unpaired(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_lo
 @PREFERENCE.register(
     "apo_zero", paper="Anchored Preference Optimization and Contrastive Revisions: Addressing Underspecification "
                       "in Alignment", arxiv="2408.06266", trl="loss_type=apo_zero",
+    catalog="preference:trl",
     notes="paper Eq. 7; the authors (ContextualAI/CLAIR_and_APO) point to TRL's implementation, identical to "
           "TRL 1.16 'apo_zero'")
 def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
@@ -297,6 +312,7 @@ def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 @PREFERENCE.register(
     "apo_down", paper="Anchored Preference Optimization and Contrastive Revisions: Addressing Underspecification "
                       "in Alignment", arxiv="2408.06266", trl="loss_type=apo_down",
+    catalog="preference:trl",
     notes="paper Eq. 8; identical to TRL 1.16 'apo_down'")
 def apo_down(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
     """APO-down: σ(βh_w) + (1 − σ(β(h_w − h_l))); lowers both likelihoods, the rejected one more.
@@ -309,6 +325,7 @@ def apo_down(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @PREFERENCE.register(
     "discopop", paper="Discovering Preference Optimization Algorithms with and for Large Language Models",
+    catalog="preference:20",
     arxiv="2406.08414", trl="loss_type=discopop (discopop_tau=tau)",
     notes="checked against SakanaAI/DiscoPOP src/alignment/gpo.py::log_ratio_modulated_loss (tau=0.05) and "
           "recipes (beta=0.05); identical to TRL 1.16 'discopop'")
@@ -332,6 +349,7 @@ _FDPO = dict(paper="Beyond Reverse KL: Generalizing DPO with Diverse Divergence 
 
 @PREFERENCE.register(
     "fdpo_forward_kl", **_FDPO, trl="loss_type=sigmoid, f_divergence_type=forward_kl",
+    catalog="preference:18",
     notes="f′(u) = −1/u: checked against alecwangcq/f-divergence-dpo trainers.py::forward_dpo_loss; TRL 1.16 "
           "uses 1 − e^(−h) (the constant cancels). Exponent clamped at 80 in float32 (TRL clamps only α-div)")
 def fdpo_forward_kl(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
@@ -346,6 +364,7 @@ def fdpo_forward_kl(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
 
 @PREFERENCE.register(
     "fdpo_js", **_FDPO, trl="loss_type=sigmoid, f_divergence_type=js_divergence",
+    catalog="preference:18",
     notes="f′(u) = log(2u/(1+u)) = log 2 + log σ(h): checked against alecwangcq/f-divergence-dpo "
           "trainers.py::js_dpo_loss; identical to TRL 1.16 js_divergence")
 def fdpo_js(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.1):
@@ -359,6 +378,7 @@ def fdpo_js(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, 
 
 @PREFERENCE.register(
     "fdpo_alpha", **_FDPO,
+    catalog="preference:18",
     trl="loss_type=sigmoid, f_divergence_type=alpha_divergence, f_alpha_divergence_coef=1-alpha",
     notes="f′(u) = (1 − u^(−α))/α, α ∈ (0,1): checked against alecwangcq/f-divergence-dpo "
           "trainers.py::alpha_dpo_loss. TRL 1.16 computes (u^(c−1) − 1)/(c−1) with c = f_alpha_divergence_coef, "
@@ -383,6 +403,7 @@ def fdpo_alpha(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logp
 @PREFERENCE.register(
     "rpo", paper="Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial "
                  "Regularizer", arxiv="2405.16436",
+    catalog="preference:31",
     notes="main-paper (cumulative) form, checked against YSLIU627/Regularized-Preference-Optimization "
           "alignment-handbook/scripts/rpo_trainer.py (losses -= policy_chosen_logps * beta * eta, summed logps) "
           "and recipes/zephyr-7b-beta/rpo (eta 0.005, beta 0.01). TRL's ['sigmoid','sft'] with weights "
@@ -401,6 +422,7 @@ def rpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
 
 @PREFERENCE.register(
     "dpo_nll", paper="Iterative Reasoning Preference Optimization", arxiv="2404.19733",
+    catalog="preference:30",
     notes="L_DPO+NLL with α on the NLL term (paper v3; TRL <= 0.28 rpo_alpha, recommended 1.0). The NLL is "
           "normalized per example by the chosen completion length; TRL's rpo_alpha / 1.16 ['sigmoid','sft'] "
           "average over all chosen tokens of the batch instead (equal only for equal lengths)")
@@ -420,6 +442,7 @@ def dpo_nll(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, 
 
 @PREFERENCE.register(
     "wpo", paper="WPO: Enhancing RLHF with Weighted Preference Optimization", arxiv="2406.11827",
+    catalog="preference:9",
     notes="checked against wzhouad/WPO scripts/run_wpo.py (get_batch_logps weight, clamp max=1, detached) and "
           "training_configs (beta 0.01). TRL 1.16 use_weighting=True computes the same weight without the clamp")
 def wpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_token_logps,
@@ -453,6 +476,7 @@ def _desensitized_logps(token_logps, mask, shared_lengths, alpha):
 
 @PREFERENCE.register(
     "ld_dpo", paper="Length Desensitization in Direct Preference Optimization", arxiv="2409.06411",
+    catalog="preference:11",
     trl="ld_alpha=alpha (loss_type=sigmoid)",
     notes="checked against TRL 1.16 _compute_loss ld_alpha branch (shared prefix = min of the two completion "
           "lengths, applied to policy and reference alike)")

@@ -29,6 +29,7 @@ def _lists(list_logps, list_ref_logps, list_scores, list_mask):
 
 @PREFERENCE.register(
     "lipo_lambda", paper="LiPO: Listwise Preference Optimization through Learning-to-Rank", arxiv="2402.01878",
+    catalog="preference:60",
     notes="formula from the paper's LiPO-λ section as given in the methods catalog (P) with the LambdaLoss / "
           "TF-Ranking DCG Lambda weight |1/D(τi) − 1/D(τj)|; no public code by the authors found")
 def lipo_lambda(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: float = 0.05):
@@ -56,6 +57,7 @@ def lipo_lambda(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta
 
 @PREFERENCE.register(
     "plackett_luce_dpo", paper="Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
+    catalog="preference:1",
     arxiv="2305.18290",
     notes="the Plackett-Luce objective of the DPO paper (Sec. 5 / Appendix A.3); the K=2 case is DPO")
 def plackett_luce_dpo(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: float = 0.1):
@@ -76,6 +78,7 @@ def plackett_luce_dpo(list_logps, list_ref_logps, list_scores, list_mask=None, *
 
 @PREFERENCE.register(
     "exo_k", paper="Towards Efficient Exact Optimization of Language Model Alignment", arxiv="2402.00856",
+    catalog="preference:19",
     notes="checked against haozheji/exact-optimization src/align_stage/loss.py::exact_loss (loss_type exo-rw) "
           "and exp/*/train_exo.sh")
 def exo_k(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: float = 0.5, beta_r: float = 0.5):
@@ -95,6 +98,7 @@ def exo_k(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: floa
 
 @PREFERENCE.register(
     "relative_po",
+    catalog="preference:53",
     paper="Relative Preference Optimization: Enhancing LLM Alignment through Contrasting Responses across "
           "Identical and Diverse Prompts", arxiv="2402.10958",
     notes="checked against yinyueqin/relative-preference-optimization trainers.py::RPOTrainer.loss and "
@@ -120,6 +124,7 @@ def relative_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
 
 @PREFERENCE.register(
     "group_robust_po", paper="Group Robust Preference Optimization in Reward-free RLHF", arxiv="2405.20304",
+    catalog="preference:51",
     notes="checked against rsshyam/Group-robust-preference-optimization src/trainers/grouptrainer.py "
           "(compute_group_metric, compute_robust_loss) and scripts/run_multi_robust.sh")
 def group_robust_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, group_ids,

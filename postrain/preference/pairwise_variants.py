@@ -33,6 +33,7 @@ def _clean(x, mask):
 
 
 @PREFERENCE.register("odpo", paper="Direct Preference Optimization with an Offset", arxiv="2402.10571",
+                     catalog="preference:8",
                      notes="checked against rycolab/odpo trainers.py::preference_loss (offset branch) and "
                            "config/loss/odpo.yaml (alpha=1.0)")
 def odpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen, score_rejected, *,
@@ -48,6 +49,7 @@ def odpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sco
 
 
 @PREFERENCE.register("odpo_log_ratio", paper="Direct Preference Optimization with an Offset", arxiv="2402.10571",
+                     catalog="preference:8",
                      notes="rycolab/odpo trainers.py::preference_loss, offset branch with ratio=True")
 def odpo_log_ratio(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen,
                    score_rejected, *, beta: float = 0.1, alpha: float = 1.0):
@@ -60,6 +62,7 @@ def odpo_log_ratio(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_
 
 
 @PREFERENCE.register("r_dpo", paper="Disentangling Length from Quality in Direct Preference Optimization",
+                     catalog="preference:12",
                      arxiv="2403.19159",
                      notes="form −LS(βΔ + α(|y_w|−|y_l|)) of Park et al. (also SimPO's Table 1 baseline list); "
                            "derived here from the length-penalized reward r − α|y|; sign differs from the "
@@ -78,6 +81,7 @@ def r_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, ch
 
 
 @PREFERENCE.register("h_dpo", paper="Entropy Controllable Direct Preference Optimization", arxiv="2411.07595",
+                     catalog="preference:17",
                      notes="derived from the paper's objective (entropy term scaled by α, optimum "
                            "π* ∝ (π_ref e^{r/β})^{1/α}); agrees with the catalog and a third-party implementation; "
                            "alpha default not established")
@@ -92,6 +96,7 @@ def h_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
 
 
 @PREFERENCE.register("mappo", paper="MaPPO: Maximum a Posteriori Preference Optimization with Prior Knowledge",
+                     catalog="preference:24",
                      arxiv="2507.21183", notes="catalog: paper full text Eq. 8 (confidence P)")
 def mappo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen, score_rejected, *,
           beta: float = 0.1):
@@ -106,6 +111,7 @@ def mappo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
 
 
 @PREFERENCE.register("tgdpo", paper="TGDPO: Harnessing Token-Level Reward Guidance for Enhancing DPO",
+                     catalog="preference:25",
                      arxiv="2506.14574",
                      notes="checked against dvlab-research/TGDPO src/llamafactory/train/tgdpo/trainer.py "
                            "(sigmoid branch) and examples/llama3_8b_instruct_tgdpo.yaml")
@@ -127,6 +133,7 @@ def tgdpo(chosen_token_logps, rejected_token_logps, ref_chosen_token_logps, ref_
 
 
 @PREFERENCE.register("omni_dpo",
+                     catalog="preference:26",
                      paper="Omni-DPO: A Dual-Perspective Paradigm for Dynamic Preference Learning of LLMs",
                      arxiv="2506.10054",
                      notes="checked against pspdada/Uni-DPO Textual/train/scripts/uni_dpo_trainer.py::uni_dpo_loss "
@@ -167,6 +174,7 @@ def _gamma_po_margins(gaps, gamma, tau, iters: int = 20, eps: float = 1e-10):
 
 
 @PREFERENCE.register("gamma_po", paper="Robust Preference Optimization via Dynamic Target Margins",
+                     catalog="preference:13",
                      arxiv="2506.03690",
                      notes="checked against sunjie279/gammaPO scripts/simpo_trainer.py (gm-simpo branch, "
                            "get_gamma_dq) and training_configs/llama-3-8b-it-gmsimpo-beta10-gm0.4-tau10-lr1e-6.yaml")
@@ -189,6 +197,7 @@ def gamma_po(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, que
 
 
 @PREFERENCE.register("dr_dpo",
+                     catalog="preference:14",
                      paper="Towards Robust Alignment of Language Models: Distributionally Robustifying Direct "
                            "Preference Optimization", arxiv="2407.07880",
                      notes="checked against junkangwu/Dr_DPO trainers.py (mode_loss == 'DrDPO') and README "
@@ -207,6 +216,7 @@ def dr_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
 
 
 @PREFERENCE.register("beta_dpo", paper="β-DPO: Direct Preference Optimization with Dynamic β", arxiv="2407.08639",
+                     catalog="preference:7",
                      notes="checked against junkangwu/beta-DPO trainers.py::preference_loss (mode_loss beta_DPO) "
                            "and update_and_sync_tensor_mean; README example a=0.6, mode_weight=0.2")
 def beta_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, margin_ema_mean, margin_ema_std,
@@ -229,6 +239,7 @@ def beta_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 @PREFERENCE.register("ra_dpo", paper="Risk-aware Direct Preference Optimization under Nested Risk Measure",
+                     catalog="preference:15",
                      arxiv="2505.20359",
                      notes="loss checked against zlj123-max/Ra-DPO Ra-DPO/train/trainers.py::Ra_DPOTrainer.loss "
                            "and config/loss/ra-dpo.yaml; the per-token risk ratios (CVaR over the vocabulary, "
@@ -251,6 +262,7 @@ def ra_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c
 
 @PREFERENCE.register("modpo", paper="Beyond One-Preference-Fits-All Alignment: Multi-Objective Direct Preference "
                                     "Optimization", arxiv="2310.03708",
+                     catalog="preference:49",
                      notes="checked against ZHZisZZ/modpo src/trainer/modpo_trainer.py::modpo_loss (sigmoid) and "
                            "scripts/modpo/beavertails/modpo.py (beta=0.1, w=(0.5, 0.5))")
 def modpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen, score_rejected, *,
@@ -275,6 +287,7 @@ def modpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
 
 @PREFERENCE.register("inpo", paper="Iterative Nash Policy Optimization: Aligning LLMs with General Preferences via "
                                    "No-Regret Learning", arxiv="2407.00617",
+                     catalog="preference:39",
                      notes="catalog (3P): matches a third-party train_inpo.py; defaults from the same source, "
                            "not re-read in the paper")
 def inpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, prev_chosen_logps,
@@ -291,6 +304,7 @@ def inpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, pre
 
 
 @PREFERENCE.register("rebel", paper="REBEL: Reinforcement Learning via Regressing Relative Rewards",
+                     catalog=("preference:81", "rl:64"),
                      arxiv="2404.16767",
                      notes="checked against ZhaolinGao/REBEL src/ultrafeedback/rebel.py (reg_diff, eta=1.0)")
 def rebel(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen, score_rejected, *,
@@ -305,6 +319,7 @@ def rebel(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
 
 
 @PREFERENCE.register("reward_aware_po",
+                     catalog="preference:82",
                      paper="Reward-aware Preference Optimization: A Unified Mathematical Framework for Model "
                            "Alignment", arxiv="2502.00203",
                      notes="checked against NVIDIA NeMo-Aligner's DPO model preference_loss (rpo_sq, rpo_bwd_kl, "
@@ -340,6 +355,7 @@ def _dmpo_turn_weights(turn_mask, gamma):
 
 
 @PREFERENCE.register("dmpo", paper="Direct Multi-Turn Preference Optimization for Language Agents",
+                     catalog="preference:86",
                      arxiv="2406.14868",
                      notes="checked against swt-user/DMPO fastchat/train/dmpo_trainer_efficient.py::"
                            "get_batch_loss_metrics (turn coefficients) and train_dmpo_efficient.py (gamma=0.7)")
@@ -359,6 +375,7 @@ def dmpo(chosen_turn_logps, rejected_turn_logps, ref_chosen_turn_logps, ref_reje
 
 
 @PREFERENCE.register("implicit_prm_ce", paper="Free Process Rewards without Process Labels", arxiv="2412.01981",
+                     catalog="preference:101",
                      notes="checked against PRIME's compute_ce_dpo_loss_rm (verl recipe/prime/prime_core_algos.py): "
                            "BCE(σ(β·Σ_t h_t), label); beta=0.05 is PRIME's beta_train")
 def implicit_prm_ce(logps, ref_logps, labels, *, beta: float = 0.05):

@@ -25,6 +25,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 @PREFERENCE.register(
     "simpo", paper="SimPO: Simple Preference Optimization with a Reference-Free Reward", arxiv="2405.14734",
+    catalog="preference:5",
     trl="experimental.cpo.CPOTrainer(loss_type='simpo', cpo_alpha=0.0, simpo_gamma=gamma)",
     notes="checked against princeton-nlp/SimPO scripts/simpo_trainer.py::simpo_loss and training_configs")
 def simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta: float = 2.0,
@@ -43,6 +44,7 @@ def simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, bet
 
 @PREFERENCE.register(
     "orpo", paper="ORPO: Monolithic Preference Optimization without Reference Model", arxiv="2403.07691",
+    catalog="preference:6",
     notes="odds-ratio term checked against trl/experimental/orpo/orpo_trainer.py::odds_ratio_loss (1.16); "
           "NLL per example over completion tokens as in the paper, where TRL averages over all tokens of the "
           "batch including the prompt")
@@ -62,6 +64,7 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta
 
 @PREFERENCE.register(
     "repo", paper="RePO: ReLU-based Preference Optimization", arxiv="2503.07426",
+    catalog="preference:10",
     notes="checked against junkangwu/RePO scripts/simpo_trainer.py (loss_type == 'repo') and training_configs")
 def repo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, gamma: float = 0.4):
     """RePO: max(0, γ − (ℓ̄_w − ℓ̄_l)), a hinge on the reference-free average-log-prob margin (SimPO at β→∞).
@@ -76,6 +79,7 @@ def repo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, gamm
 
 @PREFERENCE.register(
     "contrastive_po",
+    catalog="preference:trl",
     paper="Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine "
           "Translation", arxiv="2401.08417",
     notes="checked against fe1ixxu/ALMA utils/cpo_trainer.py and trl/experimental/cpo (loss_type='sigmoid'); "
@@ -93,6 +97,7 @@ def contrastive_po(chosen_logps, rejected_logps, chosen_lengths, *, beta: float 
 
 @PREFERENCE.register(
     "alphapo", paper="AlphaPO: Reward Shape Matters for LLM Alignment", arxiv="2501.03884",
+    catalog="preference:trl",
     trl="experimental.cpo.CPOTrainer(loss_type='alphapo', alpha=alpha, simpo_gamma=gamma)",
     notes="formula from trl/experimental/cpo/cpo_trainer.py::cpo_loss (1.16); defaults from TRL's paper index "
           "(Mistral-Instruct, Table 3 of the paper); paper text not read directly")
@@ -114,6 +119,7 @@ def alphapo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, a
 
 @PREFERENCE.register(
     "cpl", paper="Contrastive Preference Learning: Learning from Human Feedback without RL", arxiv="2310.13639",
+    catalog="preference:89",
     notes="checked against jhejna/cpl research/algs/cpl.py::biased_bce_with_logits and configs/*/cpl.yaml")
 def cpl(chosen_logps, rejected_logps, *, alpha: float = 0.1, lam: float = 0.5):
     """CPL: −log[e^{α·ℓ_w} / (e^{α·ℓ_w} + e^{λ·α·ℓ_l})] = −log σ(α·ℓ_w − λ·α·ℓ_l), reference-free.

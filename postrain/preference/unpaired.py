@@ -21,6 +21,7 @@ def _split(logps, ref_logps, labels):
 
 @PREFERENCE.register(
     "kto", paper="KTO: Model Alignment as Prospect Theoretic Optimization", arxiv="2402.01306",
+    catalog="preference:62",
     trl="KTOTrainer(loss_type='kto')",
     notes="checked against trl/trainer/kto_trainer.py::_compute_loss (1.16)")
 def kto(logps, ref_logps, labels, kl, *, beta: float = 0.1, desirable_weight: float = 1.0,
@@ -39,6 +40,7 @@ def kto(logps, ref_logps, labels, kl, *, beta: float = 0.1, desirable_weight: fl
 
 @PREFERENCE.register(
     "apo_zero_unpaired",
+    catalog="preference:trl",
     paper="Anchored Preference Optimization and Contrastive Revisions: Addressing Underspecification in "
           "Alignment", arxiv="2408.06266",
     trl="KTOTrainer(loss_type='apo_zero_unpaired')",
@@ -57,6 +59,7 @@ def apo_zero_unpaired(logps, ref_logps, labels, *, beta: float = 0.1, desirable_
 
 @PREFERENCE.register(
     "bco", paper="Binary Classifier Optimization for Large Language Model Alignment", arxiv="2404.04656",
+    catalog="preference:trl",
     notes="checked against TRL's BCOTrainer.bco_loss (trl/trainer/bco_trainer.py, 0.x; removed in 1.16); "
           "the optional underlying-distribution-matching weights are not included")
 def bco(logps, ref_logps, labels, delta, *, beta: float = 0.1):

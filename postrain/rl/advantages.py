@@ -77,6 +77,7 @@ def _masked_mean_rows(x, mask) -> tuple[torch.Tensor, torch.Tensor]:
 
 @ADVANTAGES.register(
     "grpo", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    catalog="rl:1",
     arxiv="2402.03300", trl="scale_rewards=group",
     notes="TRL 1.16 grpo_trainer.py _generate_and_score_completions: unbiased nanstd, + 1e-4")
 def grpo(rewards, group_size):
@@ -90,6 +91,7 @@ def grpo(rewards, group_size):
 
 @ADVANTAGES.register(
     "dr_grpo", paper="Understanding R1-Zero-Like Training: A Critical Perspective", arxiv="2503.20783",
+    catalog="rl:2",
     trl="scale_rewards=none",
     notes="sail-sg/understand-r1-zero train_zero_math.py (std only for critic_type=grpo); TRL scale_rewards=none")
 def dr_grpo(rewards, group_size):
@@ -99,6 +101,7 @@ def dr_grpo(rewards, group_size):
 
 @ADVANTAGES.register(
     "lite_ppo", paper="Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning", arxiv="2508.08221",
+    catalog="rl:5",
     trl="scale_rewards=batch",
     notes="TRL 1.16 scale_rewards='batch' (cites this paper): std of the raw rewards of the whole batch, + 1e-4; the "
           "authors' ROLL framework computes the same with + 1e-6")
@@ -113,6 +116,7 @@ def lite_ppo(rewards, group_size):
 
 @ADVANTAGES.register(
     "rloo", paper="Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
+    catalog="rl:trl",
     arxiv="2402.14740", trl="RLOOTrainer(beta=0.0, normalize_advantages=False)",
     notes="TRL 1.16 rloo_trainer.py; verl compute_rloo_outcome_advantage")
 def rloo(rewards, group_size):
@@ -140,6 +144,7 @@ def _whiten_tokens(returns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 @ADVANTAGES.register(
     "reinforce_pp", paper="REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Normalization",
+    catalog="rl:extra",
     arxiv="2501.03262",
     notes="OpenRLHF experience_maker.py compute_advantages_and_returns (estimator 'reinforce'), models/utils.py "
           "compute_reward, default KL estimator k1 and --algo.kl.init_coef 0.01; paper Eq. 8-10")
@@ -165,6 +170,7 @@ def reinforce_pp(rewards, mask, old_logps=None, ref_logps=None, *, beta: float =
 @ADVANTAGES.register(
     "reinforce_pp_baseline", paper="REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global "
     "Normalization", arxiv="2501.03262",
+    catalog="rl:extra",
     notes="OpenRLHF experience_maker.py (estimator 'reinforce_baseline', KL as a k2 loss per "
           "examples/scripts/train_reinforce_baseline_hybrid_engine.sh); verl "
           "compute_reinforce_plus_plus_baseline_outcome_advantage")
@@ -185,6 +191,7 @@ def reinforce_pp_baseline(rewards, group_size, mask):
 
 @ADVANTAGES.register(
     "opo", paper="On-Policy RL with Optimal Reward Baseline", arxiv="2505.23585",
+    catalog="rl:extra",
     notes="verl core_algos.py compute_opo_outcome_advantage (contributed with the paper, docs/algo/opo.md)")
 def opo(rewards, group_size, mask):
     """OPO: length-weighted group baseline, r_i − Σ_j |o_j| r_j / Σ_j |o_j|; no std division.
@@ -202,6 +209,7 @@ def opo(rewards, group_size, mask):
 
 @ADVANTAGES.register(
     "bnpo_beta", paper="BNPO: Beta Normalization Policy Optimization", arxiv="2506.02864",
+    catalog="rl:7",
     notes="changyi7231/BNPO recipe/bnpo/src/bnpo_ray_trainer.py::compute_bnpo_outcome_advantage. Not TRL's "
           "loss_type='bnpo' (an unrelated token-mean aggregation)")
 def bnpo_beta(rewards, group_size, *, r_min: float = 0.0, r_max: float = 1.0):
@@ -231,6 +239,7 @@ def bnpo_beta(rewards, group_size, *, r_min: float = 0.0, r_max: float = 1.0):
 
 @ADVANTAGES.register(
     "gpg", paper="GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
+    catalog="rl:8",
     arxiv="2504.02546",
     notes="AMAP-ML/GPG open-r1/src/open_r1/gpg_trainer.py (loss /= inverse_alpha, inverse_alpha = valid groups / "
           "groups; std only if scale_rewards) and README ablation (best: F_norm=1, α=B/(B−M)). verl's port counts "
@@ -254,6 +263,7 @@ def gpg(rewards, group_size, *, scale_rewards: bool = False):
 
 @ADVANTAGES.register(
     "ngrpo", paper="NGRPO: Negative-enhanced Group Relative Policy Optimization", arxiv="2509.18851",
+    catalog="rl:10",
     notes="nangongrui-ngr/NGRPO verl/trainer/ppo/core_algos.py::compute_ngrpo_outcome_advantage "
           "(max_reward=1.0, add_max_reward_num=1, epsilon 1e-6)")
 def ngrpo(rewards, group_size, *, max_reward: float = 1.0, num_virtual: int = 1):
@@ -269,6 +279,7 @@ def ngrpo(rewards, group_size, *, max_reward: float = 1.0, num_virtual: int = 1)
 
 @ADVANTAGES.register(
     "mapo", paper="MAPO: Mixed Advantage Policy Optimization", arxiv="2509.18849",
+    catalog="rl:11",
     notes="WenkeHuang/MAPO code/verl/trainer/ray_trainer.py (GRPOMIXPRO) and core_algos.py "
           "compute_grpo_outcome_advantage / compute_grpo_mean_outcome_advantage (epsilon 1e-6)")
 def mapo(rewards, group_size):
@@ -285,6 +296,7 @@ def mapo(rewards, group_size):
 
 @ADVANTAGES.register(
     "aapo", paper="AAPO: Enhance the Reasoning Capabilities of LLMs with Advantage Momentum", arxiv="2505.14264",
+    catalog="rl:12",
     notes="JianxXiong/AAPO open-r1/trainer/AAPOTrainer.py (advantage_constrain = rewards − ref_rewards, clamped "
           "to [−0.2, 0.28] in compute_loss); open-r1/train.sh passes --scale_rewards False (open-rs keeps TRL's "
           "then-default True)")
@@ -307,6 +319,7 @@ def aapo(rewards, group_size, ref_rewards, *, scale_rewards: bool = False, clip_
 @ADVANTAGES.register(
     "pshw", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM for Chinese K-12 Mathematics "
     "Learning", arxiv="2506.18330",
+    catalog="rl:21",
     notes="paper §6.2 Eq. 2-3 (netease-youdao/Confucius3-Math Confucius3-Math.pdf)")
 def pshw(rewards, group_size, *, alpha: float = -0.256, offset: float = 1.256):
     """Policy-Specific Hardness Weighting: (R_i − μ)·D(q), D(q) = α·μ + offset, μ = group mean.
@@ -320,6 +333,7 @@ def pshw(rewards, group_size, *, alpha: float = -0.256, offset: float = 1.256):
 @ADVANTAGES.register(
     "grpo_lead", paper="GRPO-LEAD: A Difficulty-Aware Reinforcement Learning Approach for Concise Mathematical "
     "Reasoning in Language Models", arxiv="2504.09696",
+    catalog="rl:23",
     notes="aeroplanepaper/GRPO-LEAD verl/verl/trainer/ppo/core_algos.py::logistic_reweight and "
           "compute_grpo_outcome_advantage (epsilon 1e-6)")
 def grpo_lead(rewards, group_size, *, weight_min: float = 0.4, weight_max: float = 1.5, x0: float = 0.75,
@@ -339,6 +353,7 @@ def grpo_lead(rewards, group_size, *, weight_min: float = 0.4, weight_max: float
 
 @ADVANTAGES.register(
     "edge_grpo", paper="EDGE-GRPO: Entropy-Driven GRPO with Guided Error Correction for Advantage Diversity",
+    catalog="rl:25",
     arxiv="2507.21848",
     notes="ZhangXJ199/EDGE-GRPO trl_edge/trainer/grpo_aha_trainer.py (EDA: advantages / per_entropy_mean * "
           "gathered batch mean); the code averages entropy over padded positions too and lets gradient flow "
@@ -366,6 +381,7 @@ def edge_grpo(rewards, group_size, mask, entropies, mean_entropy=None):
 
 @ADVANTAGES.register(
     "dcpo_smooth", paper="DCPO: Dynamic Clipping Policy Optimization", arxiv="2509.02333",
+    catalog="rl:17",
     notes="lime-RL/DCPO verl/trainer/ppo/core_algos.py::compute_dcpo_outcome_advantage and get_mean_std "
           "(user_old_mean_ratio=1); note its run scripts leave reward_model.use_old_mean.enable=False by default, "
           "which makes every visit a first visit (plain z-score)")
@@ -416,6 +432,7 @@ def spo_initial_state(successes, num_samples, *, rho_min: float = 0.875) -> torc
 
 @ADVANTAGES.register(
     "spo_tracker", paper="Single-stream Policy Optimization", arxiv="2509.13232",
+    catalog="rl:19",
     notes="verl-project/verl-recipe spo/spo_ray_trainer.py (advantage, batch normalisation + 1e-8, α/β update, "
           "_get_spo_rho with D_half=0.06, clip [rho.clip_lower=0.875, 0.96]) and spo/config/spo_trainer.yaml")
 def spo_tracker(rewards, group_size, state=None, divergence=None, *, d_half: float = 0.06,
@@ -449,6 +466,7 @@ def spo_tracker(rewards, group_size, state=None, divergence=None, *, d_half: flo
 
 @ADVANTAGES.register(
     "reinforce_rej", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce",
+    catalog="rl:9",
     arxiv="2504.11343",
     notes="RLHFlow/Minimal-RL verl/trainer/ppo/core_algos.py::compute_reinforce_rej_outcome_advantage, rewards "
           "±1; a group of one is all-same here (the code keeps it with std set to 1)")
@@ -463,6 +481,7 @@ def reinforce_rej(rewards, group_size):
 
 @ADVANTAGES.register(
     "raft_pp", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce",
+    catalog="rl:9",
     arxiv="2504.11343",
     notes="RLHFlow/Minimal-RL core_algos.py::compute_raft_outcome_advantage (scores < 0 set to 0), "
           "scripts/run_raftpp.sh")

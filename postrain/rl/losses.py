@@ -114,6 +114,7 @@ def _group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @POLICY_LOSSES.register(
     "ppo_clip", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    catalog="rl:1",
     arxiv="2402.03300", trl="importance_sampling_level=token (per-token loss of loss_type grpo/dapo/dr_grpo/bnpo)",
     notes="GRPO's token-level PPO clip; epsilon_high = DAPO clip-higher (2503.14476, recommends 0.28). "
           "Checked against TRL 1.16 grpo_trainer._compute_loss.")
@@ -133,6 +134,7 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilo
 
 @POLICY_LOSSES.register(
     "dual_clip", paper="Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
+    catalog="rl:extra",
     arxiv="1912.09729",
     notes="Dual-clip PPO as in verl compute_policy_loss_vanilla (clip_ratio_c=3). Not TRL's `delta`, which caps "
           "the ratio for every advantage sign.")
@@ -157,6 +159,7 @@ def dual_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
 
 @POLICY_LOSSES.register(
     "simple_po", paper="Simple Policy Optimization", arxiv="2401.16025",
+    catalog="rl:67",
     notes="checked against MyRepositories-hub/Simple-Policy-Optimization atari/trainer.py compute_policy_loss "
           "('spo' branch) and atari/main.py (epsilon=0.2). Paper is for control; applied per token here.")
 def simple_po(logps, old_logps, advantages, mask, *, epsilon: float = 0.2):
@@ -174,6 +177,7 @@ def simple_po(logps, old_logps, advantages, mask, *, epsilon: float = 0.2):
 @POLICY_LOSSES.register(
     "ce_gppo", paper="CE-GPPO: Controlling Entropy via Gradient-Preserving Clipping Policy Optimization in "
                      "Reinforcement Learning", arxiv="2509.20712",
+    catalog="rl:16",
     notes="checked against Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py compute_gppo_loss_general_beta and "
           "recipe/dapo/1_5B_perf_run_gppo_v1_beta1_05_beta2_1_ours_math.sh (beta1=0.5, beta2=1, eps 0.2/0.2, "
           "clip_ratio_c=10). 7B recipe uses beta1=0.75.")
@@ -202,6 +206,7 @@ def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon
 
 @POLICY_LOSSES.register(
     "dcpo_clip", paper="DCPO: Dynamic Clipping Policy Optimization", arxiv="2509.02333",
+    catalog="rl:17",
     notes="checked against lime-RL/DCPO verl/trainer/ppo/core_algos.py get_clip_low_high + "
           "compute_policy_loss_dcpo (clip_type=dynamic) and recipe/dcpo/run_dcpo.sh (eps_high 0.28, "
           "clip_ratio_c 10). Only the clip; DCPO's smooth advantage standardisation is an advantage entry.")
@@ -227,6 +232,7 @@ def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
 
 @POLICY_LOSSES.register(
     "cispo", paper="MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention",
+    catalog="rl:trl",
     arxiv="2506.13585", trl="loss_type=cispo",
     notes="J = sum sg(clip(r, 1-eps_low, 1+eps_high)) A log pi / sum|o| (MiniMax-M1 eq.; no lower bound used). "
           "Identical to TRL 1.16's cispo per-token loss; epsilon_high keeps TRL's meaning (the absolute cap on r, "
@@ -244,6 +250,7 @@ def cispo(logps, old_logps, advantages, mask, *, epsilon_high: float = 5.0):
 
 @POLICY_LOSSES.register(
     "gpg_pg", paper="GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
+    catalog="rl:8",
     arxiv="2504.02546",
     notes="checked against AMAP-ML/GPG open-r1 gpg_trainer.py and verl compute_policy_loss_gpg (-log_prob * A, "
           "token-mean). GPG's alpha = B/(B-M) correction belongs to the advantage.")
@@ -261,6 +268,7 @@ def gpg_pg(logps, advantages, mask):
 
 @POLICY_LOSSES.register(
     "gspo", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
+    catalog="rl:3",
     trl="importance_sampling_level=sequence",
     notes="checked against TRL 1.16 _compute_loss (sequence branch); eps 3e-4/4e-4 from GSPO v2 sec. 5.1 via TRL's "
           "paper index. Use aggregation=seq_mean_token_mean for the paper's (1/G) sum_i.")
@@ -280,6 +288,7 @@ def gspo(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_h
 
 @POLICY_LOSSES.register(
     "gspo_token", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
+    catalog="rl:3",
     notes="GSPO-token (paper sec. 4.3): s_it = sg[s_i] pi/sg[pi]; checked against TRL's "
           "trl.experimental.gspo_token (importance_sampling_level='sequence_token'), not shipped in TRL 1.16.")
 def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_high: float | None = 4e-4):
@@ -300,6 +309,7 @@ def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, eps
 
 @POLICY_LOSSES.register(
     "gmpo", paper="Geometric-Mean Policy Optimization", arxiv="2507.20673",
+    catalog="rl:4",
     trl="trl.experimental.gmpo (with aggregation=seq_mean_token_mean)",
     notes="checked against TRL 1.16 experimental/gmpo/gmpo_trainer.py and verl compute_policy_loss_geo_mean "
           "(log-space clip (0.4, 0.4), paper sec. 4).")
@@ -323,6 +333,7 @@ def gmpo(logps, old_logps, advantages, mask, *, epsilon: float = 0.4, epsilon_hi
 
 @POLICY_LOSSES.register(
     "gvpo", paper="GVPO: Group Variance Policy Optimization for Large Language Model Post-Training",
+    catalog="rl:13",
     arxiv="2504.19599",
     notes="checked against jszkc/GVPO GVPO/gvpo_core_algos.py compute_policy_loss_gvpo and "
           "run_qwen2-7b_math_gvpo.sh (gvpo_beta=0.1, norm_adv_by_std_in_grpo=False). The authors' loss is the SUM "
@@ -343,6 +354,7 @@ def gvpo(logps, old_logps, rewards, mask, group_size: int, *, beta: float = 0.1)
 
 @POLICY_LOSSES.register(
     "a_star_po", paper="Accelerating RL for LLM Reasoning with Optimal Advantage Regression", arxiv="2505.20686",
+    catalog="rl:63",
     trl="trl.experimental.a2po (stage-2 loss, with aggregation=seq_mean_token_mean)",
     notes="checked against TRL 1.16 experimental/a2po/a2po_trainer.py compute_loss (beta2=1e-3). `advantages` "
           "must be r - V*(x), V* from the stage-1 estimate (an advantage entry).")
@@ -357,6 +369,7 @@ def a_star_po(logps, ref_logps, advantages, mask, *, beta2: float = 1e-3):
 
 @POLICY_LOSSES.register(
     "disco", paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
+    catalog="rl:14",
     arxiv="2505.12366",
     notes="checked against Optimization-AI/DisCO verl/verl/trainer/ppo/core_algos.py "
           "compute_policy_loss_disco_logL / _Lratio and scripts/train/run_disco_logL_1.5b_8k.sh (tau=10, "
@@ -403,6 +416,7 @@ def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "log
 
 @AGGREGATIONS.register(
     "token_mean", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arxiv="2503.14476",
+    catalog="rl:trl",
     trl="loss_type=dapo",
     notes="with global_tokens = TRL's num_items_in_batch this is loss_type=dapo; without it, the local token mean "
           "(TRL's loss_type=bnpo).")
@@ -416,6 +430,7 @@ def token_mean(per_token_loss, mask, global_tokens=None):
 
 @AGGREGATIONS.register(
     "seq_mean_token_mean", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    catalog="rl:1",
     arxiv="2402.03300", trl="loss_type=grpo")
 def seq_mean_token_mean(per_token_loss, mask, num_sequences=None):
     """Original GRPO: mean over sequences of each sequence's token mean, (1/N) sum_i (1/|o_i|) sum_t l_it.
@@ -428,6 +443,7 @@ def seq_mean_token_mean(per_token_loss, mask, num_sequences=None):
 
 @AGGREGATIONS.register(
     "seq_mean_token_sum",
+    catalog="rl:extra",
     paper="Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
     arxiv="2402.14740", notes="the whole completion as one action (sequence log-likelihood); verl's seq-mean-token-sum.")
 def seq_mean_token_sum(per_token_loss, mask, num_sequences=None):
@@ -440,6 +456,7 @@ def seq_mean_token_sum(per_token_loss, mask, num_sequences=None):
 
 @AGGREGATIONS.register(
     "seq_mean_token_sum_norm", paper="Understanding R1-Zero-Like Training: A Critical Perspective",
+    catalog="rl:2",
     arxiv="2503.20783", trl="loss_type=dr_grpo",
     notes="TRL divides by (local rows * max_completion_length); pass the configured max_completion_length.")
 def seq_mean_token_sum_norm(per_token_loss, mask, num_sequences=None, *, max_completion_length: int | None = None):
@@ -454,6 +471,7 @@ def seq_mean_token_sum_norm(per_token_loss, mask, num_sequences=None, *, max_com
 
 @AGGREGATIONS.register(
     "delta_l", paper="ΔL Normalization: Rethink Loss Aggregation in RLVR", arxiv="2509.07558",
+    catalog="rl:18",
     notes="checked against zerolllin/Delta-L-Normalization verl/trainer/ppo/core_algos.py (use_grpopp: A_i * "
           "L_i^-a / mean_j L_j^-a, then masked_mean_allavg = sum / (B * T_max)). alpha=1 is the paper's "
           "minimum-variance choice (CountDown); the math recipes use 0.75.")

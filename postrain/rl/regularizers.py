@@ -37,6 +37,7 @@ def kl_penalty(estimator: str, logps: torch.Tensor, ref_logps: torch.Tensor, mas
 
 @REGULARIZERS.register(
     "kl_k1", paper="On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", arxiv="2505.17508",
+    catalog="rl:extra",
     notes="k1 from Schulman's KL-approximation note, analysed as a loss term in RPG (2505.17508). beta default is "
           "DeepSeekMath's 0.04 (no k1-specific default in the sources).")
 def kl_k1(logps, ref_logps, mask, *, beta: float = 0.04):
@@ -46,6 +47,7 @@ def kl_k1(logps, ref_logps, mask, *, beta: float = 0.04):
 
 @REGULARIZERS.register(
     "kl_k2", paper="On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", arxiv="2505.17508",
+    catalog="rl:extra",
     notes="k2 from Schulman's KL-approximation note; RPG (2505.17508) shows its gradient is the reverse-KL "
           "gradient on-policy. beta default is DeepSeekMath's 0.04.")
 def kl_k2(logps, ref_logps, mask, *, beta: float = 0.04):
@@ -55,6 +57,7 @@ def kl_k2(logps, ref_logps, mask, *, beta: float = 0.04):
 
 @REGULARIZERS.register(
     "kl_k3", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    catalog="rl:1",
     arxiv="2402.03300", trl="beta",
     notes="GRPO's KL term; identical to TRL 1.16 per_token_kl * beta (without use_bias_correction_kl).")
 def kl_k3(logps, ref_logps, mask, *, beta: float = 0.04):
@@ -64,6 +67,7 @@ def kl_k3(logps, ref_logps, mask, *, beta: float = 0.04):
 
 @REGULARIZERS.register(
     "entropy_bonus", paper="Proximal Policy Optimization Algorithms", arxiv="1707.06347",
+    catalog="rl:extra",
     notes="c2 = 0.01 (PPO Atari setting). TRL's entropy_coef subtracts coef * token-mean entropy, which equals this "
           "entry under aggregation=token_mean.")
 def entropy_bonus(entropies, mask, *, entropy_coef: float = 0.01):
@@ -74,6 +78,7 @@ def entropy_bonus(entropies, mask, *, entropy_coef: float = 0.01):
 @REGULARIZERS.register(
     "target_entropy", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM for Chinese K-12 "
                              "Mathematics Learning", arxiv="2506.18330",
+    catalog="rl:20",
     notes="Targeted Entropy Regularization, paper sec. 6.1: loss += coef |H - H_target|, H_target 0.55, coef 0.001 "
           "(from the method catalog, confidence 'paper').")
 def target_entropy(entropies, mask, mean_entropy=None, *, entropy_target: float = 0.55, entropy_coef: float = 0.001):
@@ -92,6 +97,7 @@ def target_entropy(entropies, mask, mean_entropy=None, *, entropy_target: float 
 @REGULARIZERS.register(
     "high_entropy_tokens", paper="Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective "
                                   "Reinforcement Learning for LLM Reasoning", arxiv="2506.01939",
+    catalog="rl:trl",
     trl="top_entropy_quantile",
     notes="checked against TRL 1.16 GRPOTrainer.get_high_entropy_mask (quantile over all valid tokens, >=). "
           "Returns a mask to multiply into the per-token loss, not a penalty.")

@@ -39,6 +39,7 @@ def _top_k_rows(score: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
 
 
 @SAMPLERS.register("dynamic_sampling", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+                   catalog="rl:extra",
                    arxiv="2503.14476",
                    notes="DAPO Eq. 11 constraint 0 < |correct| < G, as implemented in verl's DAPO recipe "
                          "(keep groups whose metric std > 0, or groups of one); not supported in TRL")
@@ -52,6 +53,7 @@ def dynamic_sampling(rewards, group_size):
 
 @SAMPLERS.register("reinforce_rej", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to "
                    "Reinforce", arxiv="2504.11343",
+                   catalog="rl:9",
                    notes="checked against RLHFlow/Minimal-RL verl/trainer/ppo/core_algos.py "
                          "compute_reinforce_rej_outcome_advantage (groups with std == 0 get zero advantage; a group "
                          "of one is kept)")
@@ -64,6 +66,7 @@ def reinforce_rej(rewards, group_size):
 
 
 @SAMPLERS.register("raft_pp", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce",
+                   catalog="rl:9",
                    arxiv="2504.11343",
                    notes="checked against RLHFlow/Minimal-RL compute_raft_outcome_advantage (advantage max(r, 0))")
 def raft_pp(rewards, group_size):
@@ -77,6 +80,7 @@ def raft_pp(rewards, group_size):
 
 @SAMPLERS.register("online_difficulty", paper="Online Difficulty Filtering for Reasoning Oriented Reinforcement "
                    "Learning", arxiv="2504.03380",
+                   catalog="rl:44",
                    notes="balanced filtering: keep prompts of intermediate on-the-fly accuracy; the paper's "
                          "thresholds were not verified, so low/high have no default")
 def online_difficulty(rewards, group_size, *, low: float, high: float):
@@ -89,6 +93,7 @@ def online_difficulty(rewards, group_size, *, low: float, high: float):
 
 @SAMPLERS.register("greso", paper="Act Only When It Pays: Efficient Reinforcement Learning for LLM Reasoning via "
                    "Selective Rollouts", arxiv="2506.02177",
+                   catalog="rl:45",
                    notes="checked against Infini-AI-Lab/GRESO verl/trainer/ttis/presampling_selector.py "
                          "(easy_/hard_probabilistic_skip) and train-scripts/*greso.sh (p_easy = p_hard = 0.5)")
 def greso(easy_streak, hard_streak, uniform, *, p_easy: float = 0.5, p_hard: float = 0.5,
@@ -120,6 +125,7 @@ def greso_streaks(rewards, group_size, easy_streak, hard_streak, *, easy_thresho
 
 @SAMPLERS.register("gfpo_length", paper="Sample More to Think Less: Group Filtered Policy Optimization for Concise "
                    "Reasoning", arxiv="2508.09726",
+                   catalog="rl:28",
                    notes="TRL v1.7 trl/experimental/gfpo/gfpo_trainer.py (top num_remains_in_group by score); "
                          "the paper sweeps k and G, so k has no default")
 def gfpo_length(rewards, group_size, mask, *, k: int):
@@ -133,6 +139,7 @@ def gfpo_length(rewards, group_size, mask, *, k: int):
 
 @SAMPLERS.register("gfpo_reward_per_token", paper="Sample More to Think Less: Group Filtered Policy Optimization "
                    "for Concise Reasoning", arxiv="2508.09726",
+                   catalog="rl:28",
                    notes="token efficiency = reward / length (paper abstract, TRL v1.7 GFPO filter hook); "
                          "k has no default")
 def gfpo_reward_per_token(rewards, group_size, mask, *, k: int):
@@ -145,6 +152,7 @@ def gfpo_reward_per_token(rewards, group_size, mask, *, k: int):
 
 @SAMPLERS.register("cppo_prune", paper="CPPO: Accelerating the Training of Group Relative Policy Optimization-Based "
                    "Reasoning Models", arxiv="2503.22342",
+                   catalog="rl:77",
                    notes="checked against lzhxmu/CPPO cppo_verl/recipe/cppo/src/cppo_ray_trainer.py (metric="
                          "'smallest' prunes the smallest |A|) and math/gsm8k_cppo.sh (pruning_rate=0.5)")
 def cppo_prune(rewards, group_size, advantages, *, pruning_rate: float = 0.5):
@@ -159,6 +167,7 @@ def cppo_prune(rewards, group_size, advantages, *, pruning_rate: float = 0.5):
 
 
 @SAMPLERS.register("pf_ppo", paper="Policy Filtration for RLHF to Mitigate Noise in Reward Models", arxiv="2409.06957",
+                   catalog="rl:43",
                    notes="checked against verl core_algos.compute_pf_ppo_reweight_data (the authors' verl port; "
                          "weights over the whole batch, defaults reweight_method='pow', weight_pow=2.0)")
 def pf_ppo(rewards, group_size, *, reweight_method: str = "pow", weight_pow: float = 2.0):
@@ -180,6 +189,7 @@ def pf_ppo(rewards, group_size, *, reweight_method: str = "pow", weight_pow: flo
 
 
 @SAMPLERS.register("spo_prioritized", paper="Single-stream Policy Optimization", arxiv="2509.13232",
+                   catalog="rl:19",
                    notes="checked against verl-project/verl-recipe spo/spo_ray_trainer.py (EXPLORATION_EPSILON=0.05)")
 def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
     """SPO prioritized prompt sampling: probabilities proportional to sqrt(p_hat (1 - p_hat)) + exploration_epsilon.
@@ -197,6 +207,7 @@ def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
 
 @SAMPLERS.register("recent_sample_recovery", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM "
                    "for Chinese K-12 Mathematics Learning", arxiv="2506.18330",
+                   catalog="rl:22",
                    notes="Recent Sample Recovery, Algorithm 1 of the paper (netease-youdao/Confucius3-Math pdf): "
                          "valid groups beyond the batch are kept for the next step, no importance correction")
 def recent_sample_recovery(rewards, group_size, buffer_rewards=None, *, batch_groups: int):

@@ -23,6 +23,7 @@ def _lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 @SHAPING.register("dapo_overlong", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+                  catalog="rl:extra",
                   arxiv="2503.14476",
                   trl="reward_funcs += trl.rewards.get_soft_overlong_punishment(max_completion_length, "
                       "overlong_buffer_len) (penalty_factor=1)",
@@ -44,6 +45,7 @@ def dapo_overlong(rewards, group_size, mask, *, max_completion_length: int = 204
 
 @SHAPING.register("grpo_lead_length", paper="GRPO-LEAD: A Difficulty-Aware Reinforcement Learning Approach for "
                   "Concise Mathematical Reasoning in Language Models", arxiv="2504.09696",
+                  catalog="rl:23",
                   notes="checked against aeroplanepaper/GRPO-LEAD verl/verl/trainer/main_ppo.py "
                         "get_reweight_rewards; the repo's extra gate (skip groups whose 3 shortest completions "
                         "average <= 4000 tokens) is not in the paper and is left out")
@@ -66,6 +68,7 @@ def grpo_lead_length(rewards, group_size, mask, *, alpha: float = 0.05):
 
 
 @SHAPING.register("unlikeliness", paper="Rewarding the Unlikely: Lifting GRPO Beyond Distribution Sharpening",
+                  catalog="rl:27",
                   arxiv="2506.02355",
                   notes="checked against AndreHe02/rewarding-unlikely-release ray_lean_trainer.py "
                         "_compute_advantages (rank_penalty) and examples/lean/grpo.sh (rank_penalty=0.25)")
@@ -88,6 +91,7 @@ def unlikeliness(rewards, group_size, old_logps, mask, *, beta_rank: float = 0.2
 
 @SHAPING.register("dra_diversity", paper="DRA-GRPO: Exploring Diversity-Aware Reward Adjustment for R1-Zero-Like "
                   "Training of Large Language Models", arxiv="2505.09655",
+                  catalog="rl:26",
                   notes="checked against xiwenc1/DRA-GRPO src/open_r1/trl/trainer/grpo_trainer.py "
                         "(SMI_reweighting); there the similarity matrix spans the local process batch, here the "
                         "group, as the paper defines it")
@@ -105,6 +109,7 @@ def dra_diversity(rewards, group_size, embeddings):
 
 
 @SHAPING.register("redit", paper="ReDit: Reward Dithering for Improved LLM Policy Optimization",
+                  catalog="rl:34",
                   arxiv="2506.18631",
                   notes="r + zero-mean noise (paper abstract and §method); the noise draws are a data input so the "
                         "entry stays pure; the paper's per-task noise scales were not verified, so sigma has no "
@@ -119,6 +124,7 @@ def redit(rewards, group_size, noise, *, sigma: float):
 
 
 @SHAPING.register("win_rate", paper="A Minimaximalist Approach to Reinforcement Learning from Human Feedback",
+                  catalog=("rl:39", "preference:37"),
                   arxiv="2401.04056",
                   notes="SPO's reward: the sample's win rate against the other samples under a preference "
                         "function; self-comparisons are excluded (including them with P=0.5 is an affine map of "
@@ -138,6 +144,7 @@ def win_rate(rewards, group_size, preferences):
 
 
 @SHAPING.register("rm_ensemble_worst_case", paper="Reward Model Ensembles Help Mitigate Overoptimization",
+                  catalog="rl:40",
                   arxiv="2310.02743", notes="WCO, Eq. 4 of the paper")
 def rm_ensemble_worst_case(rewards, group_size, ensemble_rewards):
     """Worst-case optimisation (WCO): r = min_m R_m over the M reward-model ensemble members.
@@ -148,6 +155,7 @@ def rm_ensemble_worst_case(rewards, group_size, ensemble_rewards):
 
 
 @SHAPING.register("rm_ensemble_uncertainty", paper="Reward Model Ensembles Help Mitigate Overoptimization",
+                  catalog="rl:40",
                   arxiv="2310.02743",
                   notes="UWO, Eq. 5 of the paper (population variance); the paper shows lam=0.5 for best-of-n "
                         "and lam=0.1 in its PPO variance analysis, so no single default")
