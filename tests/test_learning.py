@@ -1,66 +1,47 @@
-"""A shorter run of the demo: GRPO raises held-out accuracy over the SFT checkpoint it starts from, and DPO on
-verifier-labelled self-samples does not lower it. Asserts the direction of the change, beyond sampling noise,
-not a figure.
+"""Training helps, on any x86 CPU: GRPO with a verifier, and DPO on verifier-labelled self-samples, each raise
+held-out accuracy well beyond what a noisy SFT model starts from. A direction check with a calibrated margin.
 
-Uses the demo's own recipes (recipes/demo/) with fewer GRPO steps and fewer samples, through `postrain run`.
+Why this task: runs on different CPUs are not bit-identical (ATen's AVX2 / AVX-512 / plain kernels round
+differently, one sampled token differs and the runs diverge), so each CPU is an independent draw of the training
+run. The learning pipeline (tests/learning.py) is built so the effect is large for every draw: SFT on reversals
+with half the demonstrations wrong leaves the model unsure between the right answer and one wrong one on every
+prompt, which RL and preference learning fix in a few minutes of CPU. The margins below sit well inside the gaps
+measured over 3 seeds x 3 CPU kernel paths with `benchmarks/learning_margin.py` (figures in the docstring there
+and in the README).
 """
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from tests.conftest import REPO, write_recipe
+from tests.conftest import REPO
+from tests.learning import pipeline_yaml
 
-DEMO = REPO / "recipes" / "demo"
+# Held-out sampled accuracy gained over the SFT model (absolute fraction). Measured with
+# `benchmarks/learning_margin.py` over seeds 3, 4, 5 x ATEN_CPU_CAPABILITY native (AVX-512), default, avx2:
+#   GRPO - SFT: min 0.405, mean 0.53, sd 0.09;  DPO - SFT: min 0.282, mean 0.34, sd 0.07  (SFT itself 0.33-0.37).
+GRPO_MARGIN = 0.25
+DPO_MARGIN = 0.12
 
 
-def accuracy(run_dir, set_name="sampled") -> tuple[float, int]:
-    r = json.loads((run_dir / "results.json").read_text())["sets"][set_name]
-    return r["accuracy"], r["samples"]
-
-
-def noise(p: float, n: int, q: float, m: int) -> float:
-    """Two standard errors of the difference of two sample means of 0/1 scores."""
-    return 2 * math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
+def sampled_accuracy(run_dir) -> float:
+    return json.loads((run_dir / "results.json").read_text())["sets"]["sampled"]["accuracy"]
 
 
 @pytest.mark.slow
-def test_grpo_improves_and_dpo_does_not_hurt(tmp_path, monkeypatch):
+def test_grpo_and_dpo_fix_what_noisy_sft_left_unsure(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    out = tmp_path / "demo"
-    pipe = write_recipe(tmp_path / "mini_demo.yaml", f"""
-command: pipeline
-name: mini-demo
-output_dir: {out}
-stages:
-  sft: {{command: sft, recipe: {DEMO / 'sft.yaml'}}}
-  eval_sft: {{command: eval, recipe: {DEMO / 'eval.yaml'}, overrides: {{model.name_or_path: "${{stages.sft.output}}"}}}}
-  grpo:
-    command: grpo
-    recipe: {DEMO / 'grpo.yaml'}
-    overrides: {{model.name_or_path: "${{stages.sft.output}}", trainer.max_steps: 250}}
-  eval_grpo: {{command: eval, recipe: {DEMO / 'eval.yaml'}, overrides: {{model.name_or_path: "${{stages.grpo.output}}"}}}}
-  sample_sft:
-    command: eval
-    recipe: {DEMO / 'sample.yaml'}
-    overrides: {{model.name_or_path: "${{stages.sft.output}}"}}
-  dpo:
-    command: dpo
-    recipe: {DEMO / 'dpo.yaml'}
-    overrides: {{model.name_or_path: "${{stages.sft.output}}", data.train.source: "${{stages.sample_sft.output}}/samples.jsonl"}}
-  eval_dpo: {{command: eval, recipe: {DEMO / 'eval.yaml'}, overrides: {{model.name_or_path: "${{stages.dpo.output}}"}}}}
-""")
+    out = tmp_path / "learning"
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text(pipeline_yaml(out, seed=3))
     result = CliRunner().invoke(app, ["run", str(pipe)])
     assert result.exit_code == 0, result.output + repr(result.exception)
 
-    sft, n = accuracy(out / "eval_sft")
-    grpo, m = accuracy(out / "eval_grpo")
-    dpo, k = accuracy(out / "eval_dpo")
-    assert 0.05 < sft < 0.95, f"SFT accuracy {sft:.3f}: the demo task leaves no room to measure a change"
-    assert grpo - sft > noise(sft, n, grpo, m), f"GRPO {grpo:.3f} vs SFT {sft:.3f}"
-    assert dpo - sft > -noise(sft, n, dpo, k), f"DPO {dpo:.3f} vs SFT {sft:.3f}"
+    sft, grpo, dpo = (sampled_accuracy(out / f"eval_{stage}") for stage in ("sft", "grpo", "dpo"))
+    assert sft < 0.5, f"SFT accuracy {sft:.3f}: the noisy SFT model leaves too little room to measure a gain"
+    assert grpo - sft > GRPO_MARGIN, f"GRPO {grpo:.3f} vs SFT {sft:.3f}"
+    assert dpo - sft > DPO_MARGIN, f"DPO {dpo:.3f} vs SFT {sft:.3f}"
