@@ -119,3 +119,19 @@ def test_label_noise_replaces_only_the_sft_target_by_the_wrong_answer(task):
     assert TASKS[task](n=400, label_noise=0.3) == noisy  # deterministic
     with pytest.raises(DataError, match="label_noise must be in"):
         TASKS[task](n=4, label_noise=1.0)
+
+
+def test_answers_that_repeat_the_prompt_turns_keep_only_the_answer(tmp_path):
+    """UltraFeedback-style rows (prompt a string, chosen/rejected [user, assistant]) must not render the user turn
+    twice: once as the prompt and again inside the answer."""
+    row = {"prompt": "2+2?", "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+           "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}
+    path = tmp_path / "uf.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    out = load_source({"source": str(path), "chat": True}, "dpo")[0]
+    assert out["prompt"] == [{"role": "user", "content": "2+2?"}]
+    assert out["chosen"] == [{"role": "assistant", "content": "4"}]
+    assert out["rejected"] == [{"role": "assistant", "content": "5"}]
+    plain = {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    path.write_text(json.dumps(plain) + "\n")
+    assert load_source({"source": str(path)}, "dpo")[0]["chosen"] == plain["chosen"]  # answers alone are kept as is

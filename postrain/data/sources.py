@@ -131,9 +131,27 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     check_columns(ds.column_names, job, spec, where)
+    answers = [c for c in ("completion", "chosen", "rejected") if c in ds.column_names]
+    if "prompt" in ds.column_names and any(_repeats_prompt(ds[0][c]) for c in answers):
+        ds = ds.map(lambda row: {c: _answer_turns(row[c]) for c in answers}, desc=None)
     if spec.prompt_template or spec.chat or spec.system_prompt:
         ds = ds.map(lambda row: _format_row(row, spec), desc=None)
     return ds
+
+
+def _repeats_prompt(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") != "assistant"
+
+
+def _answer_turns(turns: Any) -> Any:
+    """The answer part of a chosen / rejected / completion conversation that also repeats the prompt's turns
+    (UltraFeedback-style data: `prompt` a string, `chosen` [user, assistant]). With a prompt column as well, the
+    user turn would be rendered twice and trained on as part of the answer: keep what follows the last
+    non-assistant turn."""
+    if not _repeats_prompt(turns):
+        return turns
+    last = max(i for i, turn in enumerate(turns) if turn.get("role") != "assistant")
+    return turns[last + 1 :] or turns
 
 
 def check_columns(present: list[str], job: str, spec: SourceSpec, where: str) -> tuple[str, ...]:
