@@ -289,8 +289,11 @@ loss: [{name: simpo, beta: 2.0, gamma: 1.0}]""")
 
 
 def test_postrain_dpo_refuses_a_loss_whose_columns_the_data_lacks_before_writing(tmp_path):
-    recipe = dpo_recipe(tmp_path, """data: {train: {source: "builtin:arithmetic", task: {n: 8, digits: 1}}}
-loss: [{name: odpo}]""")
+    pairs = tmp_path / "pairs.jsonl"  # pairs without the scores ODPO's offset reads
+    pairs.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)}) + "\n"
+                             for i in range(8)))
+    recipe = dpo_recipe(tmp_path, f"""data: {{train: {{source: "{pairs}"}}}}
+loss: [{{name: odpo}}]""")
     result = runner.invoke(app, ["dpo", str(recipe), f"output_dir={tmp_path / 'run'}"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "'odpo' (loss[0]) reads the column(s) score_chosen, score_rejected" in result.output

@@ -5,6 +5,8 @@ Every task yields rows with the columns all jobs need, so one task feeds SFT, DP
   completion the reference answer as the model should write it (SFT target)
   answer     the exact answer (what verifiers compare against)
   chosen     = completion; rejected: a plausible wrong answer (DPO pairs)
+  score_chosen, score_rejected   the verifier's scores of chosen (1.0) and rejected (0.0), for losses that read
+                                 scored pairs (ODPO, MaPPO, REBEL, ...)
 
 Splits are disjoint by construction: each problem is assigned to `test` or `train` by a hash of its text, so a
 held-out score is a score on problems never trained on.
@@ -98,6 +100,8 @@ def arithmetic(
                 "answer": str(result),
                 "chosen": str(result),
                 "rejected": str(wrong),
+                "score_chosen": 1.0,
+                "score_rejected": 0.0,
             }
 
     space = (hi - lo + 1) ** 2 * len(ops)
@@ -125,6 +129,8 @@ def reverse(
                 "answer": target,
                 "chosen": target,
                 "rejected": wrong,
+                "score_chosen": 1.0,
+                "score_rejected": 0.0,
             }
 
     return _with_label_noise(_take(candidates(), n, split, test_fraction, limit=50 * n + 1000), label_noise, seed)
