@@ -87,14 +87,14 @@ def sft(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, 
 @app.command(epilog="Example: postrain dpo recipes/demo/dpo.yaml trainer.beta=0.1 'trainer.loss_type=[ipo]'")
 def dpo(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
         smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
-    """Preference optimization (TRL DPOTrainer; every TRL loss_type)."""
+    """Preference optimization (TRL DPOTrainer): TRL's loss_type, or registry losses with loss: [...]."""
     _job("dpo", recipe, overrides, dry_run, smoke, overwrite, resume)
 
 
 @app.command(epilog="Example: postrain grpo recipes/math.yaml trainer.learning_rate=1e-6")
 def grpo(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
          smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
-    """Online RL with group-relative advantages (TRL GRPOTrainer) and recipe-defined rewards."""
+    """Online RL (TRL GRPOTrainer) with recipe rewards; registry parts with method: / rl: {...}."""
     _job("grpo", recipe, overrides, dry_run, smoke, overwrite, resume)
 
 
