@@ -23,7 +23,7 @@ from tests.learning import pipeline_yaml
 
 # Held-out sampled accuracy gained over the SFT model (absolute fraction). Measured with
 # `benchmarks/learning_margin.py` over seeds 3, 4, 5 x ATEN_CPU_CAPABILITY native (AVX-512), default, avx2:
-#   GRPO - SFT: min 0.405, mean 0.53, sd 0.09;  DPO - SFT: min 0.282, mean 0.34, sd 0.07  (SFT itself 0.33-0.37).
+#   GRPO - SFT: min 0.405, mean 0.53, sd 0.09;  DPO - SFT: min 0.282, mean 0.34, sd 0.06  (SFT itself 0.33-0.37).
 GRPO_MARGIN = 0.25
 DPO_MARGIN = 0.12
 
