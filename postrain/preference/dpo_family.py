@@ -17,25 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
+from postrain.tensors import as_float, masked_row_mean
 
 # exp() overflows float32 above ~88.7; TRL clamps f-divergence exponents at 80 for the same reason.
 _EXP_CLAMP = 80.0
 
 
-def _f32(*tensors):
-    return [torch.as_tensor(t).float() for t in tensors]
-
-
 def _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
-    lw, ll, rw, rl = _f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    lw, ll, rw, rl = map(as_float, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
     return lw - rw, ll - rl
-
-
-def _per_token_mean(values, mask):
-    """Masked mean over tokens per row; garbage at padding never enters (where, not multiply); empty rows → 0."""
-    mask = torch.as_tensor(mask).bool()
-    total = torch.where(mask, torch.as_tensor(values).float(), 0.0).sum(-1)
-    return total / mask.sum(-1).clamp(min=1)
 
 
 # --- DPO, IPO, label-noise variants ------------------------------------------------------------------------------
@@ -84,7 +74,7 @@ def ipo_token_mean(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_
     Lengths are clamped at 1 as in TRL, so an empty completion gives a log-ratio of 0, not NaN.
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    nw, nl = _f32(chosen_lengths, rejected_lengths)
+    nw, nl = map(as_float, (chosen_lengths, rejected_lengths))
     return (hw / nw.clamp(min=1.0) - hl / nl.clamp(min=1.0) - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -156,7 +146,7 @@ def sigmoid_norm(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_lo
     are clamped at 1 as in TRL.
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    nw, nl = _f32(chosen_lengths, rejected_lengths)
+    nw, nl = map(as_float, (chosen_lengths, rejected_lengths))
     return -F.logsigmoid(beta * (hw / nw.clamp(min=1.0) - hl / nl.clamp(min=1.0)))
 
 
@@ -247,7 +237,7 @@ def sppo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, cho
     β=1e-3 from the authors' scripts. The ½ is the authors' code's.
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    pw, pl = _f32(chosen_probs, rejected_probs)
+    pw, pl = map(as_float, (chosen_probs, rejected_probs))
     return 0.5 * ((hw - (pw - 0.5) / beta) ** 2 + (hl - (pl - 0.5) / beta) ** 2)
 
 
@@ -272,7 +262,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
     1-D optimal transport by sorting each within the batch. The batch loss is returned at every position.
     TRL's paper index lists no paper hyperparameter: β=0.1 is TRL's default; ε (`label_smoothing`) 0.
     """
-    lw, ll, rw, rl = _f32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    lw, ll, rw, rl = map(as_float, (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
     u = torch.sort(lw - ll).values - torch.sort(rw - rl).values
     return _smoothed_logistic(beta * u, label_smoothing).mean().expand(lw.shape)
 
@@ -416,7 +406,7 @@ def rpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
     and the authors' code. Defaults η=0.005, β=0.01 from the authors' Zephyr-7B recipe.
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    (lw,) = _f32(chosen_logps)
+    lw = as_float(chosen_logps)
     return -F.logsigmoid(beta * (hw - hl)) - eta * beta * lw
 
 
@@ -433,7 +423,7 @@ def dpo_nll(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, 
     The reference is the previous iteration's model. Defaults α=1, β=0.1 (paper). Lengths are clamped at 1.
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    lw, nw = _f32(chosen_logps, chosen_lengths)
+    lw, nw = map(as_float, (chosen_logps, chosen_lengths))
     return -F.logsigmoid(beta * (hw - hl)) - alpha * lw / nw.clamp(min=1.0)
 
 
@@ -456,9 +446,9 @@ def wpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chos
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     with torch.no_grad():
-        aligned_w = _per_token_mean(torch.as_tensor(chosen_token_logps).float()
+        aligned_w = masked_row_mean(torch.as_tensor(chosen_token_logps).float()
                                     - torch.as_tensor(chosen_token_log_sum_sq_probs).float(), chosen_mask)
-        aligned_l = _per_token_mean(torch.as_tensor(rejected_token_logps).float()
+        aligned_l = masked_row_mean(torch.as_tensor(rejected_token_logps).float()
                                     - torch.as_tensor(rejected_token_log_sum_sq_probs).float(), rejected_mask)
         weight = torch.exp(aligned_w + aligned_l).clamp(max=1.0)
     return -weight * F.logsigmoid(beta * (hw - hl))

@@ -15,21 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
-
-
-def _f(x):
-    return torch.as_tensor(x).float()
+from postrain.tensors import as_float, masked
 
 
 def _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
-    return (_f(chosen_logps) - _f(ref_chosen_logps)) - (_f(rejected_logps) - _f(ref_rejected_logps))
-
-
-def _clean(x, mask):
-    """x with its padding (mask == 0) set to 0, by torch.where: padding may hold nan / inf, and both
-    0 * nan and the gradient of a product with a nan factor are nan."""
-    mask = _f(mask).to(torch.as_tensor(x).device) > 0
-    return torch.where(mask, _f(x), torch.zeros((), device=mask.device))
+    return (as_float(chosen_logps) - as_float(ref_chosen_logps)) - (as_float(rejected_logps) - as_float(ref_rejected_logps))
 
 
 @PREFERENCE.register("odpo", paper="Direct Preference Optimization with an Offset", arxiv="2402.10571",
@@ -43,7 +33,7 @@ def odpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sco
     The chosen must beat the rejected by more when its score gap is larger. Needs s_w > s_l (the log of a
     non-positive gap is nan, as in the authors' code). alpha=1.0 is the authors' config default; the paper tunes
     β per task (the repo config leaves it required), so beta=0.1 here is DPO's usual default, not an ODPO value."""
-    offset = torch.log(_f(score_chosen) - _f(score_rejected))
+    offset = torch.log(as_float(score_chosen) - as_float(score_rejected))
     return -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
                          - alpha * offset)
 
@@ -56,7 +46,7 @@ def odpo_log_ratio(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_
     """ODPO, ratio offset: −LS(βΔ − α·log(s_w / s_l)), for positive scores.
 
     The authors' `ratio=True` variant of `odpo` (same defaults and caveats)."""
-    offset = torch.log(_f(score_chosen) / _f(score_rejected))
+    offset = torch.log(as_float(score_chosen) / as_float(score_rejected))
     return -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
                          - alpha * offset)
 
@@ -75,7 +65,7 @@ def r_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, ch
     σ(βΔ + α(|y_w| − |y_l|)): a longer chosen response is credited its length and the policy gains nothing by
     growing it. |y| counts completion tokens. The papers sweep alpha (of order 1e-2 in Park et al.), so it has no
     default and must be set; beta=0.1 is DPO's usual default."""
-    lengths = _f(chosen_lengths) - _f(rejected_lengths)
+    lengths = as_float(chosen_lengths) - as_float(rejected_lengths)
     return -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
                          + alpha * lengths)
 
@@ -90,8 +80,8 @@ def h_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
 
     The KL regularizer −H(π) − E log π_ref becomes −αH(π) − E log π_ref, whose optimum gives the implicit reward
     β(α log π − log π_ref). alpha=1 is DPO. The paper's alpha (below 1) was not re-read here, so it must be set."""
-    chosen = alpha * _f(chosen_logps) - _f(ref_chosen_logps)
-    rejected = alpha * _f(rejected_logps) - _f(ref_rejected_logps)
+    chosen = alpha * as_float(chosen_logps) - as_float(ref_chosen_logps)
+    rejected = alpha * as_float(rejected_logps) - as_float(ref_rejected_logps)
     return -F.logsigmoid(beta * (chosen - rejected))
 
 
@@ -104,9 +94,9 @@ def mappo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
 
     The reward-model prior scales down the push on the rejected response when both are good (small Δr).
     No new hyperparameter; beta=0.1 is DPO's default. Scores are data (no gradient)."""
-    gap = (_f(score_chosen) - _f(score_rejected)).detach()
-    h_w = _f(chosen_logps) - _f(ref_chosen_logps)
-    h_l = _f(rejected_logps) - _f(ref_rejected_logps)
+    gap = (as_float(score_chosen) - as_float(score_rejected)).detach()
+    h_w = as_float(chosen_logps) - as_float(ref_chosen_logps)
+    h_l = as_float(rejected_logps) - as_float(ref_rejected_logps)
     return -F.logsigmoid(beta * h_w - gap * beta * h_l)
 
 
@@ -124,8 +114,8 @@ def tgdpo(chosen_token_logps, rejected_token_logps, ref_chosen_token_logps, ref_
     DPO-trained model (passed as `*_token_rewards`, detached). Sums run over completion tokens (mask).
     Defaults beta=0.1, alpha=0.5 from the authors' Llama-3-8B-Instruct config."""
     def side(logps, ref, rewards, mask, sign):
-        weight = beta * (1 + sign * alpha * beta * _clean(rewards, mask).detach())
-        return (weight * (_clean(logps, mask) - _clean(ref, mask))).sum(-1)
+        weight = beta * (1 + sign * alpha * beta * masked(rewards, mask).detach())
+        return (weight * (masked(logps, mask) - masked(ref, mask))).sum(-1)
 
     chosen = side(chosen_token_logps, ref_chosen_token_logps, chosen_token_rewards, chosen_mask, 1.0)
     rejected = side(rejected_token_logps, ref_rejected_token_logps, rejected_token_rewards, rejected_mask, -1.0)
@@ -148,9 +138,9 @@ def omni_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     already separates (not detached, as in the authors' code); the NLL term lifts good chosen responses whose
     likelihood fell below the reference. Defaults: the authors' Gemma-2-9B-IT config (τ_good is on the judge's
     score scale)."""
-    pol_w, pol_l = _f(chosen_logps) / _f(chosen_lengths), _f(rejected_logps) / _f(rejected_lengths)
-    ref_w, ref_l = _f(ref_chosen_logps) / _f(chosen_lengths), _f(ref_rejected_logps) / _f(rejected_lengths)
-    s_w, s_l = _f(score_chosen), _f(score_rejected)
+    pol_w, pol_l = as_float(chosen_logps) / as_float(chosen_lengths), as_float(rejected_logps) / as_float(rejected_lengths)
+    ref_w, ref_l = as_float(ref_chosen_logps) / as_float(chosen_lengths), as_float(ref_rejected_logps) / as_float(rejected_lengths)
+    s_w, s_l = as_float(score_chosen), as_float(score_rejected)
     w_qual = torch.sigmoid(eta * (s_w - s_l))
     w_perf = (1 - torch.sigmoid(beta * (pol_w - pol_l) - tau_ref)) ** gamma
     loss = -w_qual * w_perf * F.logsigmoid(beta * ((pol_w - ref_w) - (pol_l - ref_l)))
@@ -188,10 +178,10 @@ def gamma_po(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, que
     batches: the authors keep a deque and pass a random sample of min(len, 256 − B) of them; without it the
     margins are solved over the batch alone. gamma is γ0 (= 0.4·β); defaults: authors' Llama-3-8B-Instruct
     config (β=10, γ0/β=0.4, τ=10)."""
-    gaps = beta * (_f(chosen_logps) / _f(chosen_lengths) - _f(rejected_logps) / _f(rejected_lengths))
+    gaps = beta * (as_float(chosen_logps) / as_float(chosen_lengths) - as_float(rejected_logps) / as_float(rejected_lengths))
     pool = gaps.detach()
     if queue_gaps is not None:
-        pool = torch.cat([_f(queue_gaps).detach().reshape(-1).to(gaps.device), pool])
+        pool = torch.cat([as_float(queue_gaps).detach().reshape(-1).to(gaps.device), pool])
     margins = _gamma_po_margins(pool, gamma, tau)[-gaps.numel():]
     return -F.logsigmoid(gaps - margins)
 
@@ -230,9 +220,9 @@ def beta_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     `selection_mask` (1 = kept). Without a mask every pair is kept (β calibration only; no filtering) and σ0
     is unused. Couples the batch: returns mask·loss·B/Σmask so that the mean is the paper's masked average."""
     margins = _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    mask = torch.ones_like(margins) if selection_mask is None else _f(selection_mask).to(margins.device)
+    mask = torch.ones_like(margins) if selection_mask is None else as_float(selection_mask).to(margins.device)
     selected_mean = (margins.detach() * mask).sum() / mask.sum()
-    beta_b = (beta * (1 + alpha * (selected_mean - _f(margin_ema_mean).to(margins.device)))).clamp(min=1e-3)
+    beta_b = (beta * (1 + alpha * (selected_mean - as_float(margin_ema_mean).to(margins.device)))).clamp(min=1e-3)
     losses = -F.logsigmoid(beta_b.detach() * margins)
     kept = mask > 0
     return torch.where(kept, losses, torch.zeros_like(losses)) * (mask.numel() / mask.sum())
@@ -253,8 +243,8 @@ def ra_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c
     distributions of policy and reference (the authors' `calculate_cvar`: ref-probability-weighted
     (log π_ref − log π) above its VaR at confidence 0.95) and passes as `*_token_risk_ratios`; gradients flow
     through them as in the authors' code. alpha acts only in Ra-DPO2. Defaults from config/loss/ra-dpo.yaml."""
-    risk_w = _clean(chosen_token_risk_ratios, chosen_mask).sum(-1)
-    risk_l = _clean(rejected_token_risk_ratios, rejected_mask).sum(-1)
+    risk_w = masked(chosen_token_risk_ratios, chosen_mask).sum(-1)
+    risk_l = masked(rejected_token_risk_ratios, rejected_mask).sum(-1)
     delta = _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     risk = alpha * (risk_l - risk_w.detach()) if ra_dpo2 else risk_l - risk_w
     return -F.logsigmoid(beta * (delta - risk))
@@ -274,7 +264,7 @@ def modpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
     (B, K) for K margin objectives; `w` = (w_0, w_1, …, w_K). Defaults from the authors' BeaverTails script."""
     weights = torch.as_tensor(w, dtype=torch.float32)
     w0, rest = float(weights[0]), weights[1:]
-    s_w, s_l = _f(score_chosen), _f(score_rejected)
+    s_w, s_l = as_float(score_chosen), as_float(score_rejected)
     if s_w.dim() == 1:
         s_w, s_l = s_w[:, None], s_l[:, None]
     if s_w.shape[-1] != rest.numel():
@@ -297,9 +287,9 @@ def inpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, pre
     Online mirror descent on the preference game: IPO against a geometric mixture of the reference π_ref and the
     previous iterate π_t (`prev_*_logps`, from the policy that generated this round's pairs). η is the inverse
     step size, τ the KL strength (0 < τ < η; defaults η=7.5e-3, τ=η/3)."""
-    delta_pi = _f(chosen_logps) - _f(rejected_logps)
-    delta_ref = _f(ref_chosen_logps) - _f(ref_rejected_logps)
-    delta_t = _f(prev_chosen_logps) - _f(prev_rejected_logps)
+    delta_pi = as_float(chosen_logps) - as_float(rejected_logps)
+    delta_ref = as_float(ref_chosen_logps) - as_float(ref_rejected_logps)
+    delta_t = as_float(prev_chosen_logps) - as_float(prev_rejected_logps)
     return (delta_pi - (tau / eta) * delta_ref - ((eta - tau) / eta) * delta_t - 1 / (2 * eta)) ** 2
 
 
@@ -315,7 +305,7 @@ def rebel(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
     difference; the two responses need not be ordered. This is the authors' code form; the paper writes
     ((1/η)Δh − Δr)², which is the same up to the factor η². Default eta=1.0 (authors' UltraFeedback script)."""
     delta = _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return (delta - eta * (_f(score_chosen) - _f(score_rejected))) ** 2
+    return (delta - eta * (as_float(score_chosen) - as_float(score_rejected))) ** 2
 
 
 @PREFERENCE.register("reward_aware_po",
@@ -331,7 +321,7 @@ def reward_aware_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     distance="sq": (βΔ − ηΔr)²; "bwd_kl": KL(Bern(σ(ηΔr)) ‖ Bern(σ(βΔ))) (the Nemotron-4 form);
     "fwd_kl": KL(Bern(σ(βΔ)) ‖ Bern(σ(ηΔr))). Defaults are NeMo-Aligner's (the authors' framework)."""
     model = beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    target = eta * (_f(score_chosen) - _f(score_rejected))
+    target = eta * (as_float(score_chosen) - as_float(score_rejected))
     if distance == "sq":
         return (model - target) ** 2
     if distance not in ("bwd_kl", "fwd_kl"):
@@ -343,7 +333,7 @@ def reward_aware_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
 
 def _dmpo_turn_weights(turn_mask, gamma):
     """a_j = γ^j (1 − γ^{T−j}) / (1 − γ^T) for turn j of T (0-based); (T − j)/T when γ = 1."""
-    valid = _f(turn_mask) > 0
+    valid = as_float(turn_mask) > 0
     n_turns = valid.sum(-1, keepdim=True).float()
     j = torch.arange(valid.shape[-1], device=valid.device, dtype=torch.float32).expand_as(n_turns.expand(
         valid.shape))
@@ -367,7 +357,7 @@ def dmpo(chosen_turn_logps, rejected_turn_logps, ref_chosen_turn_logps, ref_reje
     real turns; a_j = γ^j(1 − γ^{T−j})/(1 − γ^T) ((T−j)/T at γ=1) with T each trajectory's own number of turns,
     so early turns weigh more. Defaults beta=0.1, gamma=0.7 from the authors' training script."""
     def side(logps, ref, mask):
-        return (_dmpo_turn_weights(mask, gamma) * (_clean(logps, mask) - _clean(ref, mask))).sum(-1)
+        return (_dmpo_turn_weights(mask, gamma) * (masked(logps, mask) - masked(ref, mask))).sum(-1)
 
     chosen = side(chosen_turn_logps, ref_chosen_turn_logps, chosen_turn_mask)
     rejected = side(rejected_turn_logps, ref_rejected_turn_logps, rejected_turn_mask)
@@ -383,6 +373,6 @@ def implicit_prm_ce(logps, ref_logps, labels, *, beta: float = 0.05):
 
     Trains an outcome reward r = βh on response-level labels l ∈ [0, 1] (1 = correct); its partial sums over
     tokens are then free process rewards. beta=0.05 as in PRIME's implicit-PRM training."""
-    z = beta * (_f(logps) - _f(ref_logps))
-    labels = _f(labels).to(z.device)
+    z = beta * (as_float(logps) - as_float(ref_logps))
+    labels = as_float(labels).to(z.device)
     return -labels * F.logsigmoid(z) - (1 - labels) * F.logsigmoid(-z)

@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
-
-
-def _f32(*tensors):
-    return [torch.as_tensor(t).float() for t in tensors]
+from postrain.tensors import as_float
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +35,7 @@ def simpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, bet
     Llama-3-Instruct β=2.5, γ/β=0.55; Gemma-2-9B-it β=10, γ/β=0.5. The repo's optional SFT term (default 0)
     and label smoothing (default 0) are not part of the paper's loss and are left out.
     """
-    lw, ll, nw, nl = _f32(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+    lw, ll, nw, nl = map(as_float, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths))
     return -F.logsigmoid(beta * (lw / nw - ll / nl) - gamma)
 
 
@@ -56,7 +53,7 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta
     0.1 as in TRL's paper index. TRL's ORPOTrainer differs only in the NLL normalization: it averages the
     cross-entropy over every non-padding token of the batch, prompt tokens included.
     """
-    lw, ll, nw, nl = _f32(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+    lw, ll, nw, nl = map(as_float, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths))
     aw, al = lw / nw, ll / nl
     log_odds_ratio = (aw - al) - (_log1mexp(aw) - _log1mexp(al))
     return -aw - beta * F.logsigmoid(log_odds_ratio)
@@ -73,7 +70,7 @@ def repo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, gamm
     (their code computes relu(−(ℓ̄_w − ℓ̄_l − gamma_beta_ratio)); β only scales logged rewards). Default 0.4
     from the Mistral-7B-Instruct and Gemma-2-9B-it configs; the Llama-3-8B-Instruct configs use 0.6.
     """
-    lw, ll, nw, nl = _f32(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+    lw, ll, nw, nl = map(as_float, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths))
     return torch.relu(gamma - (lw / nw - ll / nl))
 
 
@@ -91,7 +88,7 @@ def contrastive_po(chosen_logps, rejected_logps, chosen_lengths, *, beta: float 
     per-token average −ℓ_w/|y_w|. Defaults β=0.1 and cpo_alpha=1.0 from the authors' CPOConfig (ALMA) and
     TRL. Not TRL's exact number: TRL's NLL is one cross-entropy averaged over all chosen tokens of the batch.
     """
-    lw, ll, nw = _f32(chosen_logps, rejected_logps, chosen_lengths)
+    lw, ll, nw = map(as_float, (chosen_logps, rejected_logps, chosen_lengths))
     return -F.logsigmoid(beta * (lw - ll)) - cpo_alpha * lw / nw
 
 
@@ -108,7 +105,7 @@ def alphapo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, a
     p̄ = exp(ℓ̄) is the per-token geometric-mean probability, so p̄^(−α) = exp(−α·ℓ̄); as α → 0, r_α → ℓ̄ and
     the loss becomes SimPO. Defaults α=0.25, β=2.5, γ=0.1 as TRL's paper index gives them for Mistral-Instruct.
     """
-    lw, ll, nw, nl = _f32(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+    lw, ll, nw, nl = map(as_float, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths))
     if alpha == 0.0:
         rw, rl = lw / nw, ll / nl
     else:
@@ -129,5 +126,5 @@ def cpl(chosen_logps, rejected_logps, *, alpha: float = 0.1, lam: float = 0.5):
     Bradley–Terry on α·ℓ. Defaults α=0.1, λ=0.5 from the authors' MetaWorld CPL configs. The optional
     BC term of CPL-BC (bc_coeff 0 in the CPL configs) is not included.
     """
-    lw, ll = _f32(chosen_logps, rejected_logps)
+    lw, ll = map(as_float, (chosen_logps, rejected_logps))
     return -F.logsigmoid(alpha * lw - lam * alpha * ll)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from postrain.rl.registry import ADVANTAGES
+from postrain.tensors import masked_row_mean, token_counts
 
 # TRL's GRPOTrainer: advantages / (std + 1e-4).
 _TRL_EPS = 1e-4
@@ -61,14 +62,6 @@ def _std(g: torch.Tensor) -> torch.Tensor:
 
 def _valid(mask) -> torch.Tensor:
     return torch.as_tensor(mask) > 0
-
-
-def _masked_mean_rows(x, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean of x over mask (garbage, even nan, in padding cannot leak) and the row lengths."""
-    valid = _valid(mask)
-    x = torch.where(valid, _float(x), 0.0)
-    lengths = valid.sum(dim=-1)
-    return x.sum(dim=-1) / lengths.clamp(min=1), lengths
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,10 +359,9 @@ def edge_grpo(rewards, group_size, mask, entropies, mean_entropy=None):
     (low P_i) get larger updates. Entropies are treated as constants (detached). Rows with P_i = 0 (empty
     completions) get 0. A = (r − μ)/(σ + 1e-4) (their TRL-based trainer)."""
     base = grpo(rewards, group_size)
-    p, lengths = _masked_mean_rows(torch.as_tensor(entropies).detach(), mask)
-    p = p.to(base)
+    p = masked_row_mean(torch.as_tensor(entropies).detach(), mask).to(base)
     if mean_entropy is None:
-        nonempty = lengths > 0
+        nonempty = token_counts(mask) > 0
         mean_entropy = p[nonempty].mean() if bool(nonempty.any()) else p.new_tensor(0.0)
     mean_entropy = _float(mean_entropy).to(base)
     return torch.where(p > 0, base * mean_entropy / torch.where(p > 0, p, 1.0), torch.zeros_like(base))

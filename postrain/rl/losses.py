@@ -25,6 +25,7 @@ import math
 import torch
 
 from postrain.rl.registry import AGGREGATIONS, POLICY_LOSSES
+from postrain.tensors import grouped, masked, token_counts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,15 +36,10 @@ def _valid(mask: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
-def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """float32 copy with padding set to 0 (torch.where, so nan/inf at padding cannot leak into values or grads)."""
-    return torch.where(_valid(mask), x.float(), torch.zeros((), device=x.device))
-
-
 def _log_ratio(logps, old_logps, mask):
     # on-policy call without old_logps: ratio 1 with the gradient of logps (TRL's per_token_logps.detach())
     old = logps.detach() if old_logps is None else old_logps
-    return _clean(logps, mask) - _clean(old, mask)
+    return masked(logps, mask) - masked(old, mask)
 
 
 def _adv(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +47,7 @@ def _adv(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     a = advantages.float()
     if a.dim() == 1:
         return a.unsqueeze(1)
-    return _clean(a, mask)
+    return masked(a, mask)
 
 
 def _seq_adv(advantages: torch.Tensor) -> torch.Tensor:
@@ -63,13 +59,9 @@ def _seq_adv(advantages: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def _lengths(mask):
-    return mask.float().sum(-1)
-
-
 def _seq_mean(x, mask):
     """Per-row mean over valid tokens of an already-cleaned (N, T) tensor; empty rows give 0."""
-    return x.sum(-1) / _lengths(mask).clamp(min=1.0)
+    return x.sum(-1) / token_counts(mask).clamp(min=1.0)
 
 
 def _spread(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,10 +94,6 @@ def _ppo_terms(ratio, adv, low, high):
     return loss, low_clipped, high_clipped
 
 
-def _group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    if x.shape[0] % group_size:
-        raise ValueError(f"{x.shape[0]} rows are not whole groups of group_size={group_size}")
-    return x.view(-1, group_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,7 +117,7 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilo
     loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
     metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                               "clip_ratio/region_mean": low | high})
-    return _clean(loss, mask), metrics
+    return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
@@ -154,7 +142,7 @@ def dual_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
     loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
     metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                               "clip_ratio/dual_mean": capped})
-    return _clean(loss, mask), metrics
+    return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
@@ -171,7 +159,7 @@ def simple_po(logps, old_logps, advantages, mask, *, epsilon: float = 0.2):
     adv = _adv(advantages, mask)
     loss = -(ratio * adv - adv.abs() * (ratio - 1) ** 2 / (2 * epsilon))
     outside = (ratio - 1).abs() > epsilon
-    return _clean(loss, mask), _ratio_metrics(ratio, mask, **{"ratio/outside_epsilon": outside})
+    return masked(loss, mask), _ratio_metrics(ratio, mask, **{"ratio/outside_epsilon": outside})
 
 
 @POLICY_LOSSES.register(
@@ -201,7 +189,7 @@ def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon
         loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
     metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                               "clip_ratio/region_mean": low | high})
-    return _clean(loss, mask), metrics
+    return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
@@ -218,7 +206,7 @@ def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
     Rare tokens (small q) get wide bounds, likely tokens tight ones. Deviation: where q underflows to 0 the
     authors' code sets the lower bound to 1; we use the q -> 0 limit (0.5), continuous with nearby q."""
     old = logps.detach() if old_logps is None else old_logps
-    q = torch.exp(_clean(old, mask)).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.exp(masked(old, mask)).clamp(min=torch.finfo(torch.float32).tiny)
     low = (1 + torch.sqrt(torch.clamp(1 - 4 * epsilon / q, min=0.0))) / 2
     high = torch.clamp((1 + torch.sqrt(1 + 4 * epsilon_high / q)) / 2, max=max(dual_clip_c, 10.0))
     ratio = torch.exp(_log_ratio(logps, old_logps, mask))
@@ -227,7 +215,7 @@ def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
     loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
     metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low_c, "clip_ratio/high_mean": high_c,
                                               "clip_ratio/region_mean": low_c | high_c})
-    return _clean(loss, mask), metrics
+    return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
@@ -244,8 +232,8 @@ def cispo(logps, old_logps, advantages, mask, *, epsilon_high: float = 5.0):
     default 5.0 from ScaleRL as TRL recommends). The paper aggregates with token_mean."""
     ratio = torch.exp(_log_ratio(logps, old_logps, mask))
     weight = torch.clamp(ratio, max=epsilon_high).detach()
-    loss = -weight * _adv(advantages, mask) * _clean(logps, mask)
-    return _clean(loss, mask), _ratio_metrics(ratio, mask, **{"clip_ratio/high_mean": ratio > epsilon_high})
+    loss = -weight * _adv(advantages, mask) * masked(logps, mask)
+    return masked(loss, mask), _ratio_metrics(ratio, mask, **{"clip_ratio/high_mean": ratio > epsilon_high})
 
 
 @POLICY_LOSSES.register(
@@ -258,8 +246,8 @@ def gpg_pg(logps, advantages, mask):
     """Plain policy gradient: l = -A log pi (no ratio, no clip, no KL).
 
     Same gradient as ppo_clip on-policy; the loss value differs (A log pi instead of A)."""
-    loss = -_adv(advantages, mask) * _clean(logps, mask)
-    return _clean(loss, mask), {}
+    loss = -_adv(advantages, mask) * masked(logps, mask)
+    return masked(loss, mask), {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +271,7 @@ def gspo(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_h
     loss, low, high = _ppo_terms(s.expand(mask.shape), adv, 1 - epsilon, 1 + eps_high)
     metrics = _ratio_metrics(s.expand(mask.shape), mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                                              "clip_ratio/region_mean": low | high})
-    return _clean(loss, mask), metrics
+    return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
@@ -297,14 +285,14 @@ def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, eps
     Value of s_it is the sequence ratio s_i, its gradient is s_i grad log pi_t, so per-token advantages can differ
     along the sequence; with one advantage per sequence its gradient equals GSPO's."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    lp = _clean(logps, mask)
+    lp = masked(logps, mask)
     seq_log = _seq_mean(_log_ratio(logps, old_logps, mask), mask).detach().unsqueeze(1)
     ratio = torch.exp(lp - lp.detach() + seq_log)
     adv = _adv(advantages, mask)
     loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
     metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                               "clip_ratio/region_mean": low | high})
-    return _clean(loss, mask), metrics
+    return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
@@ -324,7 +312,7 @@ def gmpo(logps, old_logps, advantages, mask, *, epsilon: float = 0.4, epsilon_hi
     lr = _log_ratio(logps, old_logps, mask)
     clamped = torch.clamp(lr, -epsilon, eps_high)
     clipped = torch.where(adv.unsqueeze(1) > 0, torch.min(lr, clamped), torch.max(lr, clamped))
-    rho = torch.exp(_seq_mean(_clean(clipped, mask), mask))
+    rho = torch.exp(_seq_mean(masked(clipped, mask), mask))
     ratio = torch.exp(lr)
     metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/region_mean": clipped != lr})
     metrics["ratio/geo_mean"] = rho.detach().mean()
@@ -345,8 +333,8 @@ def gvpo(logps, old_logps, rewards, mask, group_size: int, *, beta: float = 0.1)
     -beta/(G-1) sum_i w_i grad log pi(y_i), w_i = (R_i - R_bar) - (rho_i - rho_bar). Reads raw `rewards` (N,)
     and centres them per group itself. Rows must be whole groups; a group of one gives 0."""
     lr = _log_ratio(logps, old_logps, mask)
-    rho = _group_view(beta * lr.sum(-1), group_size)
-    r = _group_view(rewards.float(), group_size)
+    rho = grouped(beta * lr.sum(-1), group_size)
+    r = grouped(rewards.float(), group_size)
     resid = (rho - rho.detach().mean(1, keepdim=True)) - (r - r.mean(1, keepdim=True))
     per_seq = 0.5 * resid**2 / max(group_size - 1, 1)
     return _spread(per_seq.reshape(-1), mask), {"gvpo/implicit_reward_mean": rho.detach().mean()}
@@ -362,7 +350,7 @@ def a_star_po(logps, ref_logps, advantages, mask, *, beta2: float = 1e-3):
     """A*-PO stage 2: l_i = (beta2 sum_t log(pi/pi_ref) - A_i)^2 with A_i = r_i - V*(x) (one sample per prompt).
 
     Least-squares regression of the implicit reward onto the optimal advantage; no ratio to pi_old, no clip."""
-    implicit = beta2 * (_clean(logps, mask) - _clean(ref_logps, mask)).sum(-1)
+    implicit = beta2 * (masked(logps, mask) - masked(ref_logps, mask)).sum(-1)
     per_seq = (implicit - _seq_adv(advantages)) ** 2
     return _spread(per_seq, mask), {"a_star_po/implicit_reward_mean": implicit.detach().mean()}
 
@@ -388,8 +376,8 @@ def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "log
         raise ValueError(f"score must be 'logL' or 'Lratio', got {score!r}")
     lr = _log_ratio(logps, old_logps, mask)
     ratio = torch.exp(lr)
-    s = _seq_mean(_clean(logps, mask) if score == "logL" else _clean(ratio, mask), mask)
-    sg, rg = _group_view(s, group_size), _group_view(rewards.float(), group_size)
+    s = _seq_mean(masked(logps, mask) if score == "logL" else masked(ratio, mask), mask)
+    sg, rg = grouped(s, group_size), grouped(rewards.float(), group_size)
     pos, neg = rg == 1, rg == 0
     valid = pos.any(1) & neg.any(1)
     pos_mean = torch.where(pos, sg, 0.0).sum(1) / pos.sum(1).clamp(min=1)
@@ -397,12 +385,12 @@ def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "log
     neg_scores = torch.where(neg.any(1, keepdim=True), torch.where(neg, sg / tau, -math.inf), 0.0)
     neg_lme = tau * (torch.logsumexp(neg_scores, 1) - neg.sum(1).clamp(min=1).log())
     objective = torch.where(valid, pos_mean - torch.where(valid, neg_lme, 0.0), 0.0)
-    kl_tok = _clean(ratio - lr - 1, mask)
+    kl_tok = masked(ratio - lr - 1, mask)
     tokens = mask.float().sum().clamp(min=1.0)
     kl = kl_tok.sum() / tokens
     coef = torch.clamp(beta * (kl - delta), min=0.0).detach()
     # the group's -J_q goes to its non-empty rows (an empty row's tokens never reach the aggregation)
-    filled = _group_view(_lengths(mask) > 0, group_size)
+    filled = grouped(token_counts(mask) > 0, group_size)
     share = torch.where(filled, group_size / filled.sum(1, keepdim=True).clamp(min=1), 0.0)
     per_seq = (-objective.unsqueeze(1) * share).reshape(-1) + coef * kl_tok.sum(-1) * mask.shape[0] / tokens
     metrics = {"disco/kl": kl.detach(), "disco/constraint_coef": coef,
@@ -425,7 +413,7 @@ def token_mean(per_token_loss, mask, global_tokens=None):
 
     Pass `global_tokens` (valid tokens over all processes) when rows are split over processes."""
     total = mask.float().sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=torch.float32)
-    return _clean(per_token_loss, mask).sum() / total.clamp(min=1.0)
+    return masked(per_token_loss, mask).sum() / total.clamp(min=1.0)
 
 
 @AGGREGATIONS.register(
@@ -438,7 +426,7 @@ def seq_mean_token_mean(per_token_loss, mask, num_sequences=None):
     Empty completions count in N and add 0 (TRL clamps |o_i| >= 1). Pass `num_sequences` (rows over all
     processes) when rows are split over processes."""
     n = mask.shape[0] if num_sequences is None else num_sequences
-    return _seq_mean(_clean(per_token_loss, mask), mask).sum() / max(float(n), 1.0)
+    return _seq_mean(masked(per_token_loss, mask), mask).sum() / max(float(n), 1.0)
 
 
 @AGGREGATIONS.register(
@@ -451,7 +439,7 @@ def seq_mean_token_sum(per_token_loss, mask, num_sequences=None):
 
     Pass `num_sequences` (rows over all processes) when rows are split over processes."""
     n = mask.shape[0] if num_sequences is None else num_sequences
-    return _clean(per_token_loss, mask).sum() / max(float(n), 1.0)
+    return masked(per_token_loss, mask).sum() / max(float(n), 1.0)
 
 
 @AGGREGATIONS.register(
@@ -466,7 +454,7 @@ def seq_mean_token_sum_norm(per_token_loss, mask, num_sequences=None, *, max_com
     to the padded width T of this batch (verl's behaviour), which is only constant if padding is to the max."""
     n = mask.shape[0] if num_sequences is None else num_sequences
     length = mask.shape[1] if max_completion_length is None else max_completion_length
-    return _clean(per_token_loss, mask).sum() / (max(float(n), 1.0) * float(length))
+    return masked(per_token_loss, mask).sum() / (max(float(n), 1.0) * float(length))
 
 
 @AGGREGATIONS.register(
@@ -482,11 +470,11 @@ def delta_l(per_token_loss, mask, length_weight_sum=None, *, alpha: float = 1.0,
     alpha = 0 is Dr. GRPO's constant normaliser. Empty completions get weight 0. Pass `length_weight_sum`
     (sum_j L_j^-alpha over all processes) when rows are split; max_completion_length=None uses the padded
     width T, as the authors' verl code does."""
-    lengths = _lengths(mask)
+    lengths = token_counts(mask)
     weights = torch.where(lengths > 0, lengths.clamp(min=1.0) ** -alpha, torch.zeros_like(lengths))
     total = weights.sum() if length_weight_sum is None else torch.as_tensor(length_weight_sum, dtype=torch.float32)
     length = mask.shape[1] if max_completion_length is None else max_completion_length
-    per_seq = _clean(per_token_loss, mask).sum(-1)
+    per_seq = masked(per_token_loss, mask).sum(-1)
     return (weights * per_seq).sum() / (total.clamp(min=torch.finfo(torch.float32).tiny) * float(length))
 
 

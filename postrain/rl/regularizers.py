@@ -11,13 +11,7 @@ from __future__ import annotations
 import torch
 
 from postrain.rl.registry import REGULARIZERS
-
-
-def _where(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x = x.float()
-    if mask is None:
-        return x
-    return torch.where(mask.bool(), x, torch.zeros((), device=x.device))
+from postrain.tensors import masked
 
 
 def kl_penalty(estimator: str, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor | None = None):
@@ -25,7 +19,7 @@ def kl_penalty(estimator: str, logps: torch.Tensor, ref_logps: torch.Tensor, mas
 
     With d = ref_logps - logps (= log(pi_ref/pi)): k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (TRL's per-token KL).
     Computed in float32; positions where `mask` is 0 are returned as 0 (garbage there cannot leak)."""
-    d = _where(ref_logps, mask) - _where(logps, mask)
+    d = masked(ref_logps, mask) - masked(logps, mask)
     if estimator == "k1":
         return -d
     if estimator == "k2":
@@ -72,7 +66,7 @@ def kl_k3(logps, ref_logps, mask, *, beta: float = 0.04):
           "entry under aggregation=token_mean.")
 def entropy_bonus(entropies, mask, *, entropy_coef: float = 0.01):
     """-entropy_coef * H_t: rewards per-token entropy (exploration bonus; PPO's c2 = 0.01)."""
-    return -entropy_coef * _where(entropies, mask)
+    return -entropy_coef * masked(entropies, mask)
 
 
 @REGULARIZERS.register(
@@ -87,11 +81,11 @@ def target_entropy(entropies, mask, mean_entropy=None, *, entropy_target: float 
     Its token mean is exactly coef * |H_bar - H_target| with the same gradient (H_bar = token mean of H over the
     mask): pushes entropy down when above the target and up when below. Exact under aggregation=token_mean;
     pass `mean_entropy` (the token mean over all processes) when rows are split over processes."""
-    h = _where(entropies, mask)
+    h = masked(entropies, mask)
     if mean_entropy is None:
         mean_entropy = h.sum() / mask.float().sum().clamp(min=1.0)
     sign = torch.sign(torch.as_tensor(mean_entropy, dtype=torch.float32) - entropy_target).detach()
-    return _where(entropy_coef * sign * (h - entropy_target), mask)
+    return masked(entropy_coef * sign * (h - entropy_target), mask)
 
 
 @REGULARIZERS.register(

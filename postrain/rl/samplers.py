@@ -14,16 +14,11 @@ from __future__ import annotations
 import torch
 
 from postrain.rl.registry import SAMPLERS
-
-
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    if group_size < 1 or x.shape[0] % group_size:
-        raise ValueError(f"{x.shape[0]} rows do not split into groups of {group_size}")
-    return x.reshape(-1, group_size, *x.shape[1:])
+from postrain.tensors import grouped
 
 
 def _not_all_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    r = _grouped(rewards.float(), group_size)
+    r = grouped(rewards.float(), group_size)
     # A group of one is kept: it has no spread to lose (verl's DAPO keeps `len(vals) == 1` groups too).
     return (r.amax(-1) > r.amin(-1)) | (group_size == 1)
 
@@ -32,7 +27,7 @@ def _top_k_rows(score: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
     """Row keep mask: the k highest scores of each group (ties broken by row order)."""
     if not 1 <= k <= group_size:
         raise ValueError(f"k={k} must be in 1..group_size={group_size}")
-    s = _grouped(score, group_size)
+    s = grouped(score, group_size)
     order = torch.argsort(s, dim=-1, descending=True, stable=True)[:, :k]
     keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, True)
     return keep.reshape(-1)
@@ -74,7 +69,7 @@ def raft_pp(rewards, group_size):
 
     The authors' code realises this as the advantage max(r, 0), leaving rejected rows in the token-mean
     denominator; dropping the rows instead changes only that normaliser."""
-    _grouped(rewards, group_size)
+    grouped(rewards, group_size)
     return rewards > 0
 
 
@@ -87,7 +82,7 @@ def online_difficulty(rewards, group_size, *, low: float, high: float):
     """Balanced online difficulty filter: keep the groups whose pass rate p = mean(r > 0) satisfies low <= p <= high.
 
     Returns a group keep mask. low > 0 and high < 1 drop all-wrong and all-correct groups."""
-    passed = _grouped(rewards > 0, group_size).float().mean(-1)
+    passed = grouped(rewards > 0, group_size).float().mean(-1)
     return (passed >= low) & (passed <= high)
 
 
@@ -117,7 +112,7 @@ def greso_streaks(rewards, group_size, easy_streak, hard_streak, *, easy_thresho
 
     A group whose mean reward is >= easy_threshold extends its easy streak (else resets it to 0); <= hard_threshold
     extends its hard streak (else 0). Thresholds from the authors' presampling_selector.py."""
-    mean = _grouped(rewards.float(), group_size).mean(-1)
+    mean = grouped(rewards.float(), group_size).mean(-1)
     easy = torch.where(mean >= easy_threshold, easy_streak + 1, torch.zeros_like(easy_streak))
     hard = torch.where(mean <= hard_threshold, hard_streak + 1, torch.zeros_like(hard_streak))
     return easy, hard
@@ -133,7 +128,7 @@ def gfpo_length(rewards, group_size, mask, *, k: int):
 
     Advantages are then computed over the kept rows of each group only (mean/std of the kept subset); the
     filtered-out rows get no gradient. Ties go to the earlier row."""
-    _grouped(rewards, group_size)
+    grouped(rewards, group_size)
     return _top_k_rows(-mask.float().sum(-1), group_size, k)
 
 

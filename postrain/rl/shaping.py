@@ -10,16 +10,7 @@ from __future__ import annotations
 import torch
 
 from postrain.rl.registry import SHAPING
-
-
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    if group_size < 1 or x.shape[0] % group_size:
-        raise ValueError(f"{x.shape[0]} rows do not split into groups of {group_size}")
-    return x.reshape(-1, group_size, *x.shape[1:])
-
-
-def _lengths(mask: torch.Tensor) -> torch.Tensor:
-    return mask.float().sum(-1)
+from postrain.tensors import grouped, token_counts
 
 
 @SHAPING.register("dapo_overlong", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
@@ -39,7 +30,7 @@ def dapo_overlong(rewards, group_size, mask, *, max_completion_length: int = 204
     Defaults are the paper's: 16,384 expected tokens + a 4,096-token soft punish cache = 20,480 max tokens.
     `penalty_factor` is verl's `overlong_buffer.penalty_factor` (1.0 = the paper)."""
     expected = max_completion_length - overlong_buffer_len
-    over = ((_lengths(mask) - expected) / overlong_buffer_len).clamp(0.0, 1.0)
+    over = ((token_counts(mask) - expected) / overlong_buffer_len).clamp(0.0, 1.0)
     return rewards.float() - penalty_factor * over
 
 
@@ -56,8 +47,8 @@ def grpo_lead_length(rewards, group_size, mask, *, alpha: float = 0.05):
     z_i = (L_i - mean_correct(L)) / (std_correct(L) + 1e-6), std the unbiased (n-1) std over the group's correct
     completions, taken as 1 when fewer than two are correct (so a lone correct answer keeps r). alpha = 0.05 as in
     the authors' code. The paper's penalty for wrong answers (-1) belongs in the reward function itself."""
-    r = _grouped(rewards.float(), group_size)
-    length = _grouped(_lengths(mask), group_size)
+    r = grouped(rewards.float(), group_size)
+    length = grouped(token_counts(mask), group_size)
     correct = r > 0
     n = correct.sum(-1, keepdim=True).float()
     mean = torch.where(correct, length, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
@@ -82,10 +73,10 @@ def unlikeliness(rewards, group_size, old_logps, mask, *, beta_rank: float = 0.2
     valid = mask.bool()
     total = torch.where(valid, old_logps.float(), 0.0).sum(-1)
     mean_logp = total / valid.sum(-1).clamp(min=1)
-    seq = _grouped(mean_logp, group_size)
+    seq = grouped(mean_logp, group_size)
     order = torch.argsort(seq, dim=-1, stable=True)
     rank = torch.argsort(order, dim=-1, stable=True).float()
-    r = _grouped(rewards.float(), group_size)
+    r = grouped(rewards.float(), group_size)
     return (r * (1 - beta_rank * rank / group_size)).reshape(-1)
 
 
@@ -102,9 +93,9 @@ def dra_diversity(rewards, group_size, embeddings):
     `embeddings` (N, D) are sentence embeddings of the completions (the paper uses jina / nomic embedders); they
     are L2-normalised here. A completion unlike the rest of its group keeps more of its reward."""
     e = torch.nn.functional.normalize(embeddings.float(), p=2, dim=-1)
-    e = _grouped(e, group_size)
+    e = grouped(e, group_size)
     similarity = (e @ e.transpose(-1, -2)).sum(-1)
-    r = _grouped(rewards.float(), group_size)
+    r = grouped(rewards.float(), group_size)
     return (r / (similarity + 1e-6)).reshape(-1)
 
 
@@ -135,7 +126,7 @@ def win_rate(rewards, group_size, preferences):
     `preferences` (N, G): row i, column j = probability (or 0/1 judgment) that completion i beats the j-th
     completion of its group; the diagonal (self) is ignored. A group of one has no opponent: its reward is 0.5
     (a tie). The incoming `rewards` are not used."""
-    p = _grouped(preferences.float(), group_size)
+    p = grouped(preferences.float(), group_size)
     other = ~torch.eye(group_size, dtype=torch.bool, device=p.device)
     wins = torch.where(other, p, 0.0).sum(-1)
     if group_size == 1:
