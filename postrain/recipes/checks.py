@@ -12,6 +12,7 @@ import functools
 import re
 
 from postrain.errors import RecipeError, did_you_mean
+from postrain.recipes.validate import origin_of
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +42,7 @@ def check_loss_types(command: str, cfg: dict, origins: dict[str, str]) -> None:
         if lt not in choices:
             hint = did_you_mean(lt, choices, n=1)
             hint = f"{hint} " if hint else ""
-            origin = origins.get("trainer.loss_type", "built-in defaults")
+            origin = origin_of(origins, "trainer.loss_type")
             raise RecipeError(
                 f"unknown trainer.loss_type {lt!r} (from {origin}) for {cls.__name__}: {hint}"
                 f"TRL {command} loss types: {', '.join(choices)}"

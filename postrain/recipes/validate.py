@@ -96,19 +96,20 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, (dict, str))
 
 
-def _origin(origins: dict[str, str], path: str) -> str:
-    # The most specific recorded origin for this key or one of its parents.
+def origin_of(origins: dict[str, str], path: str) -> str:
+    """Which layer set `path` ("recipes/x.yaml", "command line", ...): the most specific recorded origin for this
+    key or one of its parents (`a.b[2].c` -> `a.b[2]` -> `a.b` -> `a`)."""
     key = path
     while key:
         if key in origins:
             return origins[key]
-        key = key.rpartition(".")[0]
+        key = key[:key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
     return "built-in defaults"
 
 
 def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, str]) -> RecipeError:
     hint = did_you_mean(key, valid) or f"valid keys: {', '.join(sorted(valid)[:30])}"
-    return RecipeError(f"unknown key '{path}' (from {_origin(origins, path)}): {hint}")
+    return RecipeError(f"unknown key '{path}' (from {origin_of(origins, path)}): {hint}")
 
 
 def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], meta: dict | None = None) -> None:
@@ -116,12 +117,12 @@ def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], me
     lib_cls = _library_dataclass(meta or {})
     if lib_cls is not None and value is not None:
         if not isinstance(value, dict):
-            raise RecipeError(f"'{path}' (from {_origin(origins, path)}) must be a mapping of {lib_cls.__name__} fields")
+            raise RecipeError(f"'{path}' (from {origin_of(origins, path)}) must be a mapping of {lib_cls.__name__} fields")
         _validate_dataclass(value, lib_cls, path, origins)
         return
     if not _matches(value, tp):
         raise RecipeError(
-            f"'{path}' (from {_origin(origins, path)}) has the wrong type: expected {type_name(tp)}, "
+            f"'{path}' (from {origin_of(origins, path)}) has the wrong type: expected {type_name(tp)}, "
             f"got {type(value).__name__} {value!r}"
         )
     # Recurse into dataclass-typed values, including inside Optional / list / dict.

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postrain.errors import RecipeError
+from postrain.recipes.validate import origin_of
 from postrain.registry import Registry, Variant
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 
@@ -154,19 +155,10 @@ def normalize_section(section: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _origin(origins: dict[str, str], path: str) -> str:
-    key = path
-    while key:
-        if key in origins:
-            return origins[key]
-        key = key[:key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
-    return "built-in defaults"
-
-
 def _part(registry: Registry, value: Any, path: str, origins: dict[str, str]) -> Part:
     spec = normalize_part(value, path)
     name = spec.pop("name")
-    where = f"{path}, from {_origin(origins, path)}"
+    where = f"{path}, from {origin_of(origins, path)}"
     variant = registry.check_params(name, spec, where=where)
     missing = [k for k, p in variant.signature.parameters.items()
                if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in spec]
@@ -217,7 +209,7 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
         return
     parts = parse_rl_section(cfg["rl"], origins)
     trainer = cfg.get("trainer") or {}
-    rl_origin = _origin(origins, "rl")
+    rl_origin = origin_of(origins, "rl")
 
     for family, part in parts.all():
         if family == "sampler":
@@ -256,12 +248,12 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                                   f"part sets its own)")
 
     if trainer.get("use_vllm") and trainer.get("vllm_importance_sampling_correction", True):
-        raise RecipeError(f"trainer.use_vllm (from {_origin(origins, 'trainer.use_vllm')}) with TRL's vLLM "
+        raise RecipeError(f"trainer.use_vllm (from {origin_of(origins, 'trainer.use_vllm')}) with TRL's vLLM "
                           f"importance-sampling correction conflicts with rl: (from {rl_origin}): {VLLM_CORRECTION}")
     for key, (in_effect, instead) in TRL_CONFLICTS.items():
         if key in trainer and in_effect(trainer[key], trainer):
             raise RecipeError(
-                f"trainer.{key} ({trainer[key]!r}, from {_origin(origins, f'trainer.{key}')}) conflicts with rl: "
+                f"trainer.{key} ({trainer[key]!r}, from {origin_of(origins, f'trainer.{key}')}) conflicts with rl: "
                 f"(from {rl_origin}): the rl: section replaces TRL's loss and advantage path, which would ignore it. "
                 f"Remove trainer.{key} and use {instead}")
 

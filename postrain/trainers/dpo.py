@@ -20,6 +20,7 @@ import torch
 from trl import DPOTrainer
 
 from postrain.errors import DataError, RecipeError
+from postrain.recipes.validate import origin_of
 
 # Data the trainer computes from a plain (prompt, chosen, rejected) batch, by registry data name.
 BATCH_DATA = frozenset({
@@ -104,7 +105,7 @@ def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, 
     defaults = _trl_defaults()
     for option, instead in TRL_LOSS_OPTIONS.items():
         if option in trainer and not _is_default(option, trainer[option], defaults.get(option)):
-            origin = origins.get(f"trainer.{option}", origins.get("trainer", "the trainer config"))
+            origin = origin_of(origins, f"trainer.{option}")
             raise RecipeError(f"the recipe sets both `loss:` and trainer.{option}={trainer[option]!r} (from {origin}): "
                               f"with `loss:`, {instead}")
     if not isinstance(section, list) or not section:
