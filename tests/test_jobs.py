@@ -249,3 +249,11 @@ def test_resume_without_checkpoints_is_refused_and_resume_keeps_metrics_unique(t
     steps = [json.loads(line)["step"] for line in (tmp_path / "saved" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3]  # step 3 logged once, by the resumed run
+
+
+def test_a_config_trl_rejects_stops_before_the_run_directory_is_made(tmp_path):
+    recipe = grpo_recipe(tmp_path, "[{name: exact_match}]")
+    result = runner.invoke(app, ["grpo", str(recipe), f"output_dir={tmp_path / 'run'}",
+                                 "trainer.per_device_train_batch_size=3"])
+    assert result.exit_code == 2 and "divisible by num_generations" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()

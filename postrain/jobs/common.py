@@ -282,8 +282,9 @@ def train_with_trl(
     """The skeleton every TRL training job shares: data, run directory, model, trainer, train, save.
 
     `trainer_kwargs` is called once the run directory exists, for what a job adds (a reference model, rewards).
-    Data is loaded (and `check_data(dataset, where)` run on it) and the model reference resolved before the run
-    directory is made, so a missing column or a mistyped model path leaves nothing behind.
+    Data is loaded (and `check_data(dataset, where)` run on it), the model reference resolved and the TRL config
+    built (its own checks: batch arithmetic, loss weights, ...) before the run directory is made, so none of these
+    mistakes leaves anything behind.
     """
     from postrain.data.sources import load_source
     from postrain.models.loading import load_model
@@ -297,12 +298,13 @@ def train_with_trl(
             check_data(eval_ds, "data.eval")
     check_model_reference(recipe.cfg["model"], "model")
     check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
+    args = trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_cls, **(config_overrides or {}))
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir):
         model, tokenizer, _ = load_model(recipe.cfg["model"])
         trainer = trainer_cls(
             model=model,
-            args=trainer_config(recipe, run_dir, config_cls, **(config_overrides or {})),
+            args=args,
             train_dataset=train,
             eval_dataset=eval_ds,
             processing_class=tokenizer,

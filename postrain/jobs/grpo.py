@@ -18,12 +18,10 @@ from postrain.recipes import Recipe
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from trl import GRPOConfig
 
-    from postrain.jobs.plan import plan
     from postrain.rewards import build_rewards, check_reward_columns
     from postrain.trainers.grpo import PostrainGRPOTrainer
 
     cfg = recipe.cfg
-    plan(recipe)  # TRL's config checks, reward columns and the model path, before anything is written
     if not cfg["rewards"]:
         raise RecipeError("`grpo` needs at least one entry under rewards: (e.g. - name: exact_match)")
     if (cfg.get("trainer") or {}).get("reward_weights") is not None:
