@@ -240,8 +240,11 @@ def test_at_least_25_methods_each_with_paper_and_loadable_parts():
     ("trainer.use_liger_kernel=true", "trainer.use_liger_kernel"),
     ("trainer.use_vllm=true", "vllm_importance_sampling_correction: false"),
     ("rl.advantage=aapo", "advantage estimator 'aapo' (rl.advantage, from command line) reads `ref_rewards`"),
-    ("rl.advantage=dcpo_smooth", "needs each prompt's reward history"),
-    ("rl.samplers=[dynamic_sampling]", "sampler 'dynamic_sampling' (rl.samplers[0], from command line) cannot run"),
+    ("rl.advantage=spo_tracker", "advantage estimator 'spo_tracker' (rl.advantage, from command line) cannot run "
+                                 "in the GRPO trainer: it is single-stream"),
+    ("rl.samplers=[greso]", "sampler 'greso' (rl.samplers[0], from command line) cannot run in the GRPO trainer: it "
+                            "skips prompts before their rollout"),
+    ("rl.samplers=[spo_prioritized]", "sampler 'spo_prioritized' (rl.samplers[0], from command line) cannot run"),
     ("rl.shaping=[dra_diversity]", "reads `embeddings`"),
     ("rl.shaping=[redit]", "has no default for sigma: set rl.shaping[0].sigma"),
     ("rl.shaping=[dapo_overlong]", "overlong_buffer_len (4096"),
@@ -269,6 +272,10 @@ TRL_GRPO_SOURCE = {
     "_get_per_token_logps_and_entropies": "ea73c3909275851d",
     "get_high_entropy_mask": "ce6e86287bac23d6",
     "_prepare_inputs": "f824e7fb07147956",
+    "_save_checkpoint": "ec91bde123649111",
+    "_load_optimizer_and_scheduler": "5c1772becdfd7fdb",
+    "get_train_dataloader": "2bffe5a57c539e17",
+    "_get_train_sampler": "36497afb4d311dc9",
 }
 
 

@@ -5,7 +5,9 @@
 rewards/<name>/mean. `reward_errors.policy` decides whether a reward that raises stops the run (`fail`) or
 scores that completion as `reward_errors.score` and counts it (`score`, logged as rewards/<name>/errors).
 `rl:` (or `method:`) swaps TRL's advantage and loss for registry parts (postrain.rl.section,
-postrain.trainers.grpo).
+postrain.trainers.grpo), and adds samplers: group / completion filters, DAPO's refill, PF-PPO's resampling;
+per-prompt state (dcpo_smooth) and recovered groups are saved beside each checkpoint (rl_state.json,
+rl_buffer.pt) and restored by --resume.
 """
 
 from __future__ import annotations

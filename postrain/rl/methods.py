@@ -34,12 +34,15 @@ def _paper(registry: Registry, name: str) -> dict[str, str]:
     return {"paper": v.paper, "arxiv": v.arxiv, **({"catalog": v.extra["catalog"]} if "catalog" in v.extra else {})}
 
 
-def _rl(advantage: str | dict, policy_loss: str | dict, aggregation: str | dict, *, regularizers=(), shaping=()):
+def _rl(advantage: str | dict, policy_loss: str | dict, aggregation: str | dict, *, regularizers=(), shaping=(),
+        samplers=()):
     out: dict[str, Any] = {"advantage": advantage, "policy_loss": policy_loss, "aggregation": aggregation}
     if regularizers:
         out["regularizers"] = list(regularizers)
     if shaping:
         out["shaping"] = list(shaping)
+    if samplers:
+        out["samplers"] = list(samplers)
     return normalize_section(out)
 
 
@@ -64,13 +67,16 @@ def dr_grpo(*, epsilon: float = 0.2):
 
 
 @METHODS.register("dapo", **_paper(AGGREGATIONS, "token_mean"),
-                  notes="dynamic sampling (refilling the batch) is not part of the expansion: the GRPO trainer has "
-                        "no refill hook; all-equal groups get advantage 0 under grpo")
-def dapo(*, epsilon: float = 0.2, epsilon_high: float = 0.28, overlong_buffer_len: int = 4096):
+                  notes="dynamic sampling refills the batch for at most max_num_gen_batches generation rounds "
+                        "(verl's DAPO scripts: 10), then trains on the kept groups there are (verl raises instead)")
+def dapo(*, epsilon: float = 0.2, epsilon_high: float = 0.28, overlong_buffer_len: int = 4096,
+         max_num_gen_batches: int = 10):
     """DAPO: clip-higher (0.2, 0.28), token-level mean, soft overlong punishment over the last
-    `overlong_buffer_len` tokens before max_completion_length (the paper's 4096 of 20480)."""
+    `overlong_buffer_len` tokens before max_completion_length (the paper's 4096 of 20480), and dynamic sampling
+    (groups whose rewards are all equal are dropped and the batch refilled)."""
     return _rl("grpo", {"name": "ppo_clip", "epsilon": epsilon, "epsilon_high": epsilon_high}, "token_mean",
-               shaping=[{"name": "dapo_overlong", "overlong_buffer_len": overlong_buffer_len}])
+               shaping=[{"name": "dapo_overlong", "overlong_buffer_len": overlong_buffer_len}],
+               samplers=[{"name": "dynamic_sampling", "max_num_gen_batches": max_num_gen_batches}])
 
 
 @METHODS.register("lite_ppo", **_paper(ADVANTAGES, "lite_ppo"))
@@ -198,11 +204,15 @@ def mapo():
     return _rl("mapo", "ppo_clip", "token_mean")
 
 
-@METHODS.register("confucius3", **_paper(ADVANTAGES, "pshw"))
-def confucius3(*, entropy_target: float = 0.55, entropy_coef: float = 0.001):
-    """Confucius3-Math: policy-specific hardness weighting and a two-sided entropy target (rewards +-1)."""
+@METHODS.register("confucius3", **_paper(ADVANTAGES, "pshw"),
+                  notes="Recent Sample Recovery refills for at most max_num_gen_batches generation rounds (the paper "
+                        "gives no limit; 10 as verl's DAPO scripts), then trains on the valid groups there are")
+def confucius3(*, entropy_target: float = 0.55, entropy_coef: float = 0.001, max_num_gen_batches: int = 10):
+    """Confucius3-Math: policy-specific hardness weighting, a two-sided entropy target (rewards +-1), and Recent
+    Sample Recovery (dynamic sampling whose surplus valid groups train at the next step)."""
     return _rl("pshw", "ppo_clip", "token_mean", regularizers=[
-        {"name": "target_entropy", "entropy_target": entropy_target, "entropy_coef": entropy_coef}])
+        {"name": "target_entropy", "entropy_target": entropy_target, "entropy_coef": entropy_coef}],
+        samplers=[{"name": "recent_sample_recovery", "max_num_gen_batches": max_num_gen_batches}])
 
 
 @METHODS.register("grpo_lead", **_paper(ADVANTAGES, "grpo_lead"))
@@ -218,17 +228,23 @@ def edge_grpo():
     return _rl("edge_grpo", "ppo_clip", "seq_mean_token_mean")
 
 
-@METHODS.register("reinforce_rej", **_paper(ADVANTAGES, "reinforce_rej"))
+@METHODS.register("reinforce_rej", **_paper(ADVANTAGES, "reinforce_rej"),
+                  notes="the rejected groups leave the batch and its token count, as the paper describes; the "
+                        "authors' verl code zeroes their advantage and keeps them in the token mean")
 def reinforce_rej(*, kl_beta: float = 0.001):
-    """Reinforce-Rej: raw reward as advantage in mixed groups, 0 in all-same ones; PPO clip; the authors' k3 KL
-    0.001 (kl_beta=0 drops it)."""
-    return _rl("reinforce_rej", "ppo_clip", "token_mean", regularizers=_kl(kl_beta))
+    """Reinforce-Rej: all-correct and all-wrong groups are dropped from the batch (no refill), raw reward as
+    advantage; PPO clip; the authors' k3 KL 0.001 (kl_beta=0 drops it)."""
+    return _rl("reinforce_rej", "ppo_clip", "token_mean", regularizers=_kl(kl_beta), samplers=["reinforce_rej"])
 
 
-@METHODS.register("raft_pp", **_paper(ADVANTAGES, "raft_pp"))
+@METHODS.register("raft_pp", **_paper(ADVANTAGES, "raft_pp"),
+                  notes="the rejected samples leave the batch and its token count, as the paper describes; the "
+                        "authors' verl code realises the selection as the advantage max(r, 0), keeping them in the "
+                        "token mean")
 def raft_pp():
-    """RAFT++: train on the positive samples only (advantage max(r, 0)) with the PPO clip."""
-    return _rl("raft_pp", "ppo_clip", "token_mean")
+    """RAFT++: train on the positive samples only (the others are dropped from the batch and its token count;
+    advantage max(r, 0)) with the PPO clip."""
+    return _rl("raft_pp", "ppo_clip", "token_mean", samplers=["raft_pp"])
 
 
 @METHODS.register("unlikeliness", **_paper(SHAPING, "unlikeliness"))

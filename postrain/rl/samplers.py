@@ -5,8 +5,10 @@ rows contiguous. Each entry documents what it returns:
   - a group keep mask (num_groups,) bool: expand to rows with `.repeat_interleave(group_size)`;
   - a row keep mask (N,) bool;
   - sampling weights / probabilities.
-Refilling a batch after filtering (generating more groups) is the trainer's job. Randomness (exploration draws)
-and per-prompt history come in as data tensors, so every entry is a pure function.
+Refilling a batch after filtering (generating more groups) is the trainer's job; `max_num_gen_batches`, where an
+entry has it, is the trainer's limit on generation rounds per batch (the entry itself ignores it). Randomness
+(exploration draws) and per-prompt history come in as data tensors, so every entry is a pure function. How the
+GRPO trainer applies each entry: postrain.rl.section (SAMPLER_STAGES).
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ def _top_k_rows(score: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
                    arxiv="2503.14476",
                    notes="DAPO Eq. 11 constraint 0 < |correct| < G, as implemented in verl's DAPO recipe "
                          "(keep groups whose metric std > 0, or groups of one); not supported in TRL")
-def dynamic_sampling(rewards, group_size):
+def dynamic_sampling(rewards, group_size, *, max_num_gen_batches: int = 10):
     """Dynamic sampling filter: keep the groups whose rewards are not all equal. Returns a group keep mask (num_groups,).
 
     For 0/1 accuracy rewards this is the paper's 0 < #correct < G. The trainer over-samples and refills the batch
-    with kept groups."""
+    with kept groups, generating at most `max_num_gen_batches` batches per step (0: no limit; 10 as in verl's
+    DAPO run scripts)."""
     return _not_all_equal(rewards, group_size)
 
 
@@ -78,10 +81,11 @@ def raft_pp(rewards, group_size):
                    catalog="rl:44",
                    notes="balanced filtering: keep prompts of intermediate on-the-fly accuracy; the paper's "
                          "thresholds were not verified, so low/high have no default")
-def online_difficulty(rewards, group_size, *, low: float, high: float):
+def online_difficulty(rewards, group_size, *, low: float, high: float, max_num_gen_batches: int = 10):
     """Balanced online difficulty filter: keep the groups whose pass rate p = mean(r > 0) satisfies low <= p <= high.
 
-    Returns a group keep mask. low > 0 and high < 1 drop all-wrong and all-correct groups."""
+    Returns a group keep mask. low > 0 and high < 1 drop all-wrong and all-correct groups. The pass rate is the
+    current rollout's (no history across steps). The trainer refills the batch as for `dynamic_sampling`."""
     passed = grouped(rewards > 0, group_size).float().mean(-1)
     return (passed >= low) & (passed <= high)
 
@@ -205,14 +209,16 @@ def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
                    catalog="rl:22",
                    notes="Recent Sample Recovery, Algorithm 1 of the paper (netease-youdao/Confucius3-Math pdf): "
                          "valid groups beyond the batch are kept for the next step, no importance correction")
-def recent_sample_recovery(rewards, group_size, buffer_rewards=None, *, batch_groups: int):
+def recent_sample_recovery(rewards, group_size, buffer_rewards=None, *, batch_groups: int,
+                           max_num_gen_batches: int = 10):
     """RSR batch builder: with dynamic sampling, take the first `batch_groups` valid groups of [buffer, new] for
     the batch and keep the remaining valid ones as the next step's buffer.
 
     Candidates are the buffered groups (`buffer_rewards`, rows of previously kept groups, first) followed by this
     step's new groups (`rewards`); valid = rewards not all equal. Returns a dict of LongTensors indexing candidate
     groups (0 .. num_buffered + num_new - 1): `batch` (at most batch_groups, in order) and `buffer`. When `batch`
-    is short, the trainer generates more groups and calls again with every valid group so far as the buffer."""
+    is short, the trainer generates more groups (at most `max_num_gen_batches` batches per step) and calls again
+    with every valid group so far as the buffer."""
     pool = rewards if buffer_rewards is None else torch.cat([buffer_rewards.to(rewards), rewards])
     valid = torch.nonzero(_not_all_equal(pool, group_size)).flatten()
     return {"batch": valid[:batch_groups], "buffer": valid[batch_groups:]}

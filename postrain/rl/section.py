@@ -6,13 +6,29 @@
       aggregation: {name: token_mean}
       regularizers: [{name: kl_k3, beta: 0.04}]
       shaping: [{name: dapo_overlong, overlong_buffer_len: 64}]
+      samplers: [{name: dynamic_sampling, max_num_gen_batches: 10}]
 
 Each part is `name` plus that registry entry's hyperparameters. A part left out takes TRL's own default
 (`advantage: grpo` = scale_rewards "group", `policy_loss: ppo_clip` + `aggregation: token_mean` = loss_type "dapo"),
 so `rl: {}` trains exactly as TRL's defaults do. Without an `rl:` section the trainer is TRL's, untouched.
 
 `check_rl_section` is the load-time check (postrain.recipes.checks.COMMAND_CHECKS): unknown names and parameters,
-parts whose data a GRPO batch cannot supply, and TRL options that the `rl:` path would silently ignore.
+parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply or combine, and TRL options that
+the `rl:` path would silently ignore.
+
+Samplers act at one of these stages of a training step (SAMPLER_STAGES; at most one sampler per stage; eval
+batches are never filtered):
+  group     before the advantage: a group keep mask from the raw rewards; dropped groups get weight 0 and the
+            advantage is computed on the kept groups only. `refill` entries generate more groups (from a second,
+            seeded pass over the training set) until the generation batch holds enough kept groups or
+            `max_num_gen_batches` rounds were generated, then train on what there is (padding the batch with
+            dropped groups of weight 0); `recent_sample_recovery` also carries the kept groups beyond the batch to
+            the next step.
+  subset    before the advantage: k completions of every group (GFPO); the advantage sees groups of k.
+  row       after the advantage: a row keep mask (RAFT++ positives, CPPO pruning by |advantage|).
+  reweight  after the advantage: PF-PPO's resampling with replacement, as row multiplicities.
+Samplers read the raw rewards (the weighted sum of the reward functions, before `shaping:`), as verl's DAPO filter
+reads accuracy; the advantage reads the shaped ones.
 """
 
 from __future__ import annotations
@@ -39,29 +55,49 @@ PROVIDED: dict[str, frozenset[str]] = {
     "aggregation": frozenset({"per_token_loss", "mask", "global_tokens", "num_sequences", "length_weight_sum"}),
     "regularizer": frozenset({"logps", "ref_logps", "mask", "entropies", "mean_entropy", "all_entropies"}),
     "shaping": frozenset({"rewards", "group_size", "mask", "old_logps", "noise", "ensemble_rewards"}),
-    "sampler": frozenset(),
+    "sampler": frozenset({"rewards", "group_size", "mask", "advantages"}),  # RSR: its buffer leads `rewards`
 }
+# Advantage estimators that read and return a per-prompt history (`state`): the width of one prompt's row and its
+# first-visit value. The trainer keeps it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with
+# checkpoints.
+STATEFUL_ADVANTAGES: dict[str, tuple[int, float]] = {"dcpo_smooth": (3, 0.0)}
 # Why a data input is not available in a GRPO batch (for the error message).
 MISSING_DATA = {
     "ref_rewards": "rewards of completions sampled from the reference model, which the GRPO trainer does not "
                    "generate",
-    "state": "a per-prompt history carried across steps (and saved with checkpoints), which the GRPO trainer "
-             "does not keep",
+    "state": "a per-prompt history carried across steps, which the GRPO trainer keeps only for "
+             + ", ".join(sorted(STATEFUL_ADVANTAGES)),
     "divergence": "a per-prompt policy divergence since the prompt's previous visit, which the GRPO trainer does "
                   "not track",
     "embeddings": "sentence embeddings of the completions, and no embedding model is configured",
     "preferences": "pairwise preference judgments between completions, and no judge is configured",
 }
-# Entries whose data is optional but which would silently degrade without it.
+# Entries whose data is optional but which would silently degrade without it, or which cannot run in TRL's trainer.
 UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("advantage", "dcpo_smooth"): "it needs each prompt's reward history across steps (`state`); without it every "
-                                  "visit is a first visit, a plain z-score",
-    ("advantage", "spo_tracker"): "it needs each prompt's Beta tracker across steps (`state`) and one completion "
-                                  "per prompt",
+    ("advantage", "spo_tracker"): "it is single-stream (one completion per prompt, group_size 1) and TRL 1.16's "
+                                  "GRPOConfig requires num_generations >= 2",
+    ("sampler", "spo_prioritized"): "it chooses which prompts the next batch draws, from each prompt's SPO tracker; "
+                                    "the tracker is single-stream (see spo_tracker) and TRL's RepeatSampler draws "
+                                    "an epoch's prompt order up front, while accelerate's dataloader fetches one "
+                                    "batch ahead and transformers' resume replays the sampler to skip batches, so a "
+                                    "state-dependent draw would neither see the latest state nor resume identically",
+    ("sampler", "greso"): "it skips prompts before their rollout and presamples others in their place, adapting its "
+                          "skip probabilities every step; the trainer has no pre-rollout selection (it would have "
+                          "to draw the replacement prompts and share them across processes before generation, as "
+                          "TRL's reward gather needs the same number of rows on every process), and the adaptation "
+                          "rule was not checked against the authors' code. Skipping after the rollout would save "
+                          "nothing, which is GRESO's point",
 }
-SAMPLER_REASON = ("samplers choose which prompts or completions are trained (DAPO-style ones refill the batch); "
-                  "TRL's GRPOTrainer generates one fixed batch per step with no refill hook, so postrain does not "
-                  "apply them yet. For all-equal groups, the grpo / reinforce_rej advantages are already 0")
+
+# Sampler stage by entry (see the module docstring); `refill` entries generate more groups when too few are kept.
+SAMPLER_STAGES: dict[str, str] = {
+    "dynamic_sampling": "group", "online_difficulty": "group", "reinforce_rej": "group",
+    "recent_sample_recovery": "group", "gfpo_length": "subset", "gfpo_reward_per_token": "subset",
+    "raft_pp": "row", "cppo_prune": "row", "pf_ppo": "reweight",
+}
+REFILL_SAMPLERS = frozenset({"dynamic_sampling", "online_difficulty", "recent_sample_recovery"})
+# Sampler parameters the trainer sets itself (a recipe must not): name -> what the trainer passes.
+TRAINER_FILLED = {"batch_groups": "the generation batch in groups (generation_batch_size / num_generations)"}
 
 # TRL options the `rl:` path replaces or does not reproduce: key -> (is it in effect?, what to use instead).
 # A key counts only where the recipe sets it (TRL's defaults are what the rl: defaults reproduce).
@@ -160,8 +196,13 @@ def _part(registry: Registry, value: Any, path: str, origins: dict[str, str]) ->
     name = spec.pop("name")
     where = f"{path}, from {origin_of(origins, path)}"
     variant = registry.check_params(name, spec, where=where)
+    filled = [k for k in TRAINER_FILLED if k in spec and registry is SAMPLERS]
+    if filled:
+        raise RecipeError(f"{path}.{filled[0]} ({where}) is set by the GRPO trainer to {TRAINER_FILLED[filled[0]]}: "
+                          f"remove it")
     missing = [k for k, p in variant.signature.parameters.items()
-               if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in spec]
+               if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in spec
+               and not (registry is SAMPLERS and k in TRAINER_FILLED)]
     if missing:
         raise RecipeError(f"{registry.what} {name!r} ({where}) has no default for {', '.join(missing)}: "
                           f"set {', '.join(f'{path}.{k}' for k in missing)}")
@@ -212,8 +253,6 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     rl_origin = origin_of(origins, "rl")
 
     for family, part in parts.all():
-        if family == "sampler":
-            raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot run in the GRPO trainer: {SAMPLER_REASON}")
         if (family, part.name) in UNSUPPORTED:
             raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) cannot run in "
                               f"the GRPO trainer: {UNSUPPORTED[family, part.name]}")
@@ -237,6 +276,8 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"trainer.num_generations (now steps_per_generation={spg}, per_device_train_batch_size={per_device}, "
                 f"num_generations={group})")
 
+    _check_samplers(parts, trainer)
+
     max_len = int(trainer.get("max_completion_length") or 512)
     for part in parts.shaping:
         if part.name == "dapo_overlong":
@@ -256,6 +297,39 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"trainer.{key} ({trainer[key]!r}, from {origin_of(origins, f'trainer.{key}')}) conflicts with rl: "
                 f"(from {rl_origin}): the rl: section replaces TRL's loss and advantage path, which would ignore it. "
                 f"Remove trainer.{key} and use {instead}")
+
+
+def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
+    """At most one sampler per stage; parameters that must fit the batch; no row-level sampler under a policy
+    loss that compares whole groups."""
+    by_stage: dict[str, Part] = {}
+    for part in parts.samplers:
+        stage = SAMPLER_STAGES[part.name]
+        if stage in by_stage:
+            raise RecipeError(f"samplers {by_stage[stage].name!r} ({by_stage[stage].where}) and {part.name!r} "
+                              f"({part.where}) both act at the {stage!r} stage: keep one of them")
+        by_stage[stage] = part
+    group = int(trainer.get("num_generations") or 8)
+    for part in parts.samplers:
+        key = part.where.split(",")[0]
+        if part.name in ("gfpo_length", "gfpo_reward_per_token") and not 1 <= int(part.params["k"]) <= group:
+            raise RecipeError(f"{key}.k ({part.params['k']}, {part.where}) must lie in 1..trainer.num_generations "
+                              f"({group}): GFPO keeps k of each group's completions")
+        if part.name == "cppo_prune":
+            rate = part.params.get("pruning_rate", part.variant.params["pruning_rate"])
+            if not 0 <= rate < 1:
+                raise RecipeError(f"{key}.pruning_rate ({rate}, {part.where}) must lie in [0, 1)")
+        if part.name in REFILL_SAMPLERS:
+            rounds = part.params.get("max_num_gen_batches", part.variant.params["max_num_gen_batches"])
+            if not isinstance(rounds, int) or rounds < 0:
+                raise RecipeError(f"{key}.max_num_gen_batches ({rounds!r}, {part.where}) must be an integer >= 0 "
+                                  f"(0: generate until the batch is full, as verl's DAPO recipe)")
+    rows = [p for p in parts.samplers if SAMPLER_STAGES[p.name] != "group"]
+    if rows and parts.policy_loss.variant.needs("group_size"):
+        raise RecipeError(f"sampler {rows[0].name!r} ({rows[0].where}) drops or repeats single completions, but "
+                          f"policy loss {parts.policy_loss.name!r} ({parts.policy_loss.where}) compares the "
+                          f"completions of whole groups: use a group-level sampler (dynamic_sampling, "
+                          f"online_difficulty, reinforce_rej) or another policy loss")
 
 
 def reference_beta(parts: RLParts) -> float | None:

@@ -22,19 +22,54 @@ method's source by hash, so a TRL change fails the test and this file gets re-re
     loss_type grpo / dr_grpo (/ current_gradient_accumulation_steps) and dapo (num_items_in_batch / processes
     * accumulation steps / steps_per_generation), the MoE aux loss term, and the `kl` / `entropy` metrics.
   - `get_high_entropy_mask` (l.1380-1415): the entropy quantile over every process' valid tokens.
+  - `_save_checkpoint` / `_load_optimizer_and_scheduler`: TRL's own pattern for state beside the checkpoint (its
+    adaptive-entropy controller writes entropy_ctrl_state.json the same way); postrain writes rl_state.json.
+  - `get_train_dataloader` / `_get_train_sampler` (l.1258-1316): the refill stream is the same RepeatSampler over
+    the training set, with another seed and each generation batch once.
 TRL options this path does not reproduce are refused at recipe load time (postrain.rl.section.TRL_CONFLICTS).
+
+Samplers (`rl.samplers`, stages in postrain.rl.section): every sampler becomes a per-row weight w_i >= 0 over the
+gathered generation batch (0: dropped, an integer: PF-PPO's resampling multiplicity), computed once per generation
+from gathered rewards, so every process takes the same decision. The loss is the aggregation over the rows with
+w_i > 0, as if the batch held each such row w_i times and no other:
+  token_mean                 sum_i w_i sum_t l_it / sum_i w_i |o_i|     (TRL's num_items_in_batch, weighted)
+  seq_mean_token_mean        sum_i w_i mean_t l_it / sum_i w_i
+  seq_mean_token_sum         sum_i w_i sum_t l_it / sum_i w_i
+  seq_mean_token_sum_norm    sum_i w_i sum_t l_it / (sum_i w_i * max_completion_length)
+  delta_l                    sum_i w_i L_i^-a sum_t l_it / (sum_i w_i L_i^-a * max_completion_length)
+with the sums over the whole generation batch (all processes; delta_l: this micro-batch, times the accumulation
+steps, as without samplers), so a dropped group contributes nothing and is not counted: the loss of the batch as if
+the dropped rows had never been generated, which is what verl trains on after filtering (and TRL 1.7's GFPO after
+its filter). With every weight 1 these are TRL's normalisers. Samplers act on training batches only.
+
+DAPO's refill (keep generating until enough groups are kept) is done in `_generate_and_score_completions`: each
+round is TRL's own method on the next batch of a second pass over the training set; the rounds' rows are gathered
+from every process, the batch is assembled from whole kept groups and each process takes its slice, as TRL slices.
+Per-prompt history (dcpo_smooth) lives in `self.rl_state` (postrain.trainers.grpo_sampling.PromptState), saved
+into every checkpoint as rl_state.json.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
+import datasets
 import torch
 from trl import GRPOTrainer
 
-from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SHAPING
+from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
-from postrain.rl.section import Part, parse_rl_section
+from postrain.rl.section import REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, Part, parse_rl_section
+from postrain.trainers.grpo_sampling import LEFT_PADDED, PromptState, cat_batches, group_rows, prompt_key, take_rows
+
+# Beside each checkpoint: the per-prompt state and counters (JSON), and the recovered groups of
+# recent_sample_recovery (tensors).
+RL_STATE_FILE = "rl_state.json"
+RL_BUFFER_FILE = "rl_buffer.pt"
+# The refill stream's sampler seed is the run seed plus this, so it does not replay the main loop's prompt order.
+REFILL_SEED_OFFSET = 1
 
 # Model inputs besides ids and attention that TRL's batches may carry (vision models); passed through as TRL does.
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -48,9 +83,18 @@ class PostrainGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, rl: dict[str, Any] | None = None, **kwargs):
         self.rl_parts = parse_rl_section(rl) if rl is not None else None
+        self.rl_state = PromptState()
         self._rl_rewards_per_func: torch.Tensor | None = None
-        self._rl_generations = 0
+        self._rl_samplers: dict[str, Part] = {SAMPLER_STAGES[p.name]: p for p in self.rl_parts.samplers} \
+            if self.rl_parts is not None else {}
+        self._rl_refill_iter = None
+        self._rl_buffer: dict[str, Any] | None = None  # recent_sample_recovery: kept groups beyond the last batch
         super().__init__(*args, **kwargs)
+        refill = self._refill_part()
+        if refill is not None and isinstance(self.train_dataset, (torch.utils.data.IterableDataset,
+                                                                  datasets.IterableDataset)):
+            raise ValueError(f"sampler {refill.name!r} refills the batch from a second pass over the training set, "
+                             f"which needs a map-style dataset; {type(self.train_dataset).__name__} is streamed")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for fn in self.reward_funcs:
@@ -67,10 +111,182 @@ class PostrainGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
         if self.rl_parts is None:
-            return output
-        return self._replace_advantages(output)
+            return super()._generate_and_score_completions(inputs)
+        keys = self._prompt_keys(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        table_index = None
+        if self.model.training and self._refill_part() is not None:
+            output, keys, table_index = self._refill(output, keys)
+        return self._replace_advantages(output, keys, table_index)
+
+    # --- samplers: refill, recovery, per-prompt state ----------------------------------------------------------
+
+    def _refill_part(self) -> Part | None:
+        part = self._rl_samplers.get("group")
+        return part if part is not None and part.name in REFILL_SAMPLERS else None
+
+    def _prompt_keys(self, inputs) -> list[str] | None:
+        """Every process' prompt ids, in gathered row order, where a part keeps per-prompt state."""
+        if self.rl_parts.advantage.name not in STATEFUL_ADVANTAGES:
+            return None
+        from accelerate.utils import gather_object
+
+        return gather_object([prompt_key(x.get("prompt")) for x in inputs])
+
+    def _raw_rewards(self, per_func: torch.Tensor, group: int) -> torch.Tensor:
+        """TRL's reward: weighted nansum over reward functions; unscorable rows at their group's mean."""
+        unscorable = torch.isnan(per_func).all(dim=1)
+        weighted = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        return _fill_unscorable(weighted, unscorable, group)
+
+    def _group_keep(self, part: Part, rewards: torch.Tensor, group: int, batch_groups: int) -> torch.Tensor:
+        """The group sampler's keep mask over the groups of `rewards` (recent_sample_recovery: the groups it puts
+        in the batch or the buffer)."""
+        params = dict(part.params)
+        if part.name == "recent_sample_recovery":
+            chosen = SAMPLERS.call(part.name, {"rewards": rewards, "group_size": group},
+                                   {**params, "batch_groups": batch_groups})
+            keep = torch.zeros(rewards.numel() // group, dtype=torch.bool, device=rewards.device)
+            keep[torch.cat([chosen["batch"], chosen["buffer"]]).to(rewards.device)] = True
+            return keep
+        return SAMPLERS.call(part.name, {"rewards": rewards, "group_size": group}, params).bool()
+
+    def _pool(self, output: dict) -> dict[str, torch.Tensor]:
+        """The generation batch's per-row columns from every process (gathered, padded to one width)."""
+        n = output["completion_ids"].size(0)
+        pooled = {}
+        for key, value in output.items():
+            if key in ("advantages", "num_items_in_batch") or value is None:
+                continue
+            if key in MODEL_INPUT_KEYS or not (isinstance(value, torch.Tensor) and value.dim() >= 1
+                                               and value.size(0) == n):
+                raise RuntimeError(f"sampler {self._refill_part().name!r} pools generation batches, which it cannot "
+                                   f"do with the batch column {key!r} (multimodal inputs are not supported)")
+            if value.dim() >= 2:
+                value = self.accelerator.pad_across_processes(value, dim=1, pad_index=self._pad_value(key),
+                                                              pad_first=key in LEFT_PADDED)
+            pooled[key] = self.accelerator.gather(value)
+        return pooled
+
+    def _pad_value(self, key: str) -> float:
+        return self._tokenizer.pad_token_id if key in ("prompt_ids", "completion_ids") else 0
+
+    def _refill(self, output: dict, keys: list[str] | None):
+        """DAPO dynamic sampling (and RSR): generate more batches until enough groups are kept or the sampler's
+        max_num_gen_batches rounds were generated; returns this process' rows of the assembled batch, their
+        prompt ids, and for each row TRL logged this step its position in the batch (-1: not trained)."""
+        part = self._refill_part()
+        group, mode = self.num_generations, "train"
+        n_local = output["completion_ids"].size(0)
+        target = n_local * self.accelerator.num_processes // group
+        max_rounds = part.params.get("max_num_gen_batches", part.variant.params["max_num_gen_batches"])
+        pooled, per_func, pool_keys = [self._pool(output)], [self._rl_rewards_per_func], [keys]
+        buffered = 0
+        if self._rl_buffer is not None:  # RSR: last step's surplus groups come first
+            buffered = self._rl_buffer["rewards_per_func"].size(0)
+            pooled.insert(0, self._rl_buffer["batch"])
+            per_func.insert(0, self._rl_buffer["rewards_per_func"])
+            pool_keys.insert(0, self._rl_buffer["keys"])
+        rounds = 1
+        while True:
+            keep = self._group_keep(part, self._raw_rewards(torch.cat(per_func), group), group, target)
+            if int(keep.sum()) >= target or (max_rounds and rounds >= max_rounds):
+                break
+            batch = self._next_refill_batch()
+            batch_keys = self._prompt_keys(batch)
+            more = super()._generate_and_score_completions(batch)
+            pooled.append(self._pool(more))
+            per_func.append(self._rl_rewards_per_func)
+            pool_keys.append(batch_keys)
+            rounds += 1
+
+        pool = cat_batches(pooled, {k: self._pad_value(k) for k in pooled[0]})
+        all_per_func = torch.cat(per_func)
+        all_keys = None if keys is None else [k for ks in pool_keys for k in ks]
+        kept = torch.nonzero(keep).flatten()
+        chosen = kept[:target]
+        short = target - chosen.numel()
+        if short:  # train on what there is: dropped groups fill the batch with weight 0
+            chosen = torch.cat([chosen, torch.nonzero(~keep).flatten()[:short]])
+        if part.name == "recent_sample_recovery":
+            surplus = group_rows(kept[target:], group)
+            self._rl_buffer = None if surplus.numel() == 0 else {
+                "batch": take_rows(pool, surplus), "rewards_per_func": all_per_func[surplus],
+                "keys": None if all_keys is None else [all_keys[i] for i in surplus.tolist()]}
+            self._metrics[mode]["rl/sampler/recovered_groups"].append(float(surplus.numel() // group))
+        metrics = self._metrics[mode]
+        metrics["rl/sampler/gen_batches"].append(float(rounds))
+        metrics["rl/sampler/short_groups"].append(float(short))
+        metrics[f"rl/sampler/{part.name}/kept_groups"].append(keep.float().mean().item())  # of all pooled groups
+
+        rows = group_rows(chosen, group)
+        position = torch.full((all_per_func.size(0),), -1, dtype=torch.long, device=rows.device)
+        position[rows] = torch.arange(rows.numel(), device=rows.device)
+        mine = rows[self.accelerator.process_index * n_local:(self.accelerator.process_index + 1) * n_local]
+        self._rl_rewards_per_func = all_per_func[rows]
+        assembled = {**take_rows(pool, mine), "advantages": None, "num_items_in_batch": None}
+        return assembled, None if all_keys is None else [all_keys[i] for i in rows.tolist()], position[buffered:]
+
+    def _next_refill_batch(self) -> list[dict]:
+        """The next generation batch (this process' rows) of the refill stream. Its position is a counter in the
+        state, so a resumed run continues the stream; the global RNG is left untouched (the DataLoader draws a
+        base seed from it), so a refill does not change the main loop's sampling."""
+        drawn = self.rl_state.count("refill_batches")
+        with torch.random.fork_rng(devices=[]):
+            if self._rl_refill_iter is None:
+                self._rl_refill_iter = self._refill_batches(skip=drawn)
+            return next(self._rl_refill_iter)
+
+    def _refill_batches(self, skip: int):
+        """Endless generation batches over the training set: TRL's RepeatSampler (get_train_dataloader), another
+        seed, each batch once (the main loop's repeat_count is for reusing a batch, which refill does not)."""
+        from trl.trainer.utils import RepeatSampler
+
+        def sampler(dataset):
+            return RepeatSampler(data_source=dataset, mini_repeat_count=self.num_generations,
+                                 batch_size=self.args.generation_batch_size // self.num_generations, repeat_count=1,
+                                 shuffle=self.shuffle_dataset, seed=self.args.seed + REFILL_SEED_OFFSET)
+
+        loader = self._get_dataloader(dataset=self.train_dataset, description="Refill",
+                                      batch_size=self._train_batch_size * self.args.steps_per_generation,
+                                      sampler_fn=sampler, is_training=True)
+        seen = 0
+        while True:
+            epoch_batches = 0
+            for batch in loader:
+                epoch_batches += 1
+                seen += 1
+                if seen > skip:
+                    yield batch
+            if epoch_batches == 0:
+                raise RuntimeError(f"the training set has fewer prompts than one generation batch "
+                                   f"({self.args.generation_batch_size // self.num_generations}), so the refill "
+                                   f"stream is empty")
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.rl_parts is None or not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with open(os.path.join(folder, RL_STATE_FILE), "w") as f:
+            json.dump(self.rl_state.state_dict(), f)
+        if self._rl_buffer is not None:
+            torch.save(self._rl_buffer, os.path.join(folder, RL_BUFFER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.rl_parts is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, RL_STATE_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                self.rl_state.load_state_dict(json.load(f))
+        self._rl_refill_iter = None  # continue the refill stream where the checkpoint left it
+        buffer = os.path.join(checkpoint, RL_BUFFER_FILE)
+        self._rl_buffer = torch.load(buffer, map_location=self.accelerator.device) if os.path.exists(buffer) else None
 
     def _part_params(self, part: Part) -> dict[str, Any]:
         """The part's hyperparameters; a `max_completion_length` it leaves unset is TRL's configured one."""
@@ -98,7 +314,8 @@ class PostrainGRPOTrainer(GRPOTrainer):
                 **{k: output[k] for k in MODEL_INPUT_KEYS if k in output})
         return (logps if old is None else old), entropies
 
-    def _replace_advantages(self, output: dict) -> dict:
+    def _replace_advantages(self, output: dict, keys: list[str] | None = None,
+                            table_index: torch.Tensor | None = None) -> dict:
         parts = self.rl_parts
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
@@ -106,11 +323,11 @@ class PostrainGRPOTrainer(GRPOTrainer):
         device = per_func.device
         n_local, width = output["completion_ids"].shape
         rows = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        generation = self.rl_state.count("generations")  # seeds this generation's draws, the same on every process
 
         # TRL: rewards = weighted nansum over reward functions; a row every function scored None is unscorable.
         unscorable = torch.isnan(per_func).all(dim=1)
-        rewards = _fill_unscorable((per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1),
-                                   unscorable, group)
+        raw_rewards = self._raw_rewards(per_func, group)
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
@@ -119,7 +336,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         def needs(name: str) -> bool:
             return any(p.variant.needs(name) for p in scoring)
 
-        data: dict[str, Any] = {"rewards": rewards, "group_size": group, "mask": self._gather_rows(mask)}
+        data: dict[str, Any] = {"rewards": raw_rewards, "group_size": group, "mask": self._gather_rows(mask)}
         if needs("old_logps") or needs("entropies"):
             old, entropies = self._sampling_logps(output, with_entropies=needs("entropies"))
             data["old_logps"] = self._gather_rows(old)
@@ -128,47 +345,142 @@ class PostrainGRPOTrainer(GRPOTrainer):
         if needs("ref_logps") and output.get("ref_per_token_logps") is not None:
             data["ref_logps"] = self._gather_rows(output["ref_per_token_logps"])
         if needs("noise"):  # the same draws on every process: a generator seeded by the run seed and the step
-            generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + self._rl_generations)
-            data["noise"] = torch.randn(rewards.shape[0], generator=generator).to(device)
+            generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + generation)
+            data["noise"] = torch.randn(raw_rewards.shape[0], generator=generator).to(device)
         if needs("ensemble_rewards"):  # the recipe's reward functions as the ensemble; a missing score -> the sum
-            data["ensemble_rewards"] = torch.where(torch.isnan(per_func), rewards.unsqueeze(1), per_func)
+            data["ensemble_rewards"] = torch.where(torch.isnan(per_func), raw_rewards.unsqueeze(1), per_func)
 
         for part in parts.shaping:
             data["rewards"] = SHAPING.call(part.name, data, self._part_params(part)).to(device)
         rewards = data["rewards"]
-        advantages = ADVANTAGES.call(parts.advantage.name, data, self._part_params(parts.advantage)).float()
+        sampling = mode == "train" and bool(self._rl_samplers)
+        keep, advantage_group = self._keep_before_advantage(raw_rewards, data["mask"], group) if sampling \
+            else (torch.ones_like(unscorable, dtype=torch.bool), group)
+        advantages = self._advantages(data, keep, advantage_group, keys, update_state=mode == "train")
         advantages = torch.nan_to_num(advantages, nan=0.0)
         dropped = unscorable.view(-1, *([1] * (advantages.dim() - 1)))
         advantages = torch.where(dropped, torch.zeros_like(advantages), advantages)  # TRL: no signal, no update
+        weights = keep.float()
+        if sampling:
+            weights = self._weights_after_advantage(weights, raw_rewards, advantages, generation)
+            trained = (weights > 0).view(-1, *([1] * (advantages.dim() - 1)))
+            advantages = torch.where(trained, advantages, torch.zeros_like(advantages))
+            output["rl_weight"] = weights[rows]
+            output["num_items_in_batch"] = (weights * data["mask"].float().sum(-1)).sum()  # kept tokens, weighted
+            output["rl_num_sequences"] = weights.sum()
+            self._metrics[mode]["rl/sampler/kept_fraction"].append((weights > 0).float().mean().item())
 
         output["advantages"] = advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
         if parts.policy_loss.variant.needs("rewards"):
             output["rl_rewards"] = rewards[rows]
         if parts.policy_loss.variant.needs("group_size"):  # to restore whole groups after TRL's shuffle
             output["rl_row_index"] = torch.arange(rewards.shape[0], device=device)[rows]
-        self._log_advantages(mode, advantages, data["mask"], unscorable, rewards if parts.shaping else None)
-        self._rl_generations += 1
+        self._log_advantages(mode, advantages, data["mask"], ~unscorable & (weights > 0),
+                             rewards if parts.shaping else None, table_index)
         return output
 
-    def _log_advantages(self, mode, advantages, mask, unscorable, shaped_rewards) -> None:
-        """postrain's advantage statistics (TRL's describe its own estimate, which the rl: path replaces), and
-        the completions table's advantages column."""
+    def _keep_before_advantage(self, rewards: torch.Tensor, mask: torch.Tensor, group: int):
+        """Rows the group and subset samplers keep, and the group size the advantage sees (GFPO: k)."""
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        metrics = self._metrics["train"]
+        part = self._rl_samplers.get("group")
+        if part is not None:
+            groups = self._group_keep(part, rewards, group, rewards.numel() // group)
+            if part.name not in REFILL_SAMPLERS:  # a refilling one logged its share of every group it pooled
+                metrics[f"rl/sampler/{part.name}/kept_groups"].append(groups.float().mean().item())
+            keep = groups.repeat_interleave(group)
+        part = self._rl_samplers.get("subset")
+        if part is not None:
+            keep = keep & SAMPLERS.call(part.name, {"rewards": rewards, "group_size": group, "mask": mask},
+                                        part.params).bool()
+            return keep, int(part.params["k"])
+        return keep, group
+
+    def _advantages(self, data: dict[str, Any], keep: torch.Tensor, group: int, keys: list[str] | None,
+                    update_state: bool) -> torch.Tensor:
+        """The advantage part on the kept rows only (as if the batch held no other; 0 elsewhere), reading and
+        updating the per-prompt state of a stateful estimator."""
+        part = self.rl_parts.advantage
+        n = keep.numel()
+        if part.name in STATEFUL_ADVANTAGES:
+            width, first_visit = STATEFUL_ADVANTAGES[part.name]
+            data = {**data, "state": self.rl_state.rows(part.name, keys, width, first_visit).to(keep.device)}
+        index = None if bool(keep.all()) else torch.nonzero(keep).flatten()
+        if index is not None:
+            data = {k: (v[index] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.size(0) == n else v)
+                    for k, v in data.items()}
+        data["group_size"] = group
+        if index is not None and index.numel() == 0:
+            return torch.zeros(n, device=keep.device)
+        result = ADVANTAGES.call(part.name, data, self._part_params(part))
+        if part.name in STATEFUL_ADVANTAGES:
+            result, new_state = result
+            if update_state:
+                kept_keys = keys if index is None else [keys[i] for i in index.tolist()]
+                self.rl_state.update(part.name, kept_keys, new_state)
+        result = result.float()
+        if index is None:
+            return result
+        full = torch.zeros((n, *result.shape[1:]), dtype=result.dtype, device=result.device)
+        full[index] = result
+        return full
+
+    def _weights_after_advantage(self, weights: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor,
+                                 generation: int) -> torch.Tensor:
+        """Row weights after the row sampler (RAFT++, CPPO) and the reweighting one (PF-PPO), over kept rows."""
+        metrics = self._metrics["train"]
+        part = self._rl_samplers.get("row")
+        if part is not None:
+            kept = torch.nonzero(weights > 0).flatten()
+            if part.name == "cppo_prune":
+                if advantages.dim() != 1:
+                    raise RuntimeError(f"sampler 'cppo_prune' ranks completions by |advantage|, but advantage "
+                                       f"{self.rl_parts.advantage.name!r} gives one per token")
+                chosen = SAMPLERS.call(part.name, {"rewards": rewards[kept], "group_size": 1,
+                                                   "advantages": advantages[kept]}, part.params)
+                row_keep = torch.zeros_like(weights, dtype=torch.bool)
+                row_keep[kept[chosen.bool()]] = True
+            else:
+                row_keep = SAMPLERS.call(part.name, {"rewards": rewards, "group_size": self.num_generations},
+                                         part.params).bool()
+            metrics[f"rl/sampler/{part.name}/kept_rows"].append(
+                (row_keep[kept].float().mean().item() if kept.numel() else 0.0))
+            weights = weights * row_keep
+        part = self._rl_samplers.get("reweight")
+        if part is not None:  # PF-PPO: draw as many rows as are kept, with replacement, by the entry's weights
+            kept = torch.nonzero(weights > 0).flatten()
+            if kept.numel():
+                probs = SAMPLERS.call(part.name, {"rewards": rewards[kept], "group_size": 1}, part.params)
+                generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + generation + 500_009)
+                draws = torch.multinomial(probs.float().cpu(), kept.numel(), replacement=True, generator=generator)
+                counts = torch.bincount(draws, minlength=kept.numel()).to(weights)
+                metrics[f"rl/sampler/{part.name}/distinct_rows"].append((counts > 0).float().mean().item())
+                resampled = torch.zeros_like(weights)
+                resampled[kept] = weights[kept] * counts
+                weights = resampled
+        return weights
+
+    def _log_advantages(self, mode, advantages, mask, trained, shaped_rewards, table_index=None) -> None:
+        """postrain's advantage statistics over the trained rows (TRL's describe its own estimate, which the rl:
+        path replaces), and the completions table's advantages column (0 for a row not trained)."""
         if advantages.dim() == 1:
-            values = advantages[~unscorable]
+            values = advantages[trained]
             table = self._logs["advantages"]
-            for _ in range(min(advantages.numel(), len(table))):
+            logged = advantages.tolist() if table_index is None else \
+                [advantages[i].item() if i >= 0 else 0.0 for i in table_index.tolist()]
+            for _ in range(min(len(logged), len(table))):
                 table.pop()
-            table.extend(advantages.tolist())
+            table.extend(logged)
         else:
-            values = advantages[(mask > 0) & ~unscorable.unsqueeze(1)]
+            values = advantages[(mask > 0) & trained.unsqueeze(1)]
         metrics = self._metrics[mode]
         if values.numel():
             metrics["rl/advantages/mean"].append(values.mean().item())
             metrics["rl/advantages/std"].append(values.std().item() if values.numel() > 1 else 0.0)
             metrics["rl/advantages/min"].append(values.min().item())
             metrics["rl/advantages/max"].append(values.max().item())
-        if shaped_rewards is not None:
-            metrics["rl/shaped_reward/mean"].append(shaped_rewards[~unscorable].mean().item())
+        if shaped_rewards is not None and bool(trained.any()):
+            metrics["rl/shaped_reward/mean"].append(shaped_rewards[trained].mean().item())
 
     # --- policy loss ------------------------------------------------------------------------------------------
 
@@ -190,9 +502,12 @@ class PostrainGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         rows = {"logps": logps, "entropies": entropies, "mask": mask, "advantages": inputs["advantages"],
                 "old_logps": logps.detach() if old is None else old, "ref_logps": inputs.get("ref_per_token_logps"),
-                "rewards": inputs.get("rl_rewards")}
+                "rewards": inputs.get("rl_rewards"), "weight": inputs.get("rl_weight")}
         if "rl_row_index" in inputs:
             rows = _whole_groups(rows, inputs["rl_row_index"], group)
+        weight = rows.pop("weight")  # samplers' row weights: a row of weight 0 is not trained nor counted
+        if weight is not None:
+            rows["mask"] = rows["mask"] * (weight > 0).unsqueeze(1).to(rows["mask"].dtype)
         logps, entropies, mask, ref = rows["logps"], rows["entropies"], rows["mask"], rows["ref_logps"]
 
         def global_mean(x: torch.Tensor) -> torch.Tensor:
@@ -217,19 +532,28 @@ class PostrainGRPOTrainer(GRPOTrainer):
                     part.name, {"logps": logps, "ref_logps": ref, "mask": mask, "entropies": entropies,
                                 "mean_entropy": mean_entropy}, self._part_params(part))
 
+        if weight is not None:  # a row drawn w times counts w times (PF-PPO); dropped rows are masked above
+            per_token = per_token * weight.to(per_token.dtype).unsqueeze(1)
+
         aggregation = parts.aggregation
         agg_data: dict[str, Any] = {"per_token_loss": per_token, "mask": mask}
-        if aggregation.variant.needs("global_tokens"):  # TRL's loss_type="dapo" normaliser
+        if aggregation.variant.needs("global_tokens"):  # TRL's loss_type="dapo" normaliser (weighted by samplers)
             tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 tokens = tokens * accumulation / self.args.steps_per_generation
             agg_data["global_tokens"] = tokens
-        if aggregation.variant.needs("num_sequences"):  # TRL's "grpo" / "dr_grpo": local mean / accumulation
-            agg_data["num_sequences"] = mask.size(0) * accumulation
+        if aggregation.variant.needs("num_sequences"):
+            if weight is None:  # TRL's "grpo" / "dr_grpo": local mean / accumulation
+                agg_data["num_sequences"] = mask.size(0) * accumulation
+            else:  # the kept rows of the generation batch, scaled as the dapo normaliser (the same value unfiltered)
+                agg_data["num_sequences"] = (inputs["rl_num_sequences"].clamp(min=1.0) / self.accelerator.num_processes
+                                             * accumulation / self.args.steps_per_generation)
         if aggregation.variant.needs("length_weight_sum"):  # this micro-batch's sum, times the accumulation
             alpha = self._part_params(aggregation).get("alpha", aggregation.variant.params.get("alpha", 1.0))
             lengths = mask.float().sum(-1)
             weights = torch.where(lengths > 0, lengths.clamp(min=1.0) ** -alpha, torch.zeros_like(lengths))
+            if weight is not None:
+                weights = weights * weight.to(weights.dtype)
             agg_data["length_weight_sum"] = weights.sum() * accumulation
         loss = AGGREGATIONS.call(aggregation.name, agg_data, self._part_params(aggregation))
         if self.aux_loss_enabled:
