@@ -218,7 +218,8 @@ def dpo_recipe(tmp_path: Path, extra: str) -> Path:
     ("loss: [{name: dpo}]\ntrainer: {loss_weights: [2.0]}", r"trainer.loss_weights.*`weight:`"),
     ("loss: [{name: beta_dpo}]", r"'beta_dpo' needs margin_ema_mean, margin_ema_std, which postrain's DPO trainer "
                                  r"cannot give it"),
-    ("loss: [{name: kto}]", r"'kto' needs logps, ref_logps, labels, kl"),
+    ("loss: [{name: kto}, {name: dpo}]", r"`loss:` mixes data shapes \(loss\[0\] 'kto' reads unpaired labelled "
+                                         r"completions .*; loss\[1\] 'dpo' reads preference pairs"),
     ("loss: [{name: r_dpo}]", r"'r_dpo' needs 'alpha' \(its paper gives no default\)"),
     ("loss: [{name: ld_dpo}]\ntrainer: {precompute_ref_log_probs: true}", r"'ld_dpo' reads per-token reference"),
 ])

@@ -21,7 +21,9 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # What each job reads from its data. Alternatives are tried in order: the first set fully present wins.
 JOB_COLUMNS: dict[str, list[tuple[str, ...]]] = {
     "sft": [("messages",), ("prompt", "completion"), ("text",)],
-    "dpo": [("prompt", "chosen", "rejected")],
+    # The rest depends on the recipe's `loss:` (pairs, K-response lists or unpaired labelled completions): the dpo
+    # job checks it once the data loads (postrain.trainers.dpo.check_loss_data), naming the loss that needs it.
+    "dpo": [("prompt",)],
     "grpo": [("prompt",)],
     "eval": [("prompt",)],
 }
@@ -97,6 +99,39 @@ def _score_pairs(rows: list[dict], where: str) -> list[dict]:
     return pairs
 
 
+def _score_lists(rows: list[dict], where: str) -> list[dict]:
+    """Group (prompt, completion, score) rows by prompt into K-response lists {prompt, completions, scores} (the
+    other columns from the prompt's first row), for every prompt with at least two completions scored
+    differently."""
+    for col in ("prompt", "completion", "score"):
+        if rows and col not in rows[0]:
+            raise DataError(f"{where}: transform 'score_lists' needs column {col!r}; present: {', '.join(rows[0])}")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(json.dumps(r["prompt"], sort_keys=True), []).append(r)
+    lists = []
+    for group in groups.values():
+        if len({r["score"] for r in group}) > 1:
+            rest = {k: v for k, v in group[0].items() if k not in ("completion", "score")}
+            lists.append({**rest, "completions": [r["completion"] for r in group],
+                          "scores": [float(r["score"]) for r in group]})
+    return lists
+
+
+def _unpair(ds, where: str):
+    """Each (prompt, chosen, rejected) row -> a desirable row (chosen, label true) and an undesirable one
+    (rejected, label false): TRL's unpair_preference_dataset, other columns copied to both."""
+    from trl.data_utils import unpair_preference_dataset
+
+    for col in ("chosen", "rejected"):
+        if col not in ds.column_names:
+            raise DataError(f"{where}: transform 'unpair' needs column {col!r}; present: {', '.join(ds.column_names)}")
+    # TRL copies every other column to both rows: an existing `completion` (built-in rows carry the SFT target)
+    # would overwrite the unpaired completion, and an existing `label` the new labels.
+    stale = [c for c in ("completion", "label") if c in ds.column_names]
+    return unpair_preference_dataset(ds.remove_columns(stale) if stale else ds)
+
+
 def _as_chat(text: Any, role: str) -> Any:
     return text if isinstance(text, list) else [{"role": role, "content": text}]
 
@@ -128,12 +163,22 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
         ds = datasets.Dataset.from_list(_score_pairs(ds.to_list(), where))
         if len(ds) == 0:
             raise DataError(f"{where}: 'score_pairs' found no prompt whose completions scored differently in {describe(spec)}")
+    if spec.transform == "score_lists":
+        ds = datasets.Dataset.from_list(_score_lists(ds.to_list(), where))
+        if len(ds) == 0:
+            raise DataError(f"{where}: 'score_lists' found no prompt with two completions scored differently in "
+                            f"{describe(spec)}")
+    if spec.transform == "unpair":
+        ds = _unpair(ds, where)
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     check_columns(ds.column_names, job, spec, where)
     answers = [c for c in ("completion", "chosen", "rejected") if c in ds.column_names]
     if "prompt" in ds.column_names and any(_repeats_prompt(ds[0][c]) for c in answers):
         ds = ds.map(lambda row: {c: _answer_turns(row[c]) for c in answers}, desc=None)
+    first_list = ds[0]["completions"] if "prompt" in ds.column_names and "completions" in ds.column_names else None
+    if first_list and _repeats_prompt(first_list[0]):
+        ds = ds.map(lambda row: {"completions": [_answer_turns(c) for c in row["completions"]]}, desc=None)
     if spec.prompt_template or spec.chat or spec.system_prompt:
         ds = ds.map(lambda row: _format_row(row, spec), desc=None)
     return ds
@@ -185,6 +230,8 @@ def _format_row(row: dict, spec: SourceSpec) -> dict:
         for col in ("completion", "chosen", "rejected"):
             if col in out and isinstance(out[col], str):
                 out[col] = _as_chat(out[col], "assistant")
+        if isinstance(out.get("completions"), list):
+            out["completions"] = [_as_chat(c, "assistant") if isinstance(c, str) else c for c in out["completions"]]
     return out
 
 
@@ -197,10 +244,10 @@ def is_local(spec: dict | SourceSpec) -> bool:
 def source_size(spec: dict | SourceSpec) -> int | None:
     """Number of rows, without loading a model; None where it cannot be known cheaply (hub datasets)."""
     spec = as_source(spec)
-    if spec.transform == "score_pairs":  # pairs are only known once scores are grouped
+    if spec.transform in ("score_pairs", "score_lists"):  # pairs / lists are only known once scores are grouped
         return None
     if is_local(spec):
-        n = len(_read_rows(spec))
+        n = len(_read_rows(spec)) * (2 if spec.transform == "unpair" else 1)
         return min(n, spec.limit) if spec.limit is not None else n
     return None
 

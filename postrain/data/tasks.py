@@ -10,6 +10,15 @@ Every task yields rows with the columns all jobs need, so one task feeds SFT, DP
 
 Splits are disjoint by construction: each problem is assigned to `test` or `train` by a hash of its text, so a
 held-out score is a score on problems never trained on.
+
+`shape` gives the rows of the other data shapes `postrain dpo` trains on (the default, `pairs`, is the above):
+  lists      the above plus `completions` (the answer and `list_size` − 1 wrong ones, in an order set by a hash of
+             the prompt), `scores` (a graded verifier: 1 for the right answer, 1 / (1 + |error|) for a wrong
+             number, the fraction of right characters for a wrong reversal) and `ranks` (1 = best, ties share one)
+  unpaired   two rows per problem: {prompt, completion, answer, label} with the right answer (label true) and
+             the plausible wrong one (label false)
+Both are built from the same problems and draw nothing from the task's random stream, so the pairs rows of a
+seed stay the same whatever the shape.
 """
 
 from __future__ import annotations
@@ -79,9 +88,12 @@ def arithmetic(
     seed: int = 0,
     test_fraction: float = 0.1,
     label_noise: float = 0.0,
+    shape: str = "pairs",
+    list_size: int = 4,
 ) -> list[dict]:
     """`a<op>b=` with operands of exactly `digits` digits; the answer is the exact integer result.
-    `label_noise`: the fraction of rows whose SFT target is a wrong answer (see `_with_label_noise`)."""
+    `label_noise`: the fraction of rows whose SFT target is a wrong answer (see `_with_label_noise`).
+    `shape`, `list_size`: rows for list-wise or unpaired losses (see the module docstring)."""
     if digits < 1:
         raise DataError(f"arithmetic: digits must be >= 1, got {digits}")
     if not ops or set(ops) - set("+-*"):
@@ -106,16 +118,17 @@ def arithmetic(
 
     space = (hi - lo + 1) ** 2 * len(ops)
     rows = _take(candidates(), min(n, space), split, test_fraction, limit=50 * n + 1000)
-    return _with_label_noise(rows, label_noise, seed)
+    return _shaped(_with_label_noise(rows, label_noise, seed), shape, list_size, _number_candidates, "arithmetic")
 
 
 @register_task("reverse")
 def reverse(
     split: str = "train", n: int = 1000, length: int = 5, alphabet: str = "abcdefgh", seed: int = 0,
-    test_fraction: float = 0.1, label_noise: float = 0.0,
+    test_fraction: float = 0.1, label_noise: float = 0.0, shape: str = "pairs", list_size: int = 4,
 ) -> list[dict]:
     """`reverse:<word>=`: the answer is the word reversed; the plausible wrong answer is its rotation by one.
-    `label_noise`: the fraction of rows whose SFT target is the wrong answer (see `_with_label_noise`)."""
+    `label_noise`: the fraction of rows whose SFT target is the wrong answer (see `_with_label_noise`).
+    `shape`, `list_size`: rows for list-wise or unpaired losses (see the module docstring)."""
     rng = random.Random(f"{seed}-{split}")
 
     def candidates():
@@ -133,7 +146,50 @@ def reverse(
                 "score_rejected": 0.0,
             }
 
-    return _with_label_noise(_take(candidates(), n, split, test_fraction, limit=50 * n + 1000), label_noise, seed)
+    rows = _with_label_noise(_take(candidates(), n, split, test_fraction, limit=50 * n + 1000), label_noise, seed)
+    return _shaped(rows, shape, list_size, _reversal_candidates, "reverse")
+
+
+SHAPES = ("pairs", "lists", "unpaired")
+
+
+def _shaped(rows: list[dict], shape: str, list_size: int, candidates: Callable[[dict], list[tuple[str, float]]],
+            task: str) -> list[dict]:
+    """Rows of `shape` from pairs rows; `candidates(row)` gives the row's (completion, score) list, the right
+    answer first, each completion once."""
+    if shape not in SHAPES:
+        raise DataError(f"{task}: shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    if shape == "unpaired":
+        return [{"prompt": r["prompt"], "completion": r[side], "answer": r["answer"], "label": side == "chosen"}
+                for r in rows for side in ("chosen", "rejected")]
+    if shape == "lists":
+        if list_size < 2:
+            raise DataError(f"{task}: list_size must be >= 2 (a list ranks at least two completions), got {list_size}")
+        for row in rows:
+            scored = candidates(row)[:list_size]
+            shift = int(hashlib.sha256(f"order-{row['prompt']}".encode()).hexdigest()[:8], 16) % len(scored)
+            scored = scored[shift:] + scored[:shift]
+            row["completions"] = [c for c, _ in scored]
+            row["scores"] = [score for _, score in scored]
+            row["ranks"] = [1 + sum(other > score for other in row["scores"]) for score in row["scores"]]
+    return rows
+
+
+def _number_candidates(row: dict) -> list[tuple[str, float]]:
+    """The answer and wrong numbers at distinct distances (so every score differs), scored 1 / (1 + |error|)."""
+    right = int(row["answer"])
+    return [(str(right + d), 1.0 / (1 + abs(d))) for d in (0, 1, -10, 2, 20, -3, 30, -4)]
+
+
+def _reversal_candidates(row: dict) -> list[tuple[str, float]]:
+    """The reversal, its rotations and the unreversed word, scored by the fraction of characters in place."""
+    target, word = row["answer"], row["prompt"].removeprefix("reverse:").removesuffix("=")
+    seen, out = set(), []
+    for text in [target[i:] + target[:i] for i in range(len(target))] + [word]:
+        if text not in seen:
+            seen.add(text)
+            out.append((text, sum(a == b for a, b in zip(text, target)) / len(target)))
+    return out
 
 
 def build_task(name: str, split: str, params: dict) -> list[dict]:

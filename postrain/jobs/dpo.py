@@ -8,7 +8,9 @@ The reference model, as users of TRL expect:
     the reference model is not kept in memory.
 
 `loss: [{name: simpo, weight: 1.0, beta: 2.0}]` replaces TRL's loss by postrain's preference-loss registry
-(postrain.trainers.dpo); losses that read no reference make no reference forward.
+(postrain.trainers.dpo); losses that read no reference make no reference forward. The losses' data shape picks
+the trainer: pairs (PostrainDPOTrainer), K-response lists (trainers.listwise) or unpaired labelled completions
+(trainers.unpaired); the data is checked for that shape's columns and rows before anything is written.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from postrain.recipes import Recipe
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.models.loading import load_model
-    from postrain.trainers import config_class, trainer_class
-    from postrain.trainers.dpo import check_loss_columns, parse_losses
+    from postrain.trainers import config_class
+    from postrain.trainers.dpo import check_loss_data, parse_losses, trainer_class_for
 
     ref_spec = recipe.cfg.get("ref_model")
     losses = recipe.cfg.get("loss") or []
     terms = parse_losses(losses, recipe.cfg.get("trainer")) if losses else []
     return train_with_trl(
-        recipe, options, job="dpo", trainer_cls=trainer_class("dpo"), config_cls=config_class("dpo"),
+        # TRAINERS["dpo"] (PostrainDPOTrainer) for pairs, its list-wise or unpaired subclass for those losses
+        recipe, options, job="dpo", trainer_cls=trainer_class_for(terms), config_cls=config_class("dpo"),
         trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": losses},
-        # a loss reading dataset columns (score_chosen, ...) fails here, before the model loads
-        check_data=lambda dataset, where: check_loss_columns(terms, dataset.column_names, where),
+        # data of the wrong shape, or lacking a column a loss reads (score_chosen, ...), fails here, before the
+        # model loads
+        check_data=lambda dataset, where: check_loss_data(terms, dataset, where),
     )

@@ -1,18 +1,30 @@
 """DPOTrainer with postrain's preference-loss registry: `loss: [{name: simpo, weight: 1.0, beta: 2.0}]`.
 
 With no registry losses the trainer is TRL's, unchanged (`trainer.loss_type` and every TRL option). With them,
-each batch's log-probs are computed once (policy; reference only if some chosen loss reads `ref_*` data), the
+each batch's log-probs are computed once (policy; reference only if some chosen loss reads reference data), the
 registry's data dict is built from them, and the loss is Σ_i weight_i · mean(loss_i).
 
+Data shapes. A registry loss's data arguments say which rows it trains on (`DataShape`, `shape_of`):
+  pairs     {prompt, chosen, rejected}: chosen_logps, rejected_logps, ... (B,)  -> PostrainDPOTrainer (this module)
+  lists     {prompt, completions: [K texts], scores | ranks}: list_logps, list_ref_logps, list_scores,
+            list_mask (B, K)                                              -> trainers.listwise.ListwiseDPOTrainer
+  unpaired  {prompt, completion, label}: logps, ref_logps, labels (B,), KTO's kl, BCO's delta
+                                                                          -> trainers.unpaired.UnpairedDPOTrainer
+One recipe trains on one shape: `parse_losses` refuses a `loss:` section that mixes them (a list loss next to a
+pair loss) and `trainer_class_for` picks the trainer for the section, so `postrain dpo` needs no other setting.
+
 TRL 1.16 offers no loss hook: the loss chain is inline in `DPOTrainer._compute_loss`. `_compute_loss` is
-overridden; its policy forward (about 10 lines) is copied from TRL 1.16, the reference log-probs come from TRL's
-own `compute_ref_log_probs` (which takes the model to run as an argument). tests/test_dpo_trainer.py pins the
-source of every TRL method used or overridden here, so a TRL change fails a test instead of drifting silently.
+overridden; its policy forward (about 10 lines, `_policy_forward`) is copied from TRL 1.16, the reference
+log-probs come from TRL's own `compute_ref_log_probs` (which takes the model to run as an argument).
+tests/test_dpo_trainer.py pins the source of every TRL method used or overridden here, so a TRL change fails a
+test instead of drifting silently.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -39,6 +51,65 @@ PAIR_COLUMNS = ("score_chosen", "score_rejected", "chosen_probs", "rejected_prob
 LOG_SUM_SQ_PROBS = ("chosen_token_log_sum_sq_probs", "rejected_token_log_sum_sq_probs")
 REF_TOKEN_LOGPS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 
+
+@dataclass(frozen=True)
+class DataShape:
+    """The rows a family of registry losses trains on, what the trainer computes from them, and which trainer."""
+
+    name: str
+    rows: str  # the rows, as messages name them
+    columns: tuple[tuple[str, ...], ...]  # dataset columns needed; a tuple of several: any one of them
+    data: frozenset[str]  # registry data the trainer computes from a batch
+    reference_data: frozenset[str]  # those of them that need a reference forward
+    trainer: str  # "module:Class"
+    pass_through: tuple[str, ...] = ()  # per-example dataset columns handed to the losses as they are
+
+    def needs(self, variant) -> list[str]:
+        """The required data of `variant` this shape cannot give it."""
+        return [k for k, req in variant.data.items() if req and k not in self.data and k not in self.pass_through]
+
+    def trainer_class(self) -> type:
+        module, _, name = self.trainer.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+PAIRS = DataShape(
+    "pairs", "preference pairs {prompt, chosen, rejected}", (("prompt",), ("chosen",), ("rejected",)),
+    BATCH_DATA, frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS}),
+    "postrain.trainers.dpo:PostrainDPOTrainer", PAIR_COLUMNS)
+LISTS = DataShape(
+    "lists", "K-response lists {prompt, completions, scores or ranks}",
+    (("prompt",), ("completions",), ("scores", "ranks")),
+    frozenset({"list_logps", "list_ref_logps", "list_scores", "list_mask"}), frozenset({"list_ref_logps"}),
+    "postrain.trainers.listwise:ListwiseDPOTrainer")
+UNPAIRED = DataShape(
+    "unpaired", "unpaired labelled completions {prompt, completion, label}", (("prompt",), ("completion",), ("label",)),
+    frozenset({"logps", "ref_logps", "labels", "kl", "delta"}), frozenset({"ref_logps", "kl", "delta"}),
+    "postrain.trainers.unpaired:UnpairedDPOTrainer")
+SHAPES = (PAIRS, LISTS, UNPAIRED)
+
+
+def shape_of(variant) -> DataShape:
+    """The data shape a registry loss trains on, read from its data arguments."""
+    names = set(variant.data)
+    if any(name.startswith("list_") for name in names):
+        return LISTS
+    if {"logps", "labels"} <= names:
+        return UNPAIRED
+    return PAIRS
+
+
+def section_shape(section: list | None) -> DataShape:
+    """The shape a `loss:` section trains on, without validating it (for the smoke layer): the first entry that
+    names a known loss decides; no section (TRL's own loss) trains on pairs."""
+    from postrain.preference import PREFERENCE
+
+    for entry in section or []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in PREFERENCE:
+            return shape_of(PREFERENCE.get(name))
+    return PAIRS
+
 # TRL options that shape TRL's own loss chain, which the registry path replaces: with `loss:` a non-default
 # value would be silently ignored, so it is refused, saying what to write instead.
 TRL_LOSS_OPTIONS = {
@@ -53,6 +124,8 @@ TRL_LOSS_OPTIONS = {
     "f_alpha_divergence_coef": "use the `fdpo_alpha` entry with `alpha: 1 - f_alpha_divergence_coef`",
     "discopop_tau": "set `tau:` on the `discopop` entry",
 }
+# Trainer options besides TRL_LOSS_OPTIONS that parse_losses checks against the losses' data shape.
+SHAPE_OPTIONS = ("precompute_ref_log_probs", "truncation_mode", "per_device_train_batch_size")
 
 
 @dataclass(frozen=True)
@@ -70,9 +143,13 @@ class LossTerm:
         return PREFERENCE.get(self.name)
 
     @property
+    def shape(self) -> DataShape:
+        return shape_of(self.variant)
+
+    @property
     def reads(self) -> set[str]:
         """The data inputs this term reads from what the trainer can give it."""
-        return set(self.variant.data) & (BATCH_DATA | set(PAIR_COLUMNS))
+        return set(self.variant.data) & (self.shape.data | set(self.shape.pass_through))
 
     @property
     def beta(self) -> float | None:
@@ -80,12 +157,33 @@ class LossTerm:
         return self.params.get("beta", self.variant.params.get("beta"))
 
 
+def term_keys(terms: list[LossTerm]) -> list[str]:
+    """A unique key per term for logs and state: its name, `<name>_2`, ... for repeats."""
+    seen: dict[str, int] = {}
+    keys = []
+    for term in terms:
+        seen[term.name] = seen.get(term.name, 0) + 1
+        keys.append(term.name + (f"_{seen[term.name]}" if seen[term.name] > 1 else ""))
+    return keys
+
+
+def losses_shape(terms: list[LossTerm]) -> DataShape:
+    """The one data shape of parsed terms (parse_losses refuses mixed ones); pairs without terms."""
+    return terms[0].shape if terms else PAIRS
+
+
+def trainer_class_for(terms: list[LossTerm]) -> type:
+    """The trainer `postrain dpo` builds for these terms: the one whose batches carry their data shape."""
+    return losses_shape(terms).trainer_class()
+
+
 def _trl_defaults() -> dict[str, Any]:
     import dataclasses
 
     from postrain.trainers import config_class
 
-    return {f.name: f.default for f in dataclasses.fields(config_class("dpo")) if f.name in TRL_LOSS_OPTIONS}
+    wanted = set(TRL_LOSS_OPTIONS) | set(SHAPE_OPTIONS)
+    return {f.name: f.default for f in dataclasses.fields(config_class("dpo")) if f.name in wanted}
 
 
 def _is_default(option: str, value: Any, default: Any) -> bool:
@@ -96,8 +194,8 @@ def _is_default(option: str, value: Any, default: Any) -> bool:
 
 
 def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, str] | None = None) -> list[LossTerm]:
-    """Validate a `loss:` section (names, parameters, data the trainer can give, TRL options that conflict) and
-    return its terms. Raises RecipeError naming the entry, key or option and what would be right."""
+    """Validate a `loss:` section (names, parameters, data the trainer can give, one data shape, TRL options that
+    conflict) and return its terms. Raises RecipeError naming the entry, key or option and what would be right."""
     from postrain.preference import PREFERENCE
 
     origins = origins or {}
@@ -126,27 +224,136 @@ def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, 
         if missing := [p for p in required if p not in params]:
             raise RecipeError(f"{where}: preference loss {variant.name!r} needs {', '.join(map(repr, missing))} "
                               f"(its paper gives no default), e.g. {{name: {variant.name}, {missing[0]}: ...}}")
-        unavailable = [k for k, req in variant.data.items() if req and k not in BATCH_DATA and k not in PAIR_COLUMNS]
-        if unavailable:
+        shape = shape_of(variant)
+        if unavailable := shape.needs(variant):
+            columns = f", and reads the dataset columns {', '.join(shape.pass_through)}" if shape.pass_through else ""
             raise RecipeError(
                 f"{where}: preference loss {variant.name!r} needs {', '.join(unavailable)}, which postrain's DPO "
-                f"trainer cannot give it (it computes {', '.join(sorted(BATCH_DATA))} from each pair, and reads "
-                f"the dataset columns {', '.join(PAIR_COLUMNS)}); choose a pairwise loss")
+                f"trainer cannot give it (from {shape.rows} it computes {', '.join(sorted(shape.data))}{columns}); "
+                f"choose another loss")
         if trainer.get("precompute_ref_log_probs") and set(REF_TOKEN_LOGPS) & set(variant.data):
             raise RecipeError(f"{where}: preference loss {variant.name!r} reads per-token reference log-probs, which "
                               f"trainer.precompute_ref_log_probs does not keep; set it to false")
         terms.append(LossTerm(variant.name, float(weight), params))
+    _check_one_shape(terms)
+    _check_shape_options(terms, trainer, defaults, origins)
     return terms
 
 
+def _check_one_shape(terms: list[LossTerm]) -> None:
+    if len({t.shape.name for t in terms}) > 1:
+        described = "; ".join(f"loss[{i}] {t.name!r} reads {t.shape.rows}" for i, t in enumerate(terms))
+        raise RecipeError(f"`loss:` mixes data shapes ({described}): one recipe trains on one shape of data. "
+                          f"Keep the losses of one shape, or turn the data into the other shape first "
+                          f"(data.train.transform: `unpair` makes unpaired rows of pairs)")
+
+
+def _check_shape_options(terms: list[LossTerm], trainer: dict, defaults: dict, origins: dict) -> None:
+    """Trainer options the list-wise and unpaired trainers cannot honour are refused rather than ignored."""
+    shape = losses_shape(terms)
+    if shape is PAIRS:
+        return
+
+    def option(name: str) -> Any:
+        return trainer.get(name, defaults.get(name))
+
+    def refuse(name: str, why: str) -> RecipeError:
+        origin = origin_of(origins, f"trainer.{name}")
+        return RecipeError(f"trainer.{name}={option(name)!r} (from {origin}) with {terms[0].name!r} ({shape.rows}): "
+                           f"{why}")
+
+    if option("precompute_ref_log_probs"):
+        raise refuse("precompute_ref_log_probs", "TRL precomputes reference log-probs of pairs only; the "
+                     f"{shape.name} trainer runs the reference on each batch. Set it to false")
+    if option("truncation_mode") not in (None, "keep_start"):
+        raise refuse("truncation_mode", "the sequences of lists and unpaired rows are padded by TRL's unpaired "
+                     "collator, which keeps their start. Set truncation_mode: keep_start, or raise max_length")
+    kl_terms = [t.name for t in terms if "kl" in t.reads]
+    if kl_terms and (option("per_device_train_batch_size") or 0) < 2:
+        raise refuse("per_device_train_batch_size", f"{kl_terms[0]!r} estimates its KL reference point from each "
+                     "prompt paired with another row's completion in the same batch, so a batch needs at least "
+                     "2 rows (KTO paper and TRL use 8 or more)")
+
+
 def check_loss_columns(terms: list[LossTerm], columns: list[str], where: str) -> None:
-    """Data-load-time check: the dataset has the per-pair columns the chosen losses read."""
+    """Data-load-time check: the dataset has the columns of the losses' data shape (pairs, lists or unpaired rows)
+    and the per-pair columns the chosen losses read. The message names the column and the loss that needs it."""
+    shape = losses_shape(terms)
+    who = f"preference loss {terms[0].name!r} (loss[0])" if terms else "TRL's DPO loss (`trainer.loss_type`)"
+    for options in shape.columns:
+        if not any(c in columns for c in options):
+            wanted = " or ".join(repr(c) for c in options)
+            raise DataError(
+                f"{where}: {who} trains on {shape.rows} and needs the column {wanted}, which the dataset lacks; "
+                f"columns present: {', '.join(columns)}. Map it with {where}.columns, e.g. columns: "
+                f"{{{options[0]}: <your column>}}" + _shape_hint(columns))
+    check_pass_through_columns(terms, columns, where)
+
+
+def check_pass_through_columns(terms: list[LossTerm], columns: list[str], where: str) -> None:
+    """The dataset has the per-pair columns (score_chosen, ...) the chosen losses read."""
     for i, term in enumerate(terms):
-        needed = [k for k, req in term.variant.data.items() if req and k in PAIR_COLUMNS]
+        needed = [k for k, req in term.variant.data.items() if req and k in term.shape.pass_through]
         if missing := [k for k in needed if k not in columns]:
             raise DataError(f"{where}: preference loss {term.name!r} (loss[{i}]) reads the column(s) "
                             f"{', '.join(missing)}, which the dataset lacks; columns present: {', '.join(columns)}. "
                             f"Map them with {where}.columns, e.g. columns: {{{missing[0]}: <your column>}}")
+
+
+def _shape_hint(columns: list[str]) -> str:
+    """When the data has another shape's columns: say which losses would read it."""
+    for shape in SHAPES:
+        if all(any(c in columns for c in options) for options in shape.columns):
+            return f". (The dataset holds {shape.rows}: losses of that shape read it.)"
+    return ""
+
+
+def check_loss_data(terms: list[LossTerm], dataset, where: str) -> None:
+    """Data-load-time check of a whole dataset: its columns (check_loss_columns), then, for lists and unpaired
+    rows, every row's values (K completions with K scores or ranks; labels in [0, 1]), naming the bad row."""
+    import datasets
+
+    check_loss_columns(terms, list(dataset.column_names), where)
+    shape = losses_shape(terms)
+    if not isinstance(dataset, datasets.Dataset) or shape is PAIRS:
+        return
+    if shape is LISTS:
+        _check_list_rows(dataset, where)
+    else:
+        _check_labels(dataset["label"], where)
+
+
+def _check_list_rows(dataset, where: str) -> None:
+    key = "scores" if "scores" in dataset.column_names else "ranks"
+    for i, (completions, values) in enumerate(zip(dataset["completions"], dataset[key])):
+        row = f"{where}, row {i}"
+        if not isinstance(completions, list) or len(completions) < 2:
+            raise DataError(f"{row}: `completions` must be a list of at least 2 completions to rank, got "
+                            f"{completions!r:.200}")
+        if not isinstance(values, list) or len(values) != len(completions):
+            raise DataError(f"{row}: `{key}` must give one number per completion ({len(completions)}), got "
+                            f"{values!r:.200}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            raise DataError(f"{row}: `{key}` must be finite numbers, got {values!r:.200}")
+        if key == "ranks" and any(not 1 <= v <= len(values) for v in values):
+            raise DataError(f"{row}: `ranks` run from 1 (best) to the number of completions ({len(values)}), "
+                            f"got {values!r}")
+
+
+def _check_labels(labels: list, where: str) -> None:
+    for i, label in enumerate(labels):
+        if not isinstance(label, (bool, int, float)) or not 0 <= label <= 1:
+            raise DataError(f"{where}, row {i}: `label` must be true / false (desirable or not), or a number in "
+                            f"[0, 1] for losses with soft labels, got {label!r}")
+
+
+def list_scores(example: dict) -> list[float]:
+    """A list row's scores, higher is better: its `scores`, else from its `ranks` (1 = best) as ψ = K − rank,
+    the number of completions ranked below (best K − 1, worst 0; ties share a value), LiPO's graded label."""
+    if example.get("scores") is not None:
+        return [float(s) for s in example["scores"]]
+    ranks = example["ranks"]
+    return [float(len(ranks) - r) for r in ranks]
 
 
 @dataclass
@@ -169,19 +376,33 @@ class PostrainDPOTrainer(DPOTrainer):
     Logged per step, as TRL does: loss, logps/chosen, logps/rejected, and, where a reference is used,
     rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (β·log-ratio, with the β of the first
     reference-based loss that has one); and each term's mean as `loss/<name>` (`loss/<name>_2`, ... for repeats).
+    Subclasses train the other data shapes (`shape`); they reuse the loss sum, the forwards and the logging here.
     """
+
+    shape: DataShape = PAIRS
 
     def __init__(self, *args, losses: list | None = None, **kwargs):
         config = kwargs.get("args")
-        trainer_options = {k: getattr(config, k) for k in TRL_LOSS_OPTIONS if hasattr(config, k)} if config else {}
-        if config is not None:
-            trainer_options["precompute_ref_log_probs"] = config.precompute_ref_log_probs
+        trainer_options = {k: getattr(config, k) for k in (*TRL_LOSS_OPTIONS, *SHAPE_OPTIONS)
+                           if hasattr(config, k)} if config else {}
         self.loss_terms = parse_losses(losses, trainer_options) if losses else []
+        shape = losses_shape(self.loss_terms)
+        if shape is not self.shape:
+            what = f"these losses read {shape.rows}" if self.loss_terms else "it needs registry losses (`losses`)"
+            raise RecipeError(f"{type(self).__name__} trains on {self.shape.rows}, but {what}: use "
+                              f"{shape.trainer.replace(':', '.')} (postrain dpo picks it from the `loss:` section)")
+        self._check_raw_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
-        if not self.loss_terms:
-            return
+        if self.loss_terms:
+            self._setup_batches()
+
+    def _check_raw_data(self, train_dataset, eval_dataset) -> None:
+        """Before TRL tokenizes: nothing to check for pairs (their score columns are checked once tokenized)."""
+
+    def _setup_batches(self) -> None:
+        """Once TRL built its collator: add the per-pair columns the losses read, and WPO's log Σπ² head."""
         present = list(next(iter(self.train_dataset)).keys())
-        check_loss_columns(self.loss_terms, present, "train_dataset")
+        check_pass_through_columns(self.loss_terms, present, "train_dataset")
         columns = tuple(c for c in self._pair_columns_read() if c in present)
         if columns:
             self.data_collator = _WithPairColumns(self.data_collator, columns)
@@ -199,7 +420,13 @@ class PostrainDPOTrainer(DPOTrainer):
 
     @property
     def uses_reference(self) -> bool:
-        return any(name.startswith("ref_") for t in self.loss_terms for name in t.reads)
+        return any(t.reads & self.shape.reference_data for t in self.loss_terms)
+
+    def _reward_beta(self) -> float:
+        """β for logged implicit rewards: that of the first loss that reads the reference and has one (TRL:
+        trainer.beta)."""
+        return next((t.beta for t in self.loss_terms if t.beta is not None and t.reads & self.shape.reference_data),
+                    self.beta)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -207,13 +434,10 @@ class PostrainDPOTrainer(DPOTrainer):
         extra = [c for c in self._pair_columns_read() if c not in self._signature_columns]
         self._signature_columns = list(self._signature_columns) + extra
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        if not self.loss_terms:
-            return super()._compute_loss(model, inputs, return_outputs)
-        mode = "train" if self.model.training else "eval"
-        columns = {k: inputs[k] for k in PAIR_COLUMNS if k in inputs}
-        inputs = {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS}
-
+    def _policy_forward(self, model, inputs: dict):
+        """The policy forward of TRL 1.16's DPOTrainer._compute_loss on a batch of sequences (`input_ids`,
+        `attention_mask`, `completion_mask`): its outputs, per-token completion log-probs (N, T), the shifted
+        completion mask and the model's keyword arguments."""
         # Copied from TRL 1.16 DPOTrainer._compute_loss (the policy forward, its first ~17 lines), unchanged.
         _non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         model_kwargs = {k: v for k, v in inputs.items() if k not in _non_model_keys}
@@ -227,6 +451,30 @@ class PostrainDPOTrainer(DPOTrainer):
         seq_len = shift_completion_mask.size(1)
         per_token_logps = outputs.log_probs[:, -seq_len:]
         # (end of the copy)
+        return outputs, per_token_logps, shift_completion_mask, model_kwargs
+
+    def _reference_token_logps(self, inputs: dict, seq_len: int) -> torch.Tensor:
+        """Per-token reference log-probs (N, T) of a batch of sequences, from one forward."""
+        kept = {}
+
+        def forward_and_keep(**kwargs):
+            kept["outputs"] = reference(**kwargs)
+            return kept["outputs"]
+
+        # TRL's compute_ref_log_probs does the reference forward (no grad, the peft adapter switched off or to
+        # "ref", gradient checkpointing off) on the model it is given; keep its per-token output.
+        reference = self.ref_model or self.model
+        self.compute_ref_log_probs(forward_and_keep, inputs)
+        return kept["outputs"].log_probs[:, -seq_len:]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self.loss_terms:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        columns = {k: inputs[k] for k in PAIR_COLUMNS if k in inputs}
+        inputs = {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS}
+        outputs, per_token_logps, shift_completion_mask, model_kwargs = self._policy_forward(model, inputs)
+        seq_len = shift_completion_mask.size(1)
 
         chosen_mask, rejected_mask = shift_completion_mask.chunk(2, dim=0)  # batch is [chosen, rejected]
         data: dict[str, Any] = dict(columns)
@@ -240,42 +488,40 @@ class PostrainDPOTrainer(DPOTrainer):
         if self.uses_reference:
             data.update(self._reference_data(inputs, seq_len))
 
-        loss = 0.0
-        seen: dict[str, int] = {}
+        loss = self._registry_loss(mode, data, outputs)
+        self._log_pair_metrics(mode, data)
+        return self._with_outputs(loss, model, model_kwargs, return_outputs)
+
+    def _registry_loss(self, mode: str, data: dict, outputs) -> torch.Tensor:
+        """Σ weight · mean(loss) over the terms (each logged as loss/<key>), plus a MoE router's aux loss."""
         from postrain.preference import preference_loss
 
-        for term in self.loss_terms:
-            value = preference_loss(term.name, **data, **term.params).mean()
+        loss = 0.0
+        for key, term in zip(term_keys(self.loss_terms), self.loss_terms):
+            value = preference_loss(term.name, **self._term_data(mode, key, term, data), **term.params).mean()
             loss = loss + term.weight * value
-            seen[term.name] = seen.get(term.name, 0) + 1
-            key = f"loss/{term.name}" + (f"_{seen[term.name]}" if seen[term.name] > 1 else "")
-            self._metrics[mode][key].append(self.accelerator.gather(value.detach()).mean().item())
+            self._metrics[mode][f"loss/{key}"].append(self.accelerator.gather(value.detach()).mean().item())
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-        self._log_pair_metrics(mode, data)
+        return loss
 
+    def _term_data(self, mode: str, key: str, term: LossTerm, data: dict) -> dict:
+        """The data one term is called with; a hook for per-term data (BCO's reward shift)."""
+        return data
+
+    def _with_outputs(self, loss, model, model_kwargs: dict, return_outputs: bool):
         if return_outputs:  # as TRL 1.16 does: logits for `compute_metrics`, from an extra forward
             with torch.no_grad():
                 outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
+            return loss, outputs
+        return loss
 
     def _reference_data(self, inputs: dict, seq_len: int) -> dict[str, torch.Tensor]:
-        """Reference log-probs, summed and per token, from one forward (none when precomputed)."""
+        """Reference log-probs of the pairs, summed and per token, from one forward (none when precomputed)."""
         if self.precompute_ref_logps:
             return {"ref_chosen_logps": inputs["ref_chosen_logps"], "ref_rejected_logps": inputs["ref_rejected_logps"]}
-        kept = {}
-
-        def forward_and_keep(**kwargs):
-            kept["outputs"] = reference(**kwargs)
-            return kept["outputs"]
-
-        # TRL's compute_ref_log_probs does the reference forward (no grad, the peft adapter switched off or to
-        # "ref", gradient checkpointing off) on the model it is given; keep its per-token output as well.
-        reference = self.ref_model or self.model
-        ref_chosen, ref_rejected = self.compute_ref_log_probs(forward_and_keep, inputs)
-        ref_token_logps = kept["outputs"].log_probs[:, -seq_len:]
-        ref_chosen_tokens, ref_rejected_tokens = ref_token_logps.chunk(2, dim=0)
-        return {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected,
+        ref_chosen_tokens, ref_rejected_tokens = self._reference_token_logps(inputs, seq_len).chunk(2, dim=0)
+        return {"ref_chosen_logps": ref_chosen_tokens.sum(dim=1), "ref_rejected_logps": ref_rejected_tokens.sum(dim=1),
                 "ref_chosen_token_logps": ref_chosen_tokens, "ref_rejected_token_logps": ref_rejected_tokens}
 
     def _log_pair_metrics(self, mode: str, data: dict) -> None:
@@ -285,9 +531,7 @@ class PostrainDPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(gather(chosen).mean().item())
         metrics["logps/rejected"].append(gather(rejected).mean().item())
         if "ref_chosen_logps" in data:
-            # β of the first loss that reads the reference and has one (TRL: trainer.beta)
-            beta = next((t.beta for t in self.loss_terms
-                         if t.beta is not None and any(k.startswith("ref_") for k in t.reads)), self.beta)
+            beta = self._reward_beta()
             chosen_rewards = beta * (chosen - data["ref_chosen_logps"])
             rejected_rewards = beta * (rejected - data["ref_rejected_logps"])
             metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
