@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from postrain.preference import PREFERENCE
+from postrain.preference import PREFERENCE, preference_loss
 from postrain.preference import dpo_family
 
 B, T = 7, 12
@@ -612,3 +612,24 @@ def test_trl_ipo_differs_from_the_paper_form_and_trl_sft_from_dpo_nll():
     batch_token_mean = d["chosen_logps"].sum() / masks.sum()  # TRL: −mean over all chosen tokens of the batch
     trl_rpo = trl_loss("dpo", d, {"beta": 0.1}) - batch_token_mean
     assert not torch.allclose(call("dpo_nll", d, beta=0.1, alpha=1.0).mean(), trl_rpo)
+
+
+def test_discopop_is_not_convex_in_the_margin():
+    """At the paper's tau, the loss falls as the margin goes from 0 to about -0.12 (beta * delta) and rises on the
+    way to +0.07: gradient descent from the reference lowers the margin first (see the entry's docstring)."""
+    import torch.nn.functional as F
+
+    def reference(z, tau=0.05):  # the authors' log_ratio_modulated_loss, written out on the scaled margin
+        mix = torch.sigmoid(z / tau)
+        return (1 - mix) * F.softplus(-z) + mix * torch.exp(-z)
+
+    beta = 0.05
+    z = torch.tensor([-0.3, -0.05, 0.0, 0.03, 0.15, 2.0])
+    chosen = (z / beta).clone().requires_grad_(True)  # delta = chosen log-ratio, everything else 0
+    zeros = torch.zeros(len(z))
+    loss = preference_loss("discopop", chosen_logps=chosen, rejected_logps=zeros, ref_chosen_logps=zeros,
+                           ref_rejected_logps=zeros, beta=beta, tau=0.05)
+    torch.testing.assert_close(loss, reference(z))
+    loss.sum().backward()
+    # descent moves z toward the local minimum near -0.12 from anywhere left of the maximum near +0.07
+    assert chosen.grad.sign().tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0, -1.0], chosen.grad

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from postrain.errors import DataError, RecipeError
 from postrain.preference import PREFERENCE, preference_loss
 from postrain.preference import pairwise_variants as pv
 
@@ -158,6 +159,55 @@ def test_odpo_log_ratio(batch):
     assert not torch.allclose(pv.odpo_log_ratio(**pick(pv.odpo, batch)), pv.odpo(**pick(pv.odpo, batch)))
 
 
+def with_ties(data, tied):
+    """`data` with score_rejected set equal to score_chosen at the rows `tied`."""
+    rejected = data["score_rejected"].clone()
+    rejected[tied] = data["score_chosen"][tied]
+    return dict(data, score_rejected=rejected)
+
+
+@pytest.mark.parametrize("entry, ref", [(pv.odpo, ref_odpo), (pv.odpo_log_ratio, ref_odpo_ratio)])
+@pytest.mark.parametrize("params", [{}, {"alpha": 0.0}])
+def test_odpo_drops_tied_pairs_as_the_authors_data_does(batch, entry, ref, params):
+    """rycolab/odpo preference_datasets.py::tldr_paired_responses skips pairs of equal reward, so the loss over a
+    batch with ties is the loss over the same batch without them (log 0 never reaches the loss or its gradient,
+    also at alpha=0, where 0 * log 0 would be nan)."""
+    tied = [1, 4]
+    data = with_ties(pick(entry, batch), tied)
+    kept = [i for i in range(B) if i not in tied]
+    got_in, want_in = leaf(data, "chosen_logps", "rejected_logps"), leaf(data, "chosen_logps", "rejected_logps")
+    got = entry(**got_in, **params).mean()
+    want = torch.stack([ref(want_in, i, **params) for i in kept]).mean()
+    close(got, want)
+    got.backward()
+    want.backward()
+    for name in ("chosen_logps", "rejected_logps"):
+        close(got_in[name].grad, want_in[name].grad)
+        assert torch.all(got_in[name].grad[tied] == 0)
+    # A batch of ties only has nothing to learn from: loss 0, gradient 0, nothing nan.
+    all_tied = leaf(with_ties(pick(entry, batch), list(range(B))), "chosen_logps")
+    out = entry(**all_tied, **params)
+    out.mean().backward()
+    assert torch.all(out == 0) and torch.all(all_tied["chosen_logps"].grad == 0)
+
+
+def test_odpo_rejects_pairs_scored_against_their_labels(batch):
+    data = pick(pv.odpo, batch)
+    for bad in (data["score_rejected"][2] - 0.1, float("nan")):
+        chosen = data["score_chosen"].clone()
+        chosen[2] = bad
+        with pytest.raises(DataError, match="score_chosen below score_rejected"):
+            pv.odpo(**dict(data, score_chosen=chosen))
+
+
+def test_odpo_log_ratio_rejects_scores_that_are_not_positive(batch):
+    data = pick(pv.odpo_log_ratio, batch)
+    rejected = data["score_rejected"].clone()
+    rejected[0] = 0.0  # the built-in tasks' verifier score of a wrong answer
+    with pytest.raises(DataError, match="positive"):
+        pv.odpo_log_ratio(**dict(data, score_rejected=rejected))
+
+
 def test_r_dpo(batch):
     data = pick(pv.r_dpo, batch)
     check(pv.r_dpo, ref_r_dpo, data, alpha=0.01)
@@ -190,6 +240,43 @@ def test_mappo(batch):
     pv.mappo(**zero).sum().backward()
     assert torch.all(zero["rejected_logps"].grad == 0)
     assert zero["score_chosen"].grad is None or torch.all(zero["score_chosen"].grad == 0)
+
+
+JUDGE_CHOSEN = [10.0, 8.0, 7.0, 9.0, 5.0, 6.0]  # 1-10 judge scores, as UltraFeedback's GPT-4 ratings
+JUDGE_REJECTED = [1.0, 8.0, 3.0, 2.0, 4.0, 5.5]
+
+
+def ref_mappo_rewards(b, i, r_w, r_l, beta=0.1):
+    """Paper Eq. 8 with the [0, 1] rewards given explicitly."""
+    return -logsig(beta * h(b, i, "chosen") - (r_w[i] - r_l[i]) * beta * h(b, i, "rejected"))
+
+
+def test_mappo_score_scale_maps_judge_scores_onto_the_unit_interval(batch):
+    judged = dict(pick(pv.mappo, batch), score_chosen=torch.tensor(JUDGE_CHOSEN, dtype=torch.float64),
+                  score_rejected=torch.tensor(JUDGE_REJECTED, dtype=torch.float64))
+    # [0, 10]: a 1-10 judge score divided by 10.
+    r_w, r_l = [s / 10 for s in JUDGE_CHOSEN], [s / 10 for s in JUDGE_REJECTED]
+    check(pv.mappo, lambda b, i, score_scale: ref_mappo_rewards(b, i, r_w, r_l), judged, score_scale=[0, 10])
+    # [1, 10]: the scale's ends go to 0 and 1, so the (10, 1) pair is plain DPO.
+    unit = pv.mappo(**judged, score_scale=[1, 10])
+    close(unit[0], ref_dpo(batch, 0))
+    # 'logistic': σ of unbounded reward-model scores (the paper's App. D.2.4).
+    rm = dict(judged, score_chosen=judged["score_chosen"] - 6, score_rejected=judged["score_rejected"] - 6)
+    s_w, s_l = [sig(torch.tensor(s - 6.0)) for s in JUDGE_CHOSEN], [sig(torch.tensor(s - 6.0)) for s in JUDGE_REJECTED]
+    check(pv.mappo, lambda b, i, score_scale: ref_mappo_rewards(b, i, s_w, s_l), rm, score_scale="logistic")
+
+
+def test_mappo_rejects_scores_off_the_unit_interval_and_bad_scales(batch):
+    judged = dict(pick(pv.mappo, batch), score_chosen=torch.tensor(JUDGE_CHOSEN, dtype=torch.float64),
+                  score_rejected=torch.tensor(JUDGE_REJECTED, dtype=torch.float64))
+    with pytest.raises(DataError, match=r"\[0, 1\] after score_scale=\(0.0, 1.0\).*score_scale"):
+        pv.mappo(**judged)  # raw 1-10 scores: a reward gap of up to 9
+    for bad in ([10, 0], [5], "sigmoid", None):
+        with pytest.raises(RecipeError, match="score_scale must be two numbers lo < hi"):
+            pv.mappo(**judged, score_scale=bad)
+    swapped = dict(judged, score_chosen=judged["score_rejected"], score_rejected=judged["score_chosen"])
+    with pytest.raises(DataError, match="score_chosen below score_rejected"):
+        pv.mappo(**swapped, score_scale=[0, 10])
 
 
 def test_dr_dpo(batch):

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from postrain.errors import DataError, RecipeError
 from postrain.preference.registry import PREFERENCE
 from postrain.tensors import as_float, masked
 
@@ -22,33 +23,69 @@ def _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
     return (as_float(chosen_logps) - as_float(ref_chosen_logps)) - (as_float(rejected_logps) - as_float(ref_rejected_logps))
 
 
+def _without_pairs(losses, dropped):
+    """`losses` with the `dropped` pairs taken out of the batch mean, as if filtered out of the data: they get 0
+    (and no gradient) and the kept ones are scaled by B / kept, so `.mean()` is the mean over the kept pairs (0
+    when none is kept)."""
+    kept = (~dropped).sum().clamp(min=1)
+    return torch.where(dropped, torch.zeros_like(losses), losses) * (losses.numel() / kept)
+
+
+def _odpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, offset_base, tie, beta, alpha):
+    # Ties get a placeholder base of 1 (offset 0) before they are dropped, so no log(0) reaches the backward pass.
+    base = torch.where(tie, torch.ones_like(offset_base), offset_base)
+    losses = -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+                           - alpha * torch.log(base))
+    return _without_pairs(losses, tie)
+
+
 @PREFERENCE.register("odpo", paper="Direct Preference Optimization with an Offset", arxiv="2402.10571",
                      catalog="preference:8",
                      notes="checked against rycolab/odpo trainers.py::preference_loss (offset branch) and "
-                           "config/loss/odpo.yaml (alpha=1.0)")
+                           "config/loss/odpo.yaml (alpha=1.0). Ties (s_w = s_l) are dropped from the batch mean, "
+                           "as preference_datasets.py::tldr_paired_responses drops equal-reward pairs from the data "
+                           "(their offset log 0 = -inf would give loss 0 and nan under alpha=0)")
 def odpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen, score_rejected, *,
          beta: float = 0.1, alpha: float = 1.0):
     """ODPO: DPO with a score-dependent offset, −LS(βΔ − α·log(s_w − s_l)).
 
-    The chosen must beat the rejected by more when its score gap is larger. Needs s_w > s_l (the log of a
-    non-positive gap is nan, as in the authors' code). alpha=1.0 is the authors' config default; the paper tunes
-    β per task (the repo config leaves it required), so beta=0.1 here is DPO's usual default, not an ODPO value."""
-    offset = torch.log(as_float(score_chosen) - as_float(score_rejected))
-    return -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-                         - alpha * offset)
+    The chosen must beat the rejected by more when its score gap is larger. Pairs with equal scores carry no
+    preference and have no finite offset: they are left out of the batch mean, as the authors leave them out of
+    their data (see `_without_pairs`). A pair scored s_w < s_l raises DataError (its offset is undefined).
+    alpha=1.0 is the authors' config default; the paper tunes β per task (the repo config leaves it required), so
+    beta=0.1 here is DPO's usual default, not an ODPO value."""
+    s_w, s_l = as_float(score_chosen), as_float(score_rejected)
+    disordered = ~(s_w >= s_l)  # also catches nan scores
+    if disordered.any():
+        i = int(disordered.nonzero()[0])
+        raise DataError(f"odpo: {int(disordered.sum())} pair(s) of this batch have score_chosen below score_rejected "
+                        f"(or not a number), e.g. {float(s_w[i])} vs {float(s_l[i])}: the offset log(score_chosen - "
+                        f"score_rejected) is undefined; the chosen response must be scored at least as high as the "
+                        f"rejected one (fix or drop those pairs)")
+    return _odpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, s_w - s_l, s_w == s_l,
+                      beta, alpha)
 
 
 @PREFERENCE.register("odpo_log_ratio", paper="Direct Preference Optimization with an Offset", arxiv="2402.10571",
                      catalog="preference:8",
-                     notes="rycolab/odpo trainers.py::preference_loss, offset branch with ratio=True")
+                     notes="rycolab/odpo trainers.py::preference_loss, offset branch with ratio=True; ties dropped "
+                           "as in `odpo`")
 def odpo_log_ratio(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen,
                    score_rejected, *, beta: float = 0.1, alpha: float = 1.0):
     """ODPO, ratio offset: −LS(βΔ − α·log(s_w / s_l)), for positive scores.
 
-    The authors' `ratio=True` variant of `odpo` (same defaults and caveats)."""
-    offset = torch.log(as_float(score_chosen) / as_float(score_rejected))
-    return -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-                         - alpha * offset)
+    The authors' `ratio=True` variant of `odpo` (same defaults; ties dropped from the batch mean in the same way).
+    A score that is not positive raises DataError (its log-ratio is undefined)."""
+    s_w, s_l = as_float(score_chosen), as_float(score_rejected)
+    not_positive = ~((s_w > 0) & (s_l > 0))
+    if not_positive.any():
+        i = int(not_positive.nonzero()[0])
+        raise DataError(f"odpo_log_ratio: {int(not_positive.sum())} pair(s) of this batch have a score that is not "
+                        f"positive, e.g. score_chosen {float(s_w[i])}, score_rejected {float(s_l[i])}: the offset "
+                        f"log(score_chosen / score_rejected) needs positive scores; use `odpo` (the score "
+                        f"difference) for scores that can be 0 or negative")
+    return _odpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, s_w / s_l, s_w == s_l,
+                      beta, alpha)
 
 
 @PREFERENCE.register("r_dpo", paper="Disentangling Length from Quality in Direct Preference Optimization",
@@ -85,16 +122,56 @@ def h_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
     return -F.logsigmoid(beta * (chosen - rejected))
 
 
+def _unit_scores(name, score_chosen, score_rejected, score_scale):
+    """Scores mapped onto [0, 1]: linearly from the scale (lo, hi) they are on, or by the logistic function
+    ("logistic") for unbounded reward-model scores. Raises RecipeError for a bad `score_scale` and DataError when
+    a mapped score falls outside [0, 1] or the chosen is mapped below the rejected."""
+    s_w, s_l = as_float(score_chosen), as_float(score_rejected)
+    if score_scale == "logistic":
+        r_w, r_l = torch.sigmoid(s_w), torch.sigmoid(s_l)
+    else:
+        try:
+            lo, hi = (float(x) for x in score_scale)
+        except (TypeError, ValueError):
+            lo = hi = None
+        if lo is None or not hi > lo:
+            raise RecipeError(f"{name}: score_scale must be two numbers lo < hi, the scale the scores are on, "
+                              f"mapped linearly onto [0, 1] (e.g. [0, 10] for a 1-10 judge score), or 'logistic' "
+                              f"(unbounded reward-model scores), not {score_scale!r}")
+        r_w, r_l = (s_w - lo) / (hi - lo), (s_l - lo) / (hi - lo)
+    outside = ~((r_w >= 0) & (r_w <= 1) & (r_l >= 0) & (r_l <= 1))
+    if outside.any():
+        i = int(outside.nonzero()[0])
+        raise DataError(f"{name}: scores must lie in [0, 1] after score_scale={score_scale!r}, but "
+                        f"{int(outside.sum())} pair(s) of this batch do not, e.g. score_chosen {float(s_w[i])}, "
+                        f"score_rejected {float(s_l[i])}: set score_scale to the scale the scores are on (e.g. "
+                        f"[0, 10] for UltraFeedback's 1-10 GPT-4 scores) or to 'logistic' for unbounded reward-model "
+                        f"scores")
+    if (r_w < r_l).any():
+        i = int((r_w < r_l).nonzero()[0])
+        raise DataError(f"{name}: {int((r_w < r_l).sum())} pair(s) of this batch have score_chosen below "
+                        f"score_rejected, e.g. {float(s_w[i])} vs {float(s_l[i])}: the reward gap must lie in "
+                        f"[0, 1] (the chosen response scored at least as high as the rejected one)")
+    return r_w, r_l
+
+
 @PREFERENCE.register("mappo", paper="MaPPO: Maximum a Posteriori Preference Optimization with Prior Knowledge",
                      catalog="preference:24",
-                     arxiv="2507.21183", notes="catalog: paper full text Eq. 8 (confidence P)")
+                     arxiv="2507.21183",
+                     notes="paper v5 Eq. 8 (confidence P); rewards r in [0, 1], obtained in App. D.2.4 by a "
+                           "logistic function on the reward models' absolute rewards (score_scale: logistic)")
 def mappo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, score_chosen, score_rejected, *,
-          beta: float = 0.1):
-    """MaPPO (DPO form): −LS(β·h_w − Δr·β·h_l), Δr = s_w − s_l with scores normalized to [0, 1].
+          beta: float = 0.1, score_scale=(0.0, 1.0)):
+    """MaPPO (DPO form): −LS(β·h_w − Δr·β·h_l), Δr = r_w − r_l with the scores mapped onto [0, 1].
 
-    The reward-model prior scales down the push on the rejected response when both are good (small Δr).
-    No new hyperparameter; beta=0.1 is DPO's default. Scores are data (no gradient)."""
-    gap = (as_float(score_chosen) - as_float(score_rejected)).detach()
+    The reward-model prior scales down the push on the rejected response when both are good (small Δr); Δr = 1
+    is DPO. `score_scale` says how scores become r ∈ [0, 1]: [lo, hi] maps the scale they are on linearly (the
+    default [0, 1] takes them as they are; [0, 10] divides a 1-10 judge score by 10), 'logistic' applies σ to
+    unbounded reward-model scores (the paper's choice). A mapped score outside [0, 1], or a chosen below the
+    rejected, raises DataError. No new loss hyperparameter; beta=0.1 (paper Table 4). Scores are data (no
+    gradient)."""
+    r_w, r_l = _unit_scores("mappo", score_chosen, score_rejected, score_scale)
+    gap = (r_w - r_l).detach()
     h_w = as_float(chosen_logps) - as_float(ref_chosen_logps)
     h_l = as_float(rejected_logps) - as_float(ref_rejected_logps)
     return -F.logsigmoid(beta * h_w - gap * beta * h_l)
