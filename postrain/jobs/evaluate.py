@@ -1,15 +1,21 @@
 """`postrain eval`: generate on one or more eval sets and score with the same reward functions as GRPO.
 
 Per set: accuracy (mean of the first reward, the verifier), the weighted mean reward, each reward's mean, the
-fraction of completions the verifier could not parse, and mean completion length. Every sample goes to
-`samples.jsonl`, the summary to `results.json`.
+fraction of completions the verifier could not parse, mean completion length, and the metrics papers report
+(mean@n, pass@k, maj@k, each with a confidence interval over prompts: postrain.evaluation.metrics), also per
+subset when `metrics.subset_column` names a column. Every sample goes to `samples.jsonl`, the summary to
+`results.json`: the shared generation and metric settings once, and per set only what the set changes. With
+`models:` several models are evaluated on the same sets, each under its own name (`model_results` reads both
+shapes), and one table compares them at the end.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
 from postrain.recipes import Recipe
@@ -23,8 +29,11 @@ def render_prompts(prompts: list[Any], tokenizer) -> list[str]:
     ]
 
 
-def generate(model, tokenizer, prompts: list[Any], gen: dict) -> list[list[str]]:
-    """Batched generation with a KV cache; returns `num_samples` completions per prompt."""
+def generate(
+    model, tokenizer, prompts: list[Any], gen: dict, *, on_batch: Callable[[int, int], None] | None = None
+) -> list[list[str]]:
+    """Batched generation with a KV cache; returns `num_samples` completions per prompt.
+    `on_batch(done, total)` is called after each batch (progress)."""
     import torch
 
     texts = render_prompts(prompts, tokenizer)
@@ -43,8 +52,9 @@ def generate(model, tokenizer, prompts: list[Any], gen: dict) -> list[list[str]]
     }
     if gen["do_sample"]:
         kwargs.update(temperature=gen["temperature"], top_p=gen["top_p"], top_k=gen["top_k"] or None)
+    starts = range(0, len(texts), gen["batch_size"])
     try:
-        for start in range(0, len(texts), gen["batch_size"]):
+        for done, start in enumerate(starts, 1):
             batch = tokenizer(texts[start : start + gen["batch_size"]], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
             with torch.no_grad():
@@ -52,13 +62,53 @@ def generate(model, tokenizer, prompts: list[Any], gen: dict) -> list[list[str]]
             new = ids[:, batch["input_ids"].shape[1] :]
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
             out += [decoded[i : i + n] for i in range(0, len(decoded), n)]
+            if on_batch is not None:
+                on_batch(done, len(starts))
     finally:
         tokenizer.padding_side = side
     return out
 
 
-def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, tokenizer) -> tuple[dict, list[dict]]:
-    """Score every completion with every reward; return the set's summary and its sample records."""
+def progress_printer(label: str, every_s: float = 5.0) -> Callable[[int, int], None]:
+    """`on_batch` for `generate`: one plain line (label, batch i/n, elapsed, ETA) for the first and last batch and
+    at most every `every_s` seconds between, so a long eval shows it is moving without flooding the console."""
+    start = time.monotonic()
+    last_print = -every_s
+
+    def report(done: int, total: int) -> None:
+        nonlocal last_print
+        now = time.monotonic()
+        if done not in (1, total) and now - last_print < every_s:
+            return
+        last_print = now
+        elapsed = now - start
+        eta = elapsed / done * (total - done)
+        print(f"  {label}: batch {done}/{total}, {_duration(elapsed)} elapsed, ETA {_duration(eta)}", flush=True)
+
+    return report
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def score_set(
+    rows: list[dict],
+    completions: list[list[str]],
+    rewards,
+    weights,
+    tokenizer,
+    *,
+    metrics: dict | None = None,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """Score every completion with every reward; return the set's summary and its sample records.
+
+    `metrics` holds the metric settings (the keys of `metrics:` in an eval recipe: pass_at, maj_at,
+    subset_column, interval, confidence, resamples; missing keys take the recipe defaults); `seed` seeds the
+    bootstrap. The summary's "metrics" maps "mean@n", "pass@k", "maj@k" to {"value", "ci"}."""
+    settings = _metric_settings(metrics)
     flat_completions, flat_rows = [], []
     for row, samples in zip(rows, completions):
         for c in samples:
@@ -71,16 +121,17 @@ def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, 
     # for training runs here unchanged: dataset columns, prompts, completion_ids, trainer_state (no trainer: None),
     # log_extra (extra per-sample columns, kept in samples.jsonl) and log_metric (kept in results.json).
     extra_columns: dict[str, list] = {}
-    metrics: dict[str, list[float]] = {}
+    logged: dict[str, list[float]] = {}
     columns = {k: [r.get(k) for r in flat_rows] for k in rows[0] if k not in ("prompt", "completion")} if rows else {}
     columns.update(
         prompts=[r.get("prompt") for r in flat_rows], completion_ids=completion_ids, trainer_state=None,
         log_extra=lambda column, values: extra_columns.setdefault(column, []).extend(values),
-        log_metric=lambda name, value: metrics.setdefault(name, []).append(float(value)),
+        log_metric=lambda name, value: logged.setdefault(name, []).append(float(value)),
     )
     per_reward = {fn.name: fn(flat_completions, **columns) for fn in rewards}
     verifier = rewards[0] if rewards else None
     parsed = [verifier.parse(t) if hasattr(verifier, "parse") else None for t in texts]
+    subset_column = settings["subset_column"]
     samples = []
     for i, (row, text) in enumerate(zip(flat_rows, texts)):
         scores = {name: vals[i] for name, vals in per_reward.items()}
@@ -88,6 +139,7 @@ def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, 
         samples.append({
             "prompt": row.get("prompt"), "completion": text, "answer": row.get("answer"),
             "score": total, "rewards": scores, "parsed": parsed[i],
+            **({"subset": row.get(subset_column)} if subset_column else {}),
             **{column: values[i] for column, values in extra_columns.items() if len(values) == len(texts)},
         })
     n = max(len(samples), 1)
@@ -101,17 +153,140 @@ def score_set(rows: list[dict], completions: list[list[str]], rewards, weights, 
         "unparsable": (sum(p is None for p in parsed) / n) if hasattr(verifier, "parse") else None,
         "mean_length_tokens": sum(lengths) / n,
         "reward_errors": {fn.name: fn.pop_error_count() for fn in rewards},
-        **({"reward_metrics": {k: sum(v) / len(v) for k, v in metrics.items()}} if metrics else {}),
+        **({"reward_metrics": {k: sum(v) / len(v) for k, v in logged.items()}} if logged else {}),
     }
+    if verifier is not None and rows:
+        summary.update(_paper_metrics(rows, completions, per_reward[verifier.name], parsed, texts, verifier,
+                                      settings, seed))
     return summary, samples
 
 
-def run(recipe: Recipe, options: RunOptions) -> dict:
+def _metric_settings(metrics: dict | None) -> dict:
+    from dataclasses import asdict
+
+    from postrain.recipes.schema import EvalMetricsSpec
+
+    defaults = asdict(EvalMetricsSpec())
+    unknown = [key for key in metrics or {} if key not in defaults]
+    if unknown:
+        raise ValueError(f"unknown metric setting {unknown[0]!r}; valid: {', '.join(defaults)}")
+    return {**defaults, **(metrics or {})}
+
+
+def _paper_metrics(rows, completions, verifier_scores, parsed, texts, verifier, settings: dict, seed: int) -> dict:
+    """The set's mean@n / pass@k / maj@k with intervals, and the same per subset when a subset column is set."""
+    from postrain.evaluation.metrics import group_prompts, per_prompt_metrics, summarize
+
+    if settings["maj_at"] and not hasattr(verifier, "parse"):
+        raise ValueError(f"maj@k votes with parsed answers, but the verifier {verifier.name!r} has no parse method")
+    equivalent = getattr(verifier, "equivalent", None)
+    # The vote compares what `equivalent` reads (the completions) or, without it, the parsed answers as strings;
+    # None (no parsable answer) does not vote either way.
+    votes = [(text if equivalent else answer) if answer is not None else None for answer, text in zip(parsed, texts)]
+    scores, answers, start = [], [], 0
+    for samples in completions:
+        scores.append(verifier_scores[start : start + len(samples)])
+        answers.append(votes[start : start + len(samples)])
+        start += len(samples)
+    values = per_prompt_metrics(scores, answers, pass_at=settings["pass_at"], maj_at=settings["maj_at"],
+                                equivalent=equivalent)
+    interval = {key: settings[key] for key in ("interval", "confidence", "resamples")}
+    out: dict[str, Any] = {"metrics": summarize(values, seed=seed, **interval)}
+    column = settings["subset_column"]
+    if column:
+        subsets = {}
+        for label, indices in group_prompts([row.get(column) for row in rows]).items():
+            subset_scores = [s or 0.0 for i in indices for s in scores[i]]
+            subsets[label] = {"prompts": len(indices), "samples": len(subset_scores),
+                              "accuracy": sum(subset_scores) / max(len(subset_scores), 1),
+                              "metrics": summarize(values, indices, seed=seed, **interval)}
+        out["subsets"] = {"column": column, "values": subsets}
+    return out
+
+
+def model_results(results: dict) -> dict[str, dict]:
+    """Name -> {"model", "model_path", "sets"} for every model of a results.json, whichever shape it has
+    (one model: "sets" at the top; comparison mode: under "models")."""
+    if "models" in results:
+        return results["models"]
+    return {results["model"]: {key: results[key] for key in ("model", "model_path", "sets")}}
+
+
+def generation_of(results: dict, set_name: str, model: str | None = None) -> dict:
+    """A set's full generation settings from a results.json: the shared ones with the set's differences."""
+    runs = model_results(results)
+    one = runs[model] if model is not None else next(iter(runs.values()))
+    return {**results["generation"], **one["sets"][set_name].get("generation", {})}
+
+
+@dataclass
+class EvalSet:
+    """One set of an eval recipe, loaded: its rows and its own generation and metric settings."""
+
+    rows: list[dict]
+    generation: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
+    """Every set's rows and settings, checked against what scoring needs (reward columns, the subset column, a
+    verifier that parses when maj@k votes) before any model loads."""
     from postrain.data.sources import load_source
-    from postrain.errors import RecipeError
+    from postrain.errors import DataError, RecipeError
+    from postrain.evaluation.settings import set_generation, set_metric_settings
+    from postrain.rewards import check_reward_columns
+
+    sets = {}
+    for name, spec in cfg["sets"].items():
+        metrics = set_metric_settings(cfg, name)
+        if metrics["maj_at"] and not hasattr(rewards[0], "parse"):
+            raise RecipeError(f"sets.{name}: maj@k votes with the answers the verifier parses, but the first reward, "
+                              f"{rewards[0].name!r}, has no parse method; put exact_match or math_verify first")
+        dataset = load_source(spec, "eval", where=f"sets.{name}")
+        check_reward_columns(rewards, dataset.column_names, f"sets.{name}")
+        column = metrics["subset_column"]
+        if column and column not in dataset.column_names:
+            raise DataError(f"sets.{name}: metrics.subset_column is {column!r}, but the set has no such column; "
+                            f"columns present: {', '.join(dataset.column_names)}")
+        sets[name] = EvalSet(dataset.to_list(), set_generation(cfg, name), metrics)
+    return sets
+
+
+def evaluate_model(spec: dict, sets: dict[str, EvalSet], rewards, weights, cfg: dict, write_sample) -> dict:
+    """Generate on every set with one model and score: {"model", "model_path", "sets": {name: summary}}, each
+    set's summary with only the settings it changes from the shared ones."""
+    import torch
+
+    from postrain.evaluation.settings import differences
     from postrain.models.loading import load_model
+
+    torch.manual_seed(cfg["seed"])  # every model of a comparison draws from the same random stream
+    model, tokenizer, path = load_model(spec)
+    out: dict[str, Any] = {"model": spec["name_or_path"], "model_path": path, "sets": {}}
+    for name, eval_set in sets.items():
+        completions = generate(model, tokenizer, [r["prompt"] for r in eval_set.rows], eval_set.generation,
+                               on_batch=progress_printer(f"set {name}"))
+        started = time.monotonic()
+        summary, samples = score_set(eval_set.rows, completions, rewards, weights, tokenizer,
+                                     metrics=eval_set.metrics, seed=cfg["seed"])
+        print(f"  set {name}: scored {len(samples)} completions in {_duration(time.monotonic() - started)}",
+              flush=True)
+        own = {"generation": differences(cfg["generation"], eval_set.generation),
+               "metric_settings": differences(cfg["metrics"], eval_set.metrics)}
+        out["sets"][name] = {**summary, **{key: value for key, value in own.items() if value}}
+        for sample in samples:
+            write_sample(name, sample)
+    del model  # one model in memory at a time
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def run(recipe: Recipe, options: RunOptions) -> dict:
+    from postrain.errors import RecipeError
+    from postrain.evaluation.settings import model_entries
     from postrain.models.loading import check_model_reference
-    from postrain.rewards import build_rewards, check_reward_columns
+    from postrain.rewards import build_rewards
 
     cfg = recipe.cfg
     if not cfg["sets"]:
@@ -121,32 +296,73 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
     rewards, weights = build_rewards(cfg["rewards"], on_error=policy["policy"], error_score=policy["score"], base_dir=base_dir)
-    sets, generation = {}, {}
-    for name, spec in cfg["sets"].items():
-        spec = dict(spec)
-        overrides = spec.pop("generation", None) or {}
-        bad = [k for k in overrides if k not in cfg["generation"]]
-        if bad:
-            raise RecipeError(f"sets.{name}.generation.{bad[0]} is not a generation setting; valid: {', '.join(cfg['generation'])}")
-        generation[name] = {**cfg["generation"], **overrides}
-        dataset = load_source(spec, "eval", where=f"sets.{name}")
-        check_reward_columns(rewards, dataset.column_names, f"sets.{name}")
-        sets[name] = dataset.to_list()
-    check_model_reference(cfg["model"], "model")
+    sets = load_sets(cfg, rewards)
+    models = model_entries(cfg)
+    comparing = len(models) > 1
+    for label, spec in models.items():
+        check_model_reference(spec, f"models ({label})" if cfg.get("models") else "model")
     run_dir = prepare_run_dir(recipe, options)
-    with running(run_dir):
-        import torch
+    with running(run_dir), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
+        per_model = {}
+        for number, (label, spec) in enumerate(models.items(), 1):
+            if comparing:
+                print(f"model {label} ({number}/{len(models)})", flush=True)
+            tag = {"model": label} if comparing else {}
 
-        torch.manual_seed(cfg["seed"])
-        model, tokenizer, path = load_model(cfg["model"])
-        results: dict[str, Any] = {"model": cfg["model"]["name_or_path"], "model_path": path,
-                                   "generation": cfg["generation"], "sets": {}}
-        with (Path(run_dir) / "samples.jsonl").open("w") as f:
-            for name, rows in sets.items():
-                completions = generate(model, tokenizer, [r["prompt"] for r in rows], generation[name])
-                summary, samples = score_set(rows, completions, rewards, weights, tokenizer)
-                results["sets"][name] = {**summary, "generation": generation[name]}
-                for s in samples:
-                    f.write(json.dumps({"set": name, **s}, default=str) + "\n")
+            def write_sample(set_name: str, sample: dict, tag=tag) -> None:
+                samples_file.write(json.dumps({**tag, "set": set_name, **sample}, default=str) + "\n")
+
+            per_model[label] = evaluate_model(spec, sets, rewards, weights, cfg, write_sample)
+        shared = {"generation": cfg["generation"], "metric_settings": {**cfg["metrics"], "seed": cfg["seed"]}}
+        results = {"models": per_model, **shared} if comparing else {**per_model[next(iter(per_model))], **shared}
         write_json(Path(run_dir) / "results.json", results)
+    print_results_table(results)
     return {"run_dir": str(run_dir), "results": results}
+
+
+def results_table(results: dict) -> tuple[list[str], list[list[list[str]]]]:
+    """The comparison table of a results.json: a column per model, per set a row per metric ("61.0% [55.2, 66.8]":
+    value and interval) and one for the unparsable fraction. Returns the header and each set's rows."""
+    runs = model_results(results)
+    set_names = list(dict.fromkeys(name for run in runs.values() for name in run["sets"]))
+    header = ["set", "metric", *runs]
+    sections = []
+    for set_name in set_names:
+        evaluated = {label: run["sets"].get(set_name) or {} for label, run in runs.items()}
+        prompts = next(one["prompts"] for one in evaluated.values() if one)
+        metric_names = list(dict.fromkeys(m for one in evaluated.values() for m in one.get("metrics", {})))
+        rows = [[_metric_cell(one.get("metrics", {}).get(metric)) for one in evaluated.values()]
+                for metric in metric_names]
+        rows.append(["-" if one.get("unparsable") is None else f"{100 * one['unparsable']:.1f}%"
+                     for one in evaluated.values()])
+        labels = [*metric_names, "unparsable"]
+        sections.append([[f"{set_name} ({prompts} prompts)" if i == 0 else "", label, *cells]
+                         for i, (label, cells) in enumerate(zip(labels, rows))])
+    return header, sections
+
+
+def _metric_cell(metric: dict | None) -> str:
+    if metric is None or metric["value"] is None:
+        return "-"
+    cell = f"{100 * metric['value']:.1f}%"
+    if metric.get("ci"):
+        low, high = metric["ci"]
+        cell += f" [{100 * low:.1f}, {100 * high:.1f}]"
+    return cell
+
+
+def print_results_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, sections = results_table(results)
+    settings = results.get("metric_settings", {})
+    table = Table(title=f"eval results ({100 * settings.get('confidence', 0.95):g}% {settings.get('interval', '')} "
+                        f"intervals over prompts)")
+    for title in header:
+        table.add_column(title, no_wrap=True)
+    for rows in sections:
+        for row in rows:
+            table.add_row(*row)
+        table.add_section()
+    Console(width=max(Console().width, 120)).print(table)

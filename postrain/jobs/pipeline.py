@@ -137,6 +137,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
 
 def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:
     """One row per reported eval stage and set: which stage's model, its scores, that stage's training wall time."""
+    from postrain.jobs.evaluate import model_results
+
     by_output = {str(Path(s.cfg["output_dir"]).resolve()): name for name, s in stages.items()}
     rows = []
     for name, stage in stages.items():
@@ -146,14 +148,16 @@ def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:
         if not results_path.exists():
             continue
         results = json.loads(results_path.read_text())
-        model_ref = stage.cfg["model"]["name_or_path"]
-        producer = by_output.get(str(Path(model_ref).resolve()))
-        wall = read_status(Path(stages[producer].cfg["output_dir"])).get("wall_time_s") if producer else None
-        for set_name, r in results["sets"].items():
-            rows.append({
-                "eval": name, "model": producer or model_ref, "set": set_name, "accuracy": r["accuracy"],
-                "unparsable": r["unparsable"], "mean_length": r["mean_length_tokens"], "train_wall_s": wall,
-            })
+        for label, evaluated in model_results(results).items():  # several under an eval stage's `models:`
+            model_ref = evaluated["model"]
+            producer = by_output.get(str(Path(model_ref).resolve()))
+            wall = read_status(Path(stages[producer].cfg["output_dir"])).get("wall_time_s") if producer else None
+            shown = label if "models" in results else producer or model_ref
+            for set_name, r in evaluated["sets"].items():
+                rows.append({
+                    "eval": name, "model": shown, "set": set_name, "accuracy": r["accuracy"],
+                    "unparsable": r["unparsable"], "mean_length": r["mean_length_tokens"], "train_wall_s": wall,
+                })
     return rows
 
 

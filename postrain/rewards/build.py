@@ -34,7 +34,8 @@ class GuardedReward(RewardFunction):
 
     ``calls`` counts batches, ``errors`` the completions scored as failed; ``pop_error_count()`` returns the errors
     since its last call (logged by the trainer as ``rewards/<name>/errors``). A ``parse`` method of the wrapped
-    reward is exposed unchanged. Scores of None (TRL: "no reward for this sample") are passed through.
+    reward (and an ``equivalent`` method, answer equivalence for eval's majority vote) is exposed unchanged.
+    Scores of None (TRL: "no reward for this sample") are passed through.
 
     It pickles (TRL's async rollout worker sends rewards to a spawned process): a user function, given by its
     ``reference`` ("module:function" or an absolute "file.py:function"), is re-imported when unpickled. Counters
@@ -62,13 +63,17 @@ class GuardedReward(RewardFunction):
         self.columns = tuple(getattr(reward, "columns", ()))
         self._expose_parse()
 
+    EXPOSED_METHODS = ("parse", "equivalent")
+
     def _expose_parse(self) -> None:
-        if hasattr(self.reward, "parse"):
-            self.parse = self.reward.parse
+        for method in self.EXPOSED_METHODS:
+            if hasattr(self.reward, method):
+                setattr(self, method, getattr(self.reward, method))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("parse", None)
+        for method in self.EXPOSED_METHODS:
+            state.pop(method, None)
         if self.reference is not None:
             state["reward"] = None  # re-imported by __setstate__
         return state

@@ -186,6 +186,13 @@ class ExactMatch(RewardFunction):
             return answer.casefold() == reference.casefold()
         return answer == reference
 
+    def equivalent(self, first: str, second: str) -> bool:
+        """Whether two completions give the same answer (eval's majority vote groups by this): both parse, and
+        the answers match as an answer matches a reference (numbers by value, case-folded unless
+        ``case_sensitive``)."""
+        a, b = self.parse(first), self.parse(second)
+        return a is not None and b is not None and self.matches(a, b)
+
     def answer_for(self, text: str, reference: Any) -> str | None:
         """The answer to compare with ``reference``. Under ``auto`` a reference that is not a single number
         ("3 4 9", "Paris") is compared with the boxed answer, the text after an answer marker, or the whole
@@ -231,6 +238,39 @@ def _parse_gold(gold: str) -> tuple:
     return tuple(parsed)
 
 
+_EXTRACTION_TARGETS = ("latex", "expr")
+
+
+def _extraction_config(targets: tuple[str, ...], require_anchor: bool) -> list | None:
+    """math_verify's extraction config for the given targets; None (math_verify's own default: LaTeX and plain
+    expressions, no anchor required) for the default arguments, so that default behaviour is math_verify's."""
+    if targets == ("latex", "expr") and not require_anchor:
+        return None
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    configs = {"latex": LatexExtractionConfig, "expr": ExprExtractionConfig}
+    return [configs[target](try_extract_without_anchor=not require_anchor) for target in targets]
+
+
+# Parsed completions, shared by scoring, `parse` and `equivalent` (eval's vote parses each sample's text again).
+@functools.lru_cache(maxsize=16384)
+def _parse_answer(text: str, targets: tuple[str, ...], require_anchor: bool) -> tuple:
+    from math_verify import parse
+
+    config = _extraction_config(targets, require_anchor)
+    extra = {} if config is None else {"extraction_config": config}
+    return tuple(parse(text, parsing_timeout=_math_verify_timeout(), **extra))
+
+
+# A vote compares each sample with every bucket's first answer, and the same pairs of values recur across samples
+# and prompts; comparing values of different kinds (an interval and a number) costs sympy tens of milliseconds.
+@functools.lru_cache(maxsize=65536)
+def _verify_parsed(gold: tuple, target: tuple) -> bool:
+    from math_verify import verify
+
+    return verify(list(gold), list(target), timeout_seconds=_math_verify_timeout())
+
+
 @register_reward("math_verify", description="1.0 when the completion's final answer is mathematically equivalent")
 class MathVerify(RewardFunction):
     """Scores 1.0 when the completion's final answer is mathematically equivalent to the gold answer, else 0.0.
@@ -241,19 +281,54 @@ class MathVerify(RewardFunction):
     LaTeX math. A completion (or gold) with no parseable answer scores 0.0. Parsing and comparison time out
     after 5 s in the main thread; in other threads (where math_verify's SIGALRM timeout cannot work) there is
     no timeout.
+
+    Extraction from the completion (math_verify's extraction configs):
+
+    - ``extract``: what to look for, ``latex`` (``$...$``, ``\\boxed{}``, ``\\[...\\]``) and/or ``expr`` (plain
+      expressions such as ``1/2``); default both.
+    - ``require_anchor``: only answers marked as final (``\\boxed{}``, "final answer is ...", "answer is ...")
+      count; by default math_verify falls back to the last expression in the text.
+
+    ``equivalent(first, second)``, whether two completions give the same answer, is what eval's majority vote
+    groups by: "1/2", "0.5" and "\\frac{1}{2}" are one answer; intervals and sets compare as such.
     """
 
-    def __init__(self, answer_column: str = "answer"):
+    def __init__(
+        self,
+        answer_column: str = "answer",
+        extract: list[str] | str = ("latex", "expr"),
+        require_anchor: bool = False,
+    ):
         super().__init__()
         import math_verify  # noqa: F401  (fail at build time, not at the first batch, if it is missing)
 
+        targets = (extract,) if isinstance(extract, str) else tuple(extract)
+        unknown = [target for target in targets if target not in _EXTRACTION_TARGETS]
+        if unknown or not targets:
+            raise RewardSpecError(
+                f"unknown extract {unknown[0] if unknown else '[]'!r}; use a list of {', '.join(_EXTRACTION_TARGETS)}"
+            )
+        if not isinstance(require_anchor, bool):
+            raise RewardSpecError(f"require_anchor must be true or false, got {require_anchor!r}")
         self.answer_column = answer_column
         self.columns = (answer_column,)
+        self.extract = targets
+        self.require_anchor = require_anchor
 
     def _parse_completion(self, text: str) -> list:
-        from math_verify import parse
+        return list(_parse_answer(text, self.extract, self.require_anchor))
 
-        return parse(text, parsing_timeout=_math_verify_timeout())
+    def equivalent(self, first: str, second: str) -> bool:
+        """Whether two completions (or bare answers) give the same final answer: both parse, and math_verify
+        verifies the second against the first as the gold answer."""
+        a = _parse_answer(first, self.extract, self.require_anchor)
+        b = _parse_answer(second, self.extract, self.require_anchor)
+        if not (a and b):
+            return False
+        try:
+            return _verify_parsed(a, b)
+        except TypeError:  # an unhashable answer (a mutable sympy Matrix) cannot be a cache key
+            return _verify_parsed.__wrapped__(a, b)
 
     def parse(self, text: str) -> str | None:
         """The first value math_verify parses from ``text``, as a string; None when it finds no answer."""

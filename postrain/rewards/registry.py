@@ -26,7 +26,9 @@ class RewardFunction:
 
     ``name`` is the logging name; ``__name__`` is kept equal to it because TRL logs ``rewards/<__name__>/mean``.
     Rewards that extract an answer from the completion also define ``parse(text) -> str | None`` (None: no answer
-    could be extracted), which eval uses to count unparsable answers.
+    could be extracted), which eval uses to count unparsable answers, and may define ``equivalent(first, second)
+    -> bool`` (whether two completions give the same answer), by which eval's majority vote groups answers
+    (without it, equal parsed strings vote together).
     """
 
     reward_name: str = ""  # the registry name, set by @register_reward on built-in classes
