@@ -179,26 +179,28 @@ def trainer_config(recipe: Recipe, run_dir: Path, config_cls: type, **forced: An
         raise PostrainError(f"invalid `trainer:` section for {config_cls.__name__}: {e}") from None
 
 
-# What the console shows of each log line (everything goes to metrics.jsonl).
-CONSOLE_METRICS = ("loss", "reward", "rewards/accuracies", "mean_token_accuracy", "learning_rate", "grad_norm")
-
-
-def metrics_callback(run_dir: Path):
-    """A TrainerCallback appending each log to `metrics.jsonl` (one JSON object per logging step) and printing
-    a one-line summary; it replaces the trainer's console printer, which prints every logged key."""
+def metrics_callback(run_dir: Path, view=None):
+    """A TrainerCallback appending each log to `metrics.jsonl` (one JSON object per logging step) and showing it
+    on the console through `view` (postrain.jobs.live; default: one compact line per log); it replaces the
+    trainer's console printer, which prints every logged key. Its `record(state, logs)` does the same for logs
+    made outside the trainer's logging (evaluation during training)."""
     from transformers import TrainerCallback
 
+    from postrain.jobs.live import PlainView
+
     path = Path(run_dir) / "metrics.jsonl"
+    view = view if view is not None else PlainView()
 
     class MetricsJsonl(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or not state.is_world_process_zero:
                 return
+            self.record(state, logs)
+
+        def record(self, state, logs: dict) -> None:
             with path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}, default=float) + "\n")
-            shown = "  ".join(f"{k.split('/')[-1]} {logs[k]:.4g}" for k in CONSOLE_METRICS if isinstance(logs.get(k), (int, float)))
-            if shown:
-                print(f"  step {state.global_step}/{state.max_steps}  {shown}", flush=True)
+            view.metrics(state.global_step, state.max_steps, logs)
 
     return MetricsJsonl()
 
@@ -287,6 +289,8 @@ def train_with_trl(
     mistakes leaves anything behind.
     """
     from postrain.data.sources import load_source
+    from postrain.jobs.live import make_view, view_callback
+    from postrain.jobs.train_eval import TrainEval
     from postrain.models.loading import load_model
 
     data = recipe.cfg["data"]
@@ -299,9 +303,16 @@ def train_with_trl(
     check_model_reference(recipe.cfg["model"], "model")
     check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
     args = trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_cls, **(config_overrides or {}))
+    in_training_eval = TrainEval.from_recipe(recipe)  # eval_during_training: sets loaded, reward columns checked
+    view = make_view(job, f"postrain {job} · {recipe.cfg['output_dir']}")  # live view or plain lines
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir):
         model, tokenizer, _ = load_model(recipe.cfg["model"])
+        metrics = metrics_callback(run_dir, view)
+        trainer_ref: dict = {}  # the view reads GRPO's latest completions from the trainer
+        callbacks = [metrics, view_callback(view, trainer_ref)]
+        if in_training_eval is not None:
+            callbacks.append(in_training_eval.callback(tokenizer, metrics.record, view))
         trainer = trainer_cls(
             model=model,
             args=args,
@@ -309,13 +320,17 @@ def train_with_trl(
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=peft_config(recipe),
-            callbacks=[metrics_callback(run_dir)],
+            callbacks=callbacks,
             **(trainer_kwargs() if trainer_kwargs else {}),
         )
+        trainer_ref["trainer"] = trainer
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(ProgressCallback)  # metrics_callback prints a compact line instead
+        trainer.remove_callback(ProgressCallback)  # the view shows progress and metrics instead
         trainer.remove_callback(PrinterCallback)
-        trainer.train(resume_from_checkpoint=resume_checkpoint(run_dir, options))
+        try:
+            trainer.train(resume_from_checkpoint=resume_checkpoint(run_dir, options))
+        finally:
+            view.stop()  # give the terminal back, also when training raises
         save_final_model(trainer, tokenizer, run_dir)
     return {"run_dir": str(run_dir)}
