@@ -1,0 +1,145 @@
+"""Reading what jobs write (postrain/jobs/common.py describes a run directory), defensively.
+
+A run written by another postrain version, a run still going, or a stage that never ran lacks files or keys;
+the readers return what is there and leave it to the caller to say what is missing. Only input that cannot be a
+run at all (a path that does not exist, a folder with none of a run's files, a file that is not JSON) is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from postrain.errors import PostrainError
+
+WHAT_A_RUN_HOLDS = ("a run directory holds recipe.yaml and status.json, with metrics.jsonl (training runs) or "
+                    "results.json and samples.jsonl (eval runs); a pipeline directory (postrain run) holds "
+                    "recipe.yaml, lineage.json and one run directory per stage")
+RUN_FILES = ("recipe.yaml", "status.json", "metrics.jsonl", "results.json")
+
+
+def refuse_to_overwrite(paths: list[Path], overwrite: bool) -> None:
+    """Never replace a file silently: the same rule as run directories (`--overwrite`)."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise PostrainError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}. Pass "
+                            f"--overwrite to replace, or choose another path with -o")
+
+
+def run_kind(path: Path) -> str:
+    """`pipeline` or `run`; PostrainError naming the path and what a run directory holds otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise PostrainError(f"{path} does not exist; expected a run directory ({WHAT_A_RUN_HOLDS})")
+    if not path.is_dir():
+        raise PostrainError(f"{path} is a file, not a run directory ({WHAT_A_RUN_HOLDS})")
+    if (path / "lineage.json").is_file() or read_recipe(path).get("command") == "pipeline":
+        return "pipeline"
+    if any((path / name).is_file() for name in RUN_FILES):
+        return "run"
+    raise PostrainError(f"{path} is not a run directory: it has none of {', '.join(RUN_FILES)} "
+                        f"({WHAT_A_RUN_HOLDS})")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, None when it is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PostrainError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_recipe(run_dir: Path) -> dict:
+    """The resolved recipe a run saved (recipe.yaml), {} when there is none."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PostrainError(f"{path} is not valid YAML: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of metrics.jsonl, [] when there is none. A last line that does not parse is skipped: a running
+    job may be writing it."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                continue
+            raise PostrainError(f"{path}, line {number}, is not JSON ({e}): each line should be one JSON object "
+                                f"of the metrics logged at one step") from None
+        if not isinstance(row, dict):
+            raise PostrainError(f"{path}, line {number}, is {type(row).__name__}, not a JSON object of metrics")
+        rows.append(row)
+    return rows
+
+
+def number(value: Any) -> float | None:
+    """A finite real number as float; None for anything else (absent, null, NaN, a string, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` over the lines that log it: a line without the key is a missing point, not 0."""
+    steps, values = [], []
+    for row in rows:
+        value, step = number(row.get(key)), number(row.get("step"))
+        if value is not None and step is not None:
+            steps.append(int(step) if step.is_integer() else step)
+            values.append(value)
+    return steps, values
+
+
+def pipeline_stages(pipe_dir: Path) -> list[dict]:
+    """Every stage of a pipeline directory in the pipeline's order: the recipe's stages, each with its lineage
+    record where it ran (`status` "not run" where it did not) and the run directory it has here."""
+    pipe_dir = Path(pipe_dir)
+    recipe = read_recipe(pipe_dir)
+    lineage = read_json(pipe_dir / "lineage.json") or []
+    records = {r.get("stage"): r for r in lineage if isinstance(r, dict)}
+    names = list(recipe.get("stages") or {}) or list(records)
+    names += [n for n in records if n not in names]
+    stages = []
+    for name in names:
+        record = dict(records.get(name) or {"stage": name, "status": "not run"})
+        spec = (recipe.get("stages") or {}).get(name) or {}
+        record.setdefault("command", spec.get("command"))
+        record.setdefault("report", spec.get("report", True))
+        # The lineage holds the path the stage ran at; a pipeline directory moved since has it under its name.
+        recorded = Path(record["run_dir"]) if record.get("run_dir") else None
+        record["dir"] = recorded if recorded is not None and recorded.is_dir() else pipe_dir / name
+        stages.append(record)
+    return stages
+
+
+def run_label(paths: list[Path]) -> list[str]:
+    """Short distinct names for runs: the directory name, with as many parent names as it takes to tell two
+    apart (`a/grpo`, `b/grpo`)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    labels = []
+    for i, own in enumerate(parts):
+        depth = 1
+        while depth < len(own) and any(other[-depth:] == own[-depth:] for j, other in enumerate(parts) if j != i):
+            depth += 1
+        labels.append("/".join(own[-depth:]))
+    return labels
