@@ -40,7 +40,10 @@ Resume = typer.Option(False, "--resume", help="Continue the run in an existing r
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    from rich.text import Text
+
+    # The message is plain text: it quotes recipe values like `[lo, hi]` that rich markup would swallow.
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -133,20 +136,22 @@ def config(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesAr
 
 @app.command(epilog="Example: postrain recipes --json")
 def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+            papers: bool = typer.Option(False, "--papers", help="Only the recipes that reproduce a paper."),
             root: Optional[Path] = typer.Option(None, help="Folder to list (default: recipes/).")) -> None:
-    """List the recipes under recipes/ with their command and, for paper recipes, the paper."""
+    """List the recipes under recipes/: command, method or losses, model and, for paper recipes, the paper."""
     from postrain.recipes.catalog import list_recipes
 
-    rows = list_recipes(root)
+    rows = [r for r in list_recipes(root) if r.get("paper") or not papers]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="recipes")
-    for col in ("recipe", "command", "paper", "arXiv"):
-        table.add_column(col)
+    table = Table(title=f"{'paper ' if papers else ''}recipes ({len(rows)})")
+    for col in ("recipe", "command", "method / losses", "model", "paper", "arXiv"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("recipe", "command", "model", "arXiv"))
     for r in rows:
-        table.add_row(r["path"], r["command"] or "?", r.get("paper") or "", r.get("arxiv") or "")
-    console.print(table)
+        table.add_row(r["path"], r["command"] or "?", r["method"], r["model"] or "", r.get("paper") or "",
+                      r.get("arxiv") or "")
+    Console(width=max(console.width, 160)).print(table)  # six columns: fold within a wide table, not a narrow one
 
 
 @app.command(epilog="Example: postrain variants --family preference --json")
@@ -168,6 +173,39 @@ def variants(family: Optional[str] = typer.Option(None, "--family", help="Only t
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         table.add_row(r["name"], r["family"], r["paper"], r["arxiv"], params)
     console.print(table)
+
+
+@app.command(epilog="Example: postrain plot runs/grpo-a runs/grpo-b -o grpo.png")
+def plot(runs: list[Path] = typer.Argument(..., help="Run directories (a pipeline directory: its training stages)."),
+         output: Path = typer.Option(Path("curves.png"), "-o", "--output", help="The PNG to write; the plotted "
+                                     "points go beside it as .json."),
+         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing figure.")) -> None:
+    """Training curves (reward, task metric, KL, entropy, length, clip fraction, loss, ...) of runs, overlaid."""
+    from postrain.reports.plot import plot as plot_runs
+
+    try:
+        result = plot_runs(runs, output, overwrite)
+    except PostrainError as e:
+        _fail(str(e))
+    for note in result.notes:
+        err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"[green]wrote[/] {result.png} ({len(result.curves)} curves) and {result.data}")
+
+
+@app.command(epilog="Example: postrain report runs/demo")
+def report(run: Path = typer.Argument(..., help="A run directory, or a pipeline directory (every stage)."),
+           output: Optional[Path] = typer.Option(None, "-o", "--output", help="The Markdown file to write "
+                                                 "(default: RUN/report.md); figures go to <name>_files/ beside it."),
+           samples: int = typer.Option(3, "--samples", help="Sample completions shown per eval set."),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report.")) -> None:
+    """A one-page Markdown report: recipe, lineage, final metrics, curves and sample completions."""
+    from postrain.reports.report import write_report
+
+    try:
+        path = write_report(run, output, overwrite, samples)
+    except PostrainError as e:
+        _fail(str(e))
+    console.print(f"[green]wrote[/] {path}")
 
 
 def main() -> None:

@@ -144,3 +144,16 @@ def test_recipes_shows_paper_title_and_arxiv_id(tmp_path):
     assert paper["command"] == "dpo" and paper["paper"] == "A Paper" and paper["arxiv"] == "2401.00001"
     table = runner.invoke(app, ["recipes", "--root", str(root)]).output
     assert "A Paper" in table and "2401.00001" in table
+
+
+def test_error_messages_keep_square_brackets(tmp_path):
+    """Errors quote recipe values and paths like `loss[0]` or `[lo, hi]`; rich markup must not eat them."""
+    from typer.testing import CliRunner
+
+    from postrain.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("defaults: [base/dpo]\ndata: {train: {source: \"builtin:arithmetic\"}}\nloss: [{name: nosuchloss}]\n")
+    result = CliRunner().invoke(app, ["dpo", str(recipe), "--dry-run"])
+    assert result.exit_code == 2
+    assert "loss[0]" in result.output, result.output
