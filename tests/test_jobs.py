@@ -250,6 +250,12 @@ def test_resume_without_checkpoints_is_refused_and_resume_keeps_metrics_unique(t
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3]  # step 3 logged once, by the resumed run
 
+    # A finished run has nothing left to resume: refused (it used to train one step past max_steps), nothing lost.
+    before = (tmp_path / "saved" / "metrics.jsonl").read_text()
+    finished = runner.invoke(app, ["sft", recipe, f"output_dir={tmp_path / 'saved'}", *saving, "--resume"])
+    assert finished.exit_code == 2 and "the run finished" in finished.output, finished.output
+    assert (tmp_path / "saved" / "metrics.jsonl").read_text() == before
+
 
 def test_a_config_trl_rejects_stops_before_the_run_directory_is_made(tmp_path):
     recipe = grpo_recipe(tmp_path, "[{name: exact_match}]")

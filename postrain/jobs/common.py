@@ -77,6 +77,13 @@ def prepare_run_dir(recipe: Recipe, options: RunOptions) -> Path:
                     f"cannot resume {run_dir}: {why}, so it would restart at step 0. Start over with --overwrite; "
                     f"to make runs resumable, set trainer.save_strategy: steps and trainer.save_steps"
                 )
+            if read_status(run_dir).get("status") == "done" and checkpoint_is_final(checkpoint):
+                # Resuming from a finished run's final checkpoint would train past its end (TRL runs one more step).
+                raise RunDirError(
+                    f"cannot resume {run_dir}: the run finished ({checkpoint.name} is its last step); nothing is left "
+                    f"to train with this recipe. To train longer, start a new run from its model "
+                    f"(model.name_or_path={run_dir}), or start over with --overwrite"
+                )
             drop_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]))
         elif options.overwrite:
             shutil.rmtree(run_dir)
@@ -233,6 +240,15 @@ def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
 def last_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    """Whether a checkpoint was saved at the run's last step (transformers' trainer_state.json)."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.exists():
+        return False
+    state = json.loads(path.read_text())
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> None:
