@@ -73,10 +73,21 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
             out["global batch (sequences per optimizer step)"] = f"{per_device} per device x {accum} accumulation x {world} processes = {global_batch}"
             steps_per_epoch = math.ceil(rows / global_batch) if rows else None
             out.update(_total_steps(args, steps_per_epoch))
+        from postrain.jobs.train_eval import plan_lines
+
+        out.update(plan_lines(recipe))  # eval_during_training: rewards built, local sets' reward columns checked
     elif cmd == "eval":
         from postrain.data.sources import source_size
 
         out["model"] = cfg["model"]["name_or_path"]
+        if cfg.get("models"):  # comparison mode: every model must exist
+            from postrain.evaluation.settings import model_entries
+
+            entries = model_entries(cfg)
+            for label, spec in entries.items():
+                if check_models:
+                    check_model_reference(spec, f"models ({label})")
+            out["model"] = ", ".join(f"{label} ({spec['name_or_path']})" for label, spec in entries.items())
         for name, spec in cfg["sets"].items():
             gen = {**cfg["generation"], **(spec.get("generation") or {})}
             decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"

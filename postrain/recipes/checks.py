@@ -100,3 +100,25 @@ def check_dpo_losses(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_dpo_losses)
+
+
+def check_eval_settings(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """An eval recipe's per-set generation and metric settings (k <= num_samples, ...) and its `models:`."""
+    if command != "eval":
+        return
+    from postrain.evaluation.settings import check_eval_recipe
+
+    check_eval_recipe(cfg, origins)
+
+
+COMMAND_CHECKS.append(check_eval_settings)
+
+
+def check_eval_during_training(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """A training recipe's `eval_during_training:` (postrain.jobs.train_eval): schedule, sets, rewards."""
+    from postrain.jobs.train_eval import check_section
+
+    check_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_eval_during_training)

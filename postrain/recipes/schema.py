@@ -70,14 +70,37 @@ class SourceSpec:
     prompt_template: str | None = None
     # `score_pairs`: rows of (prompt, completion, score), e.g. an eval run's samples.jsonl, become preference
     # pairs (best-scored completion chosen, worst rejected) for every prompt whose scores differ.
-    transform: Literal["score_pairs"] | None = None
+    # `score_lists`: the same rows become K-response lists {prompt, completions, scores} (list-wise losses).
+    # `unpair`: each (prompt, chosen, rejected) pair becomes two labelled rows {prompt, completion, label}
+    # (chosen true, rejected false) for unpaired losses (KTO, BCO, ...).
+    transform: Literal["score_pairs", "score_lists", "unpair"] | None = None
+
+
+@dataclass
+class EvalMetricsSpec:
+    """What `postrain eval` reports per set besides accuracy (postrain.evaluation.metrics), each with a confidence
+    interval over prompts. Top-level `metrics:` applies to every set; a set's own `metrics:` overrides it key by key.
+    Every k must be at most the set's `generation.num_samples` (checked at load time)."""
+
+    # pass@k, the unbiased estimator of Chen et al. 2021 (arXiv:2107.03374) over each prompt's num_samples samples.
+    pass_at: list[int] = field(default_factory=lambda: [1])
+    # maj@k: is the majority answer (by the verifier's equivalence) among each prompt's first k samples correct?
+    maj_at: list[int] = field(default_factory=list)
+    # A column of the set's rows (difficulty, topic, ...): the metrics are also reported per value of it.
+    subset_column: str | None = None
+    # `bootstrap`: percentile bootstrap over prompts, seeded with the recipe's `seed`; `normal`: mean +- z * s.e.
+    interval: Literal["bootstrap", "normal"] = "bootstrap"
+    confidence: float = 0.95
+    resamples: int = 1000
 
 
 @dataclass
 class EvalSetSpec(SourceSpec):
-    """An eval set: a data source plus optional decoding overrides for this set (e.g. sampled vs greedy)."""
+    """An eval set: a data source plus optional decoding and metric overrides for this set (e.g. sampled vs
+    greedy; pass@k only where several samples are drawn)."""
 
     generation: dict[str, Any] = field(default_factory=dict)
+    metrics: EvalMetricsSpec | None = None
 
 
 @dataclass
@@ -132,6 +155,30 @@ class GenerationSpec:
 
 
 @dataclass
+class TrainEvalGenerationSpec(GenerationSpec):
+    """Decoding for evaluation during training; `max_new_tokens: null` is the trainer's `max_completion_length`
+    (GRPO: the length the policy is trained to write), else GenerationSpec's default."""
+
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class TrainEvalSpec:
+    """`eval_during_training:` of a training recipe (postrain.jobs.train_eval): every `every_steps` optimizer steps
+    (and at the start when `at_start`, and at the end) the `sets` are generated from and scored as `postrain eval`
+    does, and logged to metrics.jsonl as eval/<set>/accuracy (the first reward) and eval/<set>/mean_reward.
+    `rewards` left empty are the job's own (grpo; sft and dpo have none, so must name them); `reward_errors`
+    left null is the job's own (grpo), else `fail`."""
+
+    every_steps: int = 0
+    at_start: bool = True
+    sets: dict[str, EvalSetSpec] = field(default_factory=dict)
+    generation: TrainEvalGenerationSpec = field(default_factory=TrainEvalGenerationSpec)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    reward_errors: RewardErrorPolicy | None = None
+
+
+@dataclass
 class CommonSpec:
     """Keys every recipe has."""
 
@@ -150,6 +197,7 @@ class SFTRecipe(CommonSpec):
     data: DataSpec = field(default_factory=DataSpec)
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "sft"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+    eval_during_training: TrainEvalSpec | None = None
 
 
 @dataclass
@@ -161,6 +209,7 @@ class DPORecipe(CommonSpec):
     data: DataSpec = field(default_factory=DataSpec)
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "dpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+    eval_during_training: TrainEvalSpec | None = None
     # Preference losses from postrain's registry, combined as Σ weight·mean(loss): [{name: simpo, weight: 1.0,
     # beta: 2.0, gamma: 1.0}] (keys besides name/weight are the loss' hyperparameters; checked at load time by
     # postrain.trainers.dpo.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
@@ -176,6 +225,7 @@ class GRPORecipe(CommonSpec):
     reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "grpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
+    eval_during_training: TrainEvalSpec | None = None
     # A named method (`dapo`, or `{name: dapo, epsilon_high: 0.3}`): expands to its `rl:` parts at load time.
     method: str | dict[str, Any] | None = None
     # Registered RL parts replacing TRL's advantage and loss path (postrain.rl.section); None: TRL's, untouched.
@@ -188,8 +238,13 @@ class EvalRecipe(CommonSpec):
     model: ModelSpec = field(default_factory=ModelSpec)
     sets: dict[str, EvalSetSpec] = field(default_factory=dict)
     generation: GenerationSpec = field(default_factory=GenerationSpec)
+    metrics: EvalMetricsSpec = field(default_factory=EvalMetricsSpec)
     rewards: list[RewardSpec] = field(default_factory=list)
     reward_errors: RewardErrorPolicy = field(default_factory=RewardErrorPolicy)
+    # Comparison mode: several models on the same sets, each under its own name in results.json. A list of model
+    # references (each its own name) or a mapping name -> reference; each replaces `model.name_or_path`, the
+    # other `model:` keys (dtype, revision, ...) apply to all of them.
+    models: list[str] | dict[str, str] | None = None
 
 
 @dataclass

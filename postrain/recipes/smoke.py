@@ -2,12 +2,18 @@
 
 The smoke layer sits above the recipe and below command-line overrides. It swaps every model for the tiny
 model, every dataset for the built-in arithmetic task (whose rows carry every column a job reads, so column
-mappings are dropped), and shrinks the schedule. Everything else in the recipe (loss types, rewards, generation
+mappings are dropped; a DPO recipe whose losses read K-response lists or unpaired rows gets the task's rows of
+that shape), and shrinks the schedule. Everything else in the recipe (loss types, rewards, generation
 settings) is kept, so a smoke run exercises the recipe's own method.
+
+`POSTRAIN_SMOKE_MODEL=smollm2-135m-instruct` smokes sft, dpo, grpo and eval on that built-in pretrained model
+instead of the tiny one (postrain.models.packaged): a real BPE tokenizer, chat template and module names, at tens
+of seconds a job. Merges keep the tiny models (see `_smoke_merge`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 SMOKE_TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
@@ -39,6 +45,32 @@ SMOKE_TRAINER: dict[str, dict[str, Any]] = {
 }
 
 
+SMOKE_MODEL_ENV = "POSTRAIN_SMOKE_MODEL"
+
+
+def smoke_model_name() -> str | None:
+    """The packaged model `POSTRAIN_SMOKE_MODEL` names, or None (smoke on the tiny model)."""
+    from postrain.errors import RecipeError
+    from postrain.models.packaged import PACKAGED_MODELS
+
+    name = os.environ.get(SMOKE_MODEL_ENV, "").strip()
+    if name in ("", "tiny"):
+        return None
+    if name not in PACKAGED_MODELS:
+        raise RecipeError(f"{SMOKE_MODEL_ENV}={name!r}: --smoke runs on the tiny model or a built-in pretrained "
+                          f"model ({', '.join(PACKAGED_MODELS)})")
+    return name
+
+
+def _smoke_model(seed: int = 0) -> dict:
+    name = smoke_model_name()
+    if name is None:
+        return _tiny_model(seed)
+    # One pretrained model has no seeds: a reference model is another copy of the same weights.
+    return {"name_or_path": name, "revision": None, "dtype": "float32", "trust_remote_code": False,
+            "attn_implementation": None}
+
+
 def _tiny_model(seed: int = 0) -> dict:
     return {
         "name_or_path": "tiny",
@@ -50,22 +82,26 @@ def _tiny_model(seed: int = 0) -> dict:
     }
 
 
-def _builtin_source(spec: dict | None, split: str, n: int = 32) -> dict | None:
+def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pairs") -> dict | None:
     """A small built-in dataset in place of `spec`. Layers merge mappings key by key, so a column mapping cannot
-    be removed, only made the identity (built-in rows carry every standard column under its own name)."""
+    be removed, only made the identity (built-in rows carry every standard column under its own name).
+    `shape`: the rows a DPO recipe's losses train on (built-in tasks' `shape`: pairs, lists, unpaired); a recipe
+    that unpairs pairs itself (`transform: unpair`) keeps its transform and gets pairs."""
     if spec is None:
         return None
+    keeps_unpair = spec.get("transform") == "unpair"
+    task_shape = {"shape": shape} if shape != "pairs" and not keeps_unpair else {}
     if str(spec.get("source", "")).startswith("builtin:"):
-        return {"split": split, "task": {"n": n}, "limit": None}
+        return {"split": split, "task": {"n": n, **task_shape}, "limit": None}
     return {
         "source": "builtin:arithmetic",
         "config": None,
         "split": split,
         "columns": {target: target for target in (spec.get("columns") or {})},
         "limit": None,
-        "task": {"n": n, "digits": 1},
+        "task": {"n": n, "digits": 1, **task_shape},
         "prompt_template": None,
-        "transform": None,
+        "transform": "unpair" if keeps_unpair else None,
         # chat / system_prompt are kept: they exercise the chat-template path the recipe uses.
     }
 
@@ -73,14 +109,15 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32) -> dict | None:
 def smoke_layer(command: str, cfg: dict) -> dict:
     layer: dict[str, Any] = {}
     if command in ("sft", "dpo", "grpo", "eval"):
-        layer["model"] = _tiny_model()
+        layer["model"] = _smoke_model()
     if command == "dpo" and cfg.get("ref_model"):
-        layer["ref_model"] = _tiny_model(seed=1)
+        layer["ref_model"] = _smoke_model(seed=1)
     if command in ("sft", "dpo", "grpo"):
         data = cfg.get("data") or {}
+        shape = _dpo_data_shape(cfg) if command == "dpo" else "pairs"
         layer["data"] = {
-            "train": _builtin_source(data.get("train") or {}, "train"),
-            "eval": _builtin_source(data.get("eval"), "test"),
+            "train": _builtin_source(data.get("train") or {}, "train", shape=shape),
+            "eval": _builtin_source(data.get("eval"), "test", shape=shape),
         }
         trainer = dict(SMOKE_TRAINER["common"])
         trainer.update(SMOKE_TRAINER[command])
@@ -90,6 +127,11 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         if command == "dpo" and not (cfg.get("trainer") or {}).get("precompute_ref_log_probs"):
             trainer.pop("precompute_ref_batch_size")
         layer["trainer"] = trainer
+        if cfg.get("eval_during_training"):  # its sets on built-in data too, evaluated every step, briefly
+            sets = cfg["eval_during_training"].get("sets") or {}
+            layer["eval_during_training"] = {
+                "every_steps": 1, "sets": {name: _builtin_source(spec, "test", n=4) for name, spec in sets.items()},
+                "generation": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}}
         shaping = ((cfg.get("rl") or {}).get("shaping")) or []
         if any(_length_part(part) for part in shaping):
             # Length-based shaping sized for the paper's lengths must fit the smoke run's completions.
@@ -97,10 +139,37 @@ def smoke_layer(command: str, cfg: dict) -> dict:
     if command == "eval":
         sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
         layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in sets.items()}
-        layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}
+        layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": _smoke_samples(cfg, sets)}
+        if (cfg.get("metrics") or {}).get("subset_column") or any(
+            ((spec or {}).get("metrics") or {}).get("subset_column") for spec in sets.values()
+        ):  # built-in rows have no difficulty / topic column to break the metrics down by
+            layer["metrics"] = {"subset_column": None}
+            for name in layer["sets"]:
+                layer["sets"][name]["metrics"] = {"subset_column": None}
+        if cfg.get("models"):  # comparison mode: the tiny model alone stands in for all of them
+            layer["models"] = None
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})
     return layer
+
+
+def _smoke_samples(cfg: dict, sets: dict) -> int:
+    """An eval's samples per prompt under --smoke: 1, or the largest pass@k / maj@k k of a set that takes the shared
+    num_samples (k <= num_samples is checked at load time; a set's own num_samples is kept)."""
+    ks = [1]
+    for spec in sets.values():
+        spec = spec or {}
+        if "num_samples" not in (spec.get("generation") or {}):
+            metrics = {**(cfg.get("metrics") or {}), **(spec.get("metrics") or {})}
+            ks += [k for key in ("pass_at", "maj_at") for k in metrics.get(key) or []]
+    return max(ks)
+
+
+def _dpo_data_shape(cfg: dict) -> str:
+    """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.trainers.dpo)."""
+    from postrain.trainers.dpo import section_shape
+
+    return section_shape(cfg.get("loss")).name
 
 
 def _length_part(part) -> bool:
@@ -120,7 +189,9 @@ def _smoke_length_part(part):
 
 
 def _smoke_merge(merge: dict) -> dict:
-    """Point every model reference of a mergekit config at tiny models (distinct seeds, same shape)."""
+    """Point every model reference of a mergekit config at tiny models (distinct seeds, same shape).
+    Also under `POSTRAIN_SMOKE_MODEL`: a merge needs distinct inputs of one shape, and the pretrained model is one
+    checkpoint."""
     from postrain.models.loading import resolve_model_path
 
     seed = iter(range(100))
