@@ -24,7 +24,7 @@ app = typer.Typer(
     "Every job reads a YAML recipe; any key can be overridden as key=value, e.g.\n\n"
     "  postrain grpo recipes/math.yaml trainer.learning_rate=1e-6",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )

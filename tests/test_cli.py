@@ -157,3 +157,14 @@ def test_error_messages_keep_square_brackets(tmp_path):
     result = CliRunner().invoke(app, ["dpo", str(recipe), "--dry-run"])
     assert result.exit_code == 2
     assert "loss[0]" in result.output, result.output
+
+
+def test_shell_completion_installs_through_typer():
+    from typer.testing import CliRunner
+
+    from postrain.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+    shown = CliRunner().invoke(app, ["--show-completion", "bash"])
+    assert shown.exit_code == 0 and "complete" in shown.output, shown.output
