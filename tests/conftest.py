@@ -19,6 +19,7 @@ def _postrain_env(tmp_path_factory):
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     os.environ.setdefault("POSTRAIN_CACHE", str(shared / "postrain_cache"))
     os.environ["POSTRAIN_RECIPES"] = str(REPO / "recipes")
+    os.environ.pop("POSTRAIN_SMOKE_MODEL", None)  # --smoke in the tests means the tiny model unless a test says so
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -396,8 +396,8 @@ def test_smoke_a_paper_recipe_on_the_real_model_with_its_registry_loss(tmp_path,
     -log sigma(beta (l_w / |y_w| - l_l / |y_l|) - gamma), on the references' log-probs and token counts."""
     monkeypatch.setenv("POSTRAIN_SMOKE_MODEL", NAME)
     out = tmp_path / "run"
-    postrain("dpo", str(REPO / "recipes" / "papers" / "simpo.yaml"), "--smoke", f"output_dir={out}", "data.train.task.n=4",
-             "trainer.max_steps=1")
+    simpo = REPO / "recipes" / "papers" / "simpo.yaml"
+    postrain("dpo", str(simpo), "--smoke", f"output_dir={out}", "data.train.task.n=4", "trainer.max_steps=1")
     assert f"name_or_path: {NAME}" in (out / "recipe.yaml").read_text()
     # The smoke data: the built-in task's first 4 one-digit additions, in chat form as the recipe asks.
     ref = preference_references(reference, chat_rows("dpo", {"digits": 1, "n": 4}, prompt_template=None))
