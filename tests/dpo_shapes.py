@@ -46,6 +46,19 @@ def summed_logps(model, tokenizer, prompt: str, completion: str) -> torch.Tensor
     return sum(log_probs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids)))
 
 
+def loss_before_and_after_training(trainer, whole_batch) -> tuple[float, float]:
+    """The loss on the whole training set (as `whole_batch(trainer)` collates it) before and after training."""
+
+    def whole_set_loss() -> float:
+        trainer.model.eval()
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, whole_batch(trainer)).item()
+
+    before = whole_set_loss()
+    trainer.train()
+    return before, whole_set_loss()
+
+
 def logged(trainer, key: str) -> list[float]:
     return [h[key] for h in trainer.state.log_history if key in h]
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from postrain.cli import app
 from postrain.errors import DataError, RecipeError
 from postrain.recipes.loader import load_recipe
-from tests.dpo_shapes import dpo_recipe, logged, make_trainer, source_digest, summed_logps, write_jsonl
+from tests.dpo_shapes import (dpo_recipe, logged, loss_before_and_after_training, make_trainer, source_digest,
+                               summed_logps, write_jsonl)
 
 runner = CliRunner()
 LIST_LOSSES = ["lipo_lambda", "plackett_luce_dpo", "exo_k"]
@@ -120,14 +121,7 @@ def test_a_short_run_lowers_the_loss_and_orders_the_lists(name, tmp_path):
                            per_device_train_batch_size=8, max_steps=30, learning_rate=1e-2,
                            lr_scheduler_type="constant", seed=0)
 
-    def whole_set_loss():
-        trainer.model.eval()
-        with torch.no_grad():
-            return trainer.compute_loss(trainer.model, whole_batch(trainer)).item()
-
-    before = whole_set_loss()
-    trainer.train()
-    after = whole_set_loss()
+    before, after = loss_before_and_after_training(trainer, whole_batch)
     accuracy = logged(trainer, "rewards/accuracies")
     assert after < 0.97 * before, (name, before, after)
     assert sum(accuracy[-5:]) / 5 > sum(accuracy[:5]) / 5 + 0.05, (name, accuracy)
