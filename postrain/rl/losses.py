@@ -85,6 +85,12 @@ def _ratio_metrics(ratio, mask, **fractions):
     return out
 
 
+def _clip_metrics(ratio, mask, low, high):
+    """Ratio statistics and TRL's clip fractions (low, high, either) from the clip flags."""
+    return _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+                                          "clip_ratio/region_mean": low | high})
+
+
 def _ppo_terms(ratio, adv, low, high):
     """-min(r A, clip(r, low, high) A) and the TRL-style clip flags."""
     clipped = torch.clamp(ratio, low, high)
@@ -115,8 +121,7 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilo
     ratio = torch.exp(_log_ratio(logps, old_logps, mask))
     adv = _adv(advantages, mask)
     loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
-    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                                              "clip_ratio/region_mean": low | high})
+    metrics = _clip_metrics(ratio, mask, low, high)
     return masked(loss, mask), metrics
 
 
@@ -187,8 +192,7 @@ def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon
                        torch.where(high, -beta2 * (1 + eps_high) * kept * adv, -ratio * adv))
     if dual_clip_c is not None:
         loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
-    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                                              "clip_ratio/region_mean": low | high})
+    metrics = _clip_metrics(ratio, mask, low, high)
     return masked(loss, mask), metrics
 
 
@@ -213,8 +217,7 @@ def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
     adv = _adv(advantages, mask)
     loss, low_c, high_c = _ppo_terms(ratio, adv, low, high)
     loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
-    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low_c, "clip_ratio/high_mean": high_c,
-                                              "clip_ratio/region_mean": low_c | high_c})
+    metrics = _clip_metrics(ratio, mask, low_c, high_c)
     return masked(loss, mask), metrics
 
 
@@ -269,8 +272,7 @@ def gspo(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_h
     s = torch.exp(_seq_mean(_log_ratio(logps, old_logps, mask), mask)).unsqueeze(1)
     adv = _adv(advantages, mask)
     loss, low, high = _ppo_terms(s.expand(mask.shape), adv, 1 - epsilon, 1 + eps_high)
-    metrics = _ratio_metrics(s.expand(mask.shape), mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                                                             "clip_ratio/region_mean": low | high})
+    metrics = _clip_metrics(s.expand(mask.shape), mask, low, high)
     return masked(loss, mask), metrics
 
 
@@ -290,8 +292,7 @@ def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, eps
     ratio = torch.exp(lp - lp.detach() + seq_log)
     adv = _adv(advantages, mask)
     loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
-    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                                              "clip_ratio/region_mean": low | high})
+    metrics = _clip_metrics(ratio, mask, low, high)
     return masked(loss, mask), metrics
 
 
