@@ -116,6 +116,33 @@ def test_rl_loss_and_gradients_equal_trls_own_option(tmp_path, tiny, case):
             assert our_clip[key] == pytest.approx(native_clip[key], rel=1e-5), key
 
 
+def test_disco_in_the_trainer_equals_the_registry_entry_with_its_kl_constraint_active(tmp_path, tiny):
+    """DisCO reads binary rewards and whole groups, and its KL constraint comes from all-reduced statistics
+    (disco_kl_stats); on one process the trainer's loss must be the entry's, divided by the accumulation steps."""
+    from postrain.rl import policy_loss
+
+    trainer = make_trainer(tmp_path, tiny, rl={"policy_loss": "disco", "aggregation": "seq_mean_token_mean"})
+    inputs = fixed_batch(trainer)
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    inputs.update(rl_rewards=rewards, rl_row_index=torch.arange(len(REWARDS)))
+    loss, grads = loss_and_grads(trainer, inputs)
+
+    trainer.model.zero_grad()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, ids.size(1) - 3)
+    want, metrics = policy_loss("disco", logps=logps, old_logps=inputs["old_per_token_logps"],
+                                mask=inputs["completion_mask"], rewards=rewards, group_size=GROUP,
+                                aggregation="seq_mean_token_mean")
+    (want / 2).backward()
+    assert metrics["disco/constraint_coef"] > 0  # the KL term is in play
+    assert loss == pytest.approx(want.item() / 2, rel=1e-5)
+    for name, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    trainer.model.zero_grad()
+
+
 def test_a_different_part_changes_the_loss(tmp_path, tiny):
     """The equality above is not vacuous: another aggregation gives another loss on the same batch."""
     a = make_trainer(tmp_path / "a", tiny, rl={"aggregation": "seq_mean_token_mean"})

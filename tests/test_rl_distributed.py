@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from postrain.rl import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, compute_advantages, policy_loss
+from postrain.rl.losses import disco_kl_stats
 
 WORLD = 2
 T = 7  # padded width of the whole batch (the longest completion)
@@ -153,18 +154,13 @@ def loss_cases() -> list[tuple]:
             specs.append(("disco[Lratio]", {"score": "Lratio"}))
         for label, params in specs:
             for policy, kind in modes:
-                if name == "disco" and policy == "off":
-                    # off-policy DisCO only with its KL constraint off: see test_disco_kl_constraint_off_policy
-                    label_here, params_here = f"{label}[beta=0]", {**params, "beta": 0.0}
-                else:
-                    label_here, params_here = label, params
                 for agg in AGGREGATIONS.entries:
-                    cases.append((label_here, name, params_here, batch, policy, kind, agg))
+                    cases.append((label, name, params, batch, policy, kind, agg))
     return cases
 
 
 LOSS_CASES = loss_cases()
-# DisCO off-policy with its default KL constraint (beta=1e3): known not to be split-invariant (see its test).
+# DisCO off-policy with its default KL constraint (beta=1e3), which its test checks is active.
 DISCO_KL_CASE = ("disco[default,off]", "disco", {}, "aligned", "off", "none", "seq_mean_token_mean")
 
 
@@ -186,10 +182,12 @@ def loss_and_grad(case, theta, rows: slice, width: int, batch: dict, advantages,
     """The loss of `rows` (padded to `width`) with log-probs read from the replicated parameter `theta`; backward of
     scale · loss. Returns (loss, theta.grad)."""
     _, name, params, _, policy, _, agg = case
+    if name == "disco" and normalizers is not None:  # the KL constraint over every process (see disco_kl_stats)
+        params = {**params, "kl_stats": normalizers["disco_kl_stats"][policy]}
     mask = batch["mask"][rows, :width]
     logps = theta[rows, :width]
     old = None if policy == "on" else batch["old_logps"][rows, :width]
-    agg_params = dict(normalizers or {})
+    agg_params = {k: v for k, v in (normalizers or {}).items() if k != "disco_kl_stats"}
     if "max_completion_length" in AGGREGATIONS.get(agg).params:
         # The configured cap, as TRL's dr_grpo uses. Left at None, seq_mean_token_sum_norm and delta_l divide by
         # the padded width, which differs between processes padded to their own longest completion: not split-
@@ -237,7 +235,12 @@ def global_normalizers(local: dict) -> dict:
     weights = torch.where(lengths > 0, lengths.clamp(min=1.0) ** -DELTA_L_ALPHA, torch.zeros_like(lengths))
     stats = torch.stack([local["mask"].sum(), torch.tensor(float(local["mask"].shape[0])), weights.sum()])
     dist.all_reduce(stats)
-    return {"global_tokens": stats[0], "num_sequences": int(stats[1]), "length_weight_sum": stats[2]}
+    kl_stats = {"off": disco_kl_stats(local["logps"], local["old_logps"], local["mask"]),
+                "on": disco_kl_stats(local["logps"], None, local["mask"])}
+    for value in kl_stats.values():
+        dist.all_reduce(value)
+    return {"global_tokens": stats[0], "num_sequences": int(stats[1]), "length_weight_sum": stats[2],
+            "disco_kl_stats": kl_stats}
 
 
 def _guarded(fn):
@@ -389,11 +392,13 @@ def test_loss_cases_have_signal():
     assert not dead, f"cases with no gradient: {dead}"
 
 
-@pytest.mark.xfail(strict=True, reason="DisCO's KL constraint (coefficient beta*(KL-delta), KL = token mean of k3) "
-                   "is computed over the rows of the call, and the row weight uses the call's rows / tokens; with "
-                   "old_logps != logps it is not split-invariant. Strict: passes once the KL is all-reduced.")
 def test_disco_kl_constraint_off_policy(split_results):
+    # DisCO's KL constraint (coefficient beta*(KL-delta), KL = token mean of k3 over the batch) is split-invariant
+    # only with the all-reduced disco_kl_stats passed in; the constraint must be active for the case to test it.
     ref_loss, ref_grad = one_process_loss(DISCO_KL_CASE)
+    batch = BATCHES["aligned"]
+    kl = disco_kl_stats(batch["logps"], batch["old_logps"], batch["mask"])
+    assert kl[0] / kl[1] > POLICY_LOSSES.get("disco").params["delta"]
     got = split_results[0]["losses"][case_id(DISCO_KL_CASE)]
     assert not isinstance(got, str), got
     loss, grad = got

@@ -363,8 +363,8 @@ def a_star_po(logps, ref_logps, advantages, mask, *, beta2: float = 1e-3):
     notes="checked against Optimization-AI/DisCO verl/verl/trainer/ppo/core_algos.py "
           "compute_policy_loss_disco_logL / _Lratio and scripts/train/run_disco_logL_1.5b_8k.sh (tau=10, "
           "beta=1e3, delta=1e-4). Built for aggregation=seq_mean_token_mean; the authors all-gather the batch.")
-def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "logL", tau: float = 10.0,
-          beta: float = 1e3, delta: float = 1e-4):
+def disco(logps, old_logps, rewards, mask, group_size: int, kl_stats=None, *, score: str = "logL",
+          tau: float = 10.0, beta: float = 1e3, delta: float = 1e-4):
     """DisCO: L = -(1/Q) sum_q [mean_{o+} s(o+) - tau log mean_{o-} exp(s(o-)/tau)] + sg(max(beta (KL-delta), 0)) KL.
 
     s = mean_t log pi ('logL') or mean_t pi/pi_old ('Lratio'); o+ / o- are rows with reward 1 / 0 (binary
@@ -372,7 +372,11 @@ def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "log
     The authors write the negative term as a gradient-equivalent surrogate of value 1; we return the
     log-mean-exp itself (same gradient). Rows are spread so that seq_mean_token_mean gives exactly L: row i
     carries -J_q(i) G / (non-empty rows of q) + c (N / tokens) sum_t kl_it. Rows must be whole groups; an empty
-    completion scores 0."""
+    completion scores 0.
+
+    The KL and its N / tokens are the call's own unless `kl_stats` is given: the sums of `disco_kl_stats` over
+    every process (KL sum, valid tokens, rows), which makes the constraint the batch's, not the process' (the
+    authors all-gather the batch). N must then be the aggregation's `num_sequences`."""
     if score not in ("logL", "Lratio"):
         raise ValueError(f"score must be 'logL' or 'Lratio', got {score!r}")
     lr = _log_ratio(logps, old_logps, mask)
@@ -387,16 +391,28 @@ def disco(logps, old_logps, rewards, mask, group_size: int, *, score: str = "log
     neg_lme = tau * (torch.logsumexp(neg_scores, 1) - neg.sum(1).clamp(min=1).log())
     objective = torch.where(valid, pos_mean - torch.where(valid, neg_lme, 0.0), 0.0)
     kl_tok = masked(ratio - lr - 1, mask)
-    tokens = mask.float().sum().clamp(min=1.0)
-    kl = kl_tok.sum() / tokens
+    if kl_stats is None:
+        kl_sum, tokens, rows = kl_tok.sum(), mask.float().sum(), mask.shape[0]
+    else:
+        kl_sum, tokens, rows = (torch.as_tensor(v, dtype=kl_tok.dtype, device=kl_tok.device) for v in kl_stats)
+    tokens = tokens.clamp(min=1.0)
+    kl = kl_sum / tokens
     coef = torch.clamp(beta * (kl - delta), min=0.0).detach()
     # the group's -J_q goes to its non-empty rows (an empty row's tokens never reach the aggregation)
     filled = grouped(token_counts(mask) > 0, group_size)
     share = torch.where(filled, group_size / filled.sum(1, keepdim=True).clamp(min=1), 0.0)
-    per_seq = (-objective.unsqueeze(1) * share).reshape(-1) + coef * kl_tok.sum(-1) * mask.shape[0] / tokens
+    per_seq = (-objective.unsqueeze(1) * share).reshape(-1) + coef * kl_tok.sum(-1) * rows / tokens
     metrics = {"disco/kl": kl.detach(), "disco/constraint_coef": coef,
                "disco/valid_group_fraction": valid.float().mean()}
     return _spread(per_seq, mask), metrics
+
+
+def disco_kl_stats(logps, old_logps, mask) -> torch.Tensor:
+    """This process' (sum of k3(pi_old || pi) over valid tokens, valid tokens, rows), detached: all-reduce it
+    (sum) and pass it to `disco` as `kl_stats` when a batch is split over processes."""
+    lr = _log_ratio(logps, old_logps, mask).detach()
+    kl_sum = masked(torch.exp(lr) - lr - 1, mask).sum()
+    return torch.stack([kl_sum, mask.float().sum().to(kl_sum.dtype), kl_sum.new_tensor(float(mask.shape[0]))])
 
 
 # ---------------------------------------------------------------------------------------------------------------

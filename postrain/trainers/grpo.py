@@ -59,6 +59,7 @@ import datasets
 import torch
 from trl import GRPOTrainer
 
+from postrain.rl.losses import disco_kl_stats
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
 from postrain.rl.section import REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, Part, parse_rl_section
@@ -514,7 +515,15 @@ class PostrainGRPOTrainer(GRPOTrainer):
             totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]), reduction="sum")
             return totals[0] / totals[1].clamp(min=1.0)
 
-        per_token, metrics = POLICY_LOSSES.call(parts.policy_loss.name, {**rows, "group_size": group},
+        aggregation = parts.aggregation
+        agg_data = self._aggregation_normalizers(inputs, mask, weight, mode, accumulation)
+        loss_data = {**rows, "group_size": group}
+        if parts.policy_loss.variant.needs("kl_stats"):  # DisCO: its KL constraint over every process' rows
+            stats = self.accelerator.reduce(disco_kl_stats(logps, rows["old_logps"], mask), reduction="sum")
+            if "num_sequences" in agg_data:  # the rows the aggregation divides by, over processes, per micro-batch
+                stats[2] = float(agg_data["num_sequences"]) * self.accelerator.num_processes / accumulation
+            loss_data["kl_stats"] = stats
+        per_token, metrics = POLICY_LOSSES.call(parts.policy_loss.name, loss_data,
                                                 self._part_params(parts.policy_loss))
         # A token-selecting regularizer multiplies the policy loss before any penalty is added (TRL's order for
         # its entropy mask and KL term).
@@ -535,8 +544,26 @@ class PostrainGRPOTrainer(GRPOTrainer):
         if weight is not None:  # a row drawn w times counts w times (PF-PPO); dropped rows are masked above
             per_token = per_token * weight.to(per_token.dtype).unsqueeze(1)
 
-        aggregation = parts.aggregation
-        agg_data: dict[str, Any] = {"per_token_loss": per_token, "mask": mask}
+        loss = AGGREGATIONS.call(aggregation.name, {"per_token_loss": per_token, "mask": mask, **agg_data},
+                                 self._part_params(aggregation))
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        logged = self._metrics[mode]
+        logged["entropy"].append(mean_entropy.item())
+        if ref is not None:
+            logged["kl"].append(global_mean(kl_penalty("k3", logps.detach(), ref, mask)).item())
+        for key, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=loss.device).detach().reshape(1)
+            logged[key].append(self.accelerator.gather(value).nanmean().item())
+        return loss
+
+    def _aggregation_normalizers(self, inputs, mask, weight, mode: str, accumulation: int) -> dict[str, Any]:
+        """The global normalizers the recipe's aggregation reads, scaled as TRL scales its own (see the
+        aggregation entries and tests/test_rl_distributed.py)."""
+        aggregation = self.rl_parts.aggregation
+        agg_data: dict[str, Any] = {}
         if aggregation.variant.needs("global_tokens"):  # TRL's loss_type="dapo" normaliser (weighted by samplers)
             tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -555,19 +582,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
             if weight is not None:
                 weights = weights * weight.to(weights.dtype)
             agg_data["length_weight_sum"] = weights.sum() * accumulation
-        loss = AGGREGATIONS.call(aggregation.name, agg_data, self._part_params(aggregation))
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-
-        logged = self._metrics[mode]
-        logged["entropy"].append(mean_entropy.item())
-        if ref is not None:
-            logged["kl"].append(global_mean(kl_penalty("k3", logps.detach(), ref, mask)).item())
-        for key, value in metrics.items():
-            value = torch.as_tensor(value, dtype=torch.float32, device=loss.device).detach().reshape(1)
-            logged[key].append(self.accelerator.gather(value).nanmean().item())
-        return loss
+        return agg_data
 
 
 def _fill_unscorable(rewards: torch.Tensor, unscorable: torch.Tensor, group: int) -> torch.Tensor:
