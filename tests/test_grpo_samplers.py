@@ -287,7 +287,8 @@ def test_dcpo_smooth_reads_and_updates_each_prompts_history(tmp_path, tiny):
 # --- load-time checks ----------------------------------------------------------------------------------------------
 
 
-def grpo_recipe(tmp_path: Path, rl: str, trainer: str = "", max_steps: int = 2, reward: str = "varied") -> Path:
+def grpo_recipe(tmp_path: Path, rl: str, trainer: str = "", max_steps: int = 2, reward: str = "varied",
+                prompts: int = 16) -> Path:
     (tmp_path / "my_rewards.py").write_text(
         "def varied(completions, **kwargs):\n"
         "    return [float(len(c) % 3) for c in completions]\n"
@@ -297,7 +298,7 @@ def grpo_recipe(tmp_path: Path, rl: str, trainer: str = "", max_steps: int = 2, 
     return write_recipe(tmp_path / "grpo.yaml", f"""
 defaults: [base/grpo]
 model: {{name_or_path: tiny, dtype: float32, tiny: {json.dumps(TINY)}}}
-data: {{train: {{source: "builtin:arithmetic", task: {{n: 16, digits: 1}}}}}}
+data: {{train: {{source: "builtin:arithmetic", task: {{n: {prompts}, digits: 1}}}}}}
 rewards: [{{fn: "my_rewards.py:{reward}"}}]
 trainer: {{max_steps: {max_steps}, per_device_train_batch_size: 8, logging_steps: 1, num_generations: 4,
           max_completion_length: 6, activation_checkpointing: false{trainer}}}

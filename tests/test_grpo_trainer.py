@@ -269,8 +269,6 @@ def test_at_least_25_methods_each_with_paper_and_loadable_parts():
     ("rl.advantage=aapo", "advantage estimator 'aapo' (rl.advantage, from command line) reads `ref_rewards`"),
     ("rl.advantage=spo_tracker", "advantage estimator 'spo_tracker' (rl.advantage, from command line) cannot run "
                                  "in the GRPO trainer: it is single-stream"),
-    ("rl.samplers=[greso]", "sampler 'greso' (rl.samplers[0], from command line) cannot run in the GRPO trainer: it "
-                            "skips prompts before their rollout"),
     ("rl.samplers=[spo_prioritized]", "sampler 'spo_prioritized' (rl.samplers[0], from command line) cannot run"),
     ("rl.shaping=[dra_diversity]", "reads `embeddings`"),
     ("rl.shaping=[redit]", "has no default for sigma: set rl.shaping[0].sigma"),

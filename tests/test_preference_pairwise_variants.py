@@ -655,3 +655,78 @@ def test_through_registry_and_bfloat16(name, batch, tokens, turns):
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     rounded = {k: v.to(torch.bfloat16).double() if v.is_floating_point() else v for k, v in data.items()}
     torch.testing.assert_close(low, preference_loss(name, **rounded, **params).float(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- MRPO (two references)
+
+def ref_mrpo(b, i, references=("hermes",), beta=0.1, epsilon=0.1, adaptive_epsilon=True, alpha=None):
+    """MRPO for pair i, written from the authors' trainer_mref.py in the harmonic form 1/π̃ = α/π_main + (1−α)/π_c
+    (probabilities, not log-sum-exp), with the clipping written as a clamp."""
+    main = {s: b[f"ref_{s}_logps"][i] for s in ("chosen", "rejected")}
+    extra = {s: b[f"extra_ref_{s}_logps"][i, 0] for s in ("chosen", "rejected")}
+    if alpha is None:
+        a_extra = abs(extra["chosen"] - extra["rejected"])
+        a_main = abs(main["chosen"] - main["rejected"])
+        alpha = a_extra / (a_extra + a_main + 1e-6)
+    if adaptive_epsilon:
+        bw = abs((main["chosen"] + extra["chosen"]) / 2)
+        bl = abs((main["rejected"] + extra["rejected"]) / 2)
+        eps = {"chosen": epsilon * bw / (bw + bl), "rejected": epsilon * bl / (bw + bl)}
+    else:
+        eps = {"chosen": epsilon, "rejected": epsilon}
+    combined = {}
+    for s in ("chosen", "rejected"):
+        lo, hi = main[s] * (1 + eps[s]), main[s] * (1 - eps[s])  # log-probs are negative: (1+ε)ℓ <= (1−ε)ℓ
+        clipped = torch.clamp(extra[s], min=lo, max=hi)
+        combined[s] = -torch.log(alpha / torch.exp(main[s]) + (1 - alpha) / torch.exp(clipped))
+    z = beta * ((b["chosen_logps"][i] - combined["chosen"]) - (b["rejected_logps"][i] - combined["rejected"]))
+    return -logsig(z)
+
+
+@pytest.fixture
+def mrpo_batch():
+    """Log-probs small enough that exp() of them is exact in float64 (the reference works with probabilities)."""
+    g = torch.Generator().manual_seed(11)
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*(shape or (B,)), generator=g, dtype=torch.float64)
+    return {"chosen_logps": u(-30, -3), "rejected_logps": u(-30, -3),
+            "ref_chosen_logps": u(-30, -3), "ref_rejected_logps": u(-30, -3),
+            "extra_ref_chosen_logps": u(-30, -3, B, 1), "extra_ref_rejected_logps": u(-30, -3, B, 1)}
+
+
+def test_mrpo(mrpo_batch):
+    data = mrpo_batch
+    refs = {"references": ["hermes"]}
+    check(pv.mrpo, ref_mrpo, data, **refs)
+    check(pv.mrpo, ref_mrpo, data, **refs, alpha=0.3, epsilon=0.5, adaptive_epsilon=False, beta=0.5)
+    check(pv.mrpo, ref_mrpo, data, **refs, epsilon=2.0)  # ε > 1: the lower clip bound is positive, as in the code
+    # α = 1: DPO against the main reference, whatever the further one says.
+    dpo = torch.stack([ref_dpo(data, i) for i in range(B)])
+    close(pv.mrpo(**data, **refs, alpha=1.0), dpo)
+    # A further reference equal to the main one changes nothing (the harmonic mean of equal values).
+    same = dict(data, extra_ref_chosen_logps=data["ref_chosen_logps"][:, None],
+                extra_ref_rejected_logps=data["ref_rejected_logps"][:, None])
+    close(pv.mrpo(**same, **refs), dpo)
+    close(pv.mrpo(**same, **refs, alpha=0.2, adaptive_epsilon=False), dpo)
+    # Clipping bounds the combined reference: α = 0 uses the further reference alone, and one far from the main
+    # reference counts as the main one moved by ε: log π̃ = (1 ∓ ε)ℓ_main.
+    far = dict(data, extra_ref_chosen_logps=data["ref_chosen_logps"][:, None] * 10,
+               extra_ref_rejected_logps=torch.zeros(B, 1, dtype=torch.float64))
+    eps = 0.1
+    bounded = dict(data, ref_chosen_logps=data["ref_chosen_logps"] * (1 + eps),
+                   ref_rejected_logps=data["ref_rejected_logps"] * (1 - eps))
+    close(pv.mrpo(**far, **refs, alpha=0.0, epsilon=eps, adaptive_epsilon=False),
+          torch.stack([ref_dpo(bounded, i) for i in range(B)]))
+
+
+def test_mrpo_refuses_what_its_closed_form_does_not_cover(mrpo_batch):
+    two = dict(mrpo_batch, extra_ref_chosen_logps=mrpo_batch["extra_ref_chosen_logps"].repeat(1, 2),
+               extra_ref_rejected_logps=mrpo_batch["extra_ref_rejected_logps"].repeat(1, 2))
+    with pytest.raises(RecipeError, match="exactly one"):
+        pv.mrpo(**two, references=["a", "b"])
+    with pytest.raises(ValueError, match="names 2 model"):
+        pv.mrpo(**mrpo_batch, references=["a", "b"])
+    with pytest.raises(RecipeError, match=r"alpha must be in \[0, 1\]"):
+        pv.mrpo(**mrpo_batch, references=["a"], alpha=1.5)
+    v = PREFERENCE.get("mrpo")
+    assert v.arxiv == "2405.16388" and "trainer_mref.py" in v.notes
+    assert v.params == {"references": None, "beta": 0.1, "epsilon": 0.1, "adaptive_epsilon": True, "alpha": None}

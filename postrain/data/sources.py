@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from postrain.data.tasks import build_task
-from postrain.errors import DataError
-from postrain.recipes.schema import SourceSpec
+from postrain.errors import DataError, RecipeError
+from postrain.recipes.schema import PairingSpec, SourceSpec
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -82,20 +84,123 @@ def _read_rows(spec: SourceSpec) -> list[dict] | Any:
         raise DataError(f"cannot load hub dataset {describe(spec)}: {e}") from None
 
 
-def _score_pairs(rows: list[dict], where: str) -> list[dict]:
-    """Group (prompt, completion, score) rows by prompt; pair the best-scored completion with the worst."""
-    for col in ("prompt", "completion", "score"):
+PAIRING_TRANSFORMS = ("score_pairs", "win_rate_pairs")
+# PairingSpec keys that only one of the pairing transforms reads.
+PAIRING_KEYS = {"score_pairs": ("min_margin", "min_chosen_score", "all_pairs"),
+                "win_rate_pairs": ("win_rate", "temperature", "include_self")}
+
+
+def pairing_settings(pairing: dict | PairingSpec | None) -> dict:
+    """A source's `pairing:` with PairingSpec's defaults filled in."""
+    given = dataclasses.asdict(pairing) if isinstance(pairing, PairingSpec) else dict(pairing or {})
+    return {**dataclasses.asdict(PairingSpec()), **given}
+
+
+def check_pairing(spec: dict, where: str) -> None:
+    """Load-time checks of a source's `pairing:`: set only with a pairing transform, and only the keys that transform
+    reads, with values it can use."""
+    pairing, transform = spec.get("pairing"), spec.get("transform")
+    if pairing is None:
+        return
+    if transform not in PAIRING_TRANSFORMS:
+        raise RecipeError(f"{where}.pairing: set only with transform: score_pairs or win_rate_pairs (transform is "
+                          f"{transform!r}); remove it or set the transform")
+    other = next(t for t in PAIRING_TRANSFORMS if t != transform)
+    for key in PAIRING_KEYS[other]:
+        if key in pairing:
+            raise RecipeError(f"{where}.pairing.{key}: read by transform {other!r} only, not by {transform!r}; "
+                              f"{transform!r} reads {', '.join(('score',) + PAIRING_KEYS[transform])}")
+    settings = pairing_settings(pairing)
+    score = settings["score"]
+    if not isinstance(score, str) or not score.removeprefix("rewards."):
+        raise RecipeError(f"{where}.pairing.score: a column name (default 'score') or 'rewards.<reward name>', "
+                          f"got {score!r}")
+    if not settings["temperature"] > 0:
+        raise RecipeError(f"{where}.pairing.temperature: must be > 0 (P(y > y') = sigmoid((s - s') / temperature)), "
+                          f"got {settings['temperature']!r}")
+    if settings["min_margin"] is not None and settings["min_margin"] < 0:
+        raise RecipeError(f"{where}.pairing.min_margin: must be >= 0 (the chosen's score minus the rejected's), "
+                          f"got {settings['min_margin']!r}")
+
+
+def _scored_groups(rows: list[dict], where: str, transform: str, score_key: str) -> list[list[tuple[float, dict]]]:
+    """(score, row) per row, grouped by prompt in the order prompts first appear. `score_key` is a column or
+    `rewards.<name>` (that reward's own score in the row's `rewards` mapping). A row whose score is None (a judge
+    that gave no parsable score) is left out: no score is not a score of 0."""
+    reward = score_key.removeprefix("rewards.") if score_key.startswith("rewards.") else None
+    for col in ("prompt", "completion", "rewards" if reward else score_key):
         if rows and col not in rows[0]:
-            raise DataError(f"{where}: transform 'score_pairs' needs column {col!r}; present: {', '.join(rows[0])}")
-    groups: dict[str, list[dict]] = {}
+            raise DataError(f"{where}: transform {transform!r} needs column {col!r}; present: {', '.join(rows[0])}")
+    if reward and rows:
+        present = rows[0]["rewards"] or {}
+        if reward not in present:
+            raise DataError(f"{where}: pairing.score is {score_key!r}, but the rows' `rewards` hold no {reward!r}; "
+                            f"rewards present: {', '.join(present) or 'none'}")
+    groups: dict[str, list[tuple[float, dict]]] = {}
     for r in rows:
-        groups.setdefault(json.dumps(r["prompt"], sort_keys=True), []).append(r)
+        score = (r["rewards"] or {}).get(reward) if reward else r[score_key]
+        if score is not None:
+            groups.setdefault(json.dumps(r["prompt"], sort_keys=True), []).append((float(score), r))
+    return list(groups.values())
+
+
+def _score_pairs(rows: list[dict], where: str, pairing: dict | PairingSpec | None = None) -> list[dict]:
+    """Group (prompt, completion, score) rows by prompt; pair the best-scored completion with the worst (or, with
+    `all_pairs`, every higher-scored completion with every lower-scored one), keeping the pairs that pass
+    `min_margin` and `min_chosen_score` (DNO's large-margin filter). Equal scores never make a pair. The chosen
+    row's other columns are kept; `score_chosen` / `score_rejected` are the two scores."""
+    settings = pairing_settings(pairing)
     pairs = []
-    for group in groups.values():
-        best = max(group, key=lambda r: r["score"])
-        worst = min(group, key=lambda r: r["score"])
-        if best["score"] > worst["score"]:
-            pairs.append({**best, "chosen": best["completion"], "rejected": worst["completion"]})
+    for group in _scored_groups(rows, where, "score_pairs", settings["score"]):
+        if settings["all_pairs"]:
+            candidates = [(high, low) for high in group for low in group if high[0] > low[0]]
+        else:
+            best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
+            candidates = [(best, worst)] if best[0] > worst[0] else []
+        for (high, chosen), (low, rejected) in candidates:
+            if settings["min_margin"] is not None and high - low < settings["min_margin"]:
+                continue
+            if settings["min_chosen_score"] is not None and high < settings["min_chosen_score"]:
+                continue
+            pairs.append({**chosen, "chosen": chosen["completion"], "rejected": rejected["completion"],
+                          "score_chosen": high, "score_rejected": low})
+    return pairs
+
+
+def _preference_probability(first: float, second: float, win_rate: str, temperature: float) -> float:
+    """P(first > second) from two scalar scores: a logistic in the score difference, or 1 / 0.5 / 0."""
+    if win_rate == "hard":
+        return 1.0 if first > second else 0.5 if first == second else 0.0
+    x = (first - second) / temperature
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))  # no overflow either way
+
+
+def _win_rate_pairs(rows: list[dict], where: str, pairing: dict | PairingSpec | None = None) -> list[dict]:
+    """SPPO's pairs (arXiv 2405.00675; uclaml/SPPO scripts/compute_prob.py): per prompt, each sample's estimated win
+    rate against the prompt's K samples, P(y > pi_t) = mean_j P(y > y_j) (j = y itself included, at 0.5, unless
+    `include_self` is false), P from the scores (`win_rate`, `temperature`); the highest win rate is chosen, the
+    lowest rejected, their win rates `chosen_probs` / `rejected_probs` (what the `sppo` loss reads; the authors'
+    columns chosen_probs_win / chosen_probs_lose). A prompt whose win rates are all equal (one sample, or equal
+    scores) gives no pair."""
+    settings = pairing_settings(pairing)
+    prefer = functools.partial(_preference_probability, win_rate=settings["win_rate"],
+                               temperature=settings["temperature"])
+    pairs = []
+    for group in _scored_groups(rows, where, "win_rate_pairs", settings["score"]):
+        scores = [score for score, _ in group]
+        opponents = len(scores) if settings["include_self"] else len(scores) - 1
+        if opponents < 1:
+            continue
+        rates = [sum(prefer(s, t) for j, t in enumerate(scores) if settings["include_self"] or j != i) / opponents
+                 for i, s in enumerate(scores)]
+        best = max(range(len(rates)), key=rates.__getitem__)  # the first of equal ones, as numpy's argmax
+        worst = min(range(len(rates)), key=rates.__getitem__)
+        if rates[best] <= rates[worst]:
+            continue
+        chosen, rejected = group[best][1], group[worst][1]
+        pairs.append({**chosen, "chosen": chosen["completion"], "rejected": rejected["completion"],
+                      "chosen_probs": rates[best], "rejected_probs": rates[worst],
+                      "score_chosen": scores[best], "score_rejected": scores[worst]})
     return pairs
 
 
@@ -116,6 +221,68 @@ def _score_lists(rows: list[dict], where: str) -> list[dict]:
             lists.append({**rest, "completions": [r["completion"] for r in group],
                           "scores": [float(r["score"]) for r in group]})
     return lists
+
+
+def curriculum_pairs(rows: list[dict], stage: int, where: str) -> list[dict]:
+    """Curry-DPO's pairs for one curriculum stage (arXiv 2403.07230, Fig. 1): per prompt, the best-scored completion
+    is chosen against each lower-scored one; those pairs are ordered by score gap, largest (easiest) first, and stage
+    `stage` (from 0) takes each prompt's pair at that position (K = 4: (R1, R4), then (R1, R3), then (R1, R2)).
+    Ties keep the list's order. The row's other columns are kept; `score_chosen` / `score_rejected` are the scores."""
+    for col in ("prompt", "completions", "scores"):
+        if rows and col not in rows[0]:
+            raise DataError(f"{where}: transform 'curriculum_pairs' needs column {col!r} (rows {{prompt, "
+                            f"completions, scores}}); present: {', '.join(rows[0])}")
+    pairs = []
+    for n, row in enumerate(rows):
+        completions, scores = row["completions"], [float(s) for s in row["scores"]]
+        if len(completions) != len(scores):
+            raise DataError(f"{where}, row {n}: {len(completions)} completions but {len(scores)} scores")
+        best = max(range(len(scores)), key=lambda i: scores[i])  # the first of equally best-scored ones
+        # by falling gap to the best = by rising score; sorted() is stable, so equal gaps keep the list's order.
+        # A tie with the best is no preference.
+        others = sorted((i for i in range(len(scores)) if scores[i] < scores[best]), key=lambda i: scores[i])
+        if stage < len(others):
+            worse = others[stage]
+            rest = {k: v for k, v in row.items() if k not in ("completions", "scores", "ranks")}
+            pairs.append({**rest, "chosen": completions[best], "rejected": completions[worse],
+                          "score_chosen": scores[best], "score_rejected": scores[worse]})
+    return pairs
+
+
+def chunk_rows(n_rows: int, index: int, of: int) -> range:
+    """The row positions of chunk `index` of `of`: contiguous, in order; the chunks partition range(n_rows)."""
+    return range(index * n_rows // of, (index + 1) * n_rows // of)
+
+
+def check_source_options(spec: dict, where: str) -> None:
+    """Load-time checks of a source's `chunk:` and `curriculum_stage` (postrain.recipes.checks), naming the key."""
+    chunk = spec.get("chunk")
+    if chunk is not None:
+        index, of = chunk.get("index"), chunk.get("of")
+        if not isinstance(of, int) or of < 1:
+            raise RecipeError(f"{where}.chunk.of: must be an integer >= 1 (the number of chunks), got {of!r}")
+        if not isinstance(index, int) or not 0 <= index < of:
+            raise RecipeError(f"{where}.chunk.index: must be an integer in 0..{of - 1} (chunks are numbered from 0 "
+                              f"up to chunk.of - 1), got {index!r}")
+    stage, transform = spec.get("curriculum_stage"), spec.get("transform")
+    if transform == "curriculum_pairs" and (not isinstance(stage, int) or stage < 0):
+        raise RecipeError(f"{where}.curriculum_stage: transform 'curriculum_pairs' needs the stage, an integer >= 0 "
+                          f"(0: each prompt's easiest pair, the largest score gap), got {stage!r}")
+    if transform != "curriculum_pairs" and stage is not None:
+        raise RecipeError(f"{where}.curriculum_stage: set only with transform: curriculum_pairs (transform is "
+                          f"{transform!r}); remove it or set the transform")
+    check_pairing(spec, where)
+
+
+def _filters(pairing: dict | PairingSpec | None) -> str:
+    """The pairing filters in force, for an error message: " by at least 2 (the higher scoring at least 5)"."""
+    settings = pairing_settings(pairing)
+    words = []
+    if settings["min_margin"] is not None:
+        words.append(f" by at least {settings['min_margin']}")
+    if settings["min_chosen_score"] is not None:
+        words.append(f" (the higher scoring at least {settings['min_chosen_score']})")
+    return "".join(words)
 
 
 def _unpair(ds, where: str):
@@ -160,9 +327,15 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
         ds = ds.remove_columns([dst for dst in renames.values() if dst in ds.column_names and dst not in renames])
         ds = ds.rename_columns(renames)
     if spec.transform == "score_pairs":
-        ds = datasets.Dataset.from_list(_score_pairs(ds.to_list(), where))
+        ds = datasets.Dataset.from_list(_score_pairs(ds.to_list(), where, spec.pairing))
         if len(ds) == 0:
-            raise DataError(f"{where}: 'score_pairs' found no prompt whose completions scored differently in {describe(spec)}")
+            raise DataError(f"{where}: 'score_pairs' found no prompt whose completions scored differently"
+                            f"{_filters(spec.pairing)} in {describe(spec)}")
+    if spec.transform == "win_rate_pairs":
+        ds = datasets.Dataset.from_list(_win_rate_pairs(ds.to_list(), where, spec.pairing))
+        if len(ds) == 0:
+            raise DataError(f"{where}: 'win_rate_pairs' found no prompt with two samples of different win rates in "
+                            f"{describe(spec)}")
     if spec.transform == "score_lists":
         ds = datasets.Dataset.from_list(_score_lists(ds.to_list(), where))
         if len(ds) == 0:
@@ -170,6 +343,17 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
                             f"{describe(spec)}")
     if spec.transform == "unpair":
         ds = _unpair(ds, where)
+    if spec.transform == "curriculum_pairs":
+        ds = datasets.Dataset.from_list(curriculum_pairs(ds.to_list(), spec.curriculum_stage, where))
+        if len(ds) == 0:
+            raise DataError(f"{where}: 'curriculum_pairs' stage {spec.curriculum_stage} has no pair in "
+                            f"{describe(spec)}: no prompt has {spec.curriculum_stage + 1} completions scored below "
+                            f"its best")
+    if spec.chunk is not None:
+        index, of = _chunk_of(spec)
+        ds = ds.select(chunk_rows(len(ds), index, of))
+        if len(ds) == 0:
+            raise DataError(f"{where}: chunk {index} of {of} of {describe(spec)} is empty: fewer rows than chunks")
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     check_columns(ds.column_names, job, spec, where)
@@ -235,6 +419,11 @@ def _format_row(row: dict, spec: SourceSpec) -> dict:
     return out
 
 
+def _chunk_of(spec: SourceSpec) -> tuple[int, int]:
+    chunk = spec.chunk
+    return (chunk["index"], chunk["of"]) if isinstance(chunk, dict) else (chunk.index, chunk.of)
+
+
 def is_local(spec: dict | SourceSpec) -> bool:
     """Whether a source is read without a network: a built-in task or a file that exists."""
     spec = as_source(spec)
@@ -244,10 +433,12 @@ def is_local(spec: dict | SourceSpec) -> bool:
 def source_size(spec: dict | SourceSpec) -> int | None:
     """Number of rows, without loading a model; None where it cannot be known cheaply (hub datasets)."""
     spec = as_source(spec)
-    if spec.transform in ("score_pairs", "score_lists"):  # pairs / lists are only known once scores are grouped
+    if spec.transform in ("score_pairs", "score_lists", "curriculum_pairs", "win_rate_pairs"):  # known once scores are grouped
         return None
     if is_local(spec):
         n = len(_read_rows(spec)) * (2 if spec.transform == "unpair" else 1)
+        if spec.chunk is not None:
+            n = len(chunk_rows(n, *_chunk_of(spec)))
         return min(n, spec.limit) if spec.limit is not None else n
     return None
 

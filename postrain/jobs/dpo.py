@@ -11,6 +11,10 @@ The reference model, as users of TRL expect:
 (postrain.trainers.dpo); losses that read no reference make no reference forward. The losses' data shape picks
 the trainer: pairs (PostrainDPOTrainer), K-response lists (trainers.listwise) or unpaired labelled completions
 (trainers.unpaired); the data is checked for that shape's columns and rows before anything is written.
+
+`logp_models: {prev: {name_or_path: ...}}` scores every pair with further models once before training and adds
+their log-probs as columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models): INPO's
+previous iterate (`prev`), MRPO's further references.
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.models.loading import load_model
     from postrain.trainers import config_class
     from postrain.trainers.dpo import check_loss_data, parse_losses, trainer_class_for
+    from postrain.trainers.logp_models import provided_columns
 
     ref_spec = recipe.cfg.get("ref_model")
     losses = recipe.cfg.get("loss") or []
     terms = parse_losses(losses, recipe.cfg.get("trainer")) if losses else []
+    logp_models = recipe.cfg.get("logp_models") or {}  # loaded one at a time by the trainer, then freed
+    provided = tuple(provided_columns(logp_models))
     return train_with_trl(
         # TRAINERS["dpo"] (PostrainDPOTrainer) for pairs, its list-wise or unpaired subclass for those losses
         recipe, options, job="dpo", trainer_cls=trainer_class_for(terms), config_cls=config_class("dpo"),
-        trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": losses},
+        trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": losses,
+                                **({"logp_models": dict(logp_models)} if logp_models else {})},
         # data of the wrong shape, or lacking a column a loss reads (score_chosen, ...), fails here, before the
         # model loads
-        check_data=lambda dataset, where: check_loss_data(terms, dataset, where),
+        check_data=lambda dataset, where: check_loss_data(terms, dataset, where, provided),
     )

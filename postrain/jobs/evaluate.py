@@ -289,6 +289,10 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.rewards import build_rewards
 
     cfg = recipe.cfg
+    if (cfg.get("eval") or {}).get("backend") == "lm_eval":  # lm-eval's tasks instead of sets: (same results shape)
+        from postrain.evaluation import lm_eval_backend
+
+        return lm_eval_backend.run(recipe, options)
     if not cfg["sets"]:
         raise RecipeError("`eval` needs at least one entry under sets: (name: {source: ...})")
     if not cfg["rewards"]:

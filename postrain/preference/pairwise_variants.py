@@ -453,3 +453,69 @@ def implicit_prm_ce(logps, ref_logps, labels, *, beta: float = 0.05):
     z = beta * (as_float(logps) - as_float(ref_logps))
     labels = as_float(labels).to(z.device)
     return -labels * F.logsigmoid(z) - (1 - labels) * F.logsigmoid(-z)
+
+
+def _mrpo_combined_reference(main, extra, alpha, eps):
+    """log π̃ of one side: the further reference's log-prob clipped to within ε (relative) of the main one, then
+    log π̃ = ℓ_c + ℓ_main − log(α e^{ℓ_c} + (1 − α) e^{ℓ_main}), i.e. 1/π̃ = α/π_main + (1 − α)/π_c."""
+    clipped = torch.minimum(torch.maximum(extra, main * (1 + eps)), main * (1 - eps))
+    top = torch.maximum(clipped, main)
+    log_mix = top + torch.log(alpha * torch.exp(clipped - top) + (1 - alpha) * torch.exp(main - top))
+    return clipped + main - log_mix
+
+
+@PREFERENCE.register("mrpo", paper="Multi-Reference Preference Optimization for Large Language Models",
+                     arxiv="2405.16388", catalog="preference:48",
+                     notes="checked against the authors' code, thaihungle/MRPO src/llmtuner/train/dpo/trainer_mref.py "
+                           "(MRefDPOTrainer.get_batch_loss_metrics, MRPO branch) and its defaults in "
+                           "hparams/finetuning_args.py (eta=0.1 adaptive clipping, alpha=-1 adaptive weights, "
+                           "dpo_beta=0.1); the paper text beyond its abstract was not available. The authors' code "
+                           "(and so this entry) handles K=2 references: the main one (the policy's starting model) "
+                           "and one further reference; a closed form for K>2 is not established, so K>1 further "
+                           "references is refused. In that code the adaptive weight α = |a_extra|/(|a_extra|+|a_main|) "
+                           "multiplies 1/π_main (α = 1 gives DPO against the main reference), as reproduced here")
+def mrpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, extra_ref_chosen_logps,
+         extra_ref_rejected_logps, *, references: list, beta: float = 0.1, epsilon: float = 0.1,
+         adaptive_epsilon: bool = True, alpha: float | None = None):
+    """MRPO: DPO, −LS(β[(ℓ_w − log π̃_w) − (ℓ_l − log π̃_l)]), against a reference π̃ combining two models.
+
+    π_main is the main reference (`ref_*_logps`, the policy's starting model); the further reference
+    (`extra_ref_*_logps`, shape (B, 1): the `logp_models` entry named in `references`) is clipped to
+    [(1 + ε)ℓ_main, (1 − ε)ℓ_main] (CTRO: the policy is not pulled far from its own starting point), then
+    1/π̃ = α/π_main + (1 − α)/π_c. `adaptive_epsilon` (the authors' default) splits ε between the two responses:
+    ε_w = ε·|b_w|/(|b_w| + |b_l|), ε_l = ε·|b_l|/(|b_w| + |b_l|), b the two references' mean log-prob of each
+    response; false clips both by ε. `alpha: null` (ARWC, the authors' default) takes, per pair,
+    α = |a_extra| / (|a_extra| + |a_main| + 1e-6), a = ℓ_ref(y_w) − ℓ_ref(y_l) (how confidently a reference
+    separates the pair); a number fixes it (α = 1: DPO against the main reference). Defaults beta=0.1,
+    epsilon=0.1 as in the authors' code."""
+    extra_w, extra_l = as_float(extra_ref_chosen_logps), as_float(extra_ref_rejected_logps)
+    if extra_w.dim() == 1:
+        extra_w, extra_l = extra_w.unsqueeze(-1), extra_l.unsqueeze(-1)
+    k = extra_w.shape[-1]
+    if len(references) != k:
+        raise ValueError(f"mrpo: `references` names {len(references)} model(s) ({', '.join(map(str, references))}) "
+                         f"but the batch carries log-probs of {k} further reference(s)")
+    if k != 1:
+        raise RecipeError(f"mrpo: {k} further references ({', '.join(map(str, references))}); MRPO's combination is "
+                          f"established (authors' code) for one further reference besides the main one, so "
+                          f"`references` must name exactly one `logp_models` entry")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise RecipeError(f"mrpo: alpha must be in [0, 1] (or null for the adaptive weights), got {alpha!r}")
+    if epsilon < 0:
+        raise RecipeError(f"mrpo: epsilon (the clipping range) must be >= 0, got {epsilon!r}")
+    main_w, main_l = as_float(ref_chosen_logps), as_float(ref_rejected_logps)
+    extra_w, extra_l = extra_w[..., 0].to(main_w.device), extra_l[..., 0].to(main_w.device)
+    if alpha is None:
+        confidence_extra, confidence_main = (extra_w - extra_l).abs(), (main_w - main_l).abs()
+        weight = confidence_extra / (confidence_extra + confidence_main + 1e-6)
+    else:
+        weight = torch.full_like(main_w, float(alpha))
+    if adaptive_epsilon:
+        mean_w, mean_l = ((main_w + extra_w) / 2).abs(), ((main_l + extra_l) / 2).abs()
+        share_w = mean_w / (mean_w + mean_l).clamp(min=1e-12)
+        eps_w, eps_l = epsilon * share_w, epsilon * (1 - share_w)
+    else:
+        eps_w = eps_l = epsilon
+    combined_w = _mrpo_combined_reference(main_w, extra_w, weight, eps_w)
+    combined_l = _mrpo_combined_reference(main_l, extra_l, weight, eps_l)
+    return -F.logsigmoid(beta * _margin(chosen_logps, rejected_logps, combined_w, combined_l))

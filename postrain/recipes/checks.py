@@ -122,3 +122,45 @@ def check_eval_during_training(command: str, cfg: dict, origins: dict[str, str])
 
 
 COMMAND_CHECKS.append(check_eval_during_training)
+
+
+def check_data_sources(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """Each data source's `chunk:` (0 <= index < of) and `curriculum_stage` (with transform curriculum_pairs)."""
+    from postrain.data.sources import check_source_options
+
+    data = cfg.get("data") or {}
+    for split in ("train", "eval"):
+        if isinstance(data.get(split), dict):
+            check_source_options(data[split], f"data.{split}")
+    for name, spec in (cfg.get("sets") or {}).items():  # eval sets are sources too
+        if isinstance(spec, dict):
+            check_source_options(spec, f"sets.{name}")
+
+
+COMMAND_CHECKS.append(check_data_sources)
+
+
+def check_logp_models(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """A DPO recipe's `logp_models:`: names, a `loss:` entry reading each, MRPO's `references:` naming them."""
+    if command != "dpo" or not cfg.get("logp_models") and not any(
+            isinstance(e, dict) and "references" in e for e in cfg.get("loss") or []):
+        return
+    from postrain.trainers.logp_models import check_logp_models as check
+
+    check(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_logp_models)
+
+
+def check_lm_eval(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`eval.backend: lm_eval` and its `lm_eval:` section (postrain.evaluation.lm_eval_backend); lm-eval itself is
+    imported only when the backend runs."""
+    if command != "eval":
+        return
+    from postrain.evaluation.lm_eval_backend import check_lm_eval_section
+
+    check_lm_eval_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_lm_eval)

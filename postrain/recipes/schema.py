@@ -49,6 +49,41 @@ class ModelSpec:
 
 
 @dataclass
+class ChunkSpec:
+    """`chunk: {index: 0, of: 2}`: the `index`-th (from 0) of `of` contiguous slices of the rows, in the order the
+    source gives them (after `transform`, before `limit`); the `of` slices partition the rows, sizes differing by at
+    most one. sDPO trains stage t on chunk t (recipes/papers/sdpo.yaml)."""
+
+    index: int = 0
+    of: int = 1
+
+
+@dataclass
+class PairingSpec:
+    """How `score_pairs` and `win_rate_pairs` turn scored samples (an eval run's samples.jsonl: prompt, completion,
+    score; K rows per prompt) into preference pairs. Checked against the transform when the data loads."""
+
+    # The score read from each row: a column (default `score`, the weighted sum of an eval's rewards) or
+    # `rewards.<name>`, one reward's own score from the row's `rewards` mapping. Rows whose score is None (an
+    # `llm_judge` whose judgment had no parsable score) are left out, not counted as 0.
+    score: str = "score"
+    # score_pairs: keep a pair only when the chosen scores at least `min_margin` above the rejected (DNO's large-margin
+    # filter) and at least `min_chosen_score` itself (DNO: positives must score 5 or 6 of 6).
+    min_margin: float | None = None
+    min_chosen_score: float | None = None
+    # score_pairs: every (higher, lower) pair of a prompt's samples that passes the filters (DNO), instead of one pair
+    # per prompt (its best against its worst).
+    all_pairs: bool = False
+    # win_rate_pairs (SPPO): P(y > y') from scalar scores, `sigmoid`: 1 / (1 + exp(-(s - s') / temperature)) (the
+    # authors' scripts/compute_prob.py on PairRM scores, temperature 1), or `hard`: 1, 0.5 or 0.
+    win_rate: Literal["sigmoid", "hard"] = "sigmoid"
+    temperature: float = 1.0
+    # win_rate_pairs: average P(y > y_j) over all K samples, y itself included (P(y > y) = 0.5), as compute_prob.py
+    # does, or over the K - 1 others.
+    include_self: bool = True
+
+
+@dataclass
 class SourceSpec:
     """One dataset.
 
@@ -73,7 +108,17 @@ class SourceSpec:
     # `score_lists`: the same rows become K-response lists {prompt, completions, scores} (list-wise losses).
     # `unpair`: each (prompt, chosen, rejected) pair becomes two labelled rows {prompt, completion, label}
     # (chosen true, rejected false) for unpaired losses (KTO, BCO, ...).
-    transform: Literal["score_pairs", "score_lists", "unpair"] | None = None
+    # `curriculum_pairs` (Curry-DPO): K-response rows {prompt, completions, scores} become one pair per prompt, the
+    # best-scored completion against the `curriculum_stage`-th other one by falling score gap (0: the largest gap,
+    # the easiest pair; K - 2: the smallest, the hardest); prompts without that many lower-scored completions drop out.
+    # `win_rate_pairs` (SPPO): scored samples, as score_pairs reads them, become pairs of the highest and lowest
+    # estimated win rate against the prompt's K samples, P(y > pi_t) = mean_j P(y > y_j), with those win rates as `chosen_probs` / `rejected_probs`.
+    transform: Literal["score_pairs", "score_lists", "unpair", "curriculum_pairs", "win_rate_pairs"] | None = None
+    curriculum_stage: int | None = None
+    # Take one slice of the rows (sDPO's data chunks); see ChunkSpec.
+    chunk: ChunkSpec | None = None
+    # Parameters of score_pairs / win_rate_pairs (see PairingSpec).
+    pairing: PairingSpec | None = None
 
 
 @dataclass
@@ -214,6 +259,10 @@ class DPORecipe(CommonSpec):
     # beta: 2.0, gamma: 1.0}] (keys besides name/weight are the loss' hyperparameters; checked at load time by
     # postrain.trainers.dpo.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
     loss: list[dict[str, Any]] = field(default_factory=list)
+    # Further models whose summed log-probs of each chosen / rejected completion are computed once before training
+    # and added as the columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models):
+    # `{prev: {name_or_path: ...}}` is INPO's previous iterate, `mrpo`'s `references:` name its further references.
+    logp_models: dict[str, ModelSpec] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +282,41 @@ class GRPORecipe(CommonSpec):
 
 
 @dataclass
+class EvalBackendSpec:
+    """`eval:` of an eval recipe: which evaluator runs. `postrain`: this recipe's sets, generation, rewards and
+    metrics (postrain.jobs.evaluate); `lm_eval`: EleutherAI's lm-evaluation-harness as a library, on the tasks
+    under `lm_eval:` (postrain.evaluation.lm_eval_backend)."""
+
+    backend: Literal["postrain", "lm_eval"] = "postrain"
+
+
+@dataclass
+class LMEvalSpec:
+    """`lm_eval:` of an eval recipe with `eval.backend: lm_eval`. The keys are lm-eval's own (`simple_evaluate`
+    and its CLI; `batch_size` and `device` go to `HFLM`). The model is `model:` (or `models:`), loaded by postrain."""
+
+    # lm-eval task, group or tag names (`hellaswag`, `gsm8k`, `mmlu`), or paths of task YAML files (relative to
+    # the recipe file). Registered tasks download their datasets from the hub on first use.
+    tasks: list[str] = field(default_factory=list)
+    # A folder of task YAML files (relative to the recipe file), searched before lm-eval's own tasks.
+    include_path: str | None = None
+    # None: each task's own default (its YAML's num_fewshot, else 0).
+    num_fewshot: int | None = None
+    # Documents per task (an integer), or a fraction of each task (< 1); None: all.
+    limit: int | float | None = None
+    batch_size: int | str = 1
+    # None: cuda when available, else cpu.
+    device: str | None = None
+    # Generation settings over every generate_until task's own (e.g. {max_gen_toks: 256, do_sample: false}).
+    gen_kwargs: dict[str, Any] | None = None
+    # true: the tokenizer's chat template; a string: the named template of the tokenizer.
+    apply_chat_template: bool | str = False
+    system_instruction: str | None = None
+    # Resamples behind the stderr of metrics that are not means (bleu, f1, ...); 0: no stderr for those.
+    bootstrap_iters: int = 100000
+
+
+@dataclass
 class EvalRecipe(CommonSpec):
     command: str = "eval"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -245,6 +329,9 @@ class EvalRecipe(CommonSpec):
     # references (each its own name) or a mapping name -> reference; each replaces `model.name_or_path`, the
     # other `model:` keys (dtype, revision, ...) apply to all of them.
     models: list[str] | dict[str, str] | None = None
+    # `eval.backend: lm_eval` runs lm-eval's tasks (`lm_eval:`) instead of `sets:`; results.json has the same shape.
+    eval: EvalBackendSpec = field(default_factory=EvalBackendSpec)
+    lm_eval: LMEvalSpec | None = None
 
 
 @dataclass
@@ -281,3 +368,4 @@ RECIPE_SCHEMAS: dict[str, type] = {
     "merge": MergeRecipe,
     "pipeline": PipelineRecipe,
 }
+

@@ -91,6 +91,10 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pa
         return None
     keeps_unpair = spec.get("transform") == "unpair"
     task_shape = {"shape": shape} if shape != "pairs" and not keeps_unpair else {}
+    if spec.get("transform") == "curriculum_pairs":  # Curry-DPO pairs itself from K-response lists: give it lists
+        return _curriculum_source(spec, split, n)
+    if spec.get("transform") == "win_rate_pairs":  # SPPO: pairs with win rates, see _win_rate_source
+        return _win_rate_source(spec, split, n)
     if str(spec.get("source", "")).startswith("builtin:"):
         return {"split": split, "task": {"n": n, **task_shape}, "limit": None}
     return {
@@ -102,8 +106,41 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pa
         "task": {"n": n, "digits": 1, **task_shape},
         "prompt_template": None,
         "transform": "unpair" if keeps_unpair else None,
+        "pairing": None,  # score_pairs' settings go with its transform
         # chat / system_prompt are kept: they exercise the chat-template path the recipe uses.
     }
+
+
+def _curriculum_source(spec: dict, split: str, n: int) -> dict:
+    """Built-in K = 4 lists (graded scores) for `transform: curriculum_pairs`; the recipe's stage and chunk stay."""
+    lists = {"n": n, "digits": 1, "shape": "lists", "list_size": 4}
+    if str(spec.get("source", "")).startswith("builtin:"):
+        return {"split": split, "task": lists, "limit": None}
+    return {"source": "builtin:arithmetic", "config": None, "split": split, "limit": None, "task": lists,
+            "columns": {target: target for target in (spec.get("columns") or {})}, "prompt_template": None}
+
+
+def _win_rate_source(spec: dict, split: str, n: int) -> dict:
+    """Built-in pairs for `transform: win_rate_pairs` (SPPO): the verifier's 1 and 0 for chosen and rejected stand in
+    for their win rates (chosen_probs / rejected_probs), so the soft `sppo` loss trains on them."""
+    columns = {target: target for target in (spec.get("columns") or {})}
+    return {"source": "builtin:arithmetic", "config": None, "split": split, "limit": None,
+            "task": {"n": n, "digits": 1}, "prompt_template": None, "transform": None, "pairing": None,
+            "columns": {**columns, "chosen_probs": "score_chosen", "rejected_probs": "score_rejected"}}
+
+
+def _smoke_reward(entry: Any, own_model: Any) -> Any:
+    """A model-backed reward (`llm_judge`) judges briefly with the smoke model; a judge that is the recipe's own model
+    (self-rewarding) stays the recipe's model, whatever that becomes (a pipeline stage's input). Other rewards are
+    kept as they are."""
+    if not (isinstance(entry, dict) and entry.get("name") == "llm_judge"):
+        return entry
+    args = entry.get("args") or {}
+    judge = args.get("model")
+    judge = judge.get("name_or_path") if isinstance(judge, dict) else judge
+    model = {"name_or_path": "${model.name_or_path}", "dtype": "${model.dtype}", "tiny": "${model.tiny}"} \
+        if judge is not None and judge == own_model else _smoke_model()
+    return {**entry, "args": {**args, "model": model, "max_new_tokens": 8}}
 
 
 def smoke_layer(command: str, cfg: dict) -> dict:
@@ -112,6 +149,8 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         layer["model"] = _smoke_model()
     if command == "dpo" and cfg.get("ref_model"):
         layer["ref_model"] = _smoke_model(seed=1)
+    if command == "dpo" and cfg.get("logp_models"):  # further models scoring the pairs (trainers.logp_models)
+        layer["logp_models"] = {name: _smoke_model(seed=2 + i) for i, name in enumerate(cfg["logp_models"])}
     if command in ("sft", "dpo", "grpo"):
         data = cfg.get("data") or {}
         shape = _dpo_data_shape(cfg) if command == "dpo" else "pairs"
@@ -136,6 +175,9 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         if any(_length_part(part) for part in shaping):
             # Length-based shaping sized for the paper's lengths must fit the smoke run's completions.
             layer["rl"] = {"shaping": [_smoke_length_part(part) for part in shaping]}
+    own_model = (cfg.get("model") or {}).get("name_or_path")
+    if command in ("grpo", "eval") and any(_smoke_reward(r, own_model) is not r for r in cfg.get("rewards") or []):
+        layer["rewards"] = [_smoke_reward(r, own_model) for r in cfg["rewards"]]  # a judge model is a model too
     if command == "eval":
         sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
         layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in sets.items()}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from postrain.errors import did_you_mean
 from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError
+from postrain.rewards import judge  # noqa: F401,E402  (registers llm_judge, the model-backed reward)
 
 logger = logging.getLogger(__name__)
 

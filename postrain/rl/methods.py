@@ -22,7 +22,7 @@ from typing import Any
 
 from postrain.errors import RecipeError
 from postrain.registry import Registry
-from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SHAPING
+from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.section import SINGLE_PARTS, normalize_part, normalize_section
 
 METHODS = Registry("method", what="named method")
@@ -257,6 +257,20 @@ def unlikeliness(*, beta_rank: float = 0.25):
 def redit(*, sigma: float):
     """ReDit: zero-mean Gaussian reward dithering of standard deviation `sigma` (no default: set it)."""
     return _rl("grpo", "ppo_clip", "token_mean", shaping=[{"name": "redit", "sigma": sigma}])
+
+
+@METHODS.register("repo_replay", **_paper(SAMPLERS, "repo_replay"),
+                  notes="scripts/train_replay_grpo.slurm: highest_k, 8 replays once a prompt's buffer holds 16 "
+                        "(max 16), split normalisation, c = 1.0, loss_type grpo, clip 0.2/0.2, beta 0; each loss "
+                        "term is normalised over its own samples (the paper's objective), see "
+                        "postrain.trainers.grpo_replay")
+def repo_replay(*, strategy: str = "highest_k", num_replays: int = 8, min_buffer_size: int = 16,
+                max_buffer_size: int = 16, off_policy_loss_coef: float = 1.0, epsilon: float = 0.2):
+    """RePO: GRPO (z-score, PPO clip, sequence mean, no KL) plus an off-policy term over each prompt's samples
+    replayed from a per-prompt buffer, their advantages normalised among themselves ("split")."""
+    return _rl("grpo", {"name": "ppo_clip", "epsilon": epsilon}, "seq_mean_token_mean", samplers=[{
+        "name": "repo_replay", "strategy": strategy, "num_replays": num_replays, "min_buffer_size": min_buffer_size,
+        "max_buffer_size": max_buffer_size, "off_policy_loss_coef": off_policy_loss_coef}])
 
 
 @METHODS.register("entropy_bonus_ppo", **_paper(REGULARIZERS, "entropy_bonus"))

@@ -96,7 +96,8 @@ def online_difficulty(rewards, group_size, *, low: float, high: float, max_num_g
                    notes="checked against Infini-AI-Lab/GRESO verl/trainer/ttis/presampling_selector.py "
                          "(easy_/hard_probabilistic_skip) and train-scripts/*greso.sh (p_easy = p_hard = 0.5)")
 def greso(easy_streak, hard_streak, uniform, *, p_easy: float = 0.5, p_hard: float = 0.5,
-          min_keep_prob: float = 0.01):
+          min_keep_prob: float = 0.01, target_zero_variance: float = 0.25, adapt_step: float = 0.01,
+          min_p: float = 0.05, max_p: float = 0.95, max_num_gen_batches: int = 10):
     """GRESO pre-rollout skip: roll out prompt q unless u_q < 1 - max(p^k_q, min_keep_prob). Returns a prompt keep mask.
 
     Runs before generation, so it reads no rewards: `easy_streak` / `hard_streak` (P,) count the most recent
@@ -104,7 +105,10 @@ def greso(easy_streak, hard_streak, uniform, *, p_easy: float = 0.5, p_hard: flo
     with `greso_streaks`), `uniform` (P,) are U[0, 1) draws. At most one streak is non-zero, so the keep
     probability is max(p_easy^k_easy, 0.01) * max(p_hard^k_hard, 0.01). In the paper p_easy / p_hard adapt every
     step (-0.01 when the observed easy / hard zero-variance ratio reaches its target, 1/3 / 2/3 of 0.25, else +0.01,
-    within [0.05, 0.95]); pass the current values as the parameters."""
+    within [0.05, 0.95]); pass the current values as the parameters. `target_zero_variance`, `adapt_step`,
+    `min_p`, `max_p` are `greso_adapt`'s (the trainer adapts p_easy / p_hard with it after each rollout, from the
+    second epoch on, as the authors' ray_trainer.py); `max_num_gen_batches` is the trainer's limit on refill
+    batches drawn per step to replace skipped prompts. The entry itself ignores these."""
     keep_easy = torch.clamp(p_easy ** easy_streak.float(), min=min_keep_prob)
     keep_hard = torch.clamp(p_hard ** hard_streak.float(), min=min_keep_prob)
     return uniform >= 1 - keep_easy * keep_hard
@@ -120,6 +124,21 @@ def greso_streaks(rewards, group_size, easy_streak, hard_streak, *, easy_thresho
     easy = torch.where(mean >= easy_threshold, easy_streak + 1, torch.zeros_like(easy_streak))
     hard = torch.where(mean <= hard_threshold, hard_streak + 1, torch.zeros_like(hard_streak))
     return easy, hard
+
+
+def greso_adapt(p_easy: float, p_hard: float, easy_ratio: float, hard_ratio: float, *,
+                target_zero_variance: float = 0.25, adapt_step: float = 0.01, min_p: float = 0.05,
+                max_p: float = 0.95) -> tuple[float, float]:
+    """GRESO's per-step adaptation of the skip bases (Infini-AI-Lab/GRESO ray_trainer.py, after generation):
+    p <- max(p - adapt_step, min_p) when the step's observed easy (hard) zero-variance ratio reaches its target,
+    else min(p + adapt_step, max_p); targets target_zero_variance / 3 (easy) and 2 * target_zero_variance / 3
+    (hard: more exploration where outcomes are likelier to change). A smaller p skips more. Returns (p_easy,
+    p_hard)."""
+    def step(p: float, ratio: float, target: float) -> float:
+        return max(p - adapt_step, min_p) if ratio >= target else min(p + adapt_step, max_p)
+
+    return (step(p_easy, easy_ratio, target_zero_variance / 3),
+            step(p_hard, hard_ratio, target_zero_variance * 2 / 3))
 
 
 @SAMPLERS.register("gfpo_length", paper="Sample More to Think Less: Group Filtered Policy Optimization for Concise "
@@ -222,3 +241,70 @@ def recent_sample_recovery(rewards, group_size, buffer_rewards=None, *, batch_gr
     pool = rewards if buffer_rewards is None else torch.cat([buffer_rewards.to(rewards), rewards])
     valid = torch.nonzero(_not_all_equal(pool, group_size)).flatten()
     return {"batch": valid[:batch_groups], "buffer": valid[batch_groups:]}
+
+
+# RePO's replay strategies (SihengLi99/RePO src/replay_grpo.py `replay_strategy`; `none` = no sampler).
+REPO_REPLAY_STRATEGIES = ("all", "random_k", "highest_k", "recent_k", "max_variance_k")
+
+
+def _max_variance_subset(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (k,) of the k-subset of `scores` with the largest population variance; ties go to the larger sum,
+    then to the first subset in itertools.combinations order (the authors' strict `>` over that order)."""
+    import itertools
+
+    subsets = torch.tensor(list(itertools.combinations(range(scores.numel()), k)), dtype=torch.long)
+    values = scores.double()[subsets]
+    var = ((values - values.mean(-1, keepdim=True)) ** 2).mean(-1)
+    total = values.sum(-1)
+    best = (var == var.max()).nonzero().flatten()
+    best = best[total[best] == total[best].max()]
+    return subsets[best[0]]
+
+
+@SAMPLERS.register("repo_replay", paper="RePO: Replay-Enhanced Policy Optimization", arxiv="2506.09340",
+                   catalog="rl:46",
+                   notes="checked against SihengLi99/RePO src/replay_grpo_trainer.py _replay_step (strategies, "
+                         "k = min(len(buffer), num_replays), replay only once len(buffer) >= min_cache_to_replay), "
+                         "_update_cache (every on-policy sample enters its prompt's deque after the selection), "
+                         "the 'split' advantage and _compute_loss (L_on + c L_off), and "
+                         "scripts/train_replay_grpo.slurm (highest_k, 8 replays, buffer 16/16, c = 1.0)")
+def repo_replay(buffer_rewards, draws=None, *, strategy: str = "highest_k", num_replays: int = 8,
+                min_buffer_size: int = 16, max_buffer_size: int = 16, off_policy_loss_coef: float = 1.0):
+    """RePO replay selection: which buffered samples of each prompt are replayed. Returns a slot mask (P, M) bool.
+
+    `buffer_rewards` (P, M): each prompt's buffered rewards, oldest first, NaN in the empty slots after them.
+    A prompt with fewer than `min_buffer_size` samples replays nothing; otherwise k = min(size, num_replays)
+    samples (`all`: every one) by `strategy`: `highest_k` the k highest rewards (ties: the older), `recent_k` the
+    k newest, `random_k` a uniform k-subset (the k smallest of `draws` (P, M), U[0, 1) draws), `max_variance_k`
+    the k-subset of largest population variance (ties: larger sum, then the first in combination order).
+    The trainer keeps each prompt's last `max_buffer_size` samples and adds `off_policy_loss_coef` x L_off over
+    the replayed samples to the loss (the entry itself ignores these two)."""
+    if strategy not in REPO_REPLAY_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: {', '.join(REPO_REPLAY_STRATEGIES)}")
+    rewards = torch.as_tensor(buffer_rewards).float()
+    if rewards.dim() != 2:
+        raise ValueError(f"buffer_rewards must have shape (prompts, slots), got {tuple(rewards.shape)}")
+    if strategy == "random_k" and draws is None:
+        raise ValueError("strategy 'random_k' needs `draws` (prompts, slots), U[0, 1) draws")
+    filled = ~torch.isnan(rewards)
+    if bool((filled[:, 1:] & ~filled[:, :-1]).any()):
+        raise ValueError("buffer_rewards: each prompt's samples must fill its first slots (NaN after them only)")
+    chosen = torch.zeros_like(filled)
+    for p in range(rewards.size(0)):
+        size = int(filled[p].sum())
+        if size < min_buffer_size or size == 0:
+            continue
+        k = size if strategy == "all" else min(size, num_replays)
+        scores = rewards[p, :size]
+        if strategy == "all":
+            index = torch.arange(size)
+        elif strategy == "highest_k":
+            index = torch.argsort(-scores, stable=True)[:k]
+        elif strategy == "recent_k":
+            index = torch.arange(size - k, size)
+        elif strategy == "random_k":
+            index = torch.argsort(torch.as_tensor(draws)[p, :size].float(), stable=True)[:k]
+        else:
+            index = _max_variance_subset(scores, k)
+        chosen[p, index.to(chosen.device)] = True
+    return chosen

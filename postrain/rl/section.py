@@ -27,6 +27,8 @@ batches are never filtered):
   subset    before the advantage: k completions of every group (GFPO); the advantage sees groups of k.
   row       after the advantage: a row keep mask (RAFT++ positives, CPPO pruning by |advantage|).
   reweight  after the advantage: PF-PPO's resampling with replacement, as row multiplicities.
+  replay    RePO (`repo_replay`): no row of the batch changes; each prompt's past samples are kept in a buffer
+            and up to num_replays of them add an off-policy loss term (postrain.trainers.grpo_replay).
 Samplers read the raw rewards (the weighted sum of the reward functions, before `shaping:`), as verl's DAPO filter
 reads accuracy; the advantage reads the shaped ones.
 """
@@ -54,8 +56,11 @@ PROVIDED: dict[str, frozenset[str]] = {
                               "entropies"}),
     "aggregation": frozenset({"per_token_loss", "mask", "global_tokens", "num_sequences", "length_weight_sum"}),
     "regularizer": frozenset({"logps", "ref_logps", "mask", "entropies", "mean_entropy", "all_entropies"}),
-    "shaping": frozenset({"rewards", "group_size", "mask", "old_logps", "noise", "ensemble_rewards"}),
-    "sampler": frozenset({"rewards", "group_size", "mask", "advantages"}),  # RSR: its buffer leads `rewards`
+    "shaping": frozenset({"rewards", "group_size", "mask", "old_logps", "noise", "ensemble_rewards",
+                          "step", "total_steps"}),  # step: the optimizer step the batch was generated at
+    "sampler": frozenset({"rewards", "group_size", "mask", "advantages",  # RSR: its buffer leads `rewards`
+                          "buffer_rewards", "draws",  # repo_replay: per-prompt buffer rewards, U[0, 1) draws
+                          "easy_streak", "hard_streak", "uniform"}),  # greso: per-prompt streaks, U[0, 1) draws
 }
 # Advantage estimators that read and return a per-prompt history (`state`): the width of one prompt's row and its
 # first-visit value. The trainer keeps it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with
@@ -81,19 +86,14 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
                                     "an epoch's prompt order up front, while accelerate's dataloader fetches one "
                                     "batch ahead and transformers' resume replays the sampler to skip batches, so a "
                                     "state-dependent draw would neither see the latest state nor resume identically",
-    ("sampler", "greso"): "it skips prompts before their rollout and presamples others in their place, adapting its "
-                          "skip probabilities every step; the trainer has no pre-rollout selection (it would have "
-                          "to draw the replacement prompts and share them across processes before generation, as "
-                          "TRL's reward gather needs the same number of rows on every process), and the adaptation "
-                          "rule was not checked against the authors' code. Skipping after the rollout would save "
-                          "nothing, which is GRESO's point",
 }
 
 # Sampler stage by entry (see the module docstring); `refill` entries generate more groups when too few are kept.
 SAMPLER_STAGES: dict[str, str] = {
     "dynamic_sampling": "group", "online_difficulty": "group", "reinforce_rej": "group",
     "recent_sample_recovery": "group", "gfpo_length": "subset", "gfpo_reward_per_token": "subset",
-    "raft_pp": "row", "cppo_prune": "row", "pf_ppo": "reweight",
+    "raft_pp": "row", "cppo_prune": "row", "pf_ppo": "reweight", "repo_replay": "replay",
+    "greso": "prompt",  # before the rollout: skips prompts (postrain.trainers.grpo_greso)
 }
 REFILL_SAMPLERS = frozenset({"dynamic_sampling", "online_difficulty", "recent_sample_recovery"})
 # Sampler parameters the trainer sets itself (a recipe must not): name -> what the trainer passes.
@@ -276,7 +276,9 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"trainer.num_generations (now steps_per_generation={spg}, per_device_train_batch_size={per_device}, "
                 f"num_generations={group})")
 
+    _check_replay(parts)
     _check_samplers(parts, trainer)
+    _check_greso(parts)
 
     max_len = int(trainer.get("max_completion_length") or 512)
     for part in parts.shaping:
@@ -287,6 +289,8 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 raise RecipeError(f"{part.where.split(',')[0]}.overlong_buffer_len ({buffer}, {part.where}) must lie "
                                   f"in 1..max_completion_length ({limit}, trainer.max_completion_length unless the "
                                   f"part sets its own)")
+        if part.name == "curriculum_budget_length":
+            _check_curriculum(part)
 
     if trainer.get("use_vllm") and trainer.get("vllm_importance_sampling_correction", True):
         raise RecipeError(f"trainer.use_vllm (from {origin_of(origins, 'trainer.use_vllm')}) with TRL's vLLM "
@@ -297,6 +301,56 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"trainer.{key} ({trainer[key]!r}, from {origin_of(origins, f'trainer.{key}')}) conflicts with rl: "
                 f"(from {rl_origin}): the rl: section replaces TRL's loss and advantage path, which would ignore it. "
                 f"Remove trainer.{key} and use {instead}")
+
+
+def _check_replay(parts: RLParts) -> None:
+    """`repo_replay`: parameters in range, and parts its off-policy term can run (postrain.trainers.grpo_replay)."""
+    part = next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    if part is None:
+        return
+    from math import comb
+
+    from postrain.rl.samplers import REPO_REPLAY_STRATEGIES
+
+    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
+    rules = {"strategy": (lambda v: v in REPO_REPLAY_STRATEGIES, f"one of {', '.join(REPO_REPLAY_STRATEGIES)}"),
+             "num_replays": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+             "min_buffer_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+             "max_buffer_size": (lambda v: isinstance(v, int) and v >= value["min_buffer_size"],
+                                 f"an integer >= min_buffer_size ({value['min_buffer_size']}), or nothing is ever "
+                                 f"replayed"),
+             "off_policy_loss_coef": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")}
+    for name, (ok, what) in rules.items():
+        if isinstance(value[name], bool) or not ok(value[name]):
+            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
+    if value["strategy"] == "max_variance_k" and comb(value["max_buffer_size"], value["num_replays"]) > 200_000:
+        raise RecipeError(f"{key}.strategy max_variance_k ({part.where}) searches every subset of num_replays "
+                          f"({value['num_replays']}) of max_buffer_size ({value['max_buffer_size']}) samples, "
+                          f"{comb(value['max_buffer_size'], value['num_replays'])} subsets per prompt: keep it under "
+                          f"200000 (the paper's 8 of 16: 12870)")
+    other = next((p for p in parts.samplers if p.name in REFILL_SAMPLERS), None)
+    if other is not None:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot be combined with {other.name!r} "
+                          f"({other.where}): a refilled batch is assembled from several generation rounds, and the "
+                          f"replayed samples are attached to the rows of the batch that was generated")
+    if parts.shaping:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) stores each completion's reward to replay it at "
+                          f"later steps, and shaping {parts.shaping[0].name!r} ({parts.shaping[0].where}) would "
+                          f"not be applied again to the stored raw rewards: remove rl.shaping")
+    advantage = parts.advantage
+    extra = [n for n in advantage.variant.data if n not in ("rewards", "group_size")]
+    if extra:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) normalises the replayed samples' rewards with "
+                          f"advantage {advantage.name!r} ({advantage.where}), which reads {', '.join(extra)}; "
+                          f"the buffer keeps rewards only: use an advantage on rewards alone (grpo, the paper's "
+                          f"'split' normalisation, dr_grpo, rloo, ...)")
+    loss = parts.policy_loss
+    extra = [n for n in loss.variant.data if n not in ("logps", "old_logps", "advantages", "mask")]
+    if extra:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) computes its off-policy loss with policy loss "
+                          f"{loss.name!r} ({loss.where}), which reads {', '.join(extra)}; the replayed samples carry "
+                          f"their log-probs, behaviour log-probs, advantages and masks only: use ppo_clip (the "
+                          f"paper's) or another per-token loss")
 
 
 def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
@@ -344,3 +398,36 @@ def reference_beta(parts: RLParts) -> float | None:
             if beta:
                 return float(beta)
     return 1.0
+
+
+def _check_curriculum(part: Part) -> None:
+    """Train Long, Think Short's budget schedule must shrink from a positive budget: B0 > 0, 0 < gamma <= 1,
+    T >= 1 steps, 0 < B_min."""
+    key = part.where.split(",")[0]
+    value = {**part.variant.params, **part.params}
+    rules = {"initial_budget": (lambda v: v > 0, "> 0 tokens"),
+             "decay_factor": (lambda v: 0 < v <= 1, "in (0, 1] (1: a fixed budget)"),
+             "decay_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (optimizer steps)"),
+             "min_budget": (lambda v: v > 0, "> 0 tokens")}
+    for name, (ok, what) in rules.items():
+        v = value.get(name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
+            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")
+
+
+def _check_greso(parts: RLParts) -> None:
+    """`greso`: probabilities and ratios in range."""
+    part = next((p for p in parts.samplers if p.name == "greso"), None)
+    if part is None:
+        return
+    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
+    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+    rules = {"p_easy": unit, "p_hard": unit, "min_keep_prob": unit, "target_zero_variance": unit,
+             "min_p": unit, "max_p": (lambda v: value["min_p"] <= v <= 1, f"in [min_p ({value['min_p']}), 1]"),
+             "adapt_step": (lambda v: v >= 0, ">= 0"),
+             "max_num_gen_batches": (lambda v: isinstance(v, int) and v >= 0,
+                                     "an integer >= 0 (refill batches drawn per step to replace skipped prompts)")}
+    for name, (ok, what) in rules.items():
+        v = value[name]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
+            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")

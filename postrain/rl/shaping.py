@@ -158,3 +158,43 @@ def rm_ensemble_uncertainty(rewards, group_size, ensemble_rewards, *, lam: float
     scores = ensemble_rewards.float()
     mean = scores.mean(-1)
     return mean - lam * ((scores - mean.unsqueeze(-1)) ** 2).mean(-1)
+
+
+def curriculum_budget(step: int, *, decay_interval: int, initial_budget: float = 256.0, decay_factor: float = 0.7,
+                      min_budget: float = 1.0) -> float:
+    """The token budget at optimizer step `step` of Train Long, Think Short's curriculum:
+    B(t) = max(min_budget, initial_budget * decay_factor ** floor(t / decay_interval)).
+
+    A step function: the budget shrinks by `decay_factor` every `decay_interval` steps, from the first step on
+    (t = 0 gives initial_budget); min_budget = 1 is the paper's floor. Pure (the trainer logs it as
+    rl/shaping/budget)."""
+    if decay_interval < 1:
+        raise ValueError(f"decay_interval must be >= 1 steps, got {decay_interval}")
+    return max(float(min_budget), float(initial_budget) * float(decay_factor) ** (int(step) // int(decay_interval)))
+
+
+@SHAPING.register("curriculum_budget_length", paper="Train Long, Think Short: Curriculum Learning for Efficient "
+                  "Reasoning", arxiv="2508.08940",
+                  catalog="rl:32",
+                  notes="budget schedule B(t) = max(1, B0 * gamma^floor(t/T)) (exponential decay every T steps; "
+                        "the paper's overview figure uses gamma = 0.7, its runs B0 = 256), as the paper states it; "
+                        "the authors' code (hammoudhasan/curriculum_grpo) and the paper's length-reward formula and "
+                        "weights could not be read here, so the efficiency term's shape is postrain's (full credit "
+                        "within the budget, a linear ramp to 0 at twice the budget), and length_weight and the "
+                        "decay interval T have no default; the length counted is the whole completion's, not only the thinking trace")
+def curriculum_budget_length(rewards, group_size, mask, step, *, length_weight: float, decay_interval: int,
+                             initial_budget: float = 256.0, decay_factor: float = 0.7, min_budget: float = 1.0):
+    """Shrinking-budget length reward: r + length_weight * e(L, B(step)), B(step) = `curriculum_budget`.
+
+    e(L, B) = clip(1 - max(L - B, 0) / B, 0, 1): 1 for a completion of at most B tokens (an empty one included),
+    falling linearly to 0 at 2B. `rewards` are the recipe's weighted reward functions (the paper's correctness
+    and format terms: weight them with rewards[i].weight); `step` is the optimizer step the batch was generated
+    at (the trainer's global_step: 0 for the first batch), so the budget starts generous and tightens over
+    training. Paper: initial budget 256 tokens, decay factor 0.7 in its overview; decay_interval and
+    length_weight have no default (see notes): pick the interval so that the budget reaches the final one you
+    want within the run, e.g. 256 * 0.7^4 = 61.5 tokens after 4 intervals."""
+    budget = curriculum_budget(int(step), initial_budget=initial_budget, decay_factor=decay_factor,
+                               decay_interval=decay_interval, min_budget=min_budget)
+    over = (token_counts(mask) - budget).clamp(min=0.0)
+    efficiency = (1.0 - over / budget).clamp(0.0, 1.0)
+    return rewards.float() + length_weight * efficiency

@@ -48,6 +48,9 @@ BATCH_DATA = frozenset({
 # so the trainer adds these to each batch itself).
 PAIR_COLUMNS = ("score_chosen", "score_rejected", "chosen_probs", "rejected_probs",
                 "prev_chosen_logps", "prev_rejected_logps")
+# Further references' summed log-probs (B, K), stacked from the `logp_models:` columns a loss's `references:`
+# names (postrain.trainers.logp_models; MRPO).
+LOGP_MODEL_DATA = frozenset({"extra_ref_chosen_logps", "extra_ref_rejected_logps"})
 LOG_SUM_SQ_PROBS = ("chosen_token_log_sum_sq_probs", "rejected_token_log_sum_sq_probs")
 REF_TOKEN_LOGPS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
 
@@ -75,7 +78,7 @@ class DataShape:
 
 PAIRS = DataShape(
     "pairs", "preference pairs {prompt, chosen, rejected}", (("prompt",), ("chosen",), ("rejected",)),
-    BATCH_DATA, frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS}),
+    BATCH_DATA | LOGP_MODEL_DATA, frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS}),
     "postrain.trainers.dpo:PostrainDPOTrainer", PAIR_COLUMNS)
 LISTS = DataShape(
     "lists", "K-response lists {prompt, completions, scores or ranks}",
@@ -275,9 +278,10 @@ def _check_shape_options(terms: list[LossTerm], trainer: dict, defaults: dict, o
                      "2 rows (KTO paper and TRL use 8 or more)")
 
 
-def check_loss_columns(terms: list[LossTerm], columns: list[str], where: str) -> None:
+def check_loss_columns(terms: list[LossTerm], columns: list[str], where: str, provided: tuple = ()) -> None:
     """Data-load-time check: the dataset has the columns of the losses' data shape (pairs, lists or unpaired rows)
-    and the per-pair columns the chosen losses read. The message names the column and the loss that needs it."""
+    and the per-pair columns the chosen losses read (or `provided` will add: `logp_models:` columns). The message
+    names the column and the loss that needs it."""
     shape = losses_shape(terms)
     who = f"preference loss {terms[0].name!r} (loss[0])" if terms else "TRL's DPO loss (`trainer.loss_type`)"
     for options in shape.columns:
@@ -287,7 +291,7 @@ def check_loss_columns(terms: list[LossTerm], columns: list[str], where: str) ->
                 f"{where}: {who} trains on {shape.rows} and needs the column {wanted}, which the dataset lacks; "
                 f"columns present: {', '.join(columns)}. Map it with {where}.columns, e.g. columns: "
                 f"{{{options[0]}: <your column>}}" + _shape_hint(columns))
-    check_pass_through_columns(terms, columns, where)
+    check_pass_through_columns(terms, [*columns, *provided], where)
 
 
 def check_pass_through_columns(terms: list[LossTerm], columns: list[str], where: str) -> None:
@@ -308,12 +312,12 @@ def _shape_hint(columns: list[str]) -> str:
     return ""
 
 
-def check_loss_data(terms: list[LossTerm], dataset, where: str) -> None:
+def check_loss_data(terms: list[LossTerm], dataset, where: str, provided: tuple = ()) -> None:
     """Data-load-time check of a whole dataset: its columns (check_loss_columns), then, for lists and unpaired
     rows, every row's values (K completions with K scores or ranks; labels in [0, 1]), naming the bad row."""
     import datasets
 
-    check_loss_columns(terms, list(dataset.column_names), where)
+    check_loss_columns(terms, list(dataset.column_names), where, provided)
     shape = losses_shape(terms)
     if not isinstance(dataset, datasets.Dataset) or shape is PAIRS:
         return
@@ -381,7 +385,7 @@ class PostrainDPOTrainer(DPOTrainer):
 
     shape: DataShape = PAIRS
 
-    def __init__(self, *args, losses: list | None = None, **kwargs):
+    def __init__(self, *args, losses: list | None = None, logp_models: dict | None = None, **kwargs):
         config = kwargs.get("args")
         trainer_options = {k: getattr(config, k) for k in (*TRL_LOSS_OPTIONS, *SHAPE_OPTIONS)
                            if hasattr(config, k)} if config else {}
@@ -393,6 +397,13 @@ class PostrainDPOTrainer(DPOTrainer):
                               f"{shape.trainer.replace(':', '.')} (postrain dpo picks it from the `loss:` section)")
         self._check_raw_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
+        if logp_models:  # further models' log-probs as dataset columns, before the collator learns its columns
+            from postrain.trainers.logp_models import add_logp_columns
+
+            if not self.loss_terms:
+                raise RecipeError("logp_models: only postrain's preference losses (`losses`) read further models' "
+                                  "log-probs")
+            add_logp_columns(self, logp_models)
         if self.loss_terms:
             self._setup_batches()
 
@@ -416,7 +427,15 @@ class PostrainDPOTrainer(DPOTrainer):
             add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
 
     def _pair_columns_read(self) -> list[str]:
-        return [c for c in PAIR_COLUMNS if any(c in t.reads for t in getattr(self, "loss_terms", []))]
+        terms = getattr(self, "loss_terms", [])
+        return [c for c in PAIR_COLUMNS if any(c in t.reads for t in terms)] + self._reference_columns_read()
+
+    def _reference_columns_read(self) -> list[str]:
+        """The `logp_models:` columns of the further references the terms' `references:` name (MRPO)."""
+        from postrain.trainers.logp_models import logp_columns
+
+        names = dict.fromkeys(r for t in getattr(self, "loss_terms", []) for r in t.params.get("references") or [])
+        return [c for name in names for c in logp_columns(name)]
 
     @property
     def uses_reference(self) -> bool:
@@ -471,8 +490,11 @@ class PostrainDPOTrainer(DPOTrainer):
         if not self.loss_terms:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
+        references = self._reference_columns_read()
+        # further references' columns reach the losses through _term_data (only the terms naming them read them)
+        self._batch_reference_columns = {k: inputs[k] for k in references if k in inputs}
         columns = {k: inputs[k] for k in PAIR_COLUMNS if k in inputs}
-        inputs = {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS}
+        inputs = {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS and k not in references}
         outputs, per_token_logps, shift_completion_mask, model_kwargs = self._policy_forward(model, inputs)
         seq_len = shift_completion_mask.size(1)
 
@@ -506,8 +528,17 @@ class PostrainDPOTrainer(DPOTrainer):
         return loss
 
     def _term_data(self, mode: str, key: str, term: LossTerm, data: dict) -> dict:
-        """The data one term is called with; a hook for per-term data (BCO's reward shift)."""
-        return data
+        """The data one term is called with; a hook for per-term data (BCO's reward shift). A term naming further
+        references (`references:`, MRPO) gets their log-probs stacked as extra_ref_*_logps (B, K)."""
+        references = term.params.get("references")
+        if not references:
+            return data
+        from postrain.trainers.logp_models import logp_columns
+
+        batch = self._batch_reference_columns
+        columns = [logp_columns(name) for name in references]
+        return {**data, "extra_ref_chosen_logps": torch.stack([batch[c] for c, _ in columns], dim=-1),
+                "extra_ref_rejected_logps": torch.stack([batch[r] for _, r in columns], dim=-1)}
 
     def _with_outputs(self, loss, model, model_kwargs: dict, return_outputs: bool):
         if return_outputs:  # as TRL 1.16 does: logits for `compute_metrics`, from an extra forward

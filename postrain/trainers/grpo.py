@@ -62,7 +62,9 @@ from trl import GRPOTrainer
 from postrain.rl.losses import disco_kl_stats
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
+from postrain.rl.shaping import curriculum_budget
 from postrain.rl.section import REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, Part, parse_rl_section
+from postrain.trainers import grpo_greso, grpo_replay
 from postrain.trainers.grpo_sampling import LEFT_PADDED, PromptState, cat_batches, group_rows, prompt_key, take_rows
 
 # Beside each checkpoint: the per-prompt state and counters (JSON), and the recovered groups of
@@ -86,8 +88,11 @@ class PostrainGRPOTrainer(GRPOTrainer):
         self.rl_parts = parse_rl_section(rl) if rl is not None else None
         self.rl_state = PromptState()
         self._rl_rewards_per_func: torch.Tensor | None = None
-        self._rl_samplers: dict[str, Part] = {SAMPLER_STAGES[p.name]: p for p in self.rl_parts.samplers} \
-            if self.rl_parts is not None else {}
+        self._rl_samplers: dict[str, Part] = {SAMPLER_STAGES[p.name]: p for p in self.rl_parts.samplers
+                                              if SAMPLER_STAGES[p.name] != "replay"} \
+            if self.rl_parts is not None else {}  # repo_replay weighs no row: postrain.trainers.grpo_replay
+        self._rl_replay_part = grpo_replay.replay_part(self.rl_parts)
+        self.rl_replay_buffer = grpo_replay.new_buffer(self._rl_replay_part)  # RePO: each prompt's past samples
         self._rl_refill_iter = None
         self._rl_buffer: dict[str, Any] | None = None  # recent_sample_recovery: kept groups beyond the last batch
         super().__init__(*args, **kwargs)
@@ -114,12 +119,20 @@ class PostrainGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if self.rl_parts is None:
             return super()._generate_and_score_completions(inputs)
+        greso = grpo_greso.greso_part(self) if self.model.training else None
+        if greso is not None:  # GRESO: skip prompts before their rollout, others in their place
+            inputs = grpo_greso.select_inputs(self, greso, inputs)
         keys = self._prompt_keys(inputs)
         output = super()._generate_and_score_completions(inputs)
+        if greso is not None:
+            grpo_greso.observe(self, greso, inputs, self._rl_rewards_per_func)
         table_index = None
         if self.model.training and self._refill_part() is not None:
             output, keys, table_index = self._refill(output, keys)
-        return self._replace_advantages(output, keys, table_index)
+        output = self._replace_advantages(output, keys, table_index)
+        if self._rl_replay_part is not None and self.model.training:
+            output = grpo_replay.attach_replays(self, inputs, output)
+        return output
 
     # --- samplers: refill, recovery, per-prompt state ----------------------------------------------------------
 
@@ -276,6 +289,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
             json.dump(self.rl_state.state_dict(), f)
         if self._rl_buffer is not None:
             torch.save(self._rl_buffer, os.path.join(folder, RL_BUFFER_FILE))
+        grpo_replay.save_buffer(self.rl_replay_buffer, folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -288,6 +302,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         self._rl_refill_iter = None  # continue the refill stream where the checkpoint left it
         buffer = os.path.join(checkpoint, RL_BUFFER_FILE)
         self._rl_buffer = torch.load(buffer, map_location=self.accelerator.device) if os.path.exists(buffer) else None
+        grpo_replay.load_buffer(self.rl_replay_buffer, checkpoint)
 
     def _part_params(self, part: Part) -> dict[str, Any]:
         """The part's hyperparameters; a `max_completion_length` it leaves unset is TRL's configured one."""
@@ -350,9 +365,14 @@ class PostrainGRPOTrainer(GRPOTrainer):
             data["noise"] = torch.randn(raw_rewards.shape[0], generator=generator).to(device)
         if needs("ensemble_rewards"):  # the recipe's reward functions as the ensemble; a missing score -> the sum
             data["ensemble_rewards"] = torch.where(torch.isnan(per_func), raw_rewards.unsqueeze(1), per_func)
+        if needs("step") or needs("total_steps"):  # training progress, for curriculum shaping (the same everywhere)
+            data["step"], data["total_steps"] = int(self.state.global_step), int(self.state.max_steps)
 
         for part in parts.shaping:
             data["rewards"] = SHAPING.call(part.name, data, self._part_params(part)).to(device)
+            if part.name == "curriculum_budget_length":  # the budget this batch was scored against
+                self._metrics[mode]["rl/shaping/budget"].append(curriculum_budget(
+                    data["step"], **{k: v for k, v in self._part_params(part).items() if k != "length_weight"}))
         rewards = data["rewards"]
         sampling = mode == "train" and bool(self._rl_samplers)
         keep, advantage_group = self._keep_before_advantage(raw_rewards, data["mask"], group) if sampling \
@@ -557,6 +577,8 @@ class PostrainGRPOTrainer(GRPOTrainer):
         for key, value in metrics.items():
             value = torch.as_tensor(value, dtype=torch.float32, device=loss.device).detach().reshape(1)
             logged[key].append(self.accelerator.gather(value).nanmean().item())
+        if "rl_replay_valid" in inputs:  # RePO: + c * L_off over the replayed samples of this micro-batch
+            loss = loss + grpo_replay.replay_loss(self, model, inputs, mode, accumulation)
         return loss
 
     def _aggregation_normalizers(self, inputs, mask, weight, mode: str, accumulation: int) -> dict[str, Any]:
