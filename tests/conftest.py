@@ -36,3 +36,20 @@ def write_recipe(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def postrain(*args: str) -> str:
+    """Run the CLI in-process; fail the test with the output when it exits non-zero."""
+    from typer.testing import CliRunner
+
+    from postrain.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]

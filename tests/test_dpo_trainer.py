@@ -216,8 +216,7 @@ def dpo_recipe(tmp_path: Path, extra: str) -> Path:
     ("loss: [{name: dpo}]\ntrainer: {f_divergence_type: js_divergence}", r"f_divergence_type.*`fdpo_js`"),
     ("loss: [{name: dpo}]\ntrainer: {beta: 0.5}", r"trainer.beta=0.5.*set `beta:` on each `loss:` entry"),
     ("loss: [{name: dpo}]\ntrainer: {loss_weights: [2.0]}", r"trainer.loss_weights.*`weight:`"),
-    ("loss: [{name: beta_dpo}]", r"'beta_dpo' needs margin_ema_mean, margin_ema_std, which postrain's DPO trainer "
-                                 r"cannot give it"),
+    ("loss: [{name: dmpo}]", r"'dmpo' needs chosen_turn_logps, .*which postrain's DPO trainer cannot give it"),
     ("loss: [{name: kto}, {name: dpo}]", r"`loss:` mixes data shapes \(loss\[0\] 'kto' reads unpaired labelled "
                                          r"completions .*; loss\[1\] 'dpo' reads preference pairs"),
     ("loss: [{name: r_dpo}]", r"'r_dpo' needs 'alpha' \(its paper gives no default\)"),

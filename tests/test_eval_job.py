@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.jobs.evaluate import generation_of, model_results, score_set
-from tests.conftest import TINY, write_recipe
+from tests.conftest import TINY, postrain, write_recipe
 
 runner = CliRunner()
 
@@ -31,12 +31,6 @@ def _first_char(text):
 
 even_first_char.parse = _first_char
 '''
-
-
-def postrain(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 def eval_setup(tmp_path: Path, extra: str = "") -> Path:

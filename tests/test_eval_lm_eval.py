@@ -12,21 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from tests.conftest import REPO, TINY, write_recipe
+from tests.conftest import REPO, TINY, postrain, read_jsonl, write_recipe
 
 runner = CliRunner()
 TASKS = REPO / "tests" / "lm_eval_tasks"
 MODEL = {"name_or_path": "tiny", "dtype": "float32", "tiny": TINY}
-
-
-def postrain(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def lm_eval_recipe(path: Path, lm_eval: str, extra: str = "") -> Path:

@@ -10,17 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from tests.conftest import TINY, write_recipe
+from tests.conftest import TINY, postrain, write_recipe
 
 runner = CliRunner()
 TINY_MODEL = "model: {name_or_path: tiny, dtype: float32, tiny: %s}\n" % json.dumps(TINY)
 SMALL_TRAINER = "max_steps: 2, per_device_train_batch_size: 4, logging_steps: 1, report_to: none"
-
-
-def postrain(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 def sft_recipe(tmp_path: Path, extra: str = "") -> Path:

@@ -13,21 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from postrain.cli import app
 from postrain.data.sources import chunk_rows, curriculum_pairs, load_source
 from postrain.errors import DataError, RecipeError
 from postrain.recipes import load_recipe
-from tests.conftest import REPO, write_recipe
+from tests.conftest import REPO, postrain, write_recipe
 
-runner = CliRunner()
-
-
-def postrain(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 # --- sDPO: chunks of the data ------------------------------------------------------------------------------------

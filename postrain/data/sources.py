@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from postrain.data.tasks import build_task
+from postrain.data.thoughts import check_thought_dropout, drop_thoughts  # also registers builtin:arithmetic_thoughts
 from postrain.errors import DataError, RecipeError
 from postrain.recipes.schema import PairingSpec, SourceSpec
 
@@ -272,6 +273,10 @@ def check_source_options(spec: dict, where: str) -> None:
         raise RecipeError(f"{where}.curriculum_stage: set only with transform: curriculum_pairs (transform is "
                           f"{transform!r}); remove it or set the transform")
     check_pairing(spec, where)
+    check_thought_dropout(spec, where)
+    from postrain.data.sample_transforms import check_sample_transform  # it reads this module's helpers
+
+    check_sample_transform(spec, where)
 
 
 def _filters(pairing: dict | PairingSpec | None) -> str:
@@ -343,6 +348,13 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
                             f"{describe(spec)}")
     if spec.transform == "unpair":
         ds = _unpair(ds, where)
+    if spec.transform in ("step_pairs", "step_prefixes", "step_controlled_pairs", "best_of_k"):
+        from postrain.data.sample_transforms import apply_sample_transform  # it reads this module's helpers
+
+        ds = datasets.Dataset.from_list(apply_sample_transform(ds.to_list(), spec, where))
+        spec = dataclasses.replace(spec, prompt_template=None)  # step_pairs templated the question before the steps
+    if spec.transform == "thought_dropout":  # TON: empty each row's thought with probability p
+        ds = datasets.Dataset.from_list(drop_thoughts(ds.to_list(), spec.thought_dropout, where))
     if spec.transform == "curriculum_pairs":
         ds = datasets.Dataset.from_list(curriculum_pairs(ds.to_list(), spec.curriculum_stage, where))
         if len(ds) == 0:
@@ -433,7 +445,8 @@ def is_local(spec: dict | SourceSpec) -> bool:
 def source_size(spec: dict | SourceSpec) -> int | None:
     """Number of rows, without loading a model; None where it cannot be known cheaply (hub datasets)."""
     spec = as_source(spec)
-    if spec.transform in ("score_pairs", "score_lists", "curriculum_pairs", "win_rate_pairs"):  # known once scores are grouped
+    if spec.transform in ("score_pairs", "score_lists", "curriculum_pairs", "win_rate_pairs", "step_prefixes",
+                          "step_controlled_pairs", "best_of_k"):  # known once scores are grouped
         return None
     if is_local(spec):
         n = len(_read_rows(spec)) * (2 if spec.transform == "unpair" else 1)

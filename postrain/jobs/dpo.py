@@ -15,6 +15,10 @@ the trainer: pairs (PostrainDPOTrainer), K-response lists (trainers.listwise) or
 `logp_models: {prev: {name_or_path: ...}}` scores every pair with further models once before training and adds
 their log-probs as columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models): INPO's
 previous iterate (`prev`), MRPO's further references.
+
+Token-level inputs are set on their loss entry (postrain.trainers.token_level): TGDPO's
+`{name: tgdpo, token_reward_model: {name_or_path: ...}}` (run with the reference on every batch), Ra-DPO's
+`{name: ra_dpo, confidence_level: 0.95}` (full-vocabulary forwards of policy and reference).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     ref_spec = recipe.cfg.get("ref_model")
     losses = recipe.cfg.get("loss") or []
     terms = parse_losses(losses, recipe.cfg.get("trainer")) if losses else []
+    from postrain.trainers.token_level import check_model_references
+
+    check_model_references(terms)  # TGDPO's token_reward_model exists, before anything is written
     logp_models = recipe.cfg.get("logp_models") or {}  # loaded one at a time by the trainer, then freed
     provided = tuple(provided_columns(logp_models))
     return train_with_trl(

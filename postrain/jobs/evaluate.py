@@ -34,6 +34,25 @@ def generate(
 ) -> list[list[str]]:
     """Batched generation with a KV cache; returns `num_samples` completions per prompt.
     `on_batch(done, total)` is called after each batch (progress)."""
+    return generate_with_ids(model, tokenizer, prompts, gen, on_batch=on_batch)[0]
+
+
+def completion_token_ids(new_ids: list[int], eos_ids: set[int]) -> list[int]:
+    """The generated tokens of one completion up to and including its first EOS, the rest (padding after EOS)
+    dropped: the completion TRL's GRPOTrainer scores and counts (trl 1.16, `_generate_single_turn`: "Mask everything
+    after the first EOS token"; `completions/mean_length` is the length of these ids). Written anew, not copied;
+    tests/test_eval_polish.py pins that TRL method's source."""
+    for i, token in enumerate(new_ids):
+        if token in eos_ids:
+            return new_ids[: i + 1]
+    return new_ids
+
+
+def generate_with_ids(
+    model, tokenizer, prompts: list[Any], gen: dict, *, on_batch: Callable[[int, int], None] | None = None
+) -> tuple[list[list[str]], list[list[list[int]]]]:
+    """`generate`, also returning each completion's generated token ids (up to and including EOS, as TRL counts
+    them: `completion_token_ids`), nested as the texts are: per prompt, `num_samples` lists of ids."""
     import torch
 
     texts = render_prompts(prompts, tokenizer)
@@ -41,6 +60,8 @@ def generate(
     tokenizer.padding_side = "left"  # decoder-only batching: pad on the left so generation continues the prompt
     model.eval()
     out: list[list[str]] = []
+    out_ids: list[list[list[int]]] = []
+    eos_ids = {tokenizer.eos_token_id}  # the token generation stops at (below)
     n = gen["num_samples"]
     kwargs: dict[str, Any] = {
         "max_new_tokens": gen["max_new_tokens"],
@@ -60,13 +81,15 @@ def generate(
             with torch.no_grad():
                 ids = model.generate(**batch, **kwargs)
             new = ids[:, batch["input_ids"].shape[1] :]
-            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            kept = [completion_token_ids(row, eos_ids) for row in new.tolist()]
+            decoded = tokenizer.batch_decode(kept, skip_special_tokens=True)
             out += [decoded[i : i + n] for i in range(0, len(decoded), n)]
+            out_ids += [kept[i : i + n] for i in range(0, len(kept), n)]
             if on_batch is not None:
                 on_batch(done, len(starts))
     finally:
         tokenizer.padding_side = side
-    return out
+    return out, out_ids
 
 
 def progress_printer(label: str, every_s: float = 5.0) -> Callable[[int, int], None]:
@@ -102,8 +125,13 @@ def score_set(
     *,
     metrics: dict | None = None,
     seed: int = 0,
+    completion_ids: list[list[list[int]]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Score every completion with every reward; return the set's summary and its sample records.
+
+    `completion_ids` (nested as `completions`; `generate_with_ids`) are the generated tokens up to and including
+    EOS: they are what rewards get as `completion_ids` and what `mean_length_tokens` counts, as in TRL's GRPO
+    training. Without them the decoded texts are tokenized again (special tokens, EOS among them, then go uncounted).
 
     `metrics` holds the metric settings (the keys of `metrics:` in an eval recipe: pass_at, maj_at,
     subset_column, interval, confidence, resamples; missing keys take the recipe defaults); `seed` seeds the
@@ -116,7 +144,10 @@ def score_set(
             flat_completions.append([{"role": "assistant", "content": c}] if chat else c)
             flat_rows.append(row)
     texts = [c[0]["content"] if isinstance(c, list) else c for c in flat_completions]
-    completion_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    if completion_ids is not None:
+        completion_ids = [ids for samples in completion_ids for ids in samples]
+    else:
+        completion_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     # The keyword arguments TRL's GRPOTrainer passes (trl 1.16, `_calculate_rewards`), so that a reward written
     # for training runs here unchanged: dataset columns, prompts, completion_ids, trainer_state (no trainer: None),
     # log_extra (extra per-sample columns, kept in samples.jsonl) and log_metric (kept in results.json).
@@ -264,11 +295,11 @@ def evaluate_model(spec: dict, sets: dict[str, EvalSet], rewards, weights, cfg: 
     model, tokenizer, path = load_model(spec)
     out: dict[str, Any] = {"model": spec["name_or_path"], "model_path": path, "sets": {}}
     for name, eval_set in sets.items():
-        completions = generate(model, tokenizer, [r["prompt"] for r in eval_set.rows], eval_set.generation,
-                               on_batch=progress_printer(f"set {name}"))
+        completions, ids = generate_with_ids(model, tokenizer, [r["prompt"] for r in eval_set.rows],
+                                             eval_set.generation, on_batch=progress_printer(f"set {name}"))
         started = time.monotonic()
         summary, samples = score_set(eval_set.rows, completions, rewards, weights, tokenizer,
-                                     metrics=eval_set.metrics, seed=cfg["seed"])
+                                     metrics=eval_set.metrics, seed=cfg["seed"], completion_ids=ids)
         print(f"  set {name}: scored {len(samples)} completions in {_duration(time.monotonic() - started)}",
               flush=True)
         own = {"generation": differences(cfg["generation"], eval_set.generation),

@@ -57,7 +57,8 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
         check_model_reference(cfg.get("ref_model"), "ref_model")
     if cmd == "grpo":
         _check_rewards(recipe, {"data.train": cfg["data"].get("train"), "data.eval": cfg["data"].get("eval")})
-    if cmd == "eval":
+    lm_eval = cmd == "eval" and (cfg.get("eval") or {}).get("backend") == "lm_eval"
+    if cmd == "eval" and not lm_eval:  # lm-eval scores with its tasks' own metrics: no rewards, no sets
         _check_rewards(recipe, {f"sets.{name}": spec for name, spec in cfg["sets"].items()})
     if cmd in ("sft", "dpo", "grpo"):
         out["model"] = cfg["model"]["name_or_path"]
@@ -70,7 +71,8 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
             out.update(_grpo_plan(args, rows))
         else:
             global_batch = per_device * accum * world
-            out["global batch (sequences per optimizer step)"] = f"{per_device} per device x {accum} accumulation x {world} processes = {global_batch}"
+            unit = _batch_unit(recipe) if cmd == "dpo" else "sequences"
+            out[f"global batch ({unit} per optimizer step)"] = f"{per_device} per device x {accum} accumulation x {world} processes = {global_batch}"
             steps_per_epoch = math.ceil(rows / global_batch) if rows else None
             out.update(_total_steps(args, steps_per_epoch))
         from postrain.jobs.train_eval import plan_lines
@@ -88,7 +90,9 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
                 if check_models:
                     check_model_reference(spec, f"models ({label})")
             out["model"] = ", ".join(f"{label} ({spec['name_or_path']})" for label, spec in entries.items())
-        for name, spec in cfg["sets"].items():
+        if lm_eval:
+            out.update(_lm_eval_plan(recipe))
+        for name, spec in ({} if lm_eval else cfg["sets"]).items():
             gen = {**cfg["generation"], **(spec.get("generation") or {})}
             decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
             out[f"set {name}"] = (f"{source_size(spec) or 'unknown'} prompts x {gen['num_samples']} samples, "
@@ -108,6 +112,75 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
             loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
             plan(loaded, check_models=False)
             out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
+    return out
+
+
+def _batch_unit(recipe: Recipe) -> str:
+    """What one row of a DPO batch is, as the recipe's `loss:` entries read it: a preference pair, a list of K
+    completions (K read from local data) or one unpaired, labelled completion."""
+    from postrain.trainers.dpo import section_shape
+
+    shape = section_shape(recipe.cfg.get("loss")).name
+    if shape == "unpaired":
+        return "unpaired completions"
+    if shape == "pairs":
+        return "preference pairs"
+    return f"lists of {_list_sizes(recipe.cfg['data'].get('train'))} completions"
+
+
+def _list_sizes(spec: dict | None) -> str:
+    """K of K-response lists: the number (or range) of completions per row of a local source; "K" where the data
+    is not at hand (a hub dataset, a file not written yet)."""
+    from postrain.data.sources import is_local, load_source
+    from postrain.errors import PostrainError
+
+    if spec is None or not is_local(spec):
+        return "K"
+    try:
+        sizes = {len(c) for c in load_source(spec, "dpo", where="data.train")["completions"]}
+    except (PostrainError, KeyError, TypeError):  # no completions column: the job's own check names it
+        return "K"
+    return str(min(sizes)) if len(sizes) == 1 else f"{min(sizes)} to {max(sizes)}" if sizes else "K"
+
+
+def _lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
+    """`eval.backend: lm_eval`'s tasks and settings. Local tasks (task files, `include_path`) are checked by name:
+    indexing only the include_path takes milliseconds; lm-eval's own catalogue (thousands of YAML files, seconds) is
+    not indexed, so a registered name is checked when the run starts, before its directory is made. No dataset is
+    loaded (that needs the hub for registered tasks)."""
+    from postrain.errors import did_you_mean
+    from postrain.evaluation.lm_eval_backend import _is_task_file, resolved_settings
+
+    settings = resolved_settings(recipe.cfg, recipe.origins)
+    include = settings.get("include_path")
+    local: list[str] = []
+    if include:
+        from lm_eval.tasks import TaskManager
+
+        local = list(TaskManager(include_path=include, include_defaults=False).all_tasks)
+    out: dict[str, Any] = {}
+    for task in settings["tasks"]:
+        if _is_task_file(task):
+            kind = "task file"
+        elif task in local:
+            kind = f"task in {include}"
+        else:
+            kind = "lm-eval task or group (name checked when the run starts; its dataset may need the hub)"
+            near = did_you_mean(task, local) if local else ""
+            if near:  # not an error: a registered task may share a local one's spelling; a typo is worth a word
+                kind += f"; not in include_path: {near}"
+        out[f"task {task}"] = kind
+    if include:
+        out["include_path"] = include
+    limit = settings["limit"]
+    out["num_fewshot"] = "each task's default" if settings["num_fewshot"] is None else settings["num_fewshot"]
+    out["limit"] = ("all documents" if limit is None else f"{limit:g} of each task's documents" if limit < 1
+                    else f"{int(limit)} documents per task")
+    out["lm-eval batch size"] = settings["batch_size"]
+    if settings.get("gen_kwargs"):
+        out["gen_kwargs"] = settings["gen_kwargs"]
+    if settings.get("apply_chat_template"):
+        out["apply_chat_template"] = settings["apply_chat_template"]
     return out
 
 

@@ -6,12 +6,18 @@
       sets: {heldout: {source: "builtin:arithmetic", split: test, task: {n: 64}}}
       generation: {max_new_tokens: 16}   # null max_new_tokens: the trainer's max_completion_length (grpo)
       rewards: []                # empty: the job's own rewards (grpo); sft and dpo must name theirs
+      save_samples: 4            # completions per set kept per evaluation in eval_samples/step_<N>.jsonl; 0: none
 
 The sets are generated from and scored with `postrain eval`'s own functions (postrain.jobs.evaluate: `generate`,
 `score_set`) and logged to metrics.jsonl as `eval/<set>/accuracy` (mean of the first reward, the verifier),
 `eval/<set>/mean_reward` (the weighted reward sum) and `eval/<set>/mean_length_tokens`, at step 0 (`at_start`),
 every `every_steps` steps and at the last step. Next to the training reward this shows reward hacking: the
-reward rises, the task metric does not.
+reward rises, the task metric does not. The first `save_samples` completions of each set are kept per evaluation
+(`eval_samples/step_<N>.jsonl`; `postrain report` shows them), to read what the numbers measured.
+
+A set's prompts are formatted as data.train's are (`chat`, `system_prompt`, `prompt_template`) unless the set names
+the key itself (`key: null` there opts out): the model is evaluated on prompts shaped as those it trains on, as a
+TRL user's eval_dataset is formatted as the train_dataset (with a chat model, a bare prompt is another task).
 
 Two things the evaluation must not change in the training it interrupts:
   - the model's mode: `generate` puts the model in eval mode; its previous mode is restored afterwards;
@@ -26,7 +32,9 @@ Every process evaluates (a sharded model needs all of them for a forward pass); 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import RecipeError
@@ -35,6 +43,32 @@ from postrain.recipes.validate import origin_of, validate_section
 
 SECTION = "eval_during_training"
 TRAINING_COMMANDS = ("sft", "dpo", "grpo")
+# How data.train formats its prompts; a set that does not name a key itself formats its prompts as training does,
+# `key: null` (or false) on the set opts out.
+PROMPT_FORMAT_KEYS = ("chat", "system_prompt", "prompt_template")
+SAMPLES_DIR = "eval_samples"
+
+
+def set_spec(cfg: dict, spec: dict) -> tuple[dict, list[str]]:
+    """An eval set's source spec with the prompt formatting it leaves out taken from data.train, and the keys taken."""
+    train = (cfg.get("data") or {}).get("train") or {}
+    inherited = [key for key in PROMPT_FORMAT_KEYS if key not in spec and train.get(key) not in (None, False)]
+    return {**spec, **{key: train[key] for key in inherited}}, inherited
+
+
+def load_set(cfg: dict, spec: dict, where: str):
+    """Load one set as `set_spec` formats it; an inherited prompt_template that does not fit the set says so."""
+    from postrain.data.sources import load_source
+    from postrain.errors import DataError
+
+    spec, inherited = set_spec(cfg, spec)
+    try:
+        return load_source(spec, "eval", where=where)
+    except DataError as e:
+        if "prompt_template" not in inherited:
+            raise
+        raise DataError(f"{where}: {e} (prompt_template is data.train's, which sets without their own inherit; give "
+                        f"the set its own, or {where}.prompt_template: null for its prompts as they are)") from None
 
 
 def section_with_defaults(cfg: dict) -> dict | None:
@@ -60,6 +94,9 @@ def check_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     if section["every_steps"] < 1:
         raise RecipeError(f"{where('every_steps')} must be a positive number of optimizer steps between "
                           f"evaluations, got {section['every_steps']}")
+    if section["save_samples"] < 0:
+        raise RecipeError(f"{where('save_samples')} is the number of completions per set saved at each evaluation "
+                          f"(0: none), got {section['save_samples']}")
     if not section["sets"]:
         raise RecipeError(f"{where('sets')} needs at least one set, e.g. sets: {{heldout: {{source: "
                           f"\"builtin:arithmetic\", split: test}}}}")
@@ -90,9 +127,10 @@ class TrainEval:
     """The evaluation sets, rewards and schedule of one training run; `callback()` runs them from the trainer."""
 
     def __init__(self, sets: list[EvalSet], rewards: list, weights: list[float], every_steps: int,
-                 at_start: bool, seed: int):
+                 at_start: bool, seed: int, *, samples_dir: str | Path | None = None, save_samples: int = 0):
         self.sets, self.rewards, self.weights = sets, rewards, weights
         self.every_steps, self.at_start, self.seed = every_steps, at_start, seed
+        self.samples_dir, self.save_samples = samples_dir, save_samples
 
     @classmethod
     def from_recipe(cls, recipe) -> "TrainEval | None":
@@ -101,28 +139,35 @@ class TrainEval:
         section = section_with_defaults(recipe.cfg)
         if section is None:
             return None
-        from postrain.data.sources import load_source
         from postrain.rewards import check_reward_columns
 
         rewards, weights = build_section_rewards(recipe, section)
         sets = []
         for name, spec in section["sets"].items():
             where = f"{SECTION}.sets.{name}"
-            dataset = load_source(spec, "eval", where=where)
+            dataset = load_set(recipe.cfg, spec, where)
             check_reward_columns(rewards, dataset.column_names, where)
             generation = {**section["generation"], **(spec.get("generation") or {})}
             sets.append(EvalSet(name, dataset.to_list(), generation))
-        return cls(sets, rewards, weights, section["every_steps"], section["at_start"], recipe.cfg["seed"])
+        return cls(sets, rewards, weights, section["every_steps"], section["at_start"], recipe.cfg["seed"],
+                   samples_dir=Path(recipe.cfg["output_dir"]) / SAMPLES_DIR, save_samples=section["save_samples"])
 
     def evaluate(self, model, tokenizer, max_completion_length: int | None = None) -> dict[str, float]:
         """Score every set with the model as it is now; the model's mode and the RNG state are left as found."""
+        return self.evaluate_with_samples(model, tokenizer, max_completion_length)[0]
+
+    def evaluate_with_samples(self, model, tokenizer, max_completion_length: int | None = None
+                              ) -> tuple[dict[str, float], list[dict]]:
+        """`evaluate`'s logs and the first `save_samples` sample records of each set (postrain eval's records:
+        prompt, completion, answer, score, rewards, parsed; with `set` and `completion_tokens`)."""
         import torch
 
-        from postrain.jobs.evaluate import generate, score_set
+        from postrain.jobs.evaluate import generate_with_ids, score_set
 
         was_training = model.training
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         logs: dict[str, float] = {}
+        kept: list[dict] = []
         try:
             with torch.random.fork_rng(devices=cuda_devices):
                 torch.manual_seed(self.seed)
@@ -130,13 +175,27 @@ class TrainEval:
                     generation = dict(eval_set.generation)
                     if generation["max_new_tokens"] is None:
                         generation["max_new_tokens"] = max_completion_length or GenerationSpec.max_new_tokens
-                    completions = generate(model, tokenizer, [row["prompt"] for row in eval_set.rows], generation)
-                    summary, _ = score_set(eval_set.rows, completions, self.rewards, self.weights, tokenizer)
+                    completions, ids = generate_with_ids(model, tokenizer, [row["prompt"] for row in eval_set.rows],
+                                                         generation)
+                    summary, samples = score_set(eval_set.rows, completions, self.rewards, self.weights, tokenizer,
+                                                 completion_ids=ids)
                     for key in ("accuracy", "mean_reward", "mean_length_tokens"):
                         logs[f"eval/{eval_set.name}/{key}"] = summary[key]
+                    lengths = [len(one) for per_prompt in ids for one in per_prompt]
+                    kept += [{"set": eval_set.name, **sample, "completion_tokens": length}
+                             for sample, length in zip(samples[: self.save_samples], lengths)]
         finally:
             model.train(was_training)
-        return logs
+        return logs, kept
+
+    def write_samples(self, step: int, samples: list[dict]) -> Path | None:
+        """<samples_dir>/step_<step>.jsonl, one line per sample (written anew when a resumed run evaluates again)."""
+        if self.samples_dir is None or not samples:
+            return None
+        path = Path(self.samples_dir) / f"step_{step}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"step": step, **sample}, default=str) + "\n" for sample in samples))
+        return path
 
     def is_due(self, step: int) -> bool:
         return step % self.every_steps == 0 and (step > 0 or self.at_start)
@@ -156,10 +215,12 @@ class TrainEval:
             def _evaluate(self, args, state, model) -> None:
                 if view is not None:
                     view.phase(f"evaluating {', '.join(s.name for s in train_eval.sets)}")
-                logs = train_eval.evaluate(model, tokenizer, getattr(args, "max_completion_length", None))
+                logs, samples = train_eval.evaluate_with_samples(model, tokenizer,
+                                                                 getattr(args, "max_completion_length", None))
                 self.last_step = state.global_step
                 if state.is_world_process_zero:
                     record(state, logs)
+                    train_eval.write_samples(state.global_step, samples)
                 if view is not None:
                     view.phase("training")
 
@@ -195,7 +256,7 @@ def build_section_rewards(recipe, section: dict) -> tuple[list, list[float]]:
 
 def plan_lines(recipe) -> dict[str, str]:
     """`--dry-run`'s account of the section; builds the rewards and checks the columns of every local set."""
-    from postrain.data.sources import is_local, load_source, source_size
+    from postrain.data.sources import is_local, source_size
     from postrain.rewards import check_reward_columns
 
     section = section_with_defaults(recipe.cfg)
@@ -207,7 +268,7 @@ def plan_lines(recipe) -> dict[str, str]:
     for name, spec in section["sets"].items():
         where = f"{SECTION}.sets.{name}"
         if is_local(spec):
-            check_reward_columns(rewards, load_source(spec, "eval", where=where).column_names, where)
+            check_reward_columns(rewards, load_set(recipe.cfg, spec, where).column_names, where)
         gen = {**section["generation"], **(spec.get("generation") or {})}
         decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
         tokens = gen["max_new_tokens"] or ("trainer.max_completion_length" if recipe.command == "grpo"

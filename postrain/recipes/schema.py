@@ -84,6 +84,54 @@ class PairingSpec:
 
 
 @dataclass
+class ThoughtDropoutSpec:
+    """`transform: thought_dropout` (TON, arXiv 2505.16854; postrain.data.thoughts): each row's thought, the text
+    between `open_tag` and `close_tag` in `column`, is replaced by `empty_thought` with probability `p`, one draw of
+    random.Random(seed) per row in order. Defaults are the authors' (kokolerk/TON sft_grpo_data.py: p 0.5,
+    `<think>\\n\\n</think>`). Rows get `thought_dropped` (bool)."""
+
+    p: float = 0.5
+    seed: int = 0
+    open_tag: str = "<think>"
+    close_tag: str = "</think>"
+    empty_thought: str = "\n\n"
+    column: str = "completion"
+
+
+@dataclass
+class StepsSpec:
+    """Settings of the step-level transforms (postrain.data.sample_transforms): `step_pairs` (Step-DPO),
+    `step_prefixes` and `step_controlled_pairs` (Step-Controlled DPO). Each transform reads only its own keys
+    (checked when the recipe loads)."""
+
+    # step_pairs: the column with the correct steps before the pair's step (xinlai/Math-Step-DPO-10K's), and what
+    # joins the templated question to them when there are any (the Step-DPO authors' train.py: "\n" after their
+    # alpaca prompt, " " after deepseek-math's, "" after qwen2-boxed's).
+    prefix_column: str = "initial_reason_steps"
+    prefix_separator: str = "\n"
+    # step_prefixes / step_controlled_pairs: a step ends with `separator`; a sample is correct when its score
+    # (`score`: a column, or `rewards.<name>`) is at least `correct_score` (eval's verifiers score a right answer 1.0).
+    separator: str = "\n"
+    score: str = "score"
+    correct_score: float = 1.0
+    # step_controlled_pairs: the samples.jsonl the prefixes were cut from (their correct solutions' remaining steps
+    # are the chosen), and at most this many pairs per question (the SCDPO authors' neg_limit: 2 GSM8K, 3 MATH).
+    solutions: str | None = None
+    max_pairs_per_prompt: int | None = None
+
+
+@dataclass
+class BestOfKSpec:
+    """`transform: best_of_k` (RAFT): scored samples become SFT rows {prompt, completion}: per prompt the `keep`
+    highest-scored samples (1: RAFT's best-of-K; null: all), of those the ones scoring at least `min_score` (null: no
+    threshold; 1.0 keeps only verified-correct samples). `score`: a column or `rewards.<name>`."""
+
+    score: str = "score"
+    keep: int | None = 1
+    min_score: float | None = None
+
+
+@dataclass
 class SourceSpec:
     """One dataset.
 
@@ -113,12 +161,22 @@ class SourceSpec:
     # the easiest pair; K - 2: the smallest, the hardest); prompts without that many lower-scored completions drop out.
     # `win_rate_pairs` (SPPO): scored samples, as score_pairs reads them, become pairs of the highest and lowest
     # estimated win rate against the prompt's K samples, P(y > pi_t) = mean_j P(y > y_j), with those win rates as `chosen_probs` / `rejected_probs`.
-    transform: Literal["score_pairs", "score_lists", "unpair", "curriculum_pairs", "win_rate_pairs"] | None = None
+    # `thought_dropout` (TON): SFT targets `<think>T</think>...` whose thought T is emptied with probability p.
+    # `step_pairs`, `step_prefixes`, `step_controlled_pairs` (Step-DPO, Step-Controlled DPO) and `best_of_k` (RAFT):
+    # see postrain.data.sample_transforms; settings under `steps:` / `best_of_k:`.
+    transform: Literal["score_pairs", "score_lists", "unpair", "curriculum_pairs", "win_rate_pairs",
+                       "thought_dropout", "step_pairs", "step_prefixes", "step_controlled_pairs",
+                       "best_of_k"] | None = None
     curriculum_stage: int | None = None
     # Take one slice of the rows (sDPO's data chunks); see ChunkSpec.
     chunk: ChunkSpec | None = None
     # Parameters of score_pairs / win_rate_pairs (see PairingSpec).
     pairing: PairingSpec | None = None
+    # Settings of `transform: thought_dropout` (TON's SFT data; see ThoughtDropoutSpec).
+    thought_dropout: ThoughtDropoutSpec | None = None
+    # Settings of the step-level transforms (see StepsSpec) and of `transform: best_of_k` (see BestOfKSpec).
+    steps: StepsSpec | None = None
+    best_of_k: BestOfKSpec | None = None
 
 
 @dataclass
@@ -221,6 +279,9 @@ class TrainEvalSpec:
     generation: TrainEvalGenerationSpec = field(default_factory=TrainEvalGenerationSpec)
     rewards: list[RewardSpec] = field(default_factory=list)
     reward_errors: RewardErrorPolicy | None = None
+    # The first N completions of each set (prompt order) are written per evaluation to
+    # <output_dir>/eval_samples/step_<step>.jsonl (prompt, completion, answer, rewards); 0: none.
+    save_samples: int = 4
 
 
 @dataclass

@@ -95,6 +95,10 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pa
         return _curriculum_source(spec, split, n)
     if spec.get("transform") == "win_rate_pairs":  # SPPO: pairs with win rates, see _win_rate_source
         return _win_rate_source(spec, split, n)
+    if spec.get("transform") == "thought_dropout":  # TON: targets with a <think> thought, the transform kept
+        return {"source": "builtin:arithmetic_thoughts", "config": None, "split": split, "limit": None,
+                "task": {"n": n, "digits": 1}, "prompt_template": None,
+                "columns": {target: target for target in (spec.get("columns") or {})}}
     if str(spec.get("source", "")).startswith("builtin:"):
         return {"split": split, "task": {"n": n, **task_shape}, "limit": None}
     return {
@@ -107,6 +111,7 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pa
         "prompt_template": None,
         "transform": "unpair" if keeps_unpair else None,
         "pairing": None,  # score_pairs' settings go with its transform
+        "steps": None, "best_of_k": None,  # so do the step transforms' and best_of_k's
         # chat / system_prompt are kept: they exercise the chat-template path the recipe uses.
     }
 
@@ -151,6 +156,10 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         layer["ref_model"] = _smoke_model(seed=1)
     if command == "dpo" and cfg.get("logp_models"):  # further models scoring the pairs (trainers.logp_models)
         layer["logp_models"] = {name: _smoke_model(seed=2 + i) for i, name in enumerate(cfg["logp_models"])}
+    if command == "dpo" and any(isinstance(e, dict) and e.get("token_reward_model") for e in cfg.get("loss") or []):
+        # TGDPO's token reward model (trainers.token_level) sits on its loss entry; a list is replaced whole
+        layer["loss"] = [{**e, "token_reward_model": _smoke_model(seed=9)}
+                         if isinstance(e, dict) and e.get("token_reward_model") else e for e in cfg["loss"]]
     if command in ("sft", "dpo", "grpo"):
         data = cfg.get("data") or {}
         shape = _dpo_data_shape(cfg) if command == "dpo" else "pairs"
@@ -158,6 +167,10 @@ def smoke_layer(command: str, cfg: dict) -> dict:
             "train": _builtin_source(data.get("train") or {}, "train", shape=shape),
             "eval": _builtin_source(data.get("eval"), "test", shape=shape),
         }
+        if command == "dpo":  # group_robust_po reads a group column the built-in rows lack (trainers.dpo_state)
+            from postrain.trainers.dpo_state import smoke_data
+
+            layer["data"] = smoke_data(cfg, layer["data"])
         trainer = dict(SMOKE_TRAINER["common"])
         trainer.update(SMOKE_TRAINER[command])
         if command == "grpo":
@@ -178,6 +191,8 @@ def smoke_layer(command: str, cfg: dict) -> dict:
     own_model = (cfg.get("model") or {}).get("name_or_path")
     if command in ("grpo", "eval") and any(_smoke_reward(r, own_model) is not r for r in cfg.get("rewards") or []):
         layer["rewards"] = [_smoke_reward(r, own_model) for r in cfg["rewards"]]  # a judge model is a model too
+    if command == "eval" and (cfg.get("eval") or {}).get("backend") == "lm_eval":
+        layer["lm_eval"] = _smoke_lm_eval(cfg.get("lm_eval") or {})
     if command == "eval":
         sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
         layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in sets.items()}
@@ -193,6 +208,22 @@ def smoke_layer(command: str, cfg: dict) -> dict:
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})
     return layer
+
+
+SMOKE_LM_EVAL = {"limit": 4, "max_gen_toks": 8, "bootstrap_iters": 100}
+
+
+def _smoke_lm_eval(section: dict) -> dict:
+    """lm-eval under --smoke: the recipe's own tasks (they are its method; a registered task still needs its dataset
+    from the hub or the HF cache), a few documents each, short generations, and few bootstrap resamples (lm-eval
+    bootstraps the stderr of metrics that are not means, e.g. bleu)."""
+    def at_most(value, smoke: int):  # a recipe's own smaller setting stays
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < smoke else smoke
+
+    return {"limit": at_most(section.get("limit"), SMOKE_LM_EVAL["limit"]),  # a fraction (< 1) is not a count
+            "gen_kwargs": {"max_gen_toks": at_most((section.get("gen_kwargs") or {}).get("max_gen_toks"),
+                                                   SMOKE_LM_EVAL["max_gen_toks"])},
+            "bootstrap_iters": at_most(section.get("bootstrap_iters"), SMOKE_LM_EVAL["bootstrap_iters"])}
 
 
 def _smoke_samples(cfg: dict, sets: dict) -> int:

@@ -98,6 +98,7 @@ def run_section(run_dir: Path, page: Page, level: int, lineage: dict | None = No
     rows = read_metrics(run_dir)
     if rows:
         lines += training_section(run_dir, rows, page, h)
+    lines += eval_samples_section(run_dir, page, h)
     results = read_json(run_dir / "results.json")
     if results is not None:
         lines += [f"{h} Results", "", *results_table(results), ""]
@@ -267,6 +268,41 @@ def samples_section(run_dir: Path, page: Page, h: str) -> list[str]:
         lines += [f"| {_code(_prompt_text(s.get('prompt')))} | {_code(s.get('completion'))} | "
                   f"{_code(s.get('answer'))} | {_num(number(s.get('score')))} |" for s in samples]
         lines.append("")
+    return lines
+
+
+def eval_samples_section(run_dir: Path, page: Page, h: str) -> list[str]:
+    """Completions kept by evaluation during training (eval_samples/step_<N>.jsonl): the first few of each set at the
+    first and at the last evaluation, side by side in time, to read what the eval curve measured."""
+    from postrain.jobs.train_eval import SAMPLES_DIR
+
+    files = {}
+    for path in (run_dir / SAMPLES_DIR).glob("step_*.jsonl"):
+        step = path.stem.removeprefix("step_")
+        if step.isdigit():
+            files[int(step)] = path
+    if not files or page.samples <= 0:
+        return []
+    shown = sorted({min(files), max(files)})
+    lines = [f"{h} Evaluation samples during training", "",
+             f"{len(files)} evaluation points saved in `{SAMPLES_DIR}/`; the first {page.samples} completions of each "
+             f"set at step {' and step '.join(map(str, shown))}.", ""]
+    for step in shown:
+        by_set: dict[str, list[dict]] = {}
+        for line in files[step].read_text().splitlines():
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(sample, dict) and len(by_set.setdefault(str(sample.get("set", "?")), [])) < page.samples:
+                by_set[str(sample.get("set", "?"))].append(sample)
+        for name, samples in by_set.items():
+            lines += [f"**{name}**, step {step}", "", "| prompt | completion | answer | score | tokens |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {_code(_prompt_text(s.get('prompt')))} | {_code(s.get('completion'))} | "
+                      f"{_code(s.get('answer'))} | {_num(number(s.get('score')))} | "
+                      f"{_num(number(s.get('completion_tokens')))} |" for s in samples]
+            lines.append("")
     return lines
 
 

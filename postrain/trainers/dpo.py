@@ -33,6 +33,13 @@ from trl import DPOTrainer
 
 from postrain.errors import DataError, RecipeError
 from postrain.recipes.validate import origin_of
+# TGDPO's token rewards, Ra-DPO's risk ratios: their inputs sit on the loss entry
+from postrain.trainers.token_level import TOKEN_LEVEL_DATA, TokenLevelInputs, check_terms, split_inputs
+# β-DPO's margin statistics, group robust PO's group weights: state the trainer keeps across batches
+from postrain.trainers.dpo_state import BATCH_KEYS as STATE_BATCH_KEYS
+from postrain.trainers.dpo_state import STATE_DATA, DPOLossState, check_group_column, split_settings
+from postrain.trainers.dpo_state import check_options as check_state_options
+from postrain.trainers.dpo_state import checkpoint_folder
 
 # Data the trainer computes from a plain (prompt, chosen, rejected) batch, by registry data name.
 BATCH_DATA = frozenset({
@@ -78,7 +85,8 @@ class DataShape:
 
 PAIRS = DataShape(
     "pairs", "preference pairs {prompt, chosen, rejected}", (("prompt",), ("chosen",), ("rejected",)),
-    BATCH_DATA | LOGP_MODEL_DATA, frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS}),
+    BATCH_DATA | LOGP_MODEL_DATA | TOKEN_LEVEL_DATA | STATE_DATA,
+    frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS, *TOKEN_LEVEL_DATA}),
     "postrain.trainers.dpo:PostrainDPOTrainer", PAIR_COLUMNS)
 LISTS = DataShape(
     "lists", "K-response lists {prompt, completions, scores or ranks}",
@@ -138,6 +146,12 @@ class LossTerm:
     name: str
     weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    # inputs the trainer computes for this term, set on its entry (postrain.trainers.token_level: TGDPO's
+    # token_reward_model, Ra-DPO's confidence_level / split_vocab); not passed to the loss
+    inputs: dict[str, Any] = field(default_factory=dict)
+    # settings of the state the trainer keeps for this term (postrain.trainers.dpo_state: beta_dpo's rho and
+    # momentum, group_robust_po's group_column, step_size, group_fractions); not passed to the loss
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def variant(self):
@@ -218,6 +232,8 @@ def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, 
             raise RecipeError(f"{where} must be a mapping with a `name:` (a preference loss: "
                               f"`postrain variants --family preference`), got {entry!r}")
         params = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+        params, inputs = split_inputs(entry["name"], params, trainer, where, origins)
+        params, state = split_settings(entry["name"], params, where)
         variant = PREFERENCE.check_params(entry["name"], params, where=where)
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
@@ -237,8 +253,10 @@ def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, 
         if trainer.get("precompute_ref_log_probs") and set(REF_TOKEN_LOGPS) & set(variant.data):
             raise RecipeError(f"{where}: preference loss {variant.name!r} reads per-token reference log-probs, which "
                               f"trainer.precompute_ref_log_probs does not keep; set it to false")
-        terms.append(LossTerm(variant.name, float(weight), params))
+        terms.append(LossTerm(variant.name, float(weight), params, inputs, state))
     _check_one_shape(terms)
+    check_terms(terms)
+    check_state_options(terms, trainer, defaults)
     _check_shape_options(terms, trainer, defaults, origins)
     return terms
 
@@ -318,6 +336,7 @@ def check_loss_data(terms: list[LossTerm], dataset, where: str, provided: tuple 
     import datasets
 
     check_loss_columns(terms, list(dataset.column_names), where, provided)
+    check_group_column(terms, dataset, where)  # group_robust_po's group_column: present, strings or integers
     shape = losses_shape(terms)
     if not isinstance(dataset, datasets.Dataset) or shape is PAIRS:
         return
@@ -384,6 +403,7 @@ class PostrainDPOTrainer(DPOTrainer):
     """
 
     shape: DataShape = PAIRS
+    token_inputs: TokenLevelInputs | None = None  # per-batch token-level inputs (postrain.trainers.token_level)
 
     def __init__(self, *args, losses: list | None = None, logp_models: dict | None = None, **kwargs):
         config = kwargs.get("args")
@@ -396,6 +416,8 @@ class PostrainDPOTrainer(DPOTrainer):
             raise RecipeError(f"{type(self).__name__} trains on {self.shape.rows}, but {what}: use "
                               f"{shape.trainer.replace(':', '.')} (postrain dpo picks it from the `loss:` section)")
         self._check_raw_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        self.loss_state = DPOLossState(self.loss_terms, term_keys(self.loss_terms), kwargs.get("train_dataset"),
+                                       kwargs.get("eval_dataset"), seed=config.seed if config else 0)
         super().__init__(*args, **kwargs)
         if logp_models:  # further models' log-probs as dataset columns, before the collator learns its columns
             from postrain.trainers.logp_models import add_logp_columns
@@ -406,6 +428,8 @@ class PostrainDPOTrainer(DPOTrainer):
             add_logp_columns(self, logp_models)
         if self.loss_terms:
             self._setup_batches()
+            # TGDPO's token reward model loaded, Ra-DPO's full-distribution forwards switched on (None: neither)
+            self.token_inputs = TokenLevelInputs.for_trainer(self)
 
     def _check_raw_data(self, train_dataset, eval_dataset) -> None:
         """Before TRL tokenizes: nothing to check for pairs (their score columns are checked once tokenized)."""
@@ -417,6 +441,7 @@ class PostrainDPOTrainer(DPOTrainer):
         columns = tuple(c for c in self._pair_columns_read() if c in present)
         if columns:
             self.data_collator = _WithPairColumns(self.data_collator, columns)
+        self.data_collator = self.loss_state.wrap_collator(self.data_collator)  # group ids (group_robust_po)
         if any(set(LOG_SUM_SQ_PROBS) & t.reads for t in self.loss_terms):
             # TRL's fused LM head computes log Σπ² only under `use_weighting`; patch the head again to add it
             # (the new head replaces the forward TRL patched; outputs as TRL asks for them, plus log_sum_sq_probs).
@@ -450,13 +475,16 @@ class PostrainDPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         # Keep the per-pair columns the losses read: Trainer drops every column not named here.
-        extra = [c for c in self._pair_columns_read() if c not in self._signature_columns]
+        state_columns = self.loss_state.columns() if getattr(self, "loss_state", None) else []
+        extra = [c for c in self._pair_columns_read() + state_columns if c not in self._signature_columns]
         self._signature_columns = list(self._signature_columns) + extra
 
     def _policy_forward(self, model, inputs: dict):
         """The policy forward of TRL 1.16's DPOTrainer._compute_loss on a batch of sequences (`input_ids`,
         `attention_mask`, `completion_mask`): its outputs, per-token completion log-probs (N, T), the shifted
         completion mask and the model's keyword arguments."""
+        if self.token_inputs is not None and self.token_inputs.full_vocab:  # Ra-DPO: an unfused forward, logits
+            return self.token_inputs.policy_forward(model, inputs)
         # Copied from TRL 1.16 DPOTrainer._compute_loss (the policy forward, its first ~17 lines), unchanged.
         _non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         model_kwargs = {k: v for k, v in inputs.items() if k not in _non_model_keys}
@@ -474,6 +502,8 @@ class PostrainDPOTrainer(DPOTrainer):
 
     def _reference_token_logps(self, inputs: dict, seq_len: int) -> torch.Tensor:
         """Per-token reference log-probs (N, T) of a batch of sequences, from one forward."""
+        if self.token_inputs is not None and self.token_inputs.full_vocab:  # Ra-DPO: an unfused forward, logits
+            return self.token_inputs.reference_token_logps(inputs, seq_len)
         kept = {}
 
         def forward_and_keep(**kwargs):
@@ -494,7 +524,9 @@ class PostrainDPOTrainer(DPOTrainer):
         # further references' columns reach the losses through _term_data (only the terms naming them read them)
         self._batch_reference_columns = {k: inputs[k] for k in references if k in inputs}
         columns = {k: inputs[k] for k in PAIR_COLUMNS if k in inputs}
-        inputs = {k: v for k, v in inputs.items() if k not in PAIR_COLUMNS and k not in references}
+        self._batch_state_inputs = {k: inputs[k] for k in STATE_BATCH_KEYS if k in inputs}  # group ids
+        inputs = {k: v for k, v in inputs.items()
+                  if k not in PAIR_COLUMNS and k not in references and k not in STATE_BATCH_KEYS}
         outputs, per_token_logps, shift_completion_mask, model_kwargs = self._policy_forward(model, inputs)
         seq_len = shift_completion_mask.size(1)
 
@@ -509,6 +541,8 @@ class PostrainDPOTrainer(DPOTrainer):
             data["chosen_token_log_sum_sq_probs"], data["rejected_token_log_sum_sq_probs"] = log_sum_sq.chunk(2)
         if self.uses_reference:
             data.update(self._reference_data(inputs, seq_len))
+        if self.token_inputs is not None:  # TGDPO's token rewards, Ra-DPO's risk ratios
+            data.update(self.token_inputs.data(inputs, seq_len, data))
 
         loss = self._registry_loss(mode, data, outputs)
         self._log_pair_metrics(mode, data)
@@ -530,6 +564,8 @@ class PostrainDPOTrainer(DPOTrainer):
     def _term_data(self, mode: str, key: str, term: LossTerm, data: dict) -> dict:
         """The data one term is called with; a hook for per-term data (BCO's reward shift). A term naming further
         references (`references:`, MRPO) gets their log-probs stacked as extra_ref_*_logps (B, K)."""
+        if key in self.loss_state:  # β-DPO's M0, σ0 and selection, group robust PO's α: updated, then read
+            data = self.loss_state.term_data(self, mode, key, term, data, self._batch_state_inputs)
         references = term.params.get("references")
         if not references:
             return data
@@ -539,6 +575,16 @@ class PostrainDPOTrainer(DPOTrainer):
         columns = [logp_columns(name) for name in references]
         return {**data, "extra_ref_chosen_logps": torch.stack([batch[c] for c, _ in columns], dim=-1),
                 "extra_ref_rejected_logps": torch.stack([batch[r] for _, r in columns], dim=-1)}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.loss_state and self.args.should_save:  # beside the checkpoint, as the GRPO trainer's rl_state
+            self.loss_state.save(checkpoint_folder(self, trial))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.loss_state and checkpoint is not None:  # --resume: the state the checkpoint was written with
+            self.loss_state.load(checkpoint)
 
     def _with_outputs(self, loss, model, model_kwargs: dict, return_outputs: bool):
         if return_outputs:  # as TRL 1.16 does: logits for `compute_metrics`, from an extra forward

@@ -1,0 +1,265 @@
+"""Token-level inputs of the DPO trainer: TGDPO's token rewards and Ra-DPO's per-token risk ratios.
+
+Some pairwise losses read, besides the policy's and reference's log-probs, per-token quantities the trainer has to
+compute from further forwards. Their settings sit on the loss entry, next to its hyperparameters, and are split off
+before the entry is called (`split_inputs`, from `parse_losses` at recipe load time):
+
+    loss: [{name: tgdpo, token_reward_model: {name_or_path: runs/dpo}}]    # TGDPO: r̂_t from a DPO-trained model
+    loss: [{name: ra_dpo, confidence_level: 0.95, split_vocab: true}]        # Ra-DPO: CVaR over the vocabulary
+
+TGDPO (`chosen_token_rewards`, `rejected_token_rewards`): r̂_t = log π_rm(y_t) − log π_ref(y_t), with π_rm an
+already DPO-trained model and π_ref the trainer's reference. π_rm is loaded with the trainer and run on every batch
+(no gradient), as the authors' trainer runs its `reward_model` (dvlab-research/TGDPO
+src/llamafactory/train/tgdpo/trainer.py, get_batch_loss_metrics: concatenated_forward under torch.no_grad); the
+reference log-probs are the ones the loss reads. Run online rather than precomputed (`logp_models:`) because the
+rewards are per token: a column per completion token would have to be re-aligned with the padding and truncation
+of each training batch, while the online forward sees the batch exactly as the policy does. The cost is a third
+model in memory and one more no-grad forward per step.
+
+Ra-DPO (`chosen_token_risk_ratios`, `rejected_token_risk_ratios`): per completion token, the authors'
+`calculate_cvar` (zlj123-max/Ra-DPO Ra-DPO/train/trainers.py, Ra_DPOTrainer.get_batch_logps, with
+`is_cal_risk_distribution_logps: false`): d_v = log π_ref(v) − log π(v) over the vocabulary, VaR = the
+(1 − confidence_level)-quantile of d (torch.quantile's linear interpolation) and risk = Σ_v π_ref(v)·d_v·1[d_v > VaR];
+with `split_vocab` (the authors' default `is_split_risk_ratio: true`) the vocabulary is cut into two halves
+(ids below V//2 and the rest), each with its own VaR, and the two sums are added. Gradients flow through log π, as in
+the authors' code. This needs both models' full distributions at every completion position: with Ra-DPO the policy
+forward is the model's own (unfused) forward returning logits, and the reference forward too, instead of TRL's fused
+log-prob head. Memory: several (2B, T, V) float32 tensors per step (policy log-softmax with its gradient, reference
+log-softmax, d, the mask), i.e. about 4 · 2B · T · V · 4 bytes, 2.5 GB at B = 2, T = 512, V = 150k: fine for small
+models, a limit for long sequences and large vocabularies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from postrain.errors import RecipeError
+
+TOKEN_REWARDS = ("chosen_token_rewards", "rejected_token_rewards")
+RISK_RATIOS = ("chosen_token_risk_ratios", "rejected_token_risk_ratios")
+# Registry data this module computes from a pair batch; all of it needs the reference forward.
+TOKEN_LEVEL_DATA = frozenset({*TOKEN_REWARDS, *RISK_RATIOS})
+
+REQUIRED = object()
+# Per loss: the entry keys that are inputs the trainer computes (not loss hyperparameters), with their defaults.
+# Ra-DPO's defaults are the authors' config/loss/ra-dpo.yaml (confidence_level 0.95, is_split_risk_ratio true).
+INPUT_KEYS: dict[str, dict[str, Any]] = {
+    "tgdpo": {"token_reward_model": REQUIRED},
+    "ra_dpo": {"confidence_level": 0.95, "split_vocab": True},
+}
+
+
+def split_inputs(name: Any, params: dict, trainer: dict, where: str, origins: dict | None = None
+                 ) -> tuple[dict, dict]:
+    """`params` of a `loss:` entry without the trainer-input keys of its loss, and those inputs (defaults filled in),
+    checked. Raises RecipeError naming the key and what would be right."""
+    keys = INPUT_KEYS.get(name) if isinstance(name, str) else None
+    if not keys:
+        return params, {}
+    inputs = {}
+    for key, default in keys.items():
+        if key in params:
+            inputs[key] = params[key]
+        elif default is REQUIRED:
+            raise RecipeError(f"{where}: preference loss {name!r} needs `{key}:`, the already DPO-trained model whose "
+                              f"per-token log-ratio to the reference is TGDPO's token reward, e.g. {{name: {name}, "
+                              f"{key}: {{name_or_path: runs/dpo}}}} (a DPO run, or a pipeline stage's output)")
+        else:
+            inputs[key] = default
+    rest = {k: v for k, v in params.items() if k not in keys}
+    if "token_reward_model" in inputs:
+        _check_model_spec(inputs["token_reward_model"], f"{where}.token_reward_model", origins or {})
+    if "confidence_level" in inputs:
+        level = inputs["confidence_level"]
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise RecipeError(f"{where}.confidence_level must be a number in (0, 1) (the CVaR's confidence level; "
+                              f"the authors use 0.95 to 0.99), got {level!r}")
+        if not isinstance(inputs["split_vocab"], bool):
+            raise RecipeError(f"{where}.split_vocab must be true (the authors' default: a VaR per half of the "
+                              f"vocabulary) or false (one VaR over the vocabulary), got {inputs['split_vocab']!r}")
+        if trainer.get("precompute_ref_log_probs"):
+            raise RecipeError(f"{where}: preference loss {name!r} reads per-token risk ratios computed from the "
+                              f"reference's full distribution on each batch, which trainer.precompute_ref_log_probs "
+                              f"does not keep; set it to false")
+    return rest, inputs
+
+
+def _check_model_spec(spec: Any, where: str, origins: dict) -> None:
+    from postrain.recipes.schema import ModelSpec
+    from postrain.recipes.validate import validate_section
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("name_or_path"), str):
+        raise RecipeError(f"{where} must be a model like `ref_model:`, e.g. {{name_or_path: runs/dpo}}, got {spec!r}")
+    validate_section(spec, ModelSpec, where, origins)
+
+
+def check_terms(terms: list) -> None:
+    """One token reward model and one Ra-DPO setting per recipe: the trainer computes each input once per batch."""
+    for key, what in (("token_reward_model", "token reward model"), ("confidence_level", "risk setting")):
+        values = [(t.name, t.inputs) for t in terms if key in t.inputs]
+        if len({repr(sorted(i.items())) for _, i in values}) > 1:
+            raise RecipeError(f"`loss:` gives {len(values)} {values[0][0]!r} entries different inputs "
+                              f"({'; '.join(repr(i) for _, i in values)}): the trainer computes one {what} per batch, "
+                              f"so give them the same")
+
+
+def check_model_references(terms: list) -> None:
+    """Before the run directory is made: the token reward model exists (as `ref_model` is checked)."""
+    from postrain.models.loading import check_model_reference
+
+    for i, term in enumerate(terms):
+        if "token_reward_model" in term.inputs:
+            check_model_reference(term.inputs["token_reward_model"], f"loss[{i}].token_reward_model")
+
+
+def _lower_tail_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(x, q, dim=-1, keepdim=True) (linear interpolation), by kthvalue: torch.quantile refuses inputs of
+    more than 2^24 elements, which (B, T, V) exceeds for real vocabularies."""
+    n = x.size(-1)
+    position = q * (n - 1)
+    low = int(position)
+    high = min(low + 1, n - 1)
+    low_value = x.kthvalue(low + 1, dim=-1, keepdim=True).values
+    high_value = x.kthvalue(high + 1, dim=-1, keepdim=True).values
+    return low_value + (position - low) * (high_value - low_value)
+
+
+def token_risk_ratios(ref_logps: torch.Tensor, policy_logps: torch.Tensor, confidence_level: float = 0.95,
+                      split_vocab: bool = True) -> torch.Tensor:
+    """Ra-DPO's per-position risk ratio (N, T) from full-vocabulary log-probs (N, T, V) of reference and policy:
+    Σ_v π_ref(v)·d_v·1[d_v > VaR], d = log π_ref − log π, VaR the (1 − confidence_level)-quantile of d over the
+    vocabulary (per half of it with `split_vocab`). As the authors' calculate_cvar (see the module docstring)."""
+    distance = ref_logps - policy_logps
+    probs = ref_logps.exp()
+    vocab = distance.size(-1)
+    cuts = [(0, vocab // 2), (vocab // 2, vocab)] if split_vocab else [(0, vocab)]
+    risk = distance.new_zeros(distance.shape[:-1])
+    for start, end in cuts:
+        part = distance[..., start:end]
+        with torch.no_grad():  # VaR only places the cut: the mask carries no gradient
+            above = part > _lower_tail_quantile(part.detach(), 1 - confidence_level)
+        risk = risk + (probs[..., start:end] * part * above).sum(-1)
+    return risk
+
+
+def _shifted_log_softmax(logits: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """log π(·| y_<t) at the positions that predict tokens 1.. (as TRL's fused head scores them), (N, seq_len, V)."""
+    return logits[:, :-1].float().log_softmax(-1)[:, -seq_len:]
+
+
+def _gather(full_logps: torch.Tensor, input_ids: torch.Tensor, shift_mask: torch.Tensor) -> torch.Tensor:
+    seq_len = shift_mask.size(1)
+    labels = input_ids[:, 1:][:, -seq_len:]
+    tokens = full_logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return tokens * shift_mask  # zero off the completion, as the fused head gives it
+
+
+@dataclasses.dataclass
+class TokenLevelInputs:
+    """What a PostrainDPOTrainer computes per batch for its token-level terms (built by `for_trainer`)."""
+
+    trainer: Any
+    reward_model: Any = None  # TGDPO's π_rm, prepared for inference
+    risk: dict | None = None  # Ra-DPO's {confidence_level, split_vocab}
+    _policy_full: torch.Tensor | None = None  # this batch's policy log-softmax (N, T, V), with its graph
+    _reference_full: torch.Tensor | None = None
+
+    @classmethod
+    def for_trainer(cls, trainer) -> "TokenLevelInputs | None":
+        """None unless a loss term reads token-level inputs; loads TGDPO's token reward model."""
+        terms = [t for t in trainer.loss_terms if t.inputs]
+        if not terms:
+            return None
+        out = cls(trainer)
+        for term in terms:
+            if "token_reward_model" in term.inputs and out.reward_model is None:
+                out.reward_model = _load_reward_model(trainer, term.inputs["token_reward_model"])
+            if "confidence_level" in term.inputs:
+                out.risk = {k: term.inputs[k] for k in ("confidence_level", "split_vocab")}
+        return out
+
+    @property
+    def full_vocab(self) -> bool:
+        """Whether the policy and reference forwards return full distributions (Ra-DPO)."""
+        return self.risk is not None
+
+    def policy_forward(self, model, inputs: dict):
+        """The policy forward, unfused: as PostrainDPOTrainer._policy_forward (TRL 1.16's, same model keyword
+        arguments), but through the model's own forward, which returns logits; per-token log-probs gathered from
+        them. Returns what _policy_forward returns; keeps the full log-softmax for the risk ratios."""
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+        model_kwargs["use_cache"] = False
+        if self.trainer.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        shift_mask = inputs["completion_mask"][..., 1:]
+        seq_len = shift_mask.size(1)
+        outputs = model(**model_kwargs)
+        full = _shifted_log_softmax(outputs.logits, seq_len)
+        self._policy_full = full
+        per_token = _gather(full, inputs["input_ids"], shift_mask)
+        # log Σ_v π(v)² (WPO's input), so a WPO term beside Ra-DPO reads what the fused head would give it
+        log_sum_sq = torch.logsumexp(2 * full, dim=-1) * shift_mask
+        wrapped = SimpleNamespace(log_sum_sq_probs=log_sum_sq, aux_loss=getattr(outputs, "aux_loss", None))
+        return wrapped, per_token, shift_mask, model_kwargs
+
+    def reference_token_logps(self, inputs: dict, seq_len: int) -> torch.Tensor:
+        """Per-token reference log-probs (N, T) from an unfused reference forward, run by TRL's
+        compute_ref_log_probs (no grad, adapters off under peft, autocast); keeps the full log-softmax."""
+        trainer = self.trainer
+        reference = trainer.ref_model or trainer.model
+        shift_mask = inputs["completion_mask"][..., 1:]
+
+        def unfused(labels=None, fused_lm_head=False, **kwargs):
+            full = _shifted_log_softmax(reference(**kwargs).logits, seq_len)
+            self._reference_full = full
+            return SimpleNamespace(log_probs=_gather(full, kwargs["input_ids"], shift_mask))
+
+        trainer.compute_ref_log_probs(unfused, inputs)
+        return _gather(self._reference_full, inputs["input_ids"], shift_mask)
+
+    def token_logps(self, model, inputs: dict, seq_len: int) -> torch.Tensor:
+        """Per-token log-probs (N, T) of a further model, through TRL's compute_ref_log_probs (no grad, fused head)."""
+        kept = {}
+
+        def forward_and_keep(**kwargs):
+            kept["outputs"] = model(**kwargs)
+            return kept["outputs"]
+
+        self.trainer.compute_ref_log_probs(forward_and_keep, inputs)
+        return kept["outputs"].log_probs[:, -seq_len:]
+
+    def data(self, inputs: dict, seq_len: int, data: dict) -> dict[str, torch.Tensor]:
+        """This batch's token-level inputs, from the reference data already in `data` and the kept distributions."""
+        out = {}
+        if self.reward_model is not None:
+            reward_logps = self.token_logps(self.reward_model, inputs, seq_len)
+            reference = torch.cat([data["ref_chosen_token_logps"], data["ref_rejected_token_logps"]], dim=0)
+            rewards = (reward_logps.to(reference.dtype) - reference).detach()
+            out["chosen_token_rewards"], out["rejected_token_rewards"] = rewards.chunk(2, dim=0)
+        if self.risk is not None:
+            if self._policy_full is None or self._reference_full is None:
+                raise RuntimeError("Ra-DPO's risk ratios need this batch's full policy and reference distributions")
+            risk = token_risk_ratios(self._reference_full, self._policy_full, **self.risk)
+            out["chosen_token_risk_ratios"], out["rejected_token_risk_ratios"] = risk.chunk(2, dim=0)
+            self._policy_full = self._reference_full = None  # free the (N, T, V) tensors the loss no longer needs
+        return out
+
+
+def _load_reward_model(trainer, spec: dict):
+    """TGDPO's π_rm: loaded as a `ref_model:` is, on the policy's tokenizer, prepared as TRL prepares its reference."""
+    from postrain.models.loading import load_model
+    from postrain.recipes.schema import ModelSpec
+    from postrain.trainers.logp_models import _prepare
+
+    model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **spec})
+    policy = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    if tokenizer.get_vocab() != policy.get_vocab():
+        raise RecipeError(f"token_reward_model {spec.get('name_or_path')!r}: its tokenizer differs from the policy's "
+                          f"({len(tokenizer)} vs {len(policy)} tokens, or other ids); TGDPO's token rewards are "
+                          f"log-ratios on the policy's tokens, so π_rm must share the policy's tokenizer")
+    return _prepare(trainer, model)
