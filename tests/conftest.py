@@ -53,3 +53,17 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def source_digest(reference: str) -> str:
+    """sha256 of the source of `module:Qualified.name` (a library function postrain copies from or builds on):
+    tests pin these so that a library change fails a test naming the postrain code to re-check."""
+    import hashlib
+    import importlib
+    import inspect
+
+    module, _, qualname = reference.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()

@@ -3,8 +3,6 @@ no reference forward for reference-free losses; load-time refusals; TRL's source
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +14,7 @@ from typer.testing import CliRunner
 from postrain.cli import app
 from postrain.errors import RecipeError
 from postrain.recipes.loader import load_recipe
-from tests.conftest import TINY, write_recipe
+from tests.conftest import TINY, source_digest, write_recipe
 
 runner = CliRunner()
 TINY_SPEC = {"name_or_path": "tiny", "dtype": "float32", "tiny": TINY}
@@ -216,7 +214,7 @@ def dpo_recipe(tmp_path: Path, extra: str) -> Path:
     ("loss: [{name: dpo}]\ntrainer: {f_divergence_type: js_divergence}", r"f_divergence_type.*`fdpo_js`"),
     ("loss: [{name: dpo}]\ntrainer: {beta: 0.5}", r"trainer.beta=0.5.*set `beta:` on each `loss:` entry"),
     ("loss: [{name: dpo}]\ntrainer: {loss_weights: [2.0]}", r"trainer.loss_weights.*`weight:`"),
-    ("loss: [{name: dmpo}]", r"'dmpo' needs chosen_turn_logps, .*which postrain's DPO trainer cannot give it"),
+    ("loss: [{name: dmpo}]\ntrainer: {truncation_mode: keep_end}", r"truncation_mode='keep_end' with 'dmpo'"),
     ("loss: [{name: kto}, {name: dpo}]", r"`loss:` mixes data shapes \(loss\[0\] 'kto' reads unpaired labelled "
                                          r"completions .*; loss\[1\] 'dpo' reads preference pairs"),
     ("loss: [{name: r_dpo}]", r"'r_dpo' needs 'alpha' \(its paper gives no default\)"),
@@ -262,13 +260,8 @@ TRL_DPO_SOURCE = {
 
 @pytest.mark.parametrize("reference", list(TRL_DPO_SOURCE))
 def test_trl_dpo_methods_postrain_builds_on_are_unchanged(reference):
-    import importlib
-
-    module, _, qualname = reference.partition(":")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    qualname = reference.partition(":")[2]
+    digest = source_digest(reference)
     assert digest == TRL_DPO_SOURCE[reference], f"TRL's {qualname} changed: re-check postrain/trainers/dpo.py"
 
 

@@ -62,7 +62,7 @@ TOKEN_KEYS = ("mask", "logps", "old_logps", "ref_logps", "entropies")
 # Losses that read whole groups; they get the group-aligned split. The guard test below keeps this list honest.
 WHOLE_GROUP_LOSSES = {"gvpo", "disco"}
 # Losses that take one advantage per sequence only (they raise on (N, T) advantages).
-SEQUENCE_ADVANTAGE_LOSSES = {"gmpo", "a_star_po"}
+SEQUENCE_ADVANTAGE_LOSSES = {"gmpo", "a_star_po", "nft"}
 
 
 def make_batch(lengths, group_size, binary, seed):

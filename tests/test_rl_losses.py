@@ -428,6 +428,8 @@ ALL = sorted(POLICY_LOSSES.entries)
 
 
 def call_any(name, lp, old, mask, adv, rewards, garbage):
+    if name == "nft":  # NFT reads the group accuracy as rewards - advantages: the dr_grpo advantage (r - mean)
+        adv = rewards - rewards.view(-1, G).mean(1).repeat_interleave(G)
     return run(name, lp, old, mask, adv, garbage, rewards=rewards, group_size=G, ref_logps=dirty(old, mask, garbage))
 
 

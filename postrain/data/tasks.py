@@ -17,6 +17,10 @@ held-out score is a score on problems never trained on.
              number, the fraction of right characters for a wrong reversal) and `ranks` (1 = best, ties share one)
   unpaired   two rows per problem: {prompt, completion, answer, label} with the right answer (label true) and
              the plausible wrong one (label false)
+  turns      multi-turn conversational pairs for per-turn losses (dmpo): `prompt` [user: the question],
+             `chosen` two agent turns around an observation [assistant: the question restated, user: "=?",
+             assistant: the answer], `rejected` one agent turn [assistant: the wrong answer]; with `answer`,
+             score_chosen, score_rejected (no string `completion`: TRL reads a row as a conversation or not)
 Both are built from the same problems and draw nothing from the task's random stream, so the pairs rows of a
 seed stay the same whatever the shape.
 """
@@ -150,7 +154,7 @@ def reverse(
     return _shaped(rows, shape, list_size, _reversal_candidates, "reverse")
 
 
-SHAPES = ("pairs", "lists", "unpaired")
+SHAPES = ("pairs", "lists", "unpaired", "turns")
 
 
 def _shaped(rows: list[dict], shape: str, list_size: int, candidates: Callable[[dict], list[tuple[str, float]]],
@@ -159,6 +163,13 @@ def _shaped(rows: list[dict], shape: str, list_size: int, candidates: Callable[[
     answer first, each completion once."""
     if shape not in SHAPES:
         raise DataError(f"{task}: shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    if shape == "turns":
+        return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": r["prompt"].rstrip("=")},
+                            {"role": "user", "content": "=?"}, {"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                 "answer": r["answer"], "score_chosen": r["score_chosen"], "score_rejected": r["score_rejected"]}
+                for r in rows]
     if shape == "unpaired":
         return [{"prompt": r["prompt"], "completion": r[side], "answer": r["answer"], "label": side == "chosen"}
                 for r in rows for side in ("chosen", "rejected")]

@@ -239,9 +239,13 @@ def _smoke_samples(cfg: dict, sets: dict) -> int:
 
 
 def _dpo_data_shape(cfg: dict) -> str:
-    """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.trainers.dpo)."""
+    """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.trainers.dpo); `turns` (the built-in
+    tasks' multi-turn conversational pairs) for per-turn losses (dmpo, postrain.trainers.turns)."""
     from postrain.trainers.dpo import section_shape
+    from postrain.trainers.turns import reads_turns_section
 
+    if reads_turns_section(cfg.get("loss")):
+        return "turns"
     return section_shape(cfg.get("loss")).name
 
 

@@ -416,6 +416,95 @@ def disco_kl_stats(logps, old_logps, mask) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# supervised loss with an implicit negative policy (NFT)
+# ---------------------------------------------------------------------------------------------------------------
+
+# NFT's prompt weight w(r_q), by name: the authors' `normalize` 1 / 2 / 0.
+NFT_PROMPT_WEIGHTS = ("dr_grpo", "grpo", "none")
+# r_q = rewards - advantages within this distance of 0 or 1 counts as an all-wrong / all-correct group (float32
+# group means of 0/1 rewards are off by ~1e-7); beyond it outside [0, 1], the advantage is not r - r_q.
+_NFT_RATE_TOL = 1e-4
+
+
+def _clamp_min_keep_grad(x, low):
+    """Value max(x, low), gradient of x everywhere (the authors' `clamp_preserve_grad`)."""
+    return x + (torch.clamp(x, min=low) - x).detach()
+
+
+@POLICY_LOSSES.register(
+    "nft", paper="Bridging Supervised Learning and Reinforcement Learning in Math Reasoning", arxiv="2505.18116",
+    catalog="rl:79",
+    notes="checked against NVlabs/NFT dp_actor.py DataParallelPPOActor.update_policy (neg_weight >= 0, "
+          "ratio_type='token' branch), ray_nft_trainer.py compute_dapo_nft_outcome_advantage (correct_rate = group "
+          "accuracy) and train_7B.sh / train_32B.sh (neg_weight 1.0, clamp_negative 1.0, clamp_positive 0.0, "
+          "normalize 1, ppo_epochs 1, filter_groups on). The authors reduce sum_{i,t} l / 1000 per micro-batch "
+          "(a constant normaliser: seq_mean_token_sum_norm, whose constant differs). r_q is read as "
+          "rewards - advantages, so the advantage must be dr_grpo (checked at recipe load). ratio_type='sequence' "
+          "is not registered.")
+def nft(logps, old_logps, advantages, mask, rewards, *, negative_weight: float = 1.0,
+        prompt_weight: str = "dr_grpo", negative_clamp: float = 1.0, positive_clamp: float = 0.0,
+        log_ratio_max: float = 10.0, accuracy_clamp: float = 0.02):
+    """NFT: -w(r_q) [r log R + (1-r) lambda log((1 - r_q R) / (1 - r_q))], R = pi/pi_old per token, r in {0, 1}.
+
+    The authors' code (NVlabs/NFT dp_actor.py, update_policy, ratio_type='token'), per valid token:
+      R = exp(min(log pi - log pi_old, log_ratio_max))              log-ratio cap 10, no gradient above it
+      q = clamp(r_q, accuracy_clamp, 1 - accuracy_clamp)            r_q = the prompt's accuracy, clamp 0.02
+      l+ = -log(max(R, c+))       on correct rows (r = 1): the positive policy's likelihood ratio
+      l- = -log(max((1 - q R) / (1 - q), c-))   on wrong rows: the ratio of the implicit negative policy
+                                                pi- = (pi - r_q pi_old) / (1 - r_q) to pi-_old = pi_old
+      l = w(q) [r l+ + (1 - r) lambda l-],  w = 1 - q (prompt_weight dr_grpo, normalize=1), sqrt((1 - q) / q)
+          (grpo, normalize=2) or 1 (none, normalize=0)
+    max(., c) clamps the value only and keeps the gradient (clamp_preserve_grad): the gradient of l- is
+    q R / ((1 - q) max(proxy, c-)) grad log pi, so c- = 1 caps it at GRPO's linear one where pi- has fallen,
+    and the log never sees proxy <= 0. Defaults: lambda = negative_weight 1.0 (0 is RFT), c- = 1.0, c+ = 0.0
+    (l+ = -log R: maximum likelihood on the positives), normalize=1.
+
+    Strictly on-policy (R = 1) the gradient is -(r - r_q) grad log pi: ppo_clip's on Dr. GRPO's advantage
+    r - r_q (prompt_weight dr_grpo) or on GRPO's (r - r_q) / sqrt(r_q (1 - r_q)) (prompt_weight grpo,
+    the population std), as the authors' README states.
+
+    Reads binary `rewards` r in {0, 1} and `advantages` = r - r_q (advantage dr_grpo): r_q = r - A is the group
+    accuracy carried per row, so micro-batches need not hold whole groups. Groups that are all correct or all
+    wrong (r_q = 0 or 1, groups of one included) get 0: the authors' dynamic sampling drops them, and 0 is also
+    the loss's limit there (w = 0 at r_q = 1, no gradient at r_q = 0). l+ is computed in log space (the same
+    value and gradient; R may underflow)."""
+    if prompt_weight not in NFT_PROMPT_WEIGHTS:
+        raise ValueError(f"prompt_weight must be one of {', '.join(NFT_PROMPT_WEIGHTS)}, got {prompt_weight!r}")
+    if not negative_clamp > 0:
+        raise ValueError(f"negative_clamp must be > 0 (the log's floor), got {negative_clamp}")
+    if not negative_weight >= 0:
+        raise ValueError(f"negative_weight must be >= 0 (0: RFT; the authors' -1 selects their DAPO branch, which "
+                         f"is ppo_clip here), got {negative_weight}")
+    if not 0 <= accuracy_clamp < 0.5:
+        raise ValueError(f"accuracy_clamp must lie in [0, 0.5), got {accuracy_clamp}")
+    r = rewards.float().to(mask.device)
+    if not bool(((r == 0) | (r == 1)).all()):
+        raise ValueError(f"nft needs binary rewards 0 / 1 (correct / wrong), got values {sorted(set(r.tolist()))[:6]}")
+    rate = r - _seq_adv(advantages).to(r.device)
+    if bool(((rate < -_NFT_RATE_TOL) | (rate > 1 + _NFT_RATE_TOL)).any()):
+        raise ValueError("nft reads the prompt's accuracy as rewards - advantages, which must lie in [0, 1]: the "
+                         "advantages must be dr_grpo's r - group mean (rl.advantage: dr_grpo)")
+    mixed = ((rate > _NFT_RATE_TOL) & (rate < 1 - _NFT_RATE_TOL)).unsqueeze(1)
+    q = rate.clamp(accuracy_clamp, 1 - accuracy_clamp).unsqueeze(1)
+    lr = torch.clamp(_log_ratio(logps, old_logps, mask), max=log_ratio_max)
+    ratio = torch.exp(lr)
+    # l+ = -log(max(R, c+)) with gradient -(R / max(R, c+)) grad log R, written with m = sg(max(log R, log c+))
+    m = lr.detach() if positive_clamp <= 0 else torch.clamp(lr.detach(), min=math.log(positive_clamp))
+    positive = -(m + torch.exp(lr.detach() - m) * (lr - lr.detach()))
+    proxy = (1 - q * ratio) / (1 - q)
+    negative = -torch.log(_clamp_min_keep_grad(proxy, negative_clamp))
+    weight = {"dr_grpo": 1 - q, "grpo": torch.sqrt((1 - q) / q), "none": torch.ones_like(q)}[prompt_weight]
+    correct = r.unsqueeze(1)
+    loss = weight * (correct * positive + (1 - correct) * negative_weight * negative)
+    loss = torch.where(mixed, loss, torch.zeros((), device=loss.device))
+    wrong = mixed & (correct == 0)
+    metrics = _ratio_metrics(ratio, mask, **{"nft/negative_clamped": wrong & (proxy < negative_clamp),
+                                             "nft/ratio_capped": lr.detach() >= log_ratio_max})
+    metrics["nft/mixed_group_fraction"] = mixed.float().mean().detach()
+    return masked(loss, mask), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # aggregations
 # ---------------------------------------------------------------------------------------------------------------
 

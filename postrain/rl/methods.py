@@ -150,6 +150,19 @@ def disco(*, score: str = "logL", tau: float = 10.0, beta: float = 1e3, delta: f
                "seq_mean_token_mean")
 
 
+@METHODS.register("nft", **_paper(POLICY_LOSSES, "nft"),
+                  notes="NVlabs/NFT train_7B.sh / train_32B.sh: neg_weight 1.0, clamp_negative 1.0, normalize 1, "
+                        "filter_groups (dynamic sampling, max_num_gen_batches 10); the dr_grpo advantage carries "
+                        "each row's group accuracy r_q = r - A to the loss (binary 0/1 rewards)")
+def nft(*, negative_weight: float = 1.0, prompt_weight: str = "dr_grpo", negative_clamp: float = 1.0,
+        max_num_gen_batches: int = 10):
+    """NFT: supervised loss on positives (-log R) and, through the implicit negative policy, on negatives
+    (-log((1 - r_q R) / (1 - r_q))), prompt weight 1 - r_q; constant-normalised token sum; dynamic sampling."""
+    return _rl("dr_grpo", {"name": "nft", "negative_weight": negative_weight, "prompt_weight": prompt_weight,
+                           "negative_clamp": negative_clamp}, "seq_mean_token_sum_norm",
+               samplers=[{"name": "dynamic_sampling", "max_num_gen_batches": max_num_gen_batches}])
+
+
 # --- advantage estimators -----------------------------------------------------------------------------------------
 
 @METHODS.register("rloo", **_paper(ADVANTAGES, "rloo"))

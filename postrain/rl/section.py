@@ -279,6 +279,7 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     _check_replay(parts)
     _check_samplers(parts, trainer)
     _check_greso(parts)
+    _check_nft(parts)
 
     max_len = int(trainer.get("max_completion_length") or 512)
     for part in parts.shaping:
@@ -413,6 +414,34 @@ def _check_curriculum(part: Part) -> None:
         v = value.get(name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
             raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")
+
+
+def _check_nft(parts: RLParts) -> None:
+    """`nft` reads the prompt's accuracy as rewards - advantages: the advantage must be dr_grpo's r - group mean and
+    the rewards binary (no shaping); its parameters in range."""
+    part = parts.policy_loss
+    if part.name != "nft":
+        return
+    from postrain.rl.losses import NFT_PROMPT_WEIGHTS
+
+    if parts.advantage.name != "dr_grpo":
+        raise RecipeError(f"policy loss 'nft' ({part.where}) reads each row's group accuracy r_q as rewards - "
+                          f"advantages, which holds for the dr_grpo advantage (r - group mean) only: set "
+                          f"rl.advantage: dr_grpo (now {parts.advantage.name!r}, {parts.advantage.where})")
+    if parts.shaping:
+        raise RecipeError(f"policy loss 'nft' ({part.where}) needs binary 0 / 1 rewards, and shaping "
+                          f"{parts.shaping[0].name!r} ({parts.shaping[0].where}) changes them: remove rl.shaping")
+    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
+    number = (int, float)
+    rules = {"prompt_weight": (lambda v: v in NFT_PROMPT_WEIGHTS, f"one of {', '.join(NFT_PROMPT_WEIGHTS)}"),
+             "negative_weight": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0 (0: RFT)"),
+             "negative_clamp": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
+             "positive_clamp": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
+             "log_ratio_max": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
+             "accuracy_clamp": (lambda v: isinstance(v, number) and 0 <= v < 0.5, "a number in [0, 0.5)")}
+    for name, (ok, what) in rules.items():
+        if isinstance(value[name], bool) or not ok(value[name]):
+            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
 
 
 def _check_greso(parts: RLParts) -> None:

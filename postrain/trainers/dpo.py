@@ -35,6 +35,8 @@ from postrain.errors import DataError, RecipeError
 from postrain.recipes.validate import origin_of
 # TGDPO's token rewards, Ra-DPO's risk ratios: their inputs sit on the loss entry
 from postrain.trainers.token_level import TOKEN_LEVEL_DATA, TokenLevelInputs, check_terms, split_inputs
+# DMPO's per-turn log-probs of multi-turn conversations: spans from the chat template, sums per agent turn
+from postrain.trainers import turns
 # β-DPO's margin statistics, group robust PO's group weights: state the trainer keeps across batches
 from postrain.trainers.dpo_state import BATCH_KEYS as STATE_BATCH_KEYS
 from postrain.trainers.dpo_state import STATE_DATA, DPOLossState, check_group_column, split_settings
@@ -85,8 +87,9 @@ class DataShape:
 
 PAIRS = DataShape(
     "pairs", "preference pairs {prompt, chosen, rejected}", (("prompt",), ("chosen",), ("rejected",)),
-    BATCH_DATA | LOGP_MODEL_DATA | TOKEN_LEVEL_DATA | STATE_DATA,
-    frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS, *TOKEN_LEVEL_DATA}),
+    BATCH_DATA | LOGP_MODEL_DATA | TOKEN_LEVEL_DATA | STATE_DATA | turns.TURN_DATA,
+    frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS, *TOKEN_LEVEL_DATA,
+               *turns.REF_TURN_LOGPS}),
     "postrain.trainers.dpo:PostrainDPOTrainer", PAIR_COLUMNS)
 LISTS = DataShape(
     "lists", "K-response lists {prompt, completions, scores or ranks}",
@@ -256,6 +259,7 @@ def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, 
         terms.append(LossTerm(variant.name, float(weight), params, inputs, state))
     _check_one_shape(terms)
     check_terms(terms)
+    turns.check_options(terms, trainer, defaults)  # dmpo: no precomputed reference, keep_start truncation
     check_state_options(terms, trainer, defaults)
     _check_shape_options(terms, trainer, defaults, origins)
     return terms
@@ -337,6 +341,7 @@ def check_loss_data(terms: list[LossTerm], dataset, where: str, provided: tuple 
 
     check_loss_columns(terms, list(dataset.column_names), where, provided)
     check_group_column(terms, dataset, where)  # group_robust_po's group_column: present, strings or integers
+    turns.check_turn_rows(terms, dataset, where)  # dmpo: conversations whose trajectories start with agent turns
     shape = losses_shape(terms)
     if not isinstance(dataset, datasets.Dataset) or shape is PAIRS:
         return
@@ -432,7 +437,13 @@ class PostrainDPOTrainer(DPOTrainer):
             self.token_inputs = TokenLevelInputs.for_trainer(self)
 
     def _check_raw_data(self, train_dataset, eval_dataset) -> None:
-        """Before TRL tokenizes: nothing to check for pairs (their score columns are checked once tokenized)."""
+        """Before TRL tokenizes: for pairs, only per-turn losses' rows (conversations; the first row here, every row
+        as the spans are computed); score columns are checked once tokenized."""
+        if turns.reads_turns(self.loss_terms):
+            for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                for key, part in (dataset.items() if isinstance(dataset, dict) else [(name, dataset)]):
+                    if part is not None:
+                        turns.check_turn_row(next(iter(part)), f"{key}, row 0")
 
     def _setup_batches(self) -> None:
         """Once TRL built its collator: add the per-pair columns the losses read, and WPO's log Σπ² head."""
@@ -442,6 +453,9 @@ class PostrainDPOTrainer(DPOTrainer):
         if columns:
             self.data_collator = _WithPairColumns(self.data_collator, columns)
         self.data_collator = self.loss_state.wrap_collator(self.data_collator)  # group ids (group_robust_po)
+        if turns.reads_turns(self.loss_terms):  # dmpo: agent-turn spans per row, a turn id per position per batch
+            turns.add_turn_spans(self)
+            self.data_collator = turns.WithTurnIds(self.data_collator, self.args.max_length)
         if any(set(LOG_SUM_SQ_PROBS) & t.reads for t in self.loss_terms):
             # TRL's fused LM head computes log Σπ² only under `use_weighting`; patch the head again to add it
             # (the new head replaces the forward TRL patched; outputs as TRL asks for them, plus log_sum_sq_probs).
@@ -476,6 +490,8 @@ class PostrainDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         # Keep the per-pair columns the losses read: Trainer drops every column not named here.
         state_columns = self.loss_state.columns() if getattr(self, "loss_state", None) else []
+        if turns.reads_turns(getattr(self, "loss_terms", [])):
+            state_columns = [*state_columns, *turns.SPAN_COLUMNS]
         extra = [c for c in self._pair_columns_read() + state_columns if c not in self._signature_columns]
         self._signature_columns = list(self._signature_columns) + extra
 
@@ -527,6 +543,7 @@ class PostrainDPOTrainer(DPOTrainer):
         self._batch_state_inputs = {k: inputs[k] for k in STATE_BATCH_KEYS if k in inputs}  # group ids
         inputs = {k: v for k, v in inputs.items()
                   if k not in PAIR_COLUMNS and k not in references and k not in STATE_BATCH_KEYS}
+        turn_ids = inputs.pop(turns.TURN_IDS, None)  # dmpo's turn id per position, not a model input
         outputs, per_token_logps, shift_completion_mask, model_kwargs = self._policy_forward(model, inputs)
         seq_len = shift_completion_mask.size(1)
 
@@ -541,6 +558,8 @@ class PostrainDPOTrainer(DPOTrainer):
             data["chosen_token_log_sum_sq_probs"], data["rejected_token_log_sum_sq_probs"] = log_sum_sq.chunk(2)
         if self.uses_reference:
             data.update(self._reference_data(inputs, seq_len))
+        if turn_ids is not None:  # dmpo: per agent turn sums (B, J) of policy and reference, turn masks
+            data.update(turns.turn_data(turn_ids, per_token_logps, data))
         if self.token_inputs is not None:  # TGDPO's token rewards, Ra-DPO's risk ratios
             data.update(self.token_inputs.data(inputs, seq_len, data))
 
