@@ -277,6 +277,10 @@ def check_source_options(spec: dict, where: str) -> None:
     from postrain.data.sample_transforms import check_sample_transform  # it reads this module's helpers
 
     check_sample_transform(spec, where)
+    from postrain.data.implicit_rewards import check_implicit_reward, check_mix  # DICE (arXiv 2406.09760)
+
+    check_implicit_reward(spec, where)
+    check_mix(spec, where)
 
 
 def _filters(pairing: dict | PairingSpec | None) -> str:
@@ -353,6 +357,13 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
 
         ds = datasets.Dataset.from_list(apply_sample_transform(ds.to_list(), spec, where))
         spec = dataclasses.replace(spec, prompt_template=None)  # step_pairs templated the question before the steps
+    if spec.transform == "implicit_reward_pairs":  # DICE: pairs by the DPO implicit reward of two models
+        from postrain.data.implicit_rewards import implicit_reward_pairs
+
+        ds = datasets.Dataset.from_list(implicit_reward_pairs(ds.to_list(), spec, where))
+        if len(ds) == 0:
+            raise DataError(f"{where}: 'implicit_reward_pairs' found no prompt with at least "
+                            f"implicit_reward.min_samples samples of different implicit rewards in {describe(spec)}")
     if spec.transform == "thought_dropout":  # TON: empty each row's thought with probability p
         ds = datasets.Dataset.from_list(drop_thoughts(ds.to_list(), spec.thought_dropout, where))
     if spec.transform == "curriculum_pairs":
@@ -377,6 +388,10 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
         ds = ds.map(lambda row: {"completions": [_answer_turns(c) for c in row["completions"]]}, desc=None)
     if spec.prompt_template or spec.chat or spec.system_prompt:
         ds = ds.map(lambda row: _format_row(row, spec), desc=None)
+    if spec.mix is not None:  # DICE's experience replay: a second source's rows joined to these
+        from postrain.data.implicit_rewards import apply_mix
+
+        ds = apply_mix(ds, spec, job, where)
     return ds
 
 
@@ -445,8 +460,10 @@ def is_local(spec: dict | SourceSpec) -> bool:
 def source_size(spec: dict | SourceSpec) -> int | None:
     """Number of rows, without loading a model; None where it cannot be known cheaply (hub datasets)."""
     spec = as_source(spec)
+    if spec.mix is not None:  # two sources' draws (postrain.data.implicit_rewards.mix_counts)
+        return None
     if spec.transform in ("score_pairs", "score_lists", "curriculum_pairs", "win_rate_pairs", "step_prefixes",
-                          "step_controlled_pairs", "best_of_k"):  # known once scores are grouped
+                          "step_controlled_pairs", "best_of_k", "implicit_reward_pairs"):  # known once scored
         return None
     if is_local(spec):
         n = len(_read_rows(spec)) * (2 if spec.transform == "unpair" else 1)

@@ -166,7 +166,7 @@ class SourceSpec:
     # see postrain.data.sample_transforms; settings under `steps:` / `best_of_k:`.
     transform: Literal["score_pairs", "score_lists", "unpair", "curriculum_pairs", "win_rate_pairs",
                        "thought_dropout", "step_pairs", "step_prefixes", "step_controlled_pairs",
-                       "best_of_k"] | None = None
+                       "best_of_k", "implicit_reward_pairs"] | None = None
     curriculum_stage: int | None = None
     # Take one slice of the rows (sDPO's data chunks); see ChunkSpec.
     chunk: ChunkSpec | None = None
@@ -177,6 +177,41 @@ class SourceSpec:
     # Settings of the step-level transforms (see StepsSpec) and of `transform: best_of_k` (see BestOfKSpec).
     steps: StepsSpec | None = None
     best_of_k: BestOfKSpec | None = None
+    # Settings of `transform: implicit_reward_pairs` (DICE: pairs by DPO implicit reward; see ImplicitRewardSpec).
+    implicit_reward: ImplicitRewardSpec | None = None
+    # Concatenate a second source's rows with these (DICE's experience replay of offline pairs; see MixSpec).
+    mix: MixSpec | None = None
+
+
+@dataclass
+class ImplicitRewardSpec:
+    """`transform: implicit_reward_pairs` (DICE, arXiv 2406.09760; postrain.data.implicit_rewards): each sample of
+    an eval run's samples.jsonl is scored r = beta·(log π(y|x) − log π_ref(y|x)) − length_penalty·len(y), the summed
+    completion log-probs under `policy` and `reference` (tokenized as TRL's DPO trainer tokenizes, with the
+    policy's tokenizer), len(y) in characters; per prompt the highest-r sample is chosen, the lowest rejected.
+    `length_penalty: auto` is the authors' sweep (0, 0.001, ... until the mean chosen − rejected character length
+    stops getting closer to 0). Defaults are the authors' (sail-sg/dice generate_dpo_scores.py: no beta)."""
+
+    policy: ModelSpec | None = None
+    reference: ModelSpec | None = None
+    beta: float = 1.0
+    length_penalty: float | Literal["auto"] = 0.0
+    # Prompts with fewer scored samples give no pair (the authors: 8 of 16, generate_lc_paired_set n_least_score).
+    min_samples: int = 2
+    batch_size: int = 8
+
+
+@dataclass
+class MixSpec(SourceSpec):
+    """`mix:` of a source: a second source (every SourceSpec key) whose rows join this one's, as DICE's experience
+    replay (sail-sg/dice generate_lc_paired_set.py create_mix_paired_set): with N rows here, M there and
+    `fraction` γ, n = min(int(M·(1 − γ)), N) rows are drawn from this source and int(γ·n / (1 − γ)) from the mix
+    source (with `new_prompts_only`, among its rows whose prompt is not among the n drawn), seeded by `seed`;
+    this source's draw comes first. Applied after both sources are loaded and formatted."""
+
+    fraction: float = 0.5
+    seed: int = 0
+    new_prompts_only: bool = True
 
 
 @dataclass

@@ -112,6 +112,8 @@ def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pa
         "transform": "unpair" if keeps_unpair else None,
         "pairing": None,  # score_pairs' settings go with its transform
         "steps": None, "best_of_k": None,  # so do the step transforms' and best_of_k's
+        # DICE: its implicit-reward models go with the transform, and the offline mix names a real dataset
+        "implicit_reward": None, "mix": None,
         # chat / system_prompt are kept: they exercise the chat-template path the recipe uses.
     }
 

@@ -1,0 +1,305 @@
+"""DICE's data (Bootstrapping Language Models with DPO Implicit Rewards, arXiv 2406.09760; authors' code
+sail-sg/dice): pairs chosen by the DPO implicit reward, and the experience-replay mix with offline pairs.
+
+`transform: implicit_reward_pairs` reads scored-or-not samples (an eval run's samples.jsonl: prompt, completion; K
+rows per prompt) and scores each with two models, the DPO-trained policy π and its reference π_ref:
+
+    r(x, y) = beta · (log π(y|x) − log π_ref(y|x)) − length_penalty · len(y)
+
+log π(y|x) summed over the completion's tokens, len(y) the completion's length in characters (the authors'
+generate_dpo_scores.py: score = logps_pi − logps_pi_ref, both LLaMA-Factory's summed `get_all_reference_logps`; their
+generate_lc_paired_set.py: score − alpha · len(response), Python's len of the text). Per prompt the highest-r sample
+is chosen, the lowest rejected. `length_penalty: auto` is the authors' optimize_alpha: alpha = 0, 0.001, ... < 1,
+stopping at the first alpha whose mean (len(chosen) − len(rejected)) is farther from 0 than the best so far, and
+taking the best.
+
+The log-probs are those TRL 1.16's DPO trainer computes for the same text as a chosen (or rejected) completion:
+the prompt and completion are tokenized as `DPOTrainer._prepare_dataset` tokenizes them (the piece copied below,
+pinned by a hash of that method in tests/test_dice.py), without truncation, and a plain forward sums the
+completion tokens' log-probs. Both models read the policy's token ids (a reference with another vocabulary is
+refused). One model is loaded at a time.
+
+`mix:` (any source) concatenates a second source's rows, as the authors' create_mix_paired_set draws them
+(MixSpec in postrain.recipes.schema).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import random
+from typing import Any
+
+from postrain.errors import DataError, RecipeError
+
+TRANSFORM = "implicit_reward_pairs"
+# The authors' alpha grid (generate_lc_paired_set.py main: alpha_range=(0.0, 1.0, 0.001)).
+ALPHA_GRID = (0.0, 1.0, 0.001)
+
+
+# --- load-time checks --------------------------------------------------------------------------------------------
+
+def check_implicit_reward(spec: dict, where: str) -> None:
+    """`implicit_reward:` is set exactly with `transform: implicit_reward_pairs`, names both models, and its numbers
+    are usable."""
+    settings, transform = spec.get("implicit_reward"), spec.get("transform")
+    if transform != TRANSFORM:
+        if settings is not None:
+            raise RecipeError(f"{where}.implicit_reward: set only with transform: {TRANSFORM} (transform is "
+                              f"{transform!r}); remove it or set the transform")
+        return
+    if not isinstance(settings, dict):
+        raise RecipeError(f"{where}.implicit_reward: transform {TRANSFORM!r} needs the two models that score each "
+                          f"sample, e.g. implicit_reward: {{policy: {{name_or_path: runs/dpo}}, reference: "
+                          f"{{name_or_path: runs/sft}}}}")
+    for key in ("policy", "reference"):
+        model = settings.get(key)
+        if not isinstance(model, dict) or not model.get("name_or_path"):
+            raise RecipeError(f"{where}.implicit_reward.{key}: a model is needed ({'the DPO-trained policy π' if key == 'policy' else 'the policy’s DPO reference π_ref'}), "
+                              f"e.g. {key}: {{name_or_path: ...}}; got {model!r}")
+    beta = settings.get("beta", 1.0)
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
+        raise RecipeError(f"{where}.implicit_reward.beta: must be a number > 0 (r = beta·(log π − log π_ref) − "
+                          f"length_penalty·len), got {beta!r}")
+    alpha = settings.get("length_penalty", 0.0)
+    if alpha != "auto" and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0):
+        raise RecipeError(f"{where}.implicit_reward.length_penalty: a number >= 0 (per character) or 'auto' (the "
+                          f"authors' sweep), got {alpha!r}")
+    for key, default in (("min_samples", 2), ("batch_size", 8)):
+        value = settings.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "min_samples" else 1):
+            least = 2 if key == "min_samples" else 1
+            raise RecipeError(f"{where}.implicit_reward.{key}: must be an integer >= {least}, got {value!r}")
+
+
+def check_mix(spec: dict, where: str) -> None:
+    """`mix:` names a source, a fraction in (0, 1), and holds no mix of its own."""
+    mix = spec.get("mix")
+    if mix is None:
+        return
+    if not isinstance(mix, dict) or not mix.get("source"):
+        raise RecipeError(f"{where}.mix: a second source to mix in, e.g. mix: {{source: data/offline_pairs.jsonl, "
+                          f"fraction: 0.5}}; got {mix!r}")
+    fraction = mix.get("fraction", 0.5)
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise RecipeError(f"{where}.mix.fraction: the mixed-in source's share of the result, a number strictly "
+                          f"between 0 and 1 (DICE: 0.5); to use one source alone, remove `mix:`. Got {fraction!r}")
+    if mix.get("mix") is not None:
+        raise RecipeError(f"{where}.mix.mix: a mixed-in source cannot mix in a third; mix two sources")
+    from postrain.data.sources import check_source_options
+
+    check_source_options({k: v for k, v in mix.items() if k not in ("fraction", "seed", "new_prompts_only")},
+                         f"{where}.mix")
+
+
+# --- tokenization and log-probs ----------------------------------------------------------------------------------
+
+def completion_ids(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as TRL's DPO trainer tokenizes a prompt with a chosen completion.
+
+    Copied from TRL 1.16.0 trl/trainer/dpo_trainer.py, DPOTrainer._prepare_dataset: its `add_eos` (non-conversational
+    completions get the EOS token) and `tokenize_fn` (prompt alone with the generation prompt, prompt + completion,
+    the completion starting where the two diverge), for one completion: the method gives no hook to tokenize a
+    single text. Left out: tools / chat_template_kwargs (samples carry none) and the minimum over chosen and
+    rejected of the common prefix (one completion here). tests/test_dice.py pins the method's source."""
+    from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+
+    if is_conversational({"prompt": prompt, "chosen": completion}):
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        full_ids = _tokenize(tokenizer, prompt + completion)["input_ids"]
+    else:
+        if not completion.endswith(tokenizer.eos_token):
+            completion = completion + tokenizer.eos_token
+        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+        full_ids = _tokenize(tokenizer, prompt + completion)["input_ids"]
+    prompt_len = common_prefix_length(prompt_ids, full_ids)
+    return full_ids[:prompt_len], full_ids[prompt_len:]
+
+
+def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
+    """Σ_t log p(y_t | x, y_<t) over each (prompt ids, completion ids): a plain forward, right-padded."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start:start + batch_size]
+            length = max(len(p) + len(c) for p, c in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            completion = torch.zeros_like(ids)
+            for i, (p, c) in enumerate(batch):
+                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+                attention[i, :len(p) + len(c)] = 1
+                completion[i, len(p):len(p) + len(c)] = 1
+            ids, attention, completion = ids.to(device), attention.to(device), completion.to(device)
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+            token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            out.extend((token_logps * completion[:, 1:]).sum(dim=1).tolist())
+    return out
+
+
+def _load(settings: dict, key: str):
+    from postrain.models.loading import load_model
+    from postrain.recipes.schema import ModelSpec
+
+    model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **settings[key]})
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score_samples(views: list[tuple[Any, Any]], settings: dict, where: str) -> tuple[list[float], list[float]]:
+    """(log π, log π_ref) of each (prompt, completion), tokenized with the policy's tokenizer."""
+    policy, tokenizer = _load(settings, "policy")
+    sequences = [completion_ids(tokenizer, prompt, completion) for prompt, completion in views]
+    batch_size = settings.get("batch_size", 8)
+    policy_logps = summed_logps(policy, sequences, batch_size)
+    _free(policy)
+    reference, reference_tokenizer = _load(settings, "reference")
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RecipeError(f"{where}.implicit_reward.reference: its tokenizer differs from the policy's; both models "
+                          f"score the policy's token ids, so they must share a tokenizer")
+    reference_logps = summed_logps(reference, sequences, batch_size)
+    _free(reference)
+    return policy_logps, reference_logps
+
+
+# --- pairing ----------------------------------------------------------------------------------------------------
+
+def pair_best_worst(rows: list[dict], rewards: list[float], min_samples: int) -> list[dict]:
+    """Per prompt (in the order prompts first appear), the highest-reward row chosen against the lowest (the first of
+    equal ones); prompts with fewer than `min_samples` rows, or whose rewards are all equal, give no pair. The chosen
+    row's other columns are kept; `score_chosen` / `score_rejected` are the two rewards."""
+    groups: dict[str, list[tuple[float, dict]]] = {}
+    for row, reward in zip(rows, rewards):
+        groups.setdefault(json.dumps(row["prompt"], sort_keys=True), []).append((reward, row))
+    pairs = []
+    for group in groups.values():
+        if len(group) < min_samples:
+            continue
+        best = max(range(len(group)), key=lambda i: group[i][0])
+        worst = min(range(len(group)), key=lambda i: group[i][0])
+        if group[best][0] <= group[worst][0]:
+            continue
+        (high, chosen), (low, rejected) = group[best], group[worst]
+        pairs.append({**chosen, "chosen": chosen["completion"], "rejected": rejected["completion"],
+                      "score_chosen": high, "score_rejected": low})
+    return pairs
+
+
+def sweep_length_penalty(rows: list[dict], log_ratios: list[float], min_samples: int) -> float:
+    """The authors' optimize_alpha: alpha over 0, 0.001, ... < 1; stop at the first alpha whose mean character-length
+    difference |mean(len(chosen) − len(rejected))| exceeds the smallest so far; return the alpha of the smallest."""
+    import numpy as np
+
+    lengths = [len(r["completion"]) for r in rows]
+    tried: list[tuple[float, float]] = []
+    for alpha in np.arange(*ALPHA_GRID):
+        pairs = pair_best_worst(rows, [s - alpha * n for s, n in zip(log_ratios, lengths)], min_samples)
+        if not pairs:
+            break
+        gap = abs(sum(len(p["chosen"]) - len(p["rejected"]) for p in pairs) / len(pairs))
+        tried.append((float(alpha), gap))
+        if gap > min(g for _, g in tried):
+            break
+    return min(tried, key=lambda t: t[1])[0] if tried else 0.0
+
+
+def implicit_reward_pairs(rows: list[dict], spec, where: str) -> list[dict]:
+    """Score each (prompt, completion) row with the policy and reference of `spec.implicit_reward`, pair each
+    prompt's best against its worst. The models see the prompt and completion as the DPO job will train on them
+    (the source's chat / system_prompt / prompt_template applied, as load_source applies them to the pairs)."""
+    from postrain.data.sources import _format_row
+
+    settings = spec.implicit_reward
+    settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+    for col in ("prompt", "completion"):
+        if rows and col not in rows[0]:
+            raise DataError(f"{where}: transform {TRANSFORM!r} needs column {col!r} (an eval run's samples.jsonl); "
+                            f"present: {', '.join(rows[0])}")
+    views = []
+    for row in rows:
+        view = _format_row({"prompt": row["prompt"], "completion": row["completion"]}, spec) \
+            if spec.chat or spec.system_prompt or spec.prompt_template else row
+        prompt, completion = view["prompt"], view["completion"]
+        if isinstance(prompt, list) and isinstance(completion, str):  # chat samples: the answer is the next turn
+            completion = [{"role": "assistant", "content": completion}]
+        views.append((prompt, completion))
+    policy_logps, reference_logps = score_samples(views, settings, where)
+    beta, min_samples = settings.get("beta", 1.0), settings.get("min_samples", 2)
+    log_ratios = [beta * (p - r) for p, r in zip(policy_logps, reference_logps)]
+    alpha = settings.get("length_penalty", 0.0)
+    if alpha == "auto":
+        alpha = sweep_length_penalty(rows, log_ratios, min_samples)
+        print(f"[{where}] implicit_reward.length_penalty auto: {alpha:g} per character", flush=True)
+    rewards = [s - alpha * len(row["completion"]) for s, row in zip(log_ratios, rows)]
+    return [{**pair, "length_penalty": float(alpha)} for pair in pair_best_worst(rows, rewards, min_samples)]
+
+
+# --- the offline mix ----------------------------------------------------------------------------------------------
+
+def mix_counts(n_here: int, n_there: int, fraction: float) -> tuple[int, int]:
+    """Rows drawn from this source and from the mixed-in one (create_mix_paired_set: n_total = len(offline),
+    n_from_gen = min(int(n_total·(1 − γ)), len(gen)), n_from_off = int(γ·n_from_gen / (1 − γ)))."""
+    n_from_here = min(int(n_there * (1 - fraction)), n_here)
+    return n_from_here, int(fraction * n_from_here / (1 - fraction))
+
+
+def mix_rows(here: list[dict], there: list[dict], fraction: float, seed: int, new_prompts_only: bool,
+             where: str) -> list[dict]:
+    """This source's draw (in drawn order), then the mixed-in source's, each without replacement, one
+    random.Random(seed). Only the columns both have are kept."""
+    rng = random.Random(seed)
+    n_here, n_there = mix_counts(len(here), len(there), fraction)
+    if n_here == 0:
+        raise DataError(f"{where}.mix: {len(there)} mixed-in row(s) at fraction {fraction} leave no room for this "
+                        f"source's rows (it takes min(int(M·(1 − fraction)), N)); mix in a larger source")
+    drawn = rng.sample(here, n_here)
+    pool = there
+    if new_prompts_only:
+        seen = {json.dumps(r.get("prompt"), sort_keys=True) for r in drawn}
+        pool = [r for r in there if json.dumps(r.get("prompt"), sort_keys=True) not in seen]
+    if n_there > len(pool):
+        raise DataError(f"{where}.mix: {n_there} mixed-in rows are needed for fraction {fraction}, but only "
+                        f"{len(pool)} of its {len(there)} rows" + (" have a prompt not already drawn here"
+                                                                  if new_prompts_only else "") +
+                        "; lower mix.fraction" + (" or set mix.new_prompts_only: false" if new_prompts_only else ""))
+    mixed_in = rng.sample(pool, n_there)
+    common = [c for c in here[0] if c in there[0]] if here and there else []
+    return [{c: r[c] for c in common} for r in drawn + mixed_in]
+
+
+def apply_mix(ds, spec, job: str, where: str):
+    """`ds` (this source, loaded and formatted) mixed with `spec.mix`'s source, loaded the same way."""
+    import datasets
+
+    from postrain.data.sources import load_source
+    from postrain.recipes.schema import MixSpec, SourceSpec
+
+    mix = spec.mix if isinstance(spec.mix, dict) else dataclasses.asdict(spec.mix)
+    settings = {**{f.name: f.default for f in dataclasses.fields(MixSpec) if f.name in ("fraction", "seed",
+                                                                                         "new_prompts_only")}, **mix}
+    source = {k: v for k, v in mix.items() if k in {f.name for f in dataclasses.fields(SourceSpec)}}
+    there = load_source(source, job, where=f"{where}.mix")
+    rows = mix_rows(ds.to_list(), there.to_list(), settings["fraction"], settings["seed"],
+                    settings["new_prompts_only"], where)
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as e:  # a column of one source is text where the other's is chat turns, ...
+        raise DataError(f"{where}.mix: the two sources' rows do not fit one dataset ({e}); format both alike "
+                        f"(e.g. the same chat / system_prompt)") from None
