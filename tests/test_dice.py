@@ -4,11 +4,9 @@ recipes/papers/dice's stage files run for two rounds on the embedded tiny model.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
-from pathlib import Path
 
 import pytest
 import torch
