@@ -169,6 +169,19 @@ def train(model: str, samples: str, **data) -> dict:
             **{f"data.train.{k}": v for k, v in data.items()}}
 
 
+def two_rounds(stage: Path, start: str, seeds: tuple[int, int], rewards: list, data: dict) -> dict:
+    """Pipeline stages of two rounds: sample from the round's starting model (first `start`), score, train from it."""
+    stages = {}
+    model = start
+    for r, seed in enumerate(seeds, 1):
+        stages[f"sample_r{r}"] = {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
+                                  "overrides": sample(model, seed, rewards)}
+        stages[f"train_r{r}"] = {"command": "dpo", "recipe": str(stage / "train.yaml"),
+                                 "overrides": train(model, f"${{stages.sample_r{r}.output}}", **data)}
+        model = f"${{stages.train_r{r}.output}}"
+    return stages
+
+
 def run_pipeline(tmp_path: Path, stages: dict) -> Path:
     out = tmp_path / "pipe"
     pipe = tmp_path / "pipeline.yaml"
@@ -199,16 +212,7 @@ def test_sppo_pipeline_two_rounds(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     stage = PAPERS / "sppo_iterative"
     score = {"pairing": {"score": "score"}}  # the graded rewards' sum (the paper recipe reads its judge's score)
-    out = run_pipeline(tmp_path, {
-        "sample_r1": {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
-                      "overrides": sample("tiny", 11, GRADED)},
-        "train_r1": {"command": "dpo", "recipe": str(stage / "train.yaml"),
-                     "overrides": train("tiny", "${stages.sample_r1.output}", **score)},
-        "sample_r2": {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
-                      "overrides": sample("${stages.train_r1.output}", 12, GRADED)},
-        "train_r2": {"command": "dpo", "recipe": str(stage / "train.yaml"),
-                     "overrides": train("${stages.train_r1.output}", "${stages.sample_r2.output}", **score)},
-    })
+    out = run_pipeline(tmp_path, two_rounds(stage, "tiny", (11, 12), GRADED, score))
     assert_round_two_continues_round_one(out)
     cfg = resolved(out / "train_r2")
     assert cfg["loss"][0]["name"] == "sppo" and cfg["data"]["train"]["transform"] == "win_rate_pairs"
@@ -221,16 +225,7 @@ def test_dno_pipeline_two_rounds_keeps_large_margin_pairs_only(tmp_path, monkeyp
     stage = PAPERS / "dno"
     # Graded scores in [-3, 1]; the paper recipe's rubric thresholds (4 of 5, margin 1) scaled to them.
     dno = {"pairing": {"score": "score", "all_pairs": True, "min_margin": 0.5, "min_chosen_score": -1.0}}
-    out = run_pipeline(tmp_path, {
-        "sample_r1": {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
-                      "overrides": sample("tiny", 21, GRADED)},
-        "train_r1": {"command": "dpo", "recipe": str(stage / "train.yaml"),
-                     "overrides": train("tiny", "${stages.sample_r1.output}", **dno)},
-        "sample_r2": {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
-                      "overrides": sample("${stages.train_r1.output}", 22, GRADED)},
-        "train_r2": {"command": "dpo", "recipe": str(stage / "train.yaml"),
-                     "overrides": train("${stages.train_r1.output}", "${stages.sample_r2.output}", **dno)},
-    })
+    out = run_pipeline(tmp_path, two_rounds(stage, "tiny", (21, 22), GRADED, dno))
     assert_round_two_continues_round_one(out)
     spec = resolved(out / "train_r2")["data"]["train"]
     kept = load_source(spec, "dpo")
@@ -251,17 +246,8 @@ def test_self_rewarding_pipeline_two_rounds_judged_by_the_model_itself(tmp_path,
     sft = {**MODEL, **TRAIN, "model.name_or_path": "tiny", "trainer.max_steps": 3,
            "data.train": {"source": "builtin:arithmetic", "split": "train", "task": {"digits": 1, "n": 16}}}
     score = {"pairing": {"score": "score"}}
-    out = run_pipeline(tmp_path, {
-        "sft": {"command": "sft", "recipe": str(stage / "sft.yaml"), "overrides": sft},
-        "sample_r1": {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
-                      "overrides": sample("${stages.sft.output}", 31, rewards)},
-        "train_r1": {"command": "dpo", "recipe": str(stage / "train.yaml"),
-                     "overrides": train("${stages.sft.output}", "${stages.sample_r1.output}", **score)},
-        "sample_r2": {"command": "eval", "recipe": str(stage / "sample.yaml"), "report": False,
-                      "overrides": sample("${stages.train_r1.output}", 32, rewards)},
-        "train_r2": {"command": "dpo", "recipe": str(stage / "train.yaml"),
-                     "overrides": train("${stages.train_r1.output}", "${stages.sample_r2.output}", **score)},
-    })
+    out = run_pipeline(tmp_path, {"sft": {"command": "sft", "recipe": str(stage / "sft.yaml"), "overrides": sft},
+                                  **two_rounds(stage, "${stages.sft.output}", (31, 32), rewards, score)})
     assert_round_two_continues_round_one(out)
     for stage_name, model in (("sample_r1", out / "sft"), ("sample_r2", out / "train_r1")):
         judge_cfg = resolved(out / stage_name)["rewards"][0]
