@@ -128,7 +128,7 @@ def relative_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
     notes="checked against rsshyam/Group-robust-preference-optimization src/trainers/grouptrainer.py "
           "(compute_group_metric, compute_robust_loss) and scripts/run_multi_robust.sh")
 def group_robust_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, group_ids,
-                    group_weights, group_fractions=None, *, beta: float = 0.01, ipo: bool = True):
+                    group_weights, group_fractions=None, group_counts=None, *, beta: float = 0.01, ipo: bool = True):
     """Group robust PO: Σ_g α_g·L_g, the α-weighted sum of per-group DPO (or IPO) losses; a batch-level loss.
 
     α = `group_weights` (G,) are the adversary's group weights; the trainer updates them outside the loss by
@@ -139,6 +139,11 @@ def group_robust_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     (1/B)·Σ_i ℓ_i/p_{g_i}, the authors' `divide_by_totalcount` option up to the constant 1/B. Per-pair loss:
     IPO (Δ − 1/(2β))² when `ipo` (GR-IPO, the paper's LLM experiments, β=0.01 in the authors' script), else
     −log σ(βΔ) (GR-DPO), Δ = h_w − h_l on summed log-probs.
+
+    When the batch is split over processes, the trainer passes `group_counts` (G,), each group's number of pairs in
+    the whole (gathered) batch: L_g's mean is then over the whole batch's pairs of g, and the value is scaled by
+    N/B so that the processes' losses average (as DDP averages gradients) to the whole batch's. Left out, the
+    counts are those of the pairs given (one process). With `group_fractions` the loss is a per-pair mean already.
     """
     hw = torch.as_tensor(chosen_logps).float() - torch.as_tensor(ref_chosen_logps).float()
     hl = torch.as_tensor(rejected_logps).float() - torch.as_tensor(ref_rejected_logps).float()
@@ -151,7 +156,7 @@ def group_robust_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
         total = (alpha[g] * losses / p[g]).mean()
     else:
         onehot = F.one_hot(g, num_classes=alpha.shape[0]).float()  # (B, G)
-        counts = onehot.sum(dim=0)
+        counts = onehot.sum(dim=0) if group_counts is None else torch.as_tensor(group_counts, device=hw.device).float()
         group_loss = (onehot * losses[:, None]).sum(dim=0) / counts.clamp(min=1)
-        total = (alpha * group_loss).sum()
+        total = (alpha * group_loss).sum() * (counts.sum() / g.numel())  # N / B: 1 on one process
     return total.expand_as(losses)

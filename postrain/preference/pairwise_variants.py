@@ -287,7 +287,8 @@ def dr_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
                      notes="checked against junkangwu/beta-DPO trainers.py::preference_loss (mode_loss beta_DPO) "
                            "and update_and_sync_tensor_mean; README example a=0.6, mode_weight=0.2")
 def beta_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, margin_ema_mean, margin_ema_std,
-             selection_mask=None, *, beta: float = 0.1, alpha: float = 0.6):
+             selection_mask=None, selected_margin_mean=None, selected_fraction=None, *, beta: float = 0.1,
+             alpha: float = 0.6):
     """β-DPO: −LS(β_b·Δ_i) on the selected pairs, β_b = max(β0·(1 + α(mean_sel Δ − M0)), 1e-3), detached.
 
     Δ_i is the unscaled implicit margin; M0 = `margin_ema_mean`. The trainer keeps M0 and σ0 =
@@ -295,14 +296,23 @@ def beta_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     current (all-gathered) batch BEFORE calling. Pair selection is random in the paper: sample (1 − ρ)·B pairs
     without replacement with probability ∝ exp(−(Δ_i − M0)²/(2σ0²)), ρ = 0.2, and pass them as
     `selection_mask` (1 = kept). Without a mask every pair is kept (β calibration only; no filtering) and σ0
-    is unused. Couples the batch: returns mask·loss·B/Σmask so that the mean is the paper's masked average."""
+    is unused. Couples the batch: returns mask·loss/(Σmask/B) so that the mean is the paper's masked average.
+
+    When the batch is split over processes, the trainer passes the whole (gathered) batch's statistics:
+    `selected_margin_mean`, the mean Δ of the selected pairs (the authors' β_b is the gathered selection's), and
+    `selected_fraction`, Σmask/N over the gathered batch, so that the processes' mean losses average to the
+    whole batch's. Left out, both are those of the pairs given (one process)."""
     margins = _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     mask = torch.ones_like(margins) if selection_mask is None else as_float(selection_mask).to(margins.device)
-    selected_mean = (margins.detach() * mask).sum() / mask.sum()
+    if selected_margin_mean is None:
+        selected_margin_mean = (margins.detach() * mask).sum() / mask.sum()
+    if selected_fraction is None:
+        selected_fraction = mask.sum() / mask.numel()
+    selected_mean = as_float(selected_margin_mean).to(margins.device)
     beta_b = (beta * (1 + alpha * (selected_mean - as_float(margin_ema_mean).to(margins.device)))).clamp(min=1e-3)
     losses = -F.logsigmoid(beta_b.detach() * margins)
     kept = mask > 0
-    return torch.where(kept, losses, torch.zeros_like(losses)) * (mask.numel() / mask.sum())
+    return torch.where(kept, losses, torch.zeros_like(losses)) / as_float(selected_fraction).to(margins.device)
 
 
 @PREFERENCE.register("ra_dpo", paper="Risk-aware Direct Preference Optimization under Nested Risk Measure",

@@ -23,9 +23,9 @@ takes them out before the entry is called (`split_settings`), and they are check
     clamped at 1e-3, detached; loss = Σ mask·ℓ / Σ mask. README: mode_weight (ρ) 0.2, a 0.6, β 0.1.
   Differences: (1) the authors also update M0, σ0 (and draw masks) on evaluation batches; here evaluation reads the
   state without changing it and keeps every pair, so a run's training does not depend on its eval schedule.
-  (2) With several processes the authors' β_b is the mean over the whole gathered selection; the `beta_dpo`
-  entry computes it from the pairs it is given, so here each process's β_b is that of its own selected pairs
-  (with one process they are the same). (3) The authors' σ0 is 0 on a batch whose margins are all equal (step 0
+  (2) With several processes β_b is the whole gathered selection's, as the authors', and each process' loss is
+  divided by the gathered batch's selected fraction (not its own), so that a batch split over processes trains
+  as it would on one process (tests/test_launch.py). (3) The authors' σ0 is 0 on a batch whose margins are all equal (step 0
   with the reference a copy of the policy), where their weights are 0/0; here a pair at M0 weighs 1, one off it
   0, and every weight is floored at 1e-300 so that `multinomial` can always draw (equal weights: uniform).
   The mask is drawn on CPU from a generator seeded with (trainer seed, number of draws so far): the same on every
@@ -47,7 +47,9 @@ optimization at e4d611e, src/trainers/grouptrainer.py (the same in grouptrainere
   batch (identical on every process; with one process equal to the authors' per-process batch), in float64 and in
   log space (α·exp(ηL) overflows float32 for IPO's large losses), and only on training batches.
   `group_fractions: true` (the authors' divide_by_totalcount) passes p_g = N_g/N from the training set to the
-  entry, whose batch loss is then the authors' L·α divided by the batch size (a constant factor).
+  entry, whose batch loss is then the authors' L·α divided by the batch size (a constant factor); without it the
+  entry gets the gathered batch's pairs per group (`group_counts`), so that L_g of a batch split over processes is
+  the whole batch's group mean.
   Groups are the distinct values of the recipe's `group_column` in the training set (strings or integers), in
   sorted order; an evaluation row with a group the training set lacks is refused when the trainer is built.
 """
@@ -65,8 +67,8 @@ import torch.nn.functional as F
 from postrain.errors import DataError, RecipeError
 
 # Registry data the trainer computes from its state (added to the pairs' data shape in postrain.trainers.dpo).
-STATE_DATA = frozenset({"margin_ema_mean", "margin_ema_std", "selection_mask",
-                        "group_ids", "group_weights", "group_fractions"})
+STATE_DATA = frozenset({"margin_ema_mean", "margin_ema_std", "selection_mask", "selected_margin_mean",
+                        "selected_fraction", "group_ids", "group_weights", "group_fractions", "group_counts"})
 # Batch keys the state's collator adds (not model inputs).
 GROUP_IDS = "group_ids"
 BATCH_KEYS = (GROUP_IDS,)
@@ -316,33 +318,40 @@ class DPOLossState:
             if training:
                 state.update(all_margins)
                 mask = state.draw_mask(all_margins)
+            # The whole batch's selection statistics: each process' loss is then its share of the batch's, so
+            # that a split batch trains as on one process (and β_b is the gathered selection's, as the authors').
+            kept = torch.ones_like(all_margins) if mask is None else mask.to(all_margins)
+            selected_mean = (all_margins * kept).sum() / kept.sum()
+            selected_fraction = kept.sum() / kept.numel()
             if mask is not None:
                 n, start = margins.numel(), trainer.accelerator.process_index * margins.numel()
                 mask = mask[start:start + n].to(device)
             out = {**data, "margin_ema_mean": torch.tensor(state.margin_ema_mean, device=device),
-                   "margin_ema_std": torch.tensor(state.margin_ema_std, device=device), "selection_mask": mask}
+                   "margin_ema_std": torch.tensor(state.margin_ema_std, device=device), "selection_mask": mask,
+                   "selected_margin_mean": selected_mean.to(device), "selected_fraction": selected_fraction.to(device)}
             metrics[f"{key}/margin_ema_mean"].append(state.margin_ema_mean)
             metrics[f"{key}/margin_ema_std"].append(state.margin_ema_std)
-            metrics[f"{key}/beta"].append(gather(self._beta_b(term, margins, mask, state)).mean().item())
+            metrics[f"{key}/beta"].append(self._beta_b(term, selected_mean, state).item())
             return out
         group_ids = batch[GROUP_IDS].to(device)
+        all_group_ids = gather(group_ids)
         if training:
-            state.update(gather(margins), gather(group_ids))
+            state.update(gather(margins), all_group_ids)
         for name, weight in zip(state.groups, state.weights):
             metrics[f"{key}/group_weight/{name}"].append(weight)
         out = {**data, "group_ids": group_ids, "group_weights": torch.tensor(state.weights, device=device)}
         if state.use_fractions:
             out["group_fractions"] = torch.tensor(state.fractions, device=device)
+        else:  # each group's mean over the whole batch's pairs, not this process' share of them
+            out["group_counts"] = torch.bincount(all_group_ids.long(), minlength=len(state.groups)).to(device)
         return out
 
     @staticmethod
-    def _beta_b(term, margins: torch.Tensor, mask, state: BetaDPOState) -> torch.Tensor:
-        """β_b as the entry computes it from these pairs (for the log)."""
+    def _beta_b(term, selected_mean: torch.Tensor, state: BetaDPOState) -> torch.Tensor:
+        """β_b as the entry computes it from the selection's mean margin (for the log)."""
         params = {**term.variant.params, **term.params}
-        kept = torch.ones_like(margins) if mask is None else mask
-        selected = (margins * kept).sum() / kept.sum()
-        beta_b = params["beta"] * (1 + params["alpha"] * (selected - state.margin_ema_mean))
-        return beta_b.clamp(min=1e-3).reshape(1)
+        beta_b = params["beta"] * (1 + params["alpha"] * (selected_mean - state.margin_ema_mean))
+        return beta_b.clamp(min=1e-3)
 
     def state_dict(self) -> dict[str, Any]:
         return {key: state.state_dict() for key, state in self.states.items()}
