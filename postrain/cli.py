@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -39,12 +40,22 @@ Overwrite = typer.Option(False, "--overwrite", help="Replace an existing run dir
 Resume = typer.Option(False, "--resume", help="Continue the run in an existing run directory (same recipe).")
 
 
-def _fail(message: str) -> None:
+NumProcesses = typer.Option(None, "--num-processes", help="Processes per machine (one per GPU): sets "
+                            "launch.num_processes and runs under accelerate launch.")
+LaunchConfig = typer.Option(None, "--launch-config", help="ddp, fsdp2, fsdp2_offload, zero2, zero3, zero3_offload, "
+                            "or an accelerate config file: sets launch.config.")
+
+
+def _fail(message: str, code: int = 2) -> None:
     from rich.text import Text
 
+    from postrain.launch.launcher import record_rank_error
+
+    if record_rank_error(message, code):  # a worker of postrain's launch: the calling process reports it, naming
+        raise typer.Exit(code=code)     # the first failing rank
     # The message is plain text: it quotes recipe values like `[lo, hi]` that rich markup would swallow.
     err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
@@ -55,50 +66,121 @@ def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: b
     return load_recipe(recipe, overrides or [], command)
 
 
-def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool) -> None:
+def _launch_overrides(overrides: list[str] | None, num_processes: int | None, launch_config: str | None) -> list[str]:
+    """The --num-processes / --launch-config options as the `launch.*` overrides they stand for (applied last)."""
+    extra = [f"launch.num_processes={num_processes}"] if num_processes is not None else []
+    extra += [f"launch.config={launch_config}"] if launch_config is not None else []
+    return [*(overrides or []), *extra]
+
+
+def _worker_args(name: str, recipe: str, overrides: list[str], smoke: bool, overwrite: bool, resume: bool,
+                 stage: str | None = None) -> list[str]:
+    """The command line each launched worker runs: this one, with the --num-processes / --launch-config options
+    already turned into overrides."""
+    flags = [flag for flag, on in (("--smoke", smoke), ("--overwrite", overwrite), ("--resume", resume)) if on]
+    return [name, recipe, *overrides, *flags, *(["--stage", stage] if stage else [])]
+
+
+def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool,
+         stage: str | None = None) -> None:
+    from postrain.launch.launcher import launched_worker, record_rank_error
+
+    started = time.time()  # the run's wall time counts from here: loading and checking the recipe included
     try:
         recipe_obj = load(recipe, overrides, command, smoke)
+        name = "run" if command == "pipeline" else command
+        worker_args = _worker_args(name, recipe, list(overrides or []), smoke, overwrite, resume, stage)
         if dry_run:
-            _print_plan(recipe_obj)
+            _print_plan(recipe_obj, worker_args)
             return
         from postrain.jobs import RunOptions, run_job
 
         cmdline = " ".join(shlex.quote(a) for a in ["postrain", *sys.argv[1:]])
-        result = run_job(recipe_obj, RunOptions(overwrite=overwrite, resume=resume, command_line=cmdline, smoke=smoke))
-        console.print(f"[green]done[/]: {result.get('run_dir', '')}")
+        options = RunOptions(overwrite=overwrite, resume=resume, command_line=cmdline, smoke=smoke,
+                             overrides=list(overrides or []), stage=stage, started=started)
+        if command != "pipeline" and _launched(recipe_obj, options, worker_args):
+            return
+        result = run_job(recipe_obj, options)
+        if not launched_worker():  # the calling process of a launch says it once
+            console.print(f"[green]done[/]: {result.get('run_dir', '')}")
     except PostrainError as e:
         _fail(str(e))
+    except Exception as e:  # a bug or a library error: a worker of a launch leaves it, traceback and all, for the
+        import traceback   # calling process, which prints the first failure only (not the peers that lost it)
+
+        if record_rank_error(f"{type(e).__name__}: {e}", 1, traceback.format_exc()):
+            raise typer.Exit(code=1) from None
+        raise
 
 
-def _print_plan(recipe_obj) -> None:
+def _launched(recipe_obj, options, worker_args: list[str]) -> bool:
+    """Run the job under `accelerate launch` when its `launch:` section asks for it (and this process is not
+    already a worker); False when it runs here. The run directory is checked first, so that a mistake is reported
+    once, before any worker starts."""
+    from postrain.jobs.common import check_run_dir
+    from postrain.launch.launcher import check_runnable_here, launch_section, needs_launch, relaunch
+
+    section = launch_section(recipe_obj.cfg)
+    if not needs_launch(section):
+        return False
+    check_runnable_here(section, recipe_obj.origins)
+    check_run_dir(recipe_obj, options)
+    code, message = relaunch(section, worker_args, recipe_obj.origins, options.started)
+    if code:
+        from postrain.jobs.common import mark_failed
+
+        mark_failed(recipe_obj.cfg["output_dir"], message)
+        _fail(message or "the launch failed", code)
+    console.print(f"[green]done[/]: {recipe_obj.cfg['output_dir']}")
+    return True
+
+
+def _print_plan(recipe_obj, worker_args: list[str] | None = None) -> None:
     from postrain.jobs.plan import plan
 
+    rows = plan(recipe_obj, worker_args=worker_args)
+    command = rows.get("launch", "")
+    if command.startswith("accelerate launch"):  # printed whole below the table, to be copied as it is
+        rows["launch"] = "accelerate launch (the command below)"
     table = Table(title=f"plan: {recipe_obj.cfg['name']}", show_header=False)
-    for key, value in plan(recipe_obj).items():
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows.items():
         table.add_row(key, str(value))
     console.print(table)
+    if command.startswith("accelerate launch"):
+        typer.echo(f"launch command:\n  {command}")
     console.print("[green]recipe is valid[/] (dry run: nothing loaded, nothing written)")
 
 
 @app.command(epilog="Example: postrain sft recipes/demo/sft.yaml trainer.num_train_epochs=2")
 def sft(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
-        smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
+        smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume,
+        num_processes: Optional[int] = NumProcesses,
+        launch_config: Optional[str] = LaunchConfig) -> None:
     """Supervised fine-tuning (TRL SFTTrainer)."""
-    _job("sft", recipe, overrides, dry_run, smoke, overwrite, resume)
+    _job("sft", recipe, _launch_overrides(overrides, num_processes, launch_config), dry_run, smoke, overwrite,
+         resume)
 
 
 @app.command(epilog="Example: postrain dpo recipes/demo/dpo.yaml trainer.beta=0.1 'trainer.loss_type=[ipo]'")
 def dpo(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
-        smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
+        smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume,
+        num_processes: Optional[int] = NumProcesses,
+        launch_config: Optional[str] = LaunchConfig) -> None:
     """Preference optimization (TRL DPOTrainer): TRL's loss_type, or registry losses with loss: [...]."""
-    _job("dpo", recipe, overrides, dry_run, smoke, overwrite, resume)
+    _job("dpo", recipe, _launch_overrides(overrides, num_processes, launch_config), dry_run, smoke, overwrite,
+         resume)
 
 
 @app.command(epilog="Example: postrain grpo recipes/math.yaml trainer.learning_rate=1e-6")
 def grpo(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun,
-         smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume) -> None:
+         smoke: bool = Smoke, overwrite: bool = Overwrite, resume: bool = Resume,
+         num_processes: Optional[int] = NumProcesses,
+         launch_config: Optional[str] = LaunchConfig) -> None:
     """Online RL (TRL GRPOTrainer) with recipe rewards; registry parts with method: / rl: {...}."""
-    _job("grpo", recipe, overrides, dry_run, smoke, overwrite, resume)
+    _job("grpo", recipe, _launch_overrides(overrides, num_processes, launch_config), dry_run, smoke, overwrite,
+         resume)
 
 
 @app.command(name="eval", epilog="Example: postrain eval recipes/demo/eval.yaml model.name_or_path=runs/demo/sft")
@@ -118,9 +200,16 @@ def merge(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg
 @app.command(epilog="Example: postrain run recipes/demo/pipeline.yaml")
 def run(pipeline: str = typer.Argument(..., help="Pipeline recipe (command: pipeline)."),
         overrides: Optional[list[str]] = OverridesArg, dry_run: bool = DryRun, smoke: bool = Smoke,
-        overwrite: bool = Overwrite) -> None:
+        overwrite: bool = Overwrite,
+        resume: bool = typer.Option(False, "--resume", help="With --stage: continue that stage's run directory."),
+        stage: Optional[str] = typer.Option(None, "--stage", help="Run this stage alone (the stages it reads must "
+                                            "have run); a stage with a launch: section runs so under accelerate.")
+        ) -> None:
     """Run a pipeline of stages; finished stages with an unchanged recipe are skipped (resume)."""
-    _job("pipeline", pipeline, overrides, dry_run, smoke, overwrite, False)
+    if resume and stage is None:
+        _fail("--resume applies to one stage (--stage NAME); a pipeline resumes by itself: finished stages are "
+              "skipped and an interrupted one continues from its last checkpoint")
+    _job("pipeline", pipeline, overrides, dry_run, smoke, overwrite, resume, stage)
 
 
 @app.command(epilog="Example: postrain config recipes/math.yaml trainer.learning_rate=1e-6")

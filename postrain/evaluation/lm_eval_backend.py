@@ -322,7 +322,7 @@ def run(recipe, options) -> dict:
     task_manager, loaded = load_tasks(settings)
     confidence = cfg["metrics"]["confidence"]
     run_dir = prepare_run_dir(recipe, options)
-    with running(run_dir), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
+    with running(run_dir, options.started), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
         per_model = {}
         for number, (label, spec) in enumerate(models.items(), 1):
             print(f"model {label} ({number}/{len(models)}): lm-eval on {', '.join(settings['tasks'])}"

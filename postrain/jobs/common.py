@@ -19,11 +19,12 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import PostrainError, RunDirError
+from postrain.launch.launcher import current_layout, launch_started
 from postrain.models.loading import MODEL_SUBDIR, check_model_reference
 from postrain.recipes import Recipe
 
@@ -55,48 +56,88 @@ class RunOptions:
     resume: bool = False
     command_line: str = ""
     smoke: bool = False
+    # When the command started: the run's wall time counts from here (or from the launch, for a launched worker).
+    started: float = field(default_factory=time.time)
+    # The command line's key=value overrides, and `postrain run --stage`'s stage: what a launched worker is given.
+    overrides: list[str] = field(default_factory=list)
+    stage: str | None = None
+
+
+def check_run_dir(recipe: Recipe, options: RunOptions) -> Path | None:
+    """Whether the recipe may use its run directory as the flags ask, without touching it: a RunDirError if not;
+    the checkpoint to resume from under --resume. The calling process of a launch runs this before any worker
+    starts, so the mistake is reported once."""
+    run_dir = Path(recipe.cfg["output_dir"])
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"output_dir {run_dir} exists and is not a directory; choose another with output_dir=...")
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return None
+    if options.resume:
+        saved = read_recipe_hash(run_dir)
+        if saved is not None and saved != recipe.hash:
+            raise RunDirError(
+                f"cannot resume {run_dir}: its recipe hash is {saved} but this recipe resolves to {recipe.hash}; "
+                f"resume with the same recipe, or start over with --overwrite"
+            )
+        checkpoint = last_checkpoint(run_dir)
+        if checkpoint is None:
+            saves = (recipe.cfg.get("trainer") or {}).get("save_strategy")
+            why = ("the recipe saves no checkpoints (trainer.save_strategy: no)" if saves == "no"
+                   else "it holds no checkpoint yet")
+            raise RunDirError(
+                f"cannot resume {run_dir}: {why}, so it would restart at step 0. Start over with --overwrite; "
+                f"to make runs resumable, set trainer.save_strategy: steps and trainer.save_steps"
+            )
+        if read_status(run_dir).get("status") == "done" and checkpoint_is_final(checkpoint):
+            # Resuming from a finished run's final checkpoint would train past its end (TRL runs one more step).
+            raise RunDirError(
+                f"cannot resume {run_dir}: the run finished ({checkpoint.name} is its last step); nothing is left "
+                f"to train with this recipe. To train longer, start a new run from its model "
+                f"(model.name_or_path={run_dir}), or start over with --overwrite"
+            )
+        return checkpoint
+    if not options.overwrite:
+        raise RunDirError(
+            f"run directory {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
+            f"--resume to continue it, or choose another with output_dir=... (or name=...)"
+        )
+    return None
 
 
 def prepare_run_dir(recipe: Recipe, options: RunOptions) -> Path:
-    """Create the run directory, refusing to overwrite a previous run unless asked."""
+    """Create the run directory, refusing to overwrite a previous run unless asked.
+
+    Under a launch every process checks (each raises the same error) before the main process writes anything,
+    and the others wait until it has: the run directory has one writer."""
+    layout = current_layout()
     run_dir = Path(recipe.cfg["output_dir"])
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if options.resume:
-            saved = read_recipe_hash(run_dir)
-            if saved is not None and saved != recipe.hash:
-                raise RunDirError(
-                    f"cannot resume {run_dir}: its recipe hash is {saved} but this recipe resolves to {recipe.hash}; "
-                    f"resume with the same recipe, or start over with --overwrite"
-                )
-            checkpoint = last_checkpoint(run_dir)
-            if checkpoint is None:
-                saves = (recipe.cfg.get("trainer") or {}).get("save_strategy")
-                why = ("the recipe saves no checkpoints (trainer.save_strategy: no)" if saves == "no"
-                       else "it holds no checkpoint yet")
-                raise RunDirError(
-                    f"cannot resume {run_dir}: {why}, so it would restart at step 0. Start over with --overwrite; "
-                    f"to make runs resumable, set trainer.save_strategy: steps and trainer.save_steps"
-                )
-            if read_status(run_dir).get("status") == "done" and checkpoint_is_final(checkpoint):
-                # Resuming from a finished run's final checkpoint would train past its end (TRL runs one more step).
-                raise RunDirError(
-                    f"cannot resume {run_dir}: the run finished ({checkpoint.name} is its last step); nothing is left "
-                    f"to train with this recipe. To train longer, start a new run from its model "
-                    f"(model.name_or_path={run_dir}), or start over with --overwrite"
-                )
+    wait_for_everyone()  # no process checks a directory another one is already writing
+    checkpoint = check_run_dir(recipe, options)
+    wait_for_everyone()
+    if layout.is_main:
+        if checkpoint is not None:
             drop_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]))
-        elif options.overwrite:
+        elif options.overwrite and run_dir.is_dir():
             shutil.rmtree(run_dir)
-        else:
-            raise RunDirError(
-                f"run directory {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
-                f"--resume to continue it, or choose another with output_dir=... (or name=...)"
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe.save(run_dir)
-    write_json(run_dir / "env.json", environment(recipe, options))
-    write_json(run_dir / "status.json", {"status": "running", "recipe_hash": recipe.hash, "started": time.time()})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save(run_dir)
+        write_json(run_dir / "env.json", environment(recipe, options))
+        write_json(run_dir / "status.json", {"status": "running", "recipe_hash": recipe.hash,
+                                             "started": launch_started() or options.started,
+                                             "processes": layout.world_size})
+    wait_for_everyone()
     return run_dir
+
+
+def wait_for_everyone() -> None:
+    """A barrier over the launch's processes once torch.distributed is up (the trainer's config brings it up);
+    nothing for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def read_recipe_hash(run_dir: Path) -> str | None:
@@ -113,16 +154,33 @@ def read_status(run_dir: Path) -> dict:
 
 
 @contextmanager
-def running(run_dir: Path):
-    """Mark the run `done` (with its wall time) when the body finishes, `failed` if it raises."""
-    start = time.time()
+def running(run_dir: Path, started: float | None = None):
+    """Mark the run `done` when the body finishes, `failed` if it raises; the main process writes. The wall time
+    counts from `started` (the command's start) or the launch's start, whichever came first. The body may add
+    facts to the final status through the dict it is given (e.g. how the processes were set up)."""
+    start = launch_started() or started or time.time()
+    layout = current_layout()
     status = read_status(run_dir)
+    facts: dict[str, Any] = {}
     try:
-        yield
+        yield facts
     except BaseException as e:
-        write_json(run_dir / "status.json", {**status, "status": "failed", "error": repr(e)[:500]})
+        if layout.is_main:
+            write_json(run_dir / "status.json", {**status, **facts, "status": "failed", "error": repr(e)[:500]})
         raise
-    write_json(run_dir / "status.json", {**status, "status": "done", "wall_time_s": round(time.time() - start, 2)})
+    if layout.is_main:
+        write_json(run_dir / "status.json", {**status, **facts, "status": "done",
+                                             "wall_time_s": round(time.time() - start, 2),
+                                             "processes": layout.world_size})
+
+
+def mark_failed(run_dir: str | Path, message: str | None) -> None:
+    """A launch whose workers failed: the run directory's status says so, with the first failing rank's message
+    (the main process may have been stopped before it could write anything, or have written its own symptom:
+    a peer that went away)."""
+    status = read_status(Path(run_dir))
+    if status and status.get("status") != "done":
+        write_json(Path(run_dir) / "status.json", {**status, "status": "failed", "error": (message or "")[:500]})
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -152,6 +210,7 @@ def environment(recipe: Recipe, options: RunOptions) -> dict:
         "recipe": str(recipe.path) if recipe.path else None,
         "recipe_hash": recipe.hash,
         "seed": recipe.cfg.get("seed"),
+        "processes": current_layout().world_size,
         "git_commit": _git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -173,6 +232,10 @@ def trainer_config(recipe: Recipe, run_dir: Path, config_cls: type, **forced: An
     # recipe says otherwise, use bf16 exactly where it is supported.
     if kwargs.get("bf16") is None and not kwargs.get("fp16"):
         kwargs["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # A launch on a machine without GPUs: transformers sets torch.distributed up over gloo (MULTI_CPU) only with
+    # use_cpu; without it every process would train alone on its own shard of the data.
+    if current_layout().world_size > 1 and not torch.cuda.is_available():
+        kwargs.setdefault("use_cpu", True)
     # TRL's configs default the deprecated `gradient_checkpointing` (transformers 5 renamed it); carry that default
     # under the new name so that every run does not warn about a key the recipe never set.
     if "activation_checkpointing" not in kwargs and "gradient_checkpointing" not in kwargs:
@@ -227,14 +290,52 @@ def peft_config(recipe: Recipe):
 
 
 def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
-    """Save the trained model (LoRA adapters merged into the base) and tokenizer into `run_dir/model`."""
+    """Save the trained model (LoRA adapters merged into the base) and tokenizer into `run_dir/model`.
+
+    One process: the model as it is. Several: every process takes part in gathering the full weights (a
+    collective under FSDP or ZeRO-3, a no-op copy under DDP) and the main process alone writes them."""
     out = Path(run_dir) / MODEL_SUBDIR
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):  # a peft model: ship a plain model every tool can load
-        model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1 and not _sharded(accelerator):
+        model = trainer.model
+        if hasattr(model, "merge_and_unload"):  # a peft model: ship a plain model every tool can load
+            model = model.merge_and_unload()
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return out
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped, unwrap=True)  # full tensors on the main process
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            # Under DDP the model holds full weights: merge them as they are. Sharded, its parameters are shards:
+            # merge the gathered adapters into a fresh copy of the base model instead.
+            model = merged_from_state_dict(model, state_dict) if _sharded(accelerator) else model.merge_and_unload()
+            state_dict = None
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()
     return out
+
+
+def _sharded(accelerator) -> bool:
+    """Whether the weights are split over processes (FSDP, DeepSpeed), so that gathering them is a collective."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def merged_from_state_dict(peft_model, state_dict: dict):
+    """A plain model: the base model the peft model was made from, loaded anew on the CPU, with the LoRA adapters
+    of `state_dict` (the peft model's full, gathered state dict) merged into it."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    config = peft_model.peft_config["default"]
+    dtype = next(iter(state_dict.values())).dtype
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype=dtype)
+    fresh = get_peft_model(base, config)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_model, state_dict=state_dict))
+    return fresh.merge_and_unload()
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -322,7 +423,7 @@ def train_with_trl(
     in_training_eval = TrainEval.from_recipe(recipe)  # eval_during_training: sets loaded, reward columns checked
     view = make_view(job, f"postrain {job} · {recipe.cfg['output_dir']}")  # live view or plain lines
     run_dir = prepare_run_dir(recipe, options)
-    with running(run_dir):
+    with running(run_dir, options.started) as facts:
         model, tokenizer, _ = load_model(recipe.cfg["model"])
         metrics = metrics_callback(run_dir, view)
         trainer_ref: dict = {}  # the view reads GRPO's latest completions from the trainer
@@ -340,6 +441,7 @@ def train_with_trl(
             **(trainer_kwargs() if trainer_kwargs else {}),
         )
         trainer_ref["trainer"] = trainer
+        facts["distributed_type"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)  # the view shows progress and metrics instead

@@ -337,7 +337,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     for label, spec in models.items():
         check_model_reference(spec, f"models ({label})" if cfg.get("models") else "model")
     run_dir = prepare_run_dir(recipe, options)
-    with running(run_dir), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
+    with running(run_dir, options.started), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
         per_model = {}
         for number, (label, spec) in enumerate(models.items(), 1):
             if comparing:

@@ -18,6 +18,6 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     merge_cfg = recipe.cfg["merge"]
     validate_merge_config(merge_cfg, resolve_model=resolve_model_path)  # every input exists, before writing
     run_dir = prepare_run_dir(recipe, options)
-    with running(run_dir):
+    with running(run_dir, options.started):
         run_mergekit(merge_cfg, run_dir / MODEL_SUBDIR, resolve_model=resolve_model_path)
     return {"run_dir": str(run_dir)}

@@ -79,16 +79,16 @@ def upstream_stages(stage_cfg: dict, outputs: dict[str, str]) -> list[str]:
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from postrain.jobs import run_job
-
     cfg = recipe.cfg
     if not cfg["stages"]:
         raise PostrainError(f"pipeline {recipe.path} has no stages")
+    # Load every stage first: a bad key in the last stage fails before the first one trains.
+    stages = {name: stage_recipe(recipe, name, stage, options.smoke) for name, stage in cfg["stages"].items()}
+    if options.stage is not None:
+        return run_one_stage(recipe, stages, options)
     pipe_dir = Path(cfg["output_dir"])
     pipe_dir.mkdir(parents=True, exist_ok=True)
     recipe.save(pipe_dir)
-    # Load every stage first: a bad key in the last stage fails before the first one trains.
-    stages = {name: stage_recipe(recipe, name, stage, options.smoke) for name, stage in cfg["stages"].items()}
     lineage: list[dict] = []
     outputs: dict[str, str] = {}
     ran: set[str] = set()  # stages (re)run in this invocation: whatever reads them must rerun too
@@ -122,8 +122,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
             overwrite=saved_hash is not None and not resumable,
             resume=resumable,
             command_line=f"{options.command_line} [stage {name}]",
+            started=start,
         )
-        run_job(stage, stage_options)
+        run_stage(recipe, name, stage, stage_options, options)
         ran.add(name)
         lineage.append({**record, "status": "done", "wall_time_s": round(time.time() - start, 2)})
         write_json(pipe_dir / "lineage.json", lineage)
@@ -133,6 +134,45 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     (pipe_dir / "summary.md").write_text(markdown_table(rows))
     print_table(rows)
     return {"run_dir": str(pipe_dir), "summary": rows}
+
+
+def run_stage(pipeline: Recipe, name: str, stage: Recipe, stage_options: RunOptions, options: RunOptions) -> None:
+    """Run one stage here, or, when its `launch:` asks for several processes or a sharding configuration, under
+    `accelerate launch` as `postrain run PIPELINE --stage NAME` (each worker loads the pipeline as this process did
+    and runs that stage alone)."""
+    from postrain.jobs import run_job
+    from postrain.jobs.common import check_run_dir, mark_failed
+    from postrain.launch.launcher import check_runnable_here, launch_section, needs_launch, relaunch
+
+    section = launch_section(stage.cfg)
+    if not needs_launch(section):
+        run_job(stage, stage_options)
+        return
+    check_runnable_here(section, stage.origins)
+    check_run_dir(stage, stage_options)
+    flags = [flag for flag, on in (("--smoke", options.smoke), ("--overwrite", stage_options.overwrite),
+                                   ("--resume", stage_options.resume)) if on]
+    code, message = relaunch(section, ["run", str(pipeline.path), *options.overrides, *flags, "--stage", name],
+                             stage.origins, stage_options.started)
+    if code:
+        mark_failed(stage.cfg["output_dir"], message)
+        raise PostrainError(f"stage {name!r}: {message}")
+
+
+def run_one_stage(recipe: Recipe, stages: dict[str, Recipe], options: RunOptions) -> dict:
+    """`postrain run PIPELINE --stage NAME`: that stage alone, with the flags as given (a launched worker of a
+    stage runs this); the stages it reads must have run. The pipeline's lineage and summary are not written."""
+    from postrain.errors import did_you_mean
+
+    if options.stage not in stages:
+        near = did_you_mean(options.stage, list(stages))
+        raise PostrainError(f"--stage {options.stage!r}: the pipeline {recipe.path} has no such stage"
+                            f"{'; ' + near if near else ''} (stages: {', '.join(stages)})")
+    stage = stages[options.stage]
+    stage_options = RunOptions(overwrite=options.overwrite, resume=options.resume, smoke=options.smoke,
+                               command_line=options.command_line, started=options.started)
+    run_stage(recipe, options.stage, stage, stage_options, options)
+    return {"run_dir": stage.cfg["output_dir"]}
 
 
 def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:

@@ -13,14 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from postrain.errors import RecipeError
+from postrain.launch.launcher import command_line, launch_section, needs_launch, sharding_strategy, world_size
+from postrain.launch.memory import memory_plan
 from postrain.recipes import Recipe
 
 
-def _trainer_args(recipe: Recipe):
+def _trainer_args(recipe: Recipe, processes: int = 1):
+    """The TRL config as the job builds it, on `processes` processes: TrainingArguments reads its world size from
+    the running process group, which a dry run has not, so the launch's is put in its place while the config's own
+    checks and derivations run (GRPO's generation batch and its divisibility by num_generations depend on it)."""
+    from unittest import mock
+
+    from transformers import TrainingArguments
+
     from postrain.jobs.common import trainer_config
     from postrain.trainers import config_class
 
-    return trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_class(recipe.command))
+    with mock.patch.object(TrainingArguments, "world_size", property(lambda self: processes)):
+        return trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_class(recipe.command))
 
 
 def _train_rows(recipe: Recipe) -> int | None:
@@ -44,10 +54,11 @@ def _check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
             check_reward_columns(rewards, load_source(spec, recipe.command, where=where).column_names, where)
 
 
-def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
     """The run's plan as an ordered mapping of label -> value. Raises a PostrainError for what would stop the
     run: an impossible batch, a config TRL rejects, a reward column the data lacks, a model path that does not
-    exist (`check_models=False` for pipeline stages, whose inputs earlier stages write)."""
+    exist (`check_models=False` for pipeline stages, whose inputs earlier stages write). `worker_args`: the
+    command line a launch would give its workers (shown in the launch command)."""
     from postrain.models.loading import check_model_reference
 
     cmd, cfg = recipe.command, recipe.cfg
@@ -62,19 +73,22 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
         _check_rewards(recipe, {f"sets.{name}": spec for name, spec in cfg["sets"].items()})
     if cmd in ("sft", "dpo", "grpo"):
         out["model"] = cfg["model"]["name_or_path"]
-        args = _trainer_args(recipe)
+        out.update(_launch_plan(recipe, worker_args))
+        args = _trainer_args(recipe, world_size(launch_section(cfg)))  # TRL's own batch checks at that size
         rows = _train_rows(recipe)
-        out["processes"] = args.world_size
         out["train rows"] = rows if rows is not None else "unknown (hub dataset; counted when loaded)"
-        per_device, accum, world = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
+        world = world_size(launch_section(cfg))
+        per_device, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
         if cmd == "grpo":
-            out.update(_grpo_plan(args, rows))
+            out.update(_grpo_plan(args, rows, world))
         else:
             global_batch = per_device * accum * world
             unit = _batch_unit(recipe) if cmd == "dpo" else "sequences"
             out[f"global batch ({unit} per optimizer step)"] = f"{per_device} per device x {accum} accumulation x {world} processes = {global_batch}"
             steps_per_epoch = math.ceil(rows / global_batch) if rows else None
             out.update(_total_steps(args, steps_per_epoch))
+        strategy = sharding_strategy(launch_section(cfg), recipe.origins)
+        out.update(memory_plan(cfg, cmd, strategy, world, bool(args.bf16 or args.fp16)))
         from postrain.jobs.train_eval import plan_lines
 
         out.update(plan_lines(recipe))  # eval_during_training: rewards built, local sets' reward columns checked
@@ -112,6 +126,24 @@ def plan(recipe: Recipe, check_models: bool = True) -> dict[str, Any]:
             loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
             plan(loaded, check_models=False)
             out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
+    return out
+
+
+def _launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any]:
+    """How many processes run the job and the exact command that starts them."""
+    section = launch_section(recipe.cfg)
+    processes = world_size(section)
+    machines = section["num_machines"]
+    out: dict[str, Any] = {"processes": f"{processes}" + (f" ({section['num_processes']} per machine x {machines} "
+                                                         f"machines)" if machines > 1 else "")}
+    if needs_launch(section):
+        args = worker_args or [recipe.command, str(recipe.path)]
+        out["launch"] = command_line(section, args, recipe.origins)
+        if machines > 1:
+            out["launch"] += (f"  (machine {section['machine_rank']}; run it on every machine with its own "
+                              f"launch.machine_rank)")
+    else:
+        out["launch"] = "this process (launch.num_processes: 1, no launch.config)"
     return out
 
 
@@ -184,9 +216,10 @@ def _lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
-def _grpo_plan(args, rows: int | None) -> dict[str, Any]:
-    """GRPO's batch arithmetic as GRPOConfig derived it (per_device_train_batch_size counts completions)."""
-    per_device, accum, world = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size
+def _grpo_plan(args, rows: int | None, world: int) -> dict[str, Any]:
+    """GRPO's batch arithmetic as GRPOConfig derived it on `world` processes (per_device_train_batch_size counts
+    completions)."""
+    per_device, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
     num_gen, gen_batch = args.num_generations, args.generation_batch_size
     completions_per_step = per_device * accum * world
     out: dict[str, Any] = {

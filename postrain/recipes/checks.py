@@ -164,3 +164,12 @@ def check_lm_eval(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_lm_eval)
+
+
+def check_launch(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    from postrain.launch.launcher import check_launch_section
+
+    check_launch_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_launch)

@@ -102,7 +102,23 @@ def load_smoke_recipe(
     return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
 
 
+# `launch:` keys that say where a run's processes meet, not what they compute: every machine of a multi-node run
+# has its own machine_rank, and all of them must agree on the run directory's recipe hash.
+LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", "extra_args")
+
+
 def recipe_hash(cfg: dict) -> str:
+    """A short hash of what a recipe computes. `launch:` counts by its process layout (the global batch and the
+    sharding); a single-process launch is left out, so recipes written before `launch:` existed keep their hash."""
+    launch = cfg.get("launch")
+    if isinstance(launch, dict):
+        from postrain.recipes.schema import LaunchSpec
+
+        layout = {k: v for k, v in launch.items() if k not in LAUNCH_LOCATION_KEYS}
+        default = {k: v for k, v in dataclasses.asdict(LaunchSpec()).items() if k not in LAUNCH_LOCATION_KEYS}
+        cfg = {k: v for k, v in cfg.items() if k != "launch"}
+        if layout != default:
+            cfg["launch"] = layout
     text = yaml.safe_dump(cfg, sort_keys=True, default_flow_style=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

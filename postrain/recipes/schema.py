@@ -320,6 +320,26 @@ class TrainEvalSpec:
 
 
 @dataclass
+class LaunchSpec:
+    """`launch:` of a training recipe: how many processes run it, and how the model is sharded over them
+    (postrain.launch). With one process and no `config` the job runs in the calling process, as always; otherwise
+    postrain re-executes itself under `accelerate launch` (as TRL's CLI does), one process per device.
+
+    `config` is a shipped accelerate configuration (`ddp`, `fsdp2`, `fsdp2_offload`, `zero2`, `zero3`,
+    `zero3_offload`; postrain/launch/configs/) or the path of an accelerate config file of your own; null: `ddp`
+    when more than one process runs. The number of processes and machines comes from here, not from the file."""
+
+    num_processes: int = 1  # per machine (one per GPU)
+    num_machines: int = 1
+    machine_rank: int = 0  # this machine's rank, 0 .. num_machines - 1 (multi-node: run once on every machine)
+    main_process_ip: str | None = None  # the rank-0 machine's address (required when num_machines > 1)
+    main_process_port: int = 29500
+    config: str | None = None
+    # Further `accelerate launch` arguments, passed as they are (e.g. ["--rdzv_backend", "c10d"]).
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
 class CommonSpec:
     """Keys every recipe has."""
 
@@ -339,6 +359,7 @@ class SFTRecipe(CommonSpec):
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "sft"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
 
 
 @dataclass
@@ -351,6 +372,7 @@ class DPORecipe(CommonSpec):
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "dpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
     # Preference losses from postrain's registry, combined as Σ weight·mean(loss): [{name: simpo, weight: 1.0,
     # beta: 2.0, gamma: 1.0}] (keys besides name/weight are the loss' hyperparameters; checked at load time by
     # postrain.trainers.dpo.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
@@ -371,6 +393,7 @@ class GRPORecipe(CommonSpec):
     trainer: dict[str, Any] = field(default_factory=dict, metadata={"trainer_config": "grpo"})
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
     # A named method (`dapo`, or `{name: dapo, epsilon_high: 0.3}`): expands to its `rl:` parts at load time.
     method: str | dict[str, Any] | None = None
     # Registered RL parts replacing TRL's advantage and loss path (postrain.rl.section); None: TRL's, untouched.

@@ -181,6 +181,9 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         if command == "dpo" and not (cfg.get("trainer") or {}).get("precompute_ref_log_probs"):
             trainer.pop("precompute_ref_batch_size")
         layer["trainer"] = trainer
+        # One process, whatever the recipe's launch says (a paper's 8 GPUs): the smoke run is a laptop check;
+        # `--smoke launch.num_processes=2` (an override, above this layer) still smokes a launch.
+        layer["launch"] = {"num_processes": 1, "num_machines": 1, "machine_rank": 0, "config": None}
         if cfg.get("eval_during_training"):  # its sets on built-in data too, evaluated every step, briefly
             sets = cfg["eval_during_training"].get("sets") or {}
             layer["eval_during_training"] = {
