@@ -417,3 +417,31 @@ def test_repo_replay_is_refused_with_the_correction_and_says_why(tmp_path):
     assert "the replay buffer stores the trainer's behaviour log-probs of each sample, not vLLM's" in error_of(recipe)
     config_of(recipe, "trainer.vllm_importance_sampling_correction=false")  # the way out the error names
 
+
+def test_variants_say_which_entries_read_the_behaviour_logps(monkeypatch):
+    import json
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from postrain import cli
+    from postrain.cli import app
+
+    result = CliRunner().invoke(app, ["variants", "--json"])
+    rows = {(r["family"], r["name"]): r for r in json.loads(result.output)}
+    for (family, name), row in rows.items():  # the parts: from their signature
+        if family != "method":
+            assert row["reads_behaviour_logps"] == any(d.split()[0] == "old_logps" for d in row["data"]), name
+    assert rows["policy_loss", "ppo_clip"]["reads_behaviour_logps"] is True
+    assert rows["policy_loss", "gpg_pg"]["reads_behaviour_logps"] is False
+    assert rows["advantage", "reinforce_pp"]["reads_behaviour_logps"] is True
+    # a named method: through the parts it expands to (rloo: gpg_pg), unknown while an argument has no default
+    assert rows["method", "dapo"]["reads_behaviour_logps"] is True
+    assert rows["method", "rloo"]["reads_behaviour_logps"] is False
+    assert rows["method", "redit"]["reads_behaviour_logps"] is None
+    monkeypatch.setattr(cli, "console", Console(width=250))  # one line per entry
+    table = CliRunner().invoke(app, ["variants", "--family", "policy_loss"]).output
+    assert "reads old_logps" in table
+    cells = [[c.strip() for c in row.split("│")[1:-1]] for row in table.splitlines() if row.count("│") > 5]
+    last_column = {c[0]: c[-1] for c in cells if c[0]}  # name -> reads old_logps
+    assert last_column["ppo_clip"] == "yes" and last_column["gpg_pg"] == "no"
