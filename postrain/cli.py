@@ -256,11 +256,13 @@ def variants(family: Optional[str] = typer.Option(None, "--family", help="Only t
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title=f"variants ({len(rows)})")
-    for col in ("name", "family", "paper", "arXiv", "parameters (paper defaults)"):
+    # old_logps: the behaviour log-probs, pi_old of an importance ratio (under vLLM the trainer's own, see README)
+    for col in ("name", "family", "paper", "arXiv", "parameters (paper defaults)", "reads old_logps"):
         table.add_column(col, overflow="fold")
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        table.add_row(r["name"], r["family"], r["paper"], r["arxiv"], params)
+        reads = {True: "yes", False: "no", None: "?"}[r["reads_behaviour_logps"]]
+        table.add_row(r["name"], r["family"], r["paper"], r["arxiv"], params, reads)
     console.print(table)
 
 

@@ -26,6 +26,10 @@ from postrain.errors import RecipeError, did_you_mean
 
 # Every registry, by family: `postrain variants` lists them all.
 FAMILIES: dict[str, "Registry"] = {}
+# The data input holding the behaviour policy's per-token log-probs, pi_old of an importance ratio pi / pi_old: the
+# policy that generated the batch, as the training model computes it (under vLLM, TRL's importance-sampling
+# correction weighs the loss by pi_old / pi_vllm on top).
+BEHAVIOUR_LOGPS = "old_logps"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,14 @@ class Variant:
         """Whether the entry reads data input `name` at all (required or optional)."""
         return name in self.data
 
+    def reads(self, name: str) -> bool | None:
+        """Whether the entry reads data input `name`: from its own signature, or for an entry that stands for
+        entries of other families (a named method) from theirs, as its registry tells (None: it cannot tell)."""
+        registry = FAMILIES.get(self.family)
+        if registry is None or registry.reads is None:
+            return self.needs(name)
+        return registry.reads(self, name)
+
     @property
     def description(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n\n")[0].replace("\n", " ")
@@ -81,6 +93,7 @@ class Variant:
             "arxiv": self.arxiv,
             "params": self.params,
             "data": [f"{k}{'' if required else ' (optional)'}" for k, required in self.data.items()],
+            "reads_behaviour_logps": self.reads(BEHAVIOUR_LOGPS),
             "trl": self.trl,
             "description": self.description,
             **({"notes": self.notes} if self.notes else {}),
@@ -98,11 +111,15 @@ def suggest(word: str, choices, label: str = "valid") -> str:
 class Registry:
     """Named entries of one family, registered by decorator."""
 
-    def __init__(self, family: str, *, what: str | None = None):
+    def __init__(self, family: str, *, what: str | None = None,
+                 reads: Callable[[Variant, str], bool | None] | None = None):
+        """`reads(variant, data_name)`: for a family whose entries stand for entries of other families (named
+        methods), whether an entry reads a data input through them; None: each entry's own signature says."""
         if family in FAMILIES:
             raise ValueError(f"registry family {family!r} exists already")
         self.family = family
         self.what = what or family.replace("_", " ")
+        self.reads = reads
         self.entries: dict[str, Variant] = {}
         FAMILIES[family] = self
 

@@ -265,7 +265,6 @@ def test_at_least_25_methods_each_with_paper_and_loadable_parts():
     ("trainer.scale_rewards=batch", "use rl.advantage"),
     ("trainer.top_entropy_quantile=0.2", "high_entropy_tokens"),
     ("trainer.use_liger_kernel=true", "trainer.use_liger_kernel"),
-    ("trainer.use_vllm=true", "vllm_importance_sampling_correction: false"),
     ("rl.advantage=aapo", "advantage estimator 'aapo' (rl.advantage, from command line) reads `ref_rewards`"),
     ("rl.advantage=spo_tracker", "advantage estimator 'spo_tracker' (rl.advantage, from command line) cannot run "
                                  "in the GRPO trainer: it is single-stream"),

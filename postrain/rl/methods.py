@@ -23,9 +23,18 @@ from typing import Any
 from postrain.errors import RecipeError
 from postrain.registry import Registry
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
-from postrain.rl.section import SINGLE_PARTS, normalize_part, normalize_section
+from postrain.rl.section import SINGLE_PARTS, normalize_part, normalize_section, parse_rl_section
 
-METHODS = Registry("method", what="named method")
+
+def _expansion_reads(variant, data_name: str) -> bool | None:
+    """Whether a method's parts, at the method's defaults, read `data_name` (None for a method with an argument
+    without default: its parts are not known until the recipe sets it)."""
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in variant.signature.parameters.values()):
+        return None
+    return parse_rl_section(variant.fn()).reads(data_name)
+
+
+METHODS = Registry("method", what="named method", reads=_expansion_reads)
 
 
 def _paper(registry: Registry, name: str) -> dict[str, str]:

@@ -13,8 +13,9 @@ Each part is `name` plus that registry entry's hyperparameters. A part left out 
 so `rl: {}` trains exactly as TRL's defaults do. Without an `rl:` section the trainer is TRL's, untouched.
 
 `check_rl_section` is the load-time check (postrain.recipes.checks.COMMAND_CHECKS): unknown names and parameters,
-parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply or combine, and TRL options that
-the `rl:` path would silently ignore.
+parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply or combine, TRL options that
+the `rl:` path would silently ignore, and the mode and bounds of TRL's vLLM importance-sampling correction, which
+the `rl:` path applies as TRL does (postrain.trainers.grpo).
 
 Samplers act at one of these stages of a training step (SAMPLER_STAGES; at most one sampler per stage; eval
 batches are never filtered):
@@ -38,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from postrain.errors import RecipeError
+from postrain.errors import RecipeError, did_you_mean
 from postrain.recipes.validate import origin_of
 from postrain.registry import Registry, Variant
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
@@ -126,8 +127,12 @@ TRL_CONFLICTS: dict[str, tuple[Any, str]] = {
     "use_liger_kernel": (lambda v, t: bool(v), "use_liger_kernel: false (Liger's fused GRPO loss bypasses the "
                                                "rl: policy loss)"),
 }
-VLLM_CORRECTION = ("set trainer.vllm_importance_sampling_correction: false (TRL's default is true; the vLLM "
-                   "importance-sampling correction is not reproduced by the rl: path)")
+# TRL 1.16's vLLM importance-sampling modes: the ratio pi_old / pi_vllm per token or per sequence, and outside
+# [clip_min, clip_max] clamped (truncate) or zeroed (mask). TRL raises on any other only at the first generation
+# (`_generate_and_score_completions`, pinned by hash in tests/test_grpo_trainer.py).
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+VLLM_IS_KEYS = ("vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min",
+                "vllm_importance_sampling_clip_max")
 
 
 @dataclass(frozen=True)
@@ -293,15 +298,85 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
         if part.name == "curriculum_budget_length":
             _check_curriculum(part)
 
-    if trainer.get("use_vllm") and trainer.get("vllm_importance_sampling_correction", True):
-        raise RecipeError(f"trainer.use_vllm (from {origin_of(origins, 'trainer.use_vllm')}) with TRL's vLLM "
-                          f"importance-sampling correction conflicts with rl: (from {rl_origin}): {VLLM_CORRECTION}")
+    _check_vllm_correction(parts, trainer, origins)
     for key, (in_effect, instead) in TRL_CONFLICTS.items():
         if key in trainer and in_effect(trainer[key], trainer):
             raise RecipeError(
                 f"trainer.{key} ({trainer[key]!r}, from {origin_of(origins, f'trainer.{key}')}) conflicts with rl: "
                 f"(from {rl_origin}): the rl: section replaces TRL's loss and advantage path, which would ignore it. "
                 f"Remove trainer.{key} and use {instead}")
+
+
+def vllm_correction(trainer: dict[str, Any]) -> dict[str, Any] | None:
+    """TRL's vLLM importance-sampling settings as GRPOConfig will hold them (its defaults where the recipe sets
+    none; the deprecated `vllm_importance_sampling_cap` replaces clip_max, as in GRPOConfig.__post_init__), or None
+    where the correction is off: no vLLM, or vllm_importance_sampling_correction: false."""
+    if not trainer.get("use_vllm") or not trainer.get("vllm_importance_sampling_correction", True):
+        return None
+    import dataclasses
+
+    from postrain.trainers import config_class
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class("grpo")) if f.name in VLLM_IS_KEYS}
+    settings = {key: trainer.get(key, defaults[key]) for key in VLLM_IS_KEYS}
+    if trainer.get("vllm_importance_sampling_cap") is not None:
+        settings["vllm_importance_sampling_clip_max"] = trainer["vllm_importance_sampling_cap"]
+    return settings
+
+
+def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dict[str, str]) -> None:
+    """With vLLM the trainer applies TRL's importance-sampling correction to the rl: policy loss: its mode must be
+    one TRL knows and its bounds must keep a sample on which vLLM and the trainer agree (ratio 1) at weight 1."""
+    settings = vllm_correction(trainer)
+    if settings is None:
+        return
+
+    def value(key: str) -> str:
+        if key == "vllm_importance_sampling_clip_max" and trainer.get("vllm_importance_sampling_cap") is not None:
+            key = "vllm_importance_sampling_cap"
+        where = f"from {origin_of(origins, f'trainer.{key}')}" if key in trainer else "TRL's default"
+        return f"trainer.{key} ({settings.get(key, trainer.get(key))!r}, {where})"
+
+    mode = settings["vllm_importance_sampling_mode"]
+    if mode not in VLLM_IS_MODES:
+        hint = did_you_mean(str(mode), VLLM_IS_MODES, n=1)
+        raise RecipeError(f"{value('vllm_importance_sampling_mode')} is not a vLLM importance-sampling mode of TRL: "
+                          f"{hint + ' ' if hint else ''}use one of {', '.join(VLLM_IS_MODES)}")
+    low, high = settings["vllm_importance_sampling_clip_min"], settings["vllm_importance_sampling_clip_max"]
+    if mode.endswith("_mask"):  # a ratio outside the bounds zeroes its token or sequence: 1 strictly inside
+        if low is not None and not 0 <= low < 1:
+            raise RecipeError(f"{value('vllm_importance_sampling_clip_min')} must lie in [0, 1) with mode {mode}: "
+                              f"a ratio below it zeroes its token or sequence, and the ratios of a vLLM that matches "
+                              f"the trainer scatter around 1, so {low} would mask half the samples or more")
+        if high is not None and not high > 1:
+            raise RecipeError(f"{value('vllm_importance_sampling_clip_max')} must be > 1 with mode {mode}: a ratio "
+                              f"above it zeroes its token or sequence, and the ratios of a vLLM that matches the "
+                              f"trainer scatter around 1, so {high} would mask half the samples or more (TRL's "
+                              f"default: 3.0)")
+    else:  # a ratio outside the bounds is clamped: 1 inside, or even matching samples would be reweighted
+        if low is None and high is None:
+            raise RecipeError(f"{value('vllm_importance_sampling_clip_min')} and "
+                              f"{value('vllm_importance_sampling_clip_max')}: mode {mode} clamps the ratio to "
+                              f"[clip_min, clip_max], so set at least one of them (TRL's default clip_max: 3.0)")
+        if low is not None and not 0 <= low <= 1:
+            raise RecipeError(f"{value('vllm_importance_sampling_clip_min')} must lie in [0, 1] with mode {mode}: "
+                              f"every ratio below it is raised to it, so above 1 even samples on which vLLM and the "
+                              f"trainer agree (ratio 1) would be weighted {low}")
+        if high is not None and not high >= 1:
+            raise RecipeError(f"{value('vllm_importance_sampling_clip_max')} must be >= 1 with mode {mode}: every "
+                              f"ratio above it is lowered to it, so below 1 even samples on which vLLM and the "
+                              f"trainer agree (ratio 1) would be weighted {high} (TRL's default: 3.0)")
+        if low is not None and high is not None and not low < high:
+            raise RecipeError(f"{value('vllm_importance_sampling_clip_min')} must be below "
+                              f"{value('vllm_importance_sampling_clip_max')} (TRL's GRPOConfig requires it)")
+    replay = next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    if replay is not None:
+        raise RecipeError(f"sampler 'repo_replay' ({replay.where}) cannot be combined with trainer.use_vllm (from "
+                          f"{origin_of(origins, 'trainer.use_vllm')}) and TRL's vLLM importance-sampling "
+                          f"correction: the replay buffer stores the trainer's behaviour log-probs of each sample, "
+                          f"not vLLM's, so its off-policy term would train on vLLM's samples without the correction "
+                          f"the on-policy term gets. Set trainer.vllm_importance_sampling_correction: false (both "
+                          f"terms then treat vLLM's samples as the trainer's), or remove repo_replay")
 
 
 def _check_replay(parts: RLParts) -> None:

@@ -21,6 +21,10 @@ method's source by hash, so a TRL change fails the test and this file gets re-re
     `old_per_token_logps` defaulting to the detached current log-probs, the accumulation normalisers of
     loss_type grpo / dr_grpo (/ current_gradient_accumulation_steps) and dapo (num_items_in_batch / processes
     * accumulation steps / steps_per_generation), the MoE aux loss term, and the `kl` / `entropy` metrics.
+  - the vLLM importance-sampling correction (`_generate_and_score_completions` l.2640-2710 computes the ratio
+    pi_old / pi_vllm, `_compute_loss` l.3146 applies it): the ratio TRL puts in the batch multiplies the policy
+    entry's per-token loss after the entropy mask and before the additive regularizers, whatever the entry and
+    the aggregation; refill pools and group reordering carry it with the other per-row columns.
   - `get_high_entropy_mask` (l.1380-1415): the entropy quantile over every process' valid tokens.
   - `_save_checkpoint` / `_load_optimizer_and_scheduler`: TRL's own pattern for state beside the checkpoint (its
     adaptive-entropy controller writes entropy_ctrl_state.json the same way); postrain writes rl_state.json.
@@ -184,6 +188,8 @@ class PostrainGRPOTrainer(GRPOTrainer):
         return pooled
 
     def _pad_value(self, key: str) -> float:
+        if key == "importance_sampling_ratio":  # TRL's own value past a completion's end: exp(0), masked out anyway
+            return 1.0
         return self._tokenizer.pad_token_id if key in ("prompt_ids", "completion_ids") else 0
 
     def _refill(self, output: dict, keys: list[str] | None):
@@ -523,10 +529,12 @@ class PostrainGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         rows = {"logps": logps, "entropies": entropies, "mask": mask, "advantages": inputs["advantages"],
                 "old_logps": logps.detach() if old is None else old, "ref_logps": inputs.get("ref_per_token_logps"),
-                "rewards": inputs.get("rl_rewards"), "weight": inputs.get("rl_weight")}
+                "rewards": inputs.get("rl_rewards"), "weight": inputs.get("rl_weight"),
+                "is_ratio": inputs["importance_sampling_ratio"] if self._vllm_correction() else None}
         if "rl_row_index" in inputs:
             rows = _whole_groups(rows, inputs["rl_row_index"], group)
         weight = rows.pop("weight")  # samplers' row weights: a row of weight 0 is not trained nor counted
+        is_ratio = rows.pop("is_ratio")  # (B, T) or (B, 1): TRL's pi_old / pi_vllm, truncated or masked
         if weight is not None:
             rows["mask"] = rows["mask"] * (weight > 0).unsqueeze(1).to(rows["mask"].dtype)
         logps, entropies, mask, ref = rows["logps"], rows["entropies"], rows["mask"], rows["ref_logps"]
@@ -554,6 +562,10 @@ class PostrainGRPOTrainer(GRPOTrainer):
                 keep = REGULARIZERS.call(part.name, {"entropies": entropies.detach(), "mask": mask,
                                                      "all_entropies": pool[pool != -1e9]}, self._part_params(part))
                 per_token = per_token * keep
+        # TRL's vLLM importance-sampling correction weighs the policy loss of each vLLM-drawn token (or sequence)
+        # by pi_old / pi_vllm, after the entropy mask and before the KL term, so penalties are not reweighted.
+        if is_ratio is not None:
+            per_token = per_token * is_ratio.to(per_token.dtype)
         mean_entropy = global_mean(entropies.detach())
         for part in parts.regularizers:
             if part.name != "high_entropy_tokens":
@@ -580,6 +592,11 @@ class PostrainGRPOTrainer(GRPOTrainer):
         if "rl_replay_valid" in inputs:  # RePO: + c * L_off over the replayed samples of this micro-batch
             loss = loss + grpo_replay.replay_loss(self, model, inputs, mode, accumulation)
         return loss
+
+    def _vllm_correction(self) -> bool:
+        """Whether TRL's vLLM importance-sampling correction is on: then TRL's `_generate_and_score_completions`
+        puts `importance_sampling_ratio` in every batch (and always computes `old_per_token_logps`)."""
+        return bool(self.use_vllm and self.vllm_importance_sampling_correction)
 
     def _aggregation_normalizers(self, inputs, mask, weight, mode: str, accumulation: int) -> dict[str, Any]:
         """The global normalizers the recipe's aggregation reads, scaled as TRL scales its own (see the
