@@ -305,6 +305,7 @@ def train_with_trl(
     mistakes leaves anything behind.
     """
     from postrain.data.sources import load_source
+    from postrain.jobs import trackers
     from postrain.jobs.live import make_view, view_callback
     from postrain.jobs.train_eval import TrainEval
     from postrain.models.loading import load_model
@@ -340,6 +341,7 @@ def train_with_trl(
             **(trainer_kwargs() if trainer_kwargs else {}),
         )
         trainer_ref["trainer"] = trainer
+        trackers.attach(trainer, recipe, run_dir)  # the recipe and lineage as each tracker's run config
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)  # the view shows progress and metrics instead

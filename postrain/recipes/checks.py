@@ -164,3 +164,13 @@ def check_lm_eval(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_lm_eval)
+
+
+def check_trackers(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer.report_to`: trackers transformers knows, whose packages are installed (postrain.jobs.trackers)."""
+    from postrain.jobs.trackers import check_report_to
+
+    check_report_to(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_trackers)
