@@ -309,6 +309,7 @@ def train_with_trl(
     from postrain.jobs.live import make_view, view_callback
     from postrain.jobs.train_eval import TrainEval
     from postrain.models.loading import load_model
+    from postrain.reports import model_card
 
     data = recipe.cfg["data"]
     train = load_source(data["train"], job, where="data.train")
@@ -351,4 +352,5 @@ def train_with_trl(
         finally:
             view.stop()  # give the terminal back, also when training raises
         save_final_model(trainer, tokenizer, run_dir)
+        model_card.finish_model(trainer, run_dir)  # model/README.md, main process only
     return {"run_dir": str(run_dir)}
