@@ -305,7 +305,7 @@ def train_with_trl(
     mistakes leaves anything behind.
     """
     from postrain.data.sources import load_source
-    from postrain.jobs import trackers
+    from postrain.jobs import hub, trackers
     from postrain.jobs.live import make_view, view_callback
     from postrain.jobs.train_eval import TrainEval
     from postrain.models.loading import load_model
@@ -353,4 +353,5 @@ def train_with_trl(
             view.stop()  # give the terminal back, also when training raises
         save_final_model(trainer, tokenizer, run_dir)
         model_card.finish_model(trainer, run_dir)  # model/README.md, main process only
+    hub.push_after_run(recipe, run_dir, trainer.args.should_save)  # after `done`: a failed push keeps the run done
     return {"run_dir": str(run_dir)}

@@ -102,7 +102,14 @@ def load_smoke_recipe(
     return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
 
 
+# Top-level keys left out of the hash: they say where a finished model is published, not what is trained, so a
+# changed push target neither makes a pipeline rerun a finished stage nor refuses --resume (schema.HubSpec).
+# Leaving them out also keeps the hashes of recipes resolved before the key existed.
+NOT_HASHED = ("hub",)
+
+
 def recipe_hash(cfg: dict) -> str:
+    cfg = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
     text = yaml.safe_dump(cfg, sort_keys=True, default_flow_style=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
