@@ -299,6 +299,22 @@ def report(run: Path = typer.Argument(..., help="A run directory, or a pipeline 
     console.print(f"[green]wrote[/] {path}")
 
 
+@app.command(epilog="Example: postrain push runs/demo-sft --repo-id your-name/demo-sft")
+def push(run: Path = typer.Argument(..., help="A finished sft, dpo, grpo or merge run directory."),
+         repo_id: Optional[str] = typer.Option(None, "--repo-id", help="The hub repository (default: the recipe's "
+                                               "hub.repo_id)."),
+         revision: Optional[str] = typer.Option(None, "--revision", help="A branch (default: the recipe's "
+                                                "hub.revision, else the default branch).")) -> None:
+    """Upload a finished run's model folder (weights, tokenizer, model card) to the Hugging Face hub; also retries a
+    push that failed after a run."""
+    from postrain.jobs.hub import push_finished_run
+
+    try:
+        push_finished_run(run, repo_id, revision)
+    except PostrainError as e:
+        _fail(str(e))
+
+
 def main() -> None:
     app()
 

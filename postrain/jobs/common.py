@@ -406,9 +406,11 @@ def train_with_trl(
     mistakes leaves anything behind.
     """
     from postrain.data.sources import load_source
+    from postrain.jobs import hub, trackers
     from postrain.jobs.live import make_view, view_callback
     from postrain.jobs.train_eval import TrainEval
     from postrain.models.loading import load_model
+    from postrain.reports import model_card
 
     data = recipe.cfg["data"]
     train = load_source(data["train"], job, where="data.train")
@@ -442,6 +444,7 @@ def train_with_trl(
         )
         trainer_ref["trainer"] = trainer
         facts["distributed_type"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
+        trackers.attach(trainer, recipe, run_dir)  # the recipe and lineage as each tracker's run config
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)  # the view shows progress and metrics instead
@@ -451,4 +454,6 @@ def train_with_trl(
         finally:
             view.stop()  # give the terminal back, also when training raises
         save_final_model(trainer, tokenizer, run_dir)
+        model_card.finish_model(trainer, run_dir)  # model/README.md, main process only
+    hub.push_after_run(recipe, run_dir, trainer.args.should_save)  # after `done`: a failed push keeps the run done
     return {"run_dir": str(run_dir)}

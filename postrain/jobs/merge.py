@@ -2,7 +2,8 @@
 
 Model references may be postrain run directories (their `model/` folder is used), `tiny`, local model folders
 or hub ids; local ones are made absolute, since mergekit reads a relative path as a hub id. The output is a
-normal run directory (`model/` with the tokenizer) that `eval` and the trainers accept.
+normal run directory (`model/` with the tokenizer and the model card README.md) that `eval` and the trainers
+accept; `hub.repo_id` uploads it once the merge finished (postrain.jobs.hub).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from postrain.recipes import Recipe
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
+    from postrain.jobs.hub import push_after_run
     from postrain.merging import run_mergekit, validate_merge_config
     from postrain.models.loading import resolve_model_path
+    from postrain.reports.model_card import write_model_card
 
     merge_cfg = recipe.cfg["merge"]
     validate_merge_config(merge_cfg, resolve_model=resolve_model_path)  # every input exists, before writing
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir, options.started):
         run_mergekit(merge_cfg, run_dir / MODEL_SUBDIR, resolve_model=resolve_model_path)
+        write_model_card(run_dir)  # model/README.md: lineage, merge method, recipe
+    push_after_run(recipe, run_dir)  # hub.repo_id: after the run is `done`, so a failed push keeps it done
     return {"run_dir": str(run_dir)}

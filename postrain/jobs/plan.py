@@ -119,13 +119,26 @@ def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | Non
         out["models"] = ", ".join(model_references(cfg["merge"]))
         if check_models:  # every input exists (a pipeline's are written by earlier stages)
             validate_merge_config(cfg["merge"], resolve_model=resolve_model_path)
-    elif cmd == "pipeline":
+    if cmd in ("sft", "dpo", "grpo", "merge"):
+        from postrain.jobs.hub import describe_target
+        from postrain.jobs.trackers import report_to_names
+
+        if cmd != "merge":
+            trackers = report_to_names(args.report_to)  # as TrainingArguments resolved it ("all": the installed ones)
+            out["trackers (trainer.report_to)"] = ", ".join(trackers) if trackers else "none"
+        target = describe_target(cfg)
+        out["push to hub (hub.repo_id)"] = target if target else "no (hub.repo_id is null)"
+    if cmd == "pipeline":
         from postrain.jobs.pipeline import stage_recipe
 
         for name, stage in cfg["stages"].items():
             loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
             plan(loaded, check_models=False)
             out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
+            from postrain.jobs.hub import hub_target
+
+            if hub_target(loaded.cfg):
+                out[f"stage {name}"] += f", pushed to {hub_target(loaded.cfg)['repo_id']}"
     return out
 
 

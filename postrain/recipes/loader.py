@@ -102,6 +102,10 @@ def load_smoke_recipe(
     return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
 
 
+# Top-level keys left out of the hash: they say where a finished model is published, not what is trained, so a
+# changed push target neither makes a pipeline rerun a finished stage nor refuses --resume (schema.HubSpec).
+# Leaving them out also keeps the hashes of recipes resolved before the key existed.
+NOT_HASHED = ("hub",)
 # `launch:` keys that say where a run's processes meet, not what they compute: every machine of a multi-node run
 # has its own machine_rank, and all of them must agree on the run directory's recipe hash.
 LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", "extra_args")
@@ -110,6 +114,7 @@ LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", 
 def recipe_hash(cfg: dict) -> str:
     """A short hash of what a recipe computes. `launch:` counts by its process layout (the global batch and the
     sharding); a single-process launch is left out, so recipes written before `launch:` existed keep their hash."""
+    cfg = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
     launch = cfg.get("launch")
     if isinstance(launch, dict):
         from postrain.recipes.schema import LaunchSpec

@@ -24,6 +24,31 @@ class PaperSpec:
 
 
 @dataclass
+class HubSpec:
+    """`hub:` of a training or merge recipe (postrain.jobs.hub): after the run finishes, its final model folder
+    (`<output_dir>/model`: weights, tokenizer and the model card README.md) is uploaded to this Hugging Face hub
+    model repository with huggingface_hub, by the main process only. Off while `repo_id` is null.
+
+    postrain pushes rather than TRL (`trainer.push_to_hub`, refused at load time): TRL's trainer uploads its own
+    output folder, which is postrain's `checkpoints/` (intermediate checkpoints, LoRA adapters not merged, no
+    card), and pushes during training; postrain pushes the one finished model once, after the run succeeded.
+    Credentials come from huggingface_hub's own login (`hf auth login` or HF_TOKEN), never from a recipe: the
+    recipe is saved in the run directory, logged to trackers and printed in the card.
+    Not part of the recipe hash (postrain.recipes.loader): where a model is published does not change what was
+    trained, so changing it neither retrains a pipeline stage nor blocks --resume."""
+
+    # `org/name` (or `name`, in the namespace of the logged-in user); null: no push.
+    repo_id: str | None = None
+    # Applies when the repository is created; pushing private weights into an existing public repository is
+    # refused (see postrain.jobs.hub). Private by default: publishing is something a recipe says, not a default.
+    private: bool = True
+    # A branch of the repository (created from the default branch when missing); null: the default branch.
+    revision: str | None = None
+    # null: "postrain <command> <name> (recipe <hash>)".
+    commit_message: str | None = None
+
+
+@dataclass
 class TinyModelSpec:
     """Size of the embedded tiny Qwen2-style model (`model.name_or_path: tiny`)."""
 
@@ -360,6 +385,8 @@ class SFTRecipe(CommonSpec):
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
+    hub: HubSpec = field(default_factory=HubSpec)
 
 
 @dataclass
@@ -381,6 +408,8 @@ class DPORecipe(CommonSpec):
     # and added as the columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models):
     # `{prev: {name_or_path: ...}}` is INPO's previous iterate, `mrpo`'s `references:` name its further references.
     logp_models: dict[str, ModelSpec] = field(default_factory=dict)
+    # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
+    hub: HubSpec = field(default_factory=HubSpec)
 
 
 @dataclass
@@ -398,6 +427,8 @@ class GRPORecipe(CommonSpec):
     method: str | dict[str, Any] | None = None
     # Registered RL parts replacing TRL's advantage and loss path (postrain.rl.section); None: TRL's, untouched.
     rl: RLSpec | None = None
+    # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
+    hub: HubSpec = field(default_factory=HubSpec)
 
 
 @dataclass
@@ -458,6 +489,8 @@ class MergeRecipe(CommonSpec):
     command: str = "merge"
     # mergekit's own configuration (merge_method, models, base_model, parameters, dtype, ...).
     merge: dict[str, Any] = field(default_factory=dict)
+    # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
+    hub: HubSpec = field(default_factory=HubSpec)
 
 
 @dataclass

@@ -4,7 +4,8 @@ The smoke layer sits above the recipe and below command-line overrides. It swaps
 model, every dataset for the built-in arithmetic task (whose rows carry every column a job reads, so column
 mappings are dropped; a DPO recipe whose losses read K-response lists or unpaired rows gets the task's rows of
 that shape), and shrinks the schedule. Everything else in the recipe (loss types, rewards, generation
-settings) is kept, so a smoke run exercises the recipe's own method.
+settings) is kept, so a smoke run exercises the recipe's own method. Trackers (`report_to`) and the push to the
+hub (`hub.repo_id`) are switched off.
 
 `POSTRAIN_SMOKE_MODEL=smollm2-135m-instruct` smokes sft, dpo, grpo and eval on that built-in pretrained model
 instead of the tiny one (postrain.models.packaged): a real BPE tokenizer, chat template and module names, at tens
@@ -212,6 +213,10 @@ def smoke_layer(command: str, cfg: dict) -> dict:
             layer["models"] = None
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})
+    if command in ("sft", "dpo", "grpo", "merge"):
+        # a smoke run's tiny model is never published to the recipe's hub repository (an explicit
+        # hub.repo_id=... override, above this layer, still pushes)
+        layer["hub"] = {"repo_id": None}
     return layer
 
 

@@ -143,3 +143,45 @@ def run_label(paths: list[Path]) -> list[str]:
             depth += 1
         labels.append("/".join(own[-depth:]))
     return labels
+
+
+def run_lineage(run_dir: Path, recipe: dict | None = None) -> dict:
+    """Where a run's model comes from, as far as is known when the run starts (trackers log it then; the model
+    card repeats it): `inputs`, the model references it starts from (model, ref_model, a merge's models, as
+    pipeline.model_inputs lists them), and `pipeline`, when the run is a stage of a pipeline: the pipeline's
+    directory and name, the stage and the earlier stages whose outputs it reads. A stage is recognised as the
+    report does it (report.parent_lineage): its parent directory holds the pipeline's recipe.yaml. lineage.json is
+    not read for this stage, since the pipeline writes a stage's record only after the stage finished."""
+    from postrain.jobs.pipeline import model_inputs
+
+    run_dir = Path(run_dir)
+    recipe = read_recipe(run_dir) if recipe is None else recipe
+    try:
+        inputs = model_inputs(recipe)
+    except (KeyError, TypeError, AttributeError, PostrainError):  # a recipe shape it does not know: none
+        inputs = []
+    out: dict[str, Any] = {"inputs": inputs}
+    stage = pipeline_stage_of(run_dir, recipe)
+    if stage is not None:
+        out["pipeline"] = stage
+    return out
+
+
+def pipeline_stage_of(run_dir: Path, recipe: dict) -> dict | None:
+    """The pipeline stage a run directory is, from the pipeline's recipe.yaml in its parent directory (written
+    before the first stage runs); None for a run of its own."""
+    from postrain.jobs.pipeline import upstream_stages
+
+    parent = Path(run_dir).resolve().parent
+    pipe = read_recipe(parent) if (parent / "recipe.yaml").is_file() else {}
+    stages = pipe.get("stages") if pipe.get("command") == "pipeline" else None
+    if not isinstance(stages, dict):
+        return None
+    outputs = {name: str(spec.get("output") or parent / name) for name, spec in stages.items() if isinstance(spec, dict)}
+    here = Path(run_dir).resolve()
+    name = next((n for n, out in outputs.items() if Path(out).resolve() == here), None)
+    if name is None:
+        return None
+    earlier = dict(list(outputs.items())[:list(outputs).index(name)])
+    return {"dir": str(parent), "name": pipe.get("name"), "stage": name,
+            "command": (stages[name] or {}).get("command"), "upstream": upstream_stages(recipe, earlier)}
