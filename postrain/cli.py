@@ -98,41 +98,25 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
         cmdline = " ".join(shlex.quote(a) for a in ["postrain", *sys.argv[1:]])
         options = RunOptions(overwrite=overwrite, resume=resume, command_line=cmdline, smoke=smoke,
                              overrides=list(overrides or []), stage=stage, started=started)
-        if command != "pipeline" and _launched(recipe_obj, options, worker_args):
+        from postrain.launch.launcher import launch_section, needs_launch
+
+        if command != "pipeline" and needs_launch(launch_section(recipe_obj.cfg)):  # a pipeline launches per stage
+            from postrain.jobs.common import run_launched
+
+            run_launched(recipe_obj, options, worker_args)
+            console.print(f"[green]done[/]: {recipe_obj.cfg['output_dir']}")
             return
         result = run_job(recipe_obj, options)
         if not launched_worker():  # the calling process of a launch says it once
             console.print(f"[green]done[/]: {result.get('run_dir', '')}")
     except PostrainError as e:
-        _fail(str(e))
+        _fail(str(e), getattr(e, "exit_code", 2))
     except Exception as e:  # a bug or a library error: a worker of a launch leaves it, traceback and all, for the
         import traceback   # calling process, which prints the first failure only (not the peers that lost it)
 
         if record_rank_error(f"{type(e).__name__}: {e}", 1, traceback.format_exc()):
             raise typer.Exit(code=1) from None
         raise
-
-
-def _launched(recipe_obj, options, worker_args: list[str]) -> bool:
-    """Run the job under `accelerate launch` when its `launch:` section asks for it (and this process is not
-    already a worker); False when it runs here. The run directory is checked first, so that a mistake is reported
-    once, before any worker starts."""
-    from postrain.jobs.common import check_run_dir
-    from postrain.launch.launcher import check_runnable_here, launch_section, needs_launch, relaunch
-
-    section = launch_section(recipe_obj.cfg)
-    if not needs_launch(section):
-        return False
-    check_runnable_here(section, recipe_obj.origins)
-    check_run_dir(recipe_obj, options)
-    code, message = relaunch(section, worker_args, recipe_obj.origins, options.started)
-    if code:
-        from postrain.jobs.common import mark_failed
-
-        mark_failed(recipe_obj.cfg["output_dir"], message)
-        _fail(message or "the launch failed", code)
-    console.print(f"[green]done[/]: {recipe_obj.cfg['output_dir']}")
-    return True
 
 
 def _print_plan(recipe_obj, worker_args: list[str] | None = None) -> None:
@@ -210,6 +194,32 @@ def run(pipeline: str = typer.Argument(..., help="Pipeline recipe (command: pipe
         _fail("--resume applies to one stage (--stage NAME); a pipeline resumes by itself: finished stages are "
               "skipped and an interrupted one continues from its last checkpoint")
     _job("pipeline", pipeline, overrides, dry_run, smoke, overwrite, resume, stage)
+
+
+@app.command(name="vllm-serve", epilog="Example: postrain vllm-serve recipes/math.yaml trainer.vllm_server_port=8001")
+def vllm_serve(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg, dry_run: bool = typer.Option(
+                   False, "--dry-run", help="Print the vLLM server command; start nothing."),
+               vllm_args: str = typer.Option("", "--vllm-args", help="Further `vllm serve` arguments, as one "
+                                             "string (e.g. \"--enforce-eager --max-num-seqs 64\").")) -> None:
+    """Start TRL's vLLM server for a GRPO recipe with trainer.vllm_mode: server (its model and vLLM settings)."""
+    from postrain.jobs.common import quiet_libraries
+    from postrain.launch.vllm import check_serve_installed, serve, serve_command
+
+    quiet_libraries()  # the tiny model may be built first: no progress bars around the printed command
+    try:
+        recipe_obj = load(recipe, overrides, "grpo")
+        if not dry_run:
+            check_serve_installed()
+        extra = shlex.split(vllm_args)
+        command = serve_command(recipe_obj.cfg, recipe_obj.origins, extra)
+        shown = shlex.join(["VLLM_SERVER_DEV_MODE=1", "vllm", *command[command.index("serve"):]])
+        if dry_run:
+            typer.echo(shown)
+            return
+        err_console.print(f"starting: {shown}", highlight=False, markup=False, soft_wrap=True)
+        serve(recipe_obj.cfg, recipe_obj.origins, extra)
+    except PostrainError as e:
+        _fail(str(e))
 
 
 @app.command(epilog="Example: postrain config recipes/math.yaml trainer.learning_rate=1e-6")

@@ -22,6 +22,14 @@ class RunDirError(PostrainError):
     """The run directory exists and would be overwritten."""
 
 
+class LaunchError(PostrainError):
+    """A worker of a launch failed: the message is the first failing rank's, the exit code that worker's."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def did_you_mean(word: object, choices, n: int = 3) -> str:
     """"did you mean 'a' or 'b'?" for the choices closest to a misspelt `word` (case-insensitive), or "".
 

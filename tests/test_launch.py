@@ -297,8 +297,18 @@ def test_group_robust_po_with_the_gathered_group_counts_gives_the_whole_batchs_l
 # --- end to end under accelerate launch -----------------------------------------------------------------------------
 
 FAKE_GROUP = 2  # the smoke layer's num_generations
-REWARD = '''def has_a(completions, **kwargs):
-    return [1.0 if "A" in (c if isinstance(c, str) else c[-1]["content"]) else 0.0 for c in completions]
+REWARD = '''def text(c):
+    return c if isinstance(c, str) else c[-1]["content"]
+
+
+def has_a(completions, **kwargs):
+    return [1.0 if "A" in text(c) else 0.0 for c in completions]
+
+
+def fails_on_odd_lengths(completions, **kwargs):  # scored as failed and counted under reward_errors.policy: score
+    if any(len(text(c)) % 2 for c in completions):
+        raise ValueError("odd")
+    return [0.0 for _ in completions]
 '''
 FAILING_REWARD = '''import os
 def fails_on_rank_1(completions, **kwargs):
@@ -338,7 +348,8 @@ def launched(tmp_path_factory):
         "sft": ("sft", str(REPO / "recipes" / "demo" / "sft.yaml"), []),
         # a reference other than the policy: margins differ from 0 at the first step, so the selection matters
         "dpo": ("dpo", str(papers / "beta_dpo.yaml"), ["ref_model.name_or_path=tiny", "ref_model.tiny.seed=7"]),
-        "grpo": ("grpo", str(papers / "dapo.yaml"), [f"rewards=[{{fn: {root / 'reward.py'}:has_a}}]"]),
+        "grpo": ("grpo", str(papers / "dapo.yaml"), [f"rewards=[{{fn: {root / 'reward.py'}:has_a}}, "
+                                                     f"{{fn: {root / 'reward.py'}:fails_on_odd_lengths, weight: 0.0}}]"]),
     }
     out = {}
     for job, (command, recipe, extra) in jobs.items():
@@ -370,7 +381,8 @@ COMPARED = {
     "dpo": ("loss", "grad_norm", "beta_dpo/beta", "beta_dpo/margin_ema_mean", "beta_dpo/margin_ema_std",
             "rewards/margins", "logps/chosen"),
     "grpo": ("loss", "grad_norm", "reward", "rl/advantages/mean", "rl/advantages/std", "rl/advantages/min",
-             "rl/advantages/max", "rl/sampler/gen_batches", "rl/sampler/dynamic_sampling/kept_groups"),
+             "rl/advantages/max", "rl/sampler/gen_batches", "rl/sampler/dynamic_sampling/kept_groups",
+             "rewards/fails_on_odd_lengths/errors"),  # each process counts its own: the sum is logged
 }
 
 
@@ -383,8 +395,9 @@ def test_two_processes_give_the_first_steps_of_one(launched, job):
     assert first_one["step"] == first_two["step"] == 1
     for key in COMPARED[job]:
         assert first_two[key] == pytest.approx(first_one[key], rel=1e-5, abs=1e-7), key
-    if job == "grpo":  # the refill ran, and the groups it kept have a spread of rewards
+    if job == "grpo":  # the refill ran, the groups it kept have a spread of rewards, and some scoring failed
         assert first_one["rl/sampler/gen_batches"] >= 2 and first_one["rl/advantages/std"] > 0
+        assert first_one["rewards/fails_on_odd_lengths/errors"] > 0
     if job == "dpo":
         assert first_one["rewards/margins"] != 0 and first_one["grad_norm"] > 0
 
@@ -422,3 +435,45 @@ def test_an_error_on_one_rank_stops_the_launch_with_that_ranks_message(launched)
     assert "Traceback" not in result.stderr
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "rank 1 of 2" in status["error"]
+
+
+# --- vLLM -----------------------------------------------------------------------------------------------------------
+
+def vllm_recipe(tmp_path: Path, mode: str = "server") -> Path:
+    return write_recipe(tmp_path / "vllm.yaml", f"""defaults: [base/grpo]
+model: {{name_or_path: tiny, tiny: {json.dumps(TINY)}}}
+data: {{train: {{source: "builtin:arithmetic", task: {{n: 16}}}}}}
+trainer: {{use_vllm: true, vllm_mode: {mode}, vllm_server_port: 8011, vllm_tensor_parallel_size: 2,
+          vllm_gpu_memory_utilization: 0.5, vllm_max_model_length: 512}}
+""")
+
+
+def test_vllm_serve_dry_run_is_trls_server_command_for_the_recipes_model_and_settings(tmp_path):
+    from postrain.models.loading import resolve_model_path
+
+    result = invoke("vllm-serve", str(vllm_recipe(tmp_path)), "--dry-run", "--vllm-args", "--enforce-eager")
+    assert result.exit_code == 0, result.output
+    words = result.output.split()
+    assert words[:4] == ["VLLM_SERVER_DEV_MODE=1", "vllm", "serve", resolve_model_path("tiny", TINY)]
+    pairs = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    assert (pairs["--port"], pairs["--tensor-parallel-size"], pairs["--gpu-memory-utilization"],
+            pairs["--max-model-len"]) == ("8011", "2", "0.5", "512")
+    assert pairs["--logprobs-mode"] == "processed_logprobs"  # TRL's: the log-probs its correction reads
+    assert words[-1] == "--enforce-eager"
+
+
+def test_vllm_serve_refuses_a_recipe_that_does_not_generate_with_a_server(tmp_path):
+    result = invoke("vllm-serve", str(vllm_recipe(tmp_path, mode="colocate")), "--dry-run")
+    assert result.exit_code == 2
+    assert "set trainer.use_vllm=true and trainer.vllm_mode=server" in " ".join(result.output.split())
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_a_recipe_that_generates_with_vllm_says_what_to_install_before_anything_is_written(tmp_path):
+    recipe = vllm_recipe(tmp_path, mode="colocate")
+    for args in (["grpo", str(recipe), f"output_dir={tmp_path / 'run'}"], ["grpo", str(recipe), "--dry-run"],
+                 ["vllm-serve", str(vllm_recipe(tmp_path))]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "not installed: pip install 'postrain[vllm]'" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from postrain.errors import PostrainError, RunDirError
+from postrain.errors import LaunchError, PostrainError, RunDirError
 from postrain.launch.launcher import current_layout, launch_started
 from postrain.models.loading import MODEL_SUBDIR, check_model_reference
 from postrain.recipes import Recipe
@@ -172,6 +172,21 @@ def running(run_dir: Path, started: float | None = None):
         write_json(run_dir / "status.json", {**status, **facts, "status": "done",
                                              "wall_time_s": round(time.time() - start, 2),
                                              "processes": layout.world_size})
+
+
+def run_launched(recipe: Recipe, options: RunOptions, worker_args: list[str]) -> None:
+    """Run the job on the processes its `launch:` section asks for: `worker_args` (a postrain command line) under
+    `accelerate launch`. The machine and the run directory are checked first, so a mistake is reported once, before
+    any worker starts; a failing worker raises LaunchError with the first failing rank's message."""
+    from postrain.launch.launcher import check_runnable_here, launch_section, relaunch
+
+    section = launch_section(recipe.cfg)
+    check_runnable_here(section, recipe.origins)
+    check_run_dir(recipe, options)
+    code, message = relaunch(section, worker_args, recipe.origins, options.started)
+    if code:
+        mark_failed(recipe.cfg["output_dir"], message)
+        raise LaunchError(message or "the launch failed", code)
 
 
 def mark_failed(run_dir: str | Path, message: str | None) -> None:

@@ -23,7 +23,10 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.rewards import build_rewards, check_reward_columns
     from postrain.trainers.grpo import PostrainGRPOTrainer
 
+    from postrain.launch.vllm import check_vllm_installed
+
     cfg = recipe.cfg
+    check_vllm_installed(cfg, recipe.origins)  # trainer.use_vllm: stop here, not once the run directory exists
     if not cfg["rewards"]:
         raise RecipeError("`grpo` needs at least one entry under rewards: (e.g. - name: exact_match)")
     if (cfg.get("trainer") or {}).get("reward_weights") is not None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from postrain.errors import PostrainError
+from postrain.errors import LaunchError, PostrainError
 from postrain.jobs.common import RunOptions, last_checkpoint, read_recipe_hash, read_status, write_json
 from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
 
@@ -141,22 +141,18 @@ def run_stage(pipeline: Recipe, name: str, stage: Recipe, stage_options: RunOpti
     `accelerate launch` as `postrain run PIPELINE --stage NAME` (each worker loads the pipeline as this process did
     and runs that stage alone)."""
     from postrain.jobs import run_job
-    from postrain.jobs.common import check_run_dir, mark_failed
-    from postrain.launch.launcher import check_runnable_here, launch_section, needs_launch, relaunch
+    from postrain.jobs.common import run_launched
+    from postrain.launch.launcher import launch_section, needs_launch
 
-    section = launch_section(stage.cfg)
-    if not needs_launch(section):
+    if not needs_launch(launch_section(stage.cfg)):
         run_job(stage, stage_options)
         return
-    check_runnable_here(section, stage.origins)
-    check_run_dir(stage, stage_options)
     flags = [flag for flag, on in (("--smoke", options.smoke), ("--overwrite", stage_options.overwrite),
                                    ("--resume", stage_options.resume)) if on]
-    code, message = relaunch(section, ["run", str(pipeline.path), *options.overrides, *flags, "--stage", name],
-                             stage.origins, stage_options.started)
-    if code:
-        mark_failed(stage.cfg["output_dir"], message)
-        raise PostrainError(f"stage {name!r}: {message}")
+    try:
+        run_launched(stage, stage_options, ["run", str(pipeline.path), *options.overrides, *flags, "--stage", name])
+    except LaunchError as e:
+        raise LaunchError(f"stage {name!r}: {e}", e.exit_code) from None
 
 
 def run_one_stage(recipe: Recipe, stages: dict[str, Recipe], options: RunOptions) -> dict:

@@ -67,6 +67,9 @@ def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | Non
         check_model_reference(cfg["model"], "model")
         check_model_reference(cfg.get("ref_model"), "ref_model")
     if cmd == "grpo":
+        from postrain.launch.vllm import check_vllm_installed
+
+        check_vllm_installed(cfg, recipe.origins)
         _check_rewards(recipe, {"data.train": cfg["data"].get("train"), "data.eval": cfg["data"].get("eval")})
     lm_eval = cmd == "eval" and (cfg.get("eval") or {}).get("backend") == "lm_eval"
     if cmd == "eval" and not lm_eval:  # lm-eval scores with its tasks' own metrics: no rewards, no sets

@@ -107,9 +107,11 @@ class PostrainGRPOTrainer(GRPOTrainer):
                              f"which needs a map-style dataset; {type(self.train_dataset).__name__} is streamed")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for fn in self.reward_funcs:
-            if hasattr(fn, "pop_error_count"):
-                logs[f"rewards/{fn.name}/errors"] = float(fn.pop_error_count())
+        counted = [fn for fn in self.reward_funcs if hasattr(fn, "pop_error_count")]
+        if counted:  # each process scores its own completions: the count is the sum over processes
+            local = torch.tensor([float(fn.pop_error_count()) for fn in counted], device=self.accelerator.device)
+            for fn, errors in zip(counted, self.accelerator.reduce(local, reduction="sum").tolist()):
+                logs[f"rewards/{fn.name}/errors"] = errors
         super().log(logs, start_time)
 
     # --- advantages -------------------------------------------------------------------------------------------
