@@ -163,3 +163,4 @@ def test_every_not_reproducible_row_shows_its_searches_in_the_document(built):
     assert by_row["preference", 16].entries == ["preference:mipo"]
     assert by_row["rl", 31].entries == ["shaping:hapo_length"]
     assert by_row["rl", 87].entries == ["policy_loss:discovered_po"]
+    assert by_row["rl", 15].entries == by_row["preference", 104].entries == ["policy_loss:trpa"]
