@@ -12,7 +12,9 @@ Inputs:
   - the recipes under recipes/, matched to rows by `paper.arxiv` (the arXiv id of a row's entries, or the `arxiv`
     that docs/coverage_exclusions.yaml gives a row without entries);
   - docs/coverage_exclusions.yaml: for each row with neither an entry nor a recipe, why (`not_yet`: could be done,
-    and what is missing; `not_reproducible`: what is not established from public information).
+    and what is missing; `not_reproducible`: what is not established from public information), and what was
+    looked up (`searched`: the queries and look-ups, `found`: what they turned up). A `not_reproducible` row must
+    name its searches, so that the claim can be checked.
 
 A row's status: `implemented` (a registry entry computes it), else `composed` (a recipe reproduces it from
 existing parts), else the exclusion file's status. A row with none of these is unaccounted for, which --check
@@ -38,7 +40,7 @@ CATALOG_FILES = {"preference": "preference-methods.md", "rl": "rl-methods.md"}
 # Tags for entries that implement no numbered row (see the module docstring).
 OUTSIDE_TAGS = {"trl": "listed by the catalog only as a TRL option", "extra": "not a row of the catalog"}
 STATUSES = ("implemented", "composed", "not_yet", "not_reproducible")
-EXCLUSION_KEYS = {"status", "reason", "arxiv", "note"}
+EXCLUSION_KEYS = {"status", "reason", "arxiv", "note", "searched", "found"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class RowCoverage:
     entries: list[str] = field(default_factory=list)  # "family:name"
     recipes: list[str] = field(default_factory=list)
     reason: str = ""
+    searched: list[str] = field(default_factory=list)
+    found: str = ""
 
 
 @dataclass
@@ -189,8 +193,14 @@ def build(catalog_dir: Path, exclusions_path: Path = EXCLUSIONS, recipes_root: P
             implemented = entries.get((catalog, row.number), [])
             arxivs = {_arxiv(v.arxiv) for v in implemented} | ({_arxiv(excl["arxiv"])} if excl.get("arxiv") else set())
             recipes = sorted(path for path, arxiv in papers.items() if arxiv in arxivs)
+            searched = excl.get("searched") or []
+            malformed = not isinstance(searched, list) or not all(isinstance(q, str) and q.strip() for q in searched)
+            if malformed:
+                problems.append(f"{where}: `searched` must be a list of the queries / look-ups made (strings)")
+                searched = []
             cov = RowCoverage(row, None, sorted(f"{v.family}:{v.name}" for v in implemented), recipes,
-                              str(excl.get("reason") or excl.get("note") or ""))
+                              str(excl.get("reason") or excl.get("note") or ""), list(searched),
+                              str(excl.get("found") or ""))
             if implemented or recipes:
                 cov.status = "implemented" if implemented else "composed"
                 if "status" in excl:
@@ -202,6 +212,10 @@ def build(catalog_dir: Path, exclusions_path: Path = EXCLUSIONS, recipes_root: P
                                 f"{exclusions_path.name} gives no reason")
             elif excl.get("status") not in ("not_yet", "not_reproducible") or not excl.get("reason"):
                 problems.append(f"{where}: needs `status: not_yet` or `status: not_reproducible` and a `reason`")
+            elif excl["status"] == "not_reproducible" and not cov.searched and not malformed:
+                problems.append(f"{where} is not_reproducible without the searches that support it: list them "
+                                f"under `searched:` (queries, repositories fetched) and what they turned up under "
+                                f"`found:`")
             else:
                 cov.status = excl["status"]
             out.append(cov)
@@ -212,6 +226,16 @@ def build(catalog_dir: Path, exclusions_path: Path = EXCLUSIONS, recipes_root: P
 
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _note(c: "RowCoverage") -> str:
+    """The row's note: its reason, then the searches behind it and what they found."""
+    parts = [c.reason.strip()] if c.reason.strip() else []
+    if c.searched:
+        parts.append("Searched: " + "; ".join(q.strip() for q in c.searched) + ".")
+    if c.found.strip():
+        parts.append("Found: " + c.found.strip().rstrip(".") + ".")
+    return " ".join(parts)
 
 
 def render(cov: Coverage) -> str:
@@ -229,7 +253,7 @@ def render(cov: Coverage) -> str:
         "- **composed**: no entry of its own; a recipe under `recipes/` reproduces it from existing parts.",
         "- **not yet**: could be done; the note says what is missing.",
         "- **not reproducible**: the formula or setting is not established from public information; the note "
-        "says what is missing.",
+        "says what is missing, what was searched (queries, repositories fetched) and what was found.",
         "",
         "Recipes are matched to rows by `paper.arxiv`: the arXiv id of a row's entries or, for a row without "
         "entries, the `arxiv` that docs/coverage_exclusions.yaml gives it. Rows whose entries share one paper "
@@ -249,7 +273,7 @@ def render(cov: Coverage) -> str:
         for c in rows:
             lines.append("| " + " | ".join([
                 str(c.row.number), _md(c.row.name), _md(c.row.trl), labels[c.status],
-                ", ".join(f"`{e}`" for e in c.entries), ", ".join(f"`{r}`" for r in c.recipes), _md(c.reason),
+                ", ".join(f"`{e}`" for e in c.entries), ", ".join(f"`{r}`" for r in c.recipes), _md(_note(c)),
             ]) + " |")
         lines.append("")
     lines += ["## Registered entries outside the catalog rows", "",

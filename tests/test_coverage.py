@@ -89,14 +89,14 @@ def _exclusions(tmp_path, edit):
 
 def test_a_row_without_reason_or_a_stale_exclusion_is_a_problem(tmp_path):
     def edit(data):
-        del data["preference"][16]  # MIPO: no entry, no recipe, now no reason
+        del data["preference"][22]  # ASFT: no entry, no recipe, now no reason
         data["preference"][5] = {"status": "not_yet", "reason": "x"}  # SimPO is implemented
         data["rl"][999] = {"status": "not_yet", "reason": "no such row"}
         data["rl"][24]["reasn"] = "typo"
 
     problems = coverage.build(CATALOG_DIR, _exclusions(tmp_path, edit)).problems
     text = "\n".join(problems)
-    assert "preference row 16 (MIPO) is unaccounted for" in text
+    assert "preference row 22 (ASFT) is unaccounted for" in text
     assert "preference row 5 (SimPO) is implemented now (preference:simpo): remove its status" in text
     assert "rl row 999 is not in rl-methods.md" in text
     assert "unknown key 'reasn'" in text
@@ -132,3 +132,35 @@ def test_check_fails_on_a_stale_document(tmp_path, built, capsys):
     doc.write_text(coverage.render(built).replace("| 5 | SimPO |", "| 5 | SimPO (edited) |"))
     assert coverage.main(["--check", "--output", str(doc), "--catalogs", str(CATALOG_DIR)]) == 1
     assert "is stale" in capsys.readouterr().err
+
+
+def test_a_not_reproducible_row_must_name_its_searches(tmp_path):
+    def edit(data):
+        del data["preference"][23]["searched"]  # SGDPO: the claim without the look-ups behind it
+        data["rl"][24]["searched"] = "one string, not a list"
+        data["rl"][30]["searched"] = ["find_string: 'x'", ""]
+
+    problems = coverage.build(CATALOG_DIR, _exclusions(tmp_path, edit)).problems
+    text = "\n".join(problems)
+    assert "preference row 23 (SGDPO) is not_reproducible without the searches that support it" in text
+    assert "rl row 24 (SEED-GRPO): `searched` must be a list" in text
+    assert "rl row 30" in text and len(problems) == 3
+    # a not_yet row needs no searches (it may still carry them)
+    by_row = {(c.row.catalog, c.row.number): c for c in coverage.build(CATALOG_DIR).rows}
+    assert by_row["preference", 42].status == "not_yet" and not by_row["preference", 42].searched
+
+
+def test_every_not_reproducible_row_shows_its_searches_in_the_document(built):
+    rows = [c for c in built.rows if c.status == "not_reproducible"]
+    assert rows and all(c.searched for c in rows)
+    text = coverage.render(built)
+    for c in rows:
+        line = next(line for line in text.splitlines() if line.startswith(f"| {c.row.number} | "
+                                                                          f"{coverage._md(c.row.name)} |"))
+        assert "| not reproducible |" in line and "Searched: " in line, line[:120]
+    # rows re-examined against the authors' code (issue 17) and implemented since
+    by_row = {(c.row.catalog, c.row.number): c for c in built.rows}
+    assert by_row["preference", 16].entries == ["preference:mipo"]
+    assert by_row["rl", 31].entries == ["shaping:hapo_length"]
+    assert by_row["rl", 87].entries == ["policy_loss:discovered_po"]
+    assert by_row["rl", 15].entries == by_row["preference", 104].entries == ["policy_loss:trpa"]

@@ -67,12 +67,14 @@ PROVIDED: dict[str, frozenset[str]] = {
 # first-visit value. The trainer keeps it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with
 # checkpoints.
 STATEFUL_ADVANTAGES: dict[str, tuple[int, float]] = {"dcpo_smooth": (3, 0.0)}
+# Reward-shaping entries that read and return a per-prompt history the same way (postrain.rl.history_shaping).
+STATEFUL_SHAPING: dict[str, tuple[int, float]] = {"hapo_length": (1, 0.0)}
 # Why a data input is not available in a GRPO batch (for the error message).
 MISSING_DATA = {
     "ref_rewards": "rewards of completions sampled from the reference model, which the GRPO trainer does not "
                    "generate",
     "state": "a per-prompt history carried across steps, which the GRPO trainer keeps only for "
-             + ", ".join(sorted(STATEFUL_ADVANTAGES)),
+             + ", ".join(sorted({*STATEFUL_ADVANTAGES, *STATEFUL_SHAPING})),
     "divergence": "a per-prompt policy divergence since the prompt's previous visit, which the GRPO trainer does "
                   "not track",
     "embeddings": "sentence embeddings of the completions, and no embedding model is configured",

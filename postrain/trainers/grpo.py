@@ -67,7 +67,8 @@ from postrain.rl.losses import disco_kl_stats
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
 from postrain.rl.shaping import curriculum_budget
-from postrain.rl.section import REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, Part, parse_rl_section
+from postrain.rl.section import (REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, STATEFUL_SHAPING, Part,
+                                 parse_rl_section)
 from postrain.trainers import grpo_greso, grpo_replay
 from postrain.trainers.grpo_sampling import LEFT_PADDED, PromptState, cat_batches, group_rows, prompt_key, take_rows
 
@@ -148,7 +149,8 @@ class PostrainGRPOTrainer(GRPOTrainer):
 
     def _prompt_keys(self, inputs) -> list[str] | None:
         """Every process' prompt ids, in gathered row order, where a part keeps per-prompt state."""
-        if self.rl_parts.advantage.name not in STATEFUL_ADVANTAGES:
+        stateful_shaping = any(p.name in STATEFUL_SHAPING for p in self.rl_parts.shaping)
+        if self.rl_parts.advantage.name not in STATEFUL_ADVANTAGES and not stateful_shaping:
             return None
         from accelerate.utils import gather_object
 
@@ -377,6 +379,14 @@ class PostrainGRPOTrainer(GRPOTrainer):
             data["step"], data["total_steps"] = int(self.state.global_step), int(self.state.max_steps)
 
         for part in parts.shaping:
+            if part.name in STATEFUL_SHAPING:  # a per-prompt history in, the updated one out (training only)
+                width, first_visit = STATEFUL_SHAPING[part.name]
+                state = self.rl_state.rows(part.name, keys, width, first_visit).to(device)
+                shaped, new_state = SHAPING.call(part.name, {**data, "state": state}, self._part_params(part))
+                if mode == "train":
+                    self.rl_state.update(part.name, keys, new_state)
+                data["rewards"] = shaped.to(device)
+                continue
             data["rewards"] = SHAPING.call(part.name, data, self._part_params(part)).to(device)
             if part.name == "curriculum_budget_length":  # the budget this batch was scored against
                 self._metrics[mode]["rl/shaping/budget"].append(curriculum_budget(
