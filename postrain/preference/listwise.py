@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
+from postrain.registry import Requirement
 
 # Fill for masked slots inside softmax-like sums: exp() of it is exactly 0, yet unlike -inf it keeps
 # (-inf) - (-inf) = nan out of the backward pass.
@@ -98,6 +99,8 @@ def exo_k(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: floa
 
 @PREFERENCE.register(
     "relative_po",
+    requires=(Requirement("rows_per_batch", "the contrasts with the rejected responses of the batch's other "
+                                            "prompts", amount=2, scope="process"),),
     catalog="preference:53",
     paper="Relative Preference Optimization: Enhancing LLM Alignment through Contrasting Responses across "
           "Identical and Diverse Prompts", arxiv="2402.10958",
