@@ -341,8 +341,10 @@ def discopop(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (hw - hl)
-    mix = torch.sigmoid(z / tau)
-    return (1.0 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
+    # σ(z/τ)·e^(−z) as exp(log σ(z/τ) − z): at large negative margins σ(z/τ) underflows to 0 while e^(−z) overflows,
+    # and their product, whose limit is 0 (e^(z(1/τ − 1)) for τ < 1), would be 0·inf = nan in value and gradient.
+    # 1 − σ(z/τ) is σ(−z/τ), exact where σ(z/τ) rounds to 1.
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
 
 
 # --- f-DPO --------------------------------------------------------------------------------------------------------
