@@ -233,7 +233,7 @@ def config(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesAr
     typer.echo(recipe_obj.to_yaml(), nl=False)
 
 
-@app.command(epilog="Examples: postrain recipes --papers; postrain recipes --check --strict; "
+@app.command(epilog="Example: postrain recipes --papers; postrain recipes --check --strict; "
                      "postrain recipes --inherited lite_ppo")
 def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
             papers: bool = typer.Option(False, "--papers", help="Only the recipes that reproduce a paper."),

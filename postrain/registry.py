@@ -39,17 +39,15 @@ BEHAVIOUR_LOGPS = "old_logps"
 
 # What a Requirement can ask of a recipe's batch layout (postrain.recipes.liveness evaluates each kind):
 REQUIREMENT_KINDS: dict[str, str] = {
-    "off_policy": "more than one optimizer step per generation batch (or num_iterations > 1): only then does the "
-                  "policy move away from pi_old, and a ratio pi / pi_old differ from 1",
-    "groups_per_batch": "more than one group (prompt) in the generation batch the entry sees, gathered over processes",
-    "group_size": "at least 2 completions in each group the entry sees",
-    "refill": "more than one generation round per step (max_num_gen_batches 0, no limit, or >= 2)",
-    "length_budget": "a length budget below trainer.max_completion_length at some step of the run "
-                     "(`amount(params, layout)`: the smallest budget of the run, None when it cannot be told)",
-    "revisits": "each prompt visited in several epochs (`amount(params, layout)`: the visits needed)",
-    "selection": "a selection that keeps fewer rows than it sees (`amount(params, layout)`: (kept, seen))",
-    "rows_per_batch": "at least `amount(params)` rows in each batch the entry sees: one process' micro-batch "
-                      "(`scope='process'`) or the batch gathered over processes (`scope='gathered'`)",
+    "off_policy": "more than one optimizer step per generation batch, or num_iterations > 1, so that the policy "
+                  "moves away from pi_old and a ratio pi / pi_old differs from 1",
+    "groups_per_batch": "two groups (prompts) or more per generation batch, gathered over the processes",
+    "group_size": "groups of 2 completions or more, as the entry sees them",
+    "refill": "more than one generation round per step (max_num_gen_batches)",
+    "length_budget": "a length budget below max_completion_length at some step of the run",
+    "revisits": "each prompt visited in several epochs",
+    "selection": "a selection that keeps fewer rows than it sees",
+    "rows_per_batch": "enough rows per batch (one process' micro-batch, or the batch gathered over processes)",
 }
 
 
@@ -59,8 +57,10 @@ class Requirement:
     (a batch std over one group is the group's std; a clip of a ratio that is always 1 never clips).
 
     `step` says in words what is inert otherwise; `when(params)` (the entry's hyperparameters, defaults filled in)
-    limits the requirement to the settings where the step exists (e.g. a selection with rho > 0); `amount` is the
-    kind's figure (REQUIREMENT_KINDS), `scope` where rows are counted (rows_per_batch)."""
+    limits the requirement to the settings where the step exists. `amount` is the kind's figure, a number or
+    `amount(params, layout)` (layout: postrain.recipes.liveness.Layout): refill, the generation rounds allowed;
+    length_budget, the smallest budget of the run (None: cannot be told); revisits, the visits needed;
+    selection, (kept, seen); rows_per_batch, the rows needed, counted per process or gathered (`scope`)."""
 
     kind: str
     step: str
