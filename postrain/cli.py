@@ -240,8 +240,8 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             root: Optional[Path] = typer.Option(None, help="Folder to list (default: recipes/)."),
             check: bool = typer.Option(False, "--check", help="Load every recipe (a pipeline: each stage) and report "
                                        "the method steps its batch layout leaves inert (liveness)."),
-            strict: bool = typer.Option(False, "--strict", help="With --check: exit 2 when a step is inert or a "
-                                        "recipe does not load."),
+            strict: bool = typer.Option(False, "--strict", help="With --check: exit 2 when a step is inert (and its "
+                                        "recipe's header does not say why) or a recipe does not load."),
             inherited: Optional[str] = typer.Option(None, "--inherited", metavar="RECIPE", help="List the fields "
                                                     "RECIPE (a path, or a paper recipe's name) does not set itself: "
                                                     "from base recipes, its method, postrain's and the registry "
@@ -279,12 +279,15 @@ def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bo
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        for r in bad:
+        for r in rows:
             what = r["path"] + (f" (stage {r['stage']})" if r["stage"] else "")
             for message in ([f"does not load: {r['error']}"] if r["error"] else r["findings"]):
                 typer.echo(f"{what}: {message}")
+            for message in r["documented"]:
+                typer.echo(f"{what}: (explained in its header) {message}")
         typer.echo(f"{len(rows)} recipe(s) or stage(s) checked: {sum(len(r['findings']) for r in rows)} inert "
-                   f"step(s), {sum(1 for r in rows if r['error'])} that do not load")
+                   f"step(s), {sum(len(r['documented']) for r in rows)} explained in their recipe's header, "
+                   f"{sum(1 for r in rows if r['error'])} that do not load")
     if strict and bad:
         raise typer.Exit(code=2)
 

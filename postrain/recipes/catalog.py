@@ -236,11 +236,31 @@ def _library_defaults(recipe) -> list[dict]:
 
 # --- liveness of every recipe: `postrain recipes --check` ---------------------------------------------------------
 
+def header(path: Path) -> str:
+    """A recipe file's leading comment block (where a paper recipe says what it is and how it differs)."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def documented(finding, *paths) -> bool:
+    """Whether a recipe's header explains an inert step: a `liveness:` note naming the part, e.g.
+    `#   - liveness: disco's KL constraint is inert: ...` (the part is the quoted name in the finding)."""
+    import re
+
+    part = finding.part.split("'")[1] if "'" in finding.part else finding.part
+    return any(re.search(rf"liveness\b.*\b{re.escape(part)}\b", header(p), re.S) for p in paths if p)
+
+
 def check_recipes(root: Path | None = None, papers: bool = False, stage_loader=None) -> list[dict]:
     """Load every recipe under `root` (recipes/) and report what liveness finds (postrain.recipes.liveness): one row
     per recipe, or per stage of a pipeline (loaded by `stage_loader(pipeline, name, stage)`, the pipeline job's own
-    loading, with the stage's overrides). A recipe that does not load is reported with its error. `base/` holds
-    layers for other recipes' `defaults:`, not recipes to run, and is left out."""
+    loading, with the stage's overrides). `findings` are the inert steps the recipe does not explain, `documented`
+    those its header explains (`documented`); a recipe that does not load is reported with its error. `base/`
+    holds layers for other recipes' `defaults:`, not recipes to run, and is left out."""
     import logging
 
     from postrain.errors import PostrainError
@@ -259,7 +279,12 @@ def check_recipes(root: Path | None = None, papers: bool = False, stage_loader=N
                 continue
             if papers and not listed.get(shown, {}).get("paper"):
                 continue
-            row = {"path": shown, "stage": None, "findings": [], "error": None}
+            row = {"path": shown, "stage": None, "findings": [], "documented": [], "error": None}
+
+            def split(found, *paths) -> dict:
+                return {"findings": [f.message for f in found if not documented(f, *paths)],
+                        "documented": [f.message for f in found if documented(f, *paths)]}
+
             try:
                 recipe = load_recipe(path, liveness=False)
             except PostrainError as e:
@@ -274,10 +299,10 @@ def check_recipes(root: Path | None = None, papers: bool = False, stage_loader=N
                         rows.append({**srow, "error": str(e)})
                         continue
                     found = check_liveness(loaded.command, loaded.cfg, loaded.origins)
-                    rows.append({**srow, "findings": [f.message for f in found]})
+                    rows.append({**srow, **split(found, path, loaded.path)})
                 continue
             found = check_liveness(recipe.command, recipe.cfg, recipe.origins)
-            rows.append({**row, "findings": [f.message for f in found]})
+            rows.append({**row, **split(found, path)})
     finally:
         LOG.setLevel(level)
     return rows

@@ -17,9 +17,9 @@ it, with the `launch:` section's processes:
 A finding names the part, the step that is inert, the numbers, and a setting that would make it live. The
 recipe's `liveness:` key says what a finding does: `warn` (the default) logs it when the recipe loads
 (`--dry-run`, a run, a pipeline stage), `error` refuses the recipe. `postrain recipes --check` reports every
-shipped recipe. Parts that are TRL's defaults at their default settings (group z-score, token-level PPO clip
-0.2, token mean: what `rl: {}` and a plain GRPO recipe train with) are not reported: their clip is inert
-on-policy in DeepSeekMath's own setup too, and it is no method's defining step.
+shipped recipe. The token-level PPO clip of TRL's default parts at their default settings (what `rl: {}` and a
+plain GRPO recipe train with) is not reported inert on-policy: it is inert in DeepSeekMath's own setup too, and no
+method's defining step; a clip a recipe or its method sets (DAPO's clip-higher) is.
 
 Not judged here (their figures are known only once data loads): the number of prompts of the dataset (a
 `revisits` requirement under `max_steps`), the groups of `group_robust_po`, the list sizes of list-wise losses.
@@ -122,7 +122,8 @@ def layout_of(command: str, cfg: dict) -> Layout:
     max_steps = int(get("max_steps", -1))
     common = dict(command=command, world_size=world, per_device=per_device, grad_accum=accum,
                   epochs=None if max_steps > 0 else float(get("num_train_epochs", 1.0)),
-                  max_steps=max_steps if max_steps > 0 else None, sets=frozenset(trainer))
+                  max_steps=max_steps if max_steps > 0 else None,
+                  sets=frozenset(k for k, v in trainer.items() if v is not None))
     if command != "grpo":
         return Layout(**common)
     gbs, spg = trainer.get("generation_batch_size"), trainer.get("steps_per_generation")
@@ -159,13 +160,19 @@ def _amount(requirement, params: dict, layout: Layout):
     return amount(params, layout) if callable(amount) else amount
 
 
-def _off_policy(requirement, params, layout, seen):
+def _off_policy(requirement, params, layout, seen, owner):
     if layout.off_policy:
         return None
     spg, it, accum = layout.steps_per_generation, layout.num_iterations, layout.grad_accum
     why = (f"each generation batch is trained on within one optimizer step (steps_per_generation {spg} x "
            f"num_iterations {it} micro-batches, gradient_accumulation_steps {accum} per optimizer step), so "
            f"pi_old = pi and every ratio pi / pi_old is 1")
+    if owner.family == "policy_loss" and owner.needs("group_size"):
+        # a loss over whole groups needs steps_per_generation 1 (postrain.rl.section): only reusing a micro-batch
+        # that is an optimizer step of its own moves the policy between its passes
+        return why, ("This loss compares whole groups, so each micro-batch is a generation batch of its own "
+                     "(steps_per_generation 1): it acts only with trainer.gradient_accumulation_steps=1 and "
+                     "trainer.num_iterations=2 or more (each micro-batch an update, trained on again)")
     if "generation_batch_size" in layout.sets:
         setting = f"trainer.generation_batch_size={2 * layout.per_device * layout.world_size * accum}"
     else:
@@ -174,7 +181,7 @@ def _off_policy(requirement, params, layout, seen):
                  f"steps per generation batch) or trainer.num_iterations=2")
 
 
-def _groups_per_batch(requirement, params, layout, seen):
+def _groups_per_batch(requirement, params, layout, seen, owner):
     if layout.groups >= 2:
         return None
     group = layout.num_generations
@@ -192,14 +199,14 @@ def _groups_per_batch(requirement, params, layout, seen):
     return why, f"It acts with two groups or more per generation batch: e.g. {setting} ({target // group} groups)"
 
 
-def _group_size(requirement, params, layout, seen):
+def _group_size(requirement, params, layout, seen, owner):
     if seen >= 2:
         return None
     return (f"each group it sees holds {seen} completion",
             "It acts with groups of 2 completions or more (trainer.num_generations, or the k of a GFPO sampler)")
 
 
-def _refill(requirement, params, layout, seen):
+def _refill(requirement, params, layout, seen, owner):
     rounds = _amount(requirement, params, layout)
     if rounds >= 2:
         return None
@@ -209,7 +216,7 @@ def _refill(requirement, params, layout, seen):
             "samplers; verl's DAPO scripts use 10)")
 
 
-def _length_budget(requirement, params, layout, seen):
+def _length_budget(requirement, params, layout, seen, owner):
     budget = _amount(requirement, params, layout)
     if budget is None or budget < layout.max_completion_length:
         return None
@@ -219,7 +226,7 @@ def _length_budget(requirement, params, layout, seen):
             "the budget)")
 
 
-def _revisits(requirement, params, layout, seen):
+def _revisits(requirement, params, layout, seen, owner):
     needed = _amount(requirement, params, layout)
     if layout.epochs is None or math.ceil(layout.epochs) >= needed:
         return None
@@ -227,14 +234,14 @@ def _revisits(requirement, params, layout, seen):
             f"It acts with trainer.num_train_epochs={needed} or more")
 
 
-def _selection(requirement, params, layout, seen):
+def _selection(requirement, params, layout, seen, owner):
     kept, total = _amount(requirement, params, layout)
     if kept < total:
         return None
     return (f"it keeps {kept} of the {total} it sees", "It acts when it keeps fewer than it sees")
 
 
-def _rows_per_batch(requirement, params, layout, seen):
+def _rows_per_batch(requirement, params, layout, seen, owner):
     needed = int(_amount(requirement, params, layout))
     rows = layout.rows(requirement.scope)
     if rows >= needed:
@@ -254,9 +261,10 @@ EVALUATORS = {"off_policy": _off_policy, "groups_per_batch": _groups_per_batch, 
               "rows_per_batch": _rows_per_batch}
 
 
-def evaluate(variant, params: dict, layout: Layout, part: str, where: str, seen_group: int | None = None
-             ) -> list[Finding]:
-    """The findings of one entry at hyperparameters `params` (over its defaults) under `layout`."""
+def evaluate(variant, params: dict, layout: Layout, part: str, where: str, seen_group: int | None = None,
+             skip: tuple[str, ...] = ()) -> list[Finding]:
+    """The findings of one entry at hyperparameters `params` (over its defaults) under `layout`, except the
+    requirement kinds in `skip`."""
     full = {**variant.params, **params}
     if "max_completion_length" in variant.params and params.get("max_completion_length") is None and \
             layout.max_completion_length:
@@ -264,7 +272,9 @@ def evaluate(variant, params: dict, layout: Layout, part: str, where: str, seen_
     seen = layout.num_generations if seen_group is None else seen_group
     out = []
     for owner, owner_params, requirement in variant.requirements(full):
-        verdict = EVALUATORS[requirement.kind](requirement, owner_params, layout, seen)
+        if requirement.kind in skip:
+            continue
+        verdict = EVALUATORS[requirement.kind](requirement, owner_params, layout, seen, owner)
         if verdict is not None:
             out.append(Finding(part, where, requirement.kind, requirement.step, *verdict))
     return out
@@ -281,8 +291,9 @@ def trl_options(variant) -> dict[str, str] | None:
     return {m.group(1): m.group(2) for m in matches}
 
 
-def _set_to(trainer: dict, key: str, value: str) -> bool:
-    got = trainer.get(key)
+def _set_to(trainer: dict, defaults: dict, key: str, value: str) -> bool:
+    """Whether TRL will run with option `key` at `value` (the recipe's, else TRL's default; lists: one of them)."""
+    got = trainer.get(key, defaults.get(key))
     return str(got) == value or (isinstance(got, list) and value in map(str, got))
 
 
@@ -296,24 +307,34 @@ def trl_path_parts(command: str, trainer: dict, origins: dict) -> list[tuple[Any
     defaults = trl_defaults(command)
     out = []
     for family in TRL_PATH_FAMILIES.get(command, ()):
-        for variant in all_variants(family):
-            options = trl_options(variant)
-            if not options or not all(_set_to(trainer, k, v) for k, v in options.items()):
-                continue
+        matched = [(v, o) for v in all_variants(family) if (o := trl_options(v))
+                   and all(_set_to(trainer, defaults, k, value) for k, value in o.items())]
+        if family in ("advantage", "policy_loss") and matched:
+            # one part per axis: the entry of the options the recipe sets itself (loss_type=cispo) over the one of
+            # TRL's defaults (importance_sampling_level=token)
+            explicit = max(sum(k in trainer for k in o) for _, o in matched)
+            matched = [(v, o) for v, o in matched if sum(k in trainer for k in o) == explicit][:1]
+        for variant, options in matched:
             params = {k: trainer.get(k, defaults.get(k)) for k in variant.params if k in trainer or k in defaults}
-            if "epsilon_high" in params and params["epsilon_high"] is None and params.get("epsilon") is not None:
-                params["epsilon_high"] = params["epsilon"]
+            if "epsilon_high" in params and params["epsilon_high"] is None and variant.params["epsilon_high"] is not None:
+                # TRL's epsilon_high defaults to epsilon; an entry whose own default is not "the same as epsilon"
+                # (cispo's absolute cap) then runs at TRL's epsilon
+                params["epsilon_high"] = trainer.get("epsilon", defaults.get("epsilon"))
             said = ", ".join(f"trainer.{k}={v} (from {origin_of(origins, f'trainer.{k}')})" for k, v in options.items())
             out.append((variant, params, f"TRL's {said}"))
     return out
 
 
-def _plain_default(key: str, part) -> bool:
-    """A part that is TRL's default at its default settings (what `rl: {}` trains with)."""
+def _plain_default(key: str, name: str, variant, params: dict) -> bool:
+    """A part that is TRL's default at its default settings (what `rl: {}` and a plain GRPO recipe train with)."""
     from postrain.rl.section import DEFAULT_PARTS
 
-    return DEFAULT_PARTS.get(key) == part.name and all(
-        part.variant.params.get(k) == v for k, v in part.params.items())
+    return DEFAULT_PARTS.get(key) == name and all(variant.params.get(k) == v for k, v in params.items())
+
+
+# TRL's default parts at their defaults are not reported inert for lack of off-policy updates: their clip is no
+# method's defining step (DeepSeekMath's GRPO trains on-policy, with the clip inert, by design).
+DEFAULT_SKIPS = ("off_policy",)
 
 
 def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
@@ -324,20 +345,20 @@ def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
     if cfg.get("rl") is None:
         out = []
         for variant, params, where in trl_path_parts("grpo", trainer, origins):
-            out += evaluate(variant, params, layout, f"{FAMILIES[variant.family].what} {variant.name!r}", where)
+            skip = DEFAULT_SKIPS if _plain_default(variant.family, variant.name, variant, params) else ()
+            out += evaluate(variant, params, layout, f"{FAMILIES[variant.family].what} {variant.name!r}", where,
+                            skip=skip)
         return out
     parts = parse_rl_section(cfg["rl"], origins)
     subset = next((p for p in parts.samplers if SAMPLER_STAGES.get(p.name) == "subset"), None)
     out = []
     for family, part in parts.all():
-        key = {"regularizer": "regularizers", "sampler": "samplers"}.get(family, family)
-        if _plain_default(key, part):
-            continue
+        skip = DEFAULT_SKIPS if _plain_default(family, part.name, part.variant, part.params) else ()
         seen = None
         if family == "advantage" and subset is not None:
             seen = int(subset.params.get("k", layout.num_generations))
         out += evaluate(part.variant, part.params, layout, f"{FAMILIES[part.variant.family].what} {part.name!r}",
-                        part.where, seen)
+                        part.where, seen, skip)
     return out
 
 
