@@ -122,6 +122,15 @@ def test_the_old_minimax_m1_layout_is_flagged_with_its_numbers_and_a_fix(tmp_pat
 
 # --- one test per kind of requirement ------------------------------------------------------------------------------
 
+def test_every_requirement_kind_is_evaluated_and_every_requirement_has_a_known_kind():
+    from postrain.recipes.liveness import EVALUATORS
+    from postrain.registry import REQUIREMENT_KINDS, all_variants
+
+    assert set(EVALUATORS) == set(REQUIREMENT_KINDS)
+    used = {r.kind for v in all_variants() for r in v.requires}
+    assert used == set(REQUIREMENT_KINDS)  # each kind is declared by some entry (and tested below)
+
+
 def test_off_policy(tmp_path):
     path = grpo(tmp_path, "rl: {policy_loss: {name: ppo_clip, epsilon_high: 0.28}}\n"
                           "trainer: {per_device_train_batch_size: 8, gradient_accumulation_steps: 4}\n")
@@ -340,3 +349,13 @@ def test_a_header_note_explains_a_finding_and_strict_ignores_only_those(tmp_path
     (root / "other.yaml").unlink()
     result = runner.invoke(app, ["recipes", "--check", "--strict", "--root", str(root)])
     assert result.exit_code == 0 and "(explained in its header)" in result.output
+
+
+def test_whole_group_losses_count_the_launch_processes_in_steps_per_generation(tmp_path):
+    """generation_batch_size counts completions over every process: 2 processes x 4 per device = 8 is one micro-batch
+    per process (steps_per_generation 1), which a loss over whole groups accepts."""
+    path = grpo(tmp_path, "method: gvpo\ntrainer: {num_generations: 4, per_device_train_batch_size: 4, "
+                          "generation_batch_size: 8, gradient_accumulation_steps: 1}\n")
+    load_recipe(path, ["launch.num_processes=2"], liveness=False)
+    with pytest.raises(RecipeError, match="steps_per_generation=2"):
+        load_recipe(path, ["launch.num_processes=1"], liveness=False)

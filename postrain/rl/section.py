@@ -293,9 +293,11 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     # generation batch and splits it into steps_per_generation micro-batches, so only one split keeps groups whole.
     _check_conventions(parts)
     if parts.policy_loss.variant.needs("group_size"):
-        from postrain.launch.launcher import launch_section, world_size
-
-        spg = steps_per_generation(trainer, world_size(launch_section(cfg)))
+        # the launch's processes (postrain.launch.launcher.world_size; read here, as the registries do not import
+        # the launcher): generation_batch_size counts completions over all of them
+        launch = cfg.get("launch") or {}
+        processes = int(launch.get("num_processes") or 1) * int(launch.get("num_machines") or 1)
+        spg = steps_per_generation(trainer, processes)
         per_device = int(trainer.get("per_device_train_batch_size") or 8)
         group = int(trainer.get("num_generations") or 8)
         if spg != 1 or per_device % group:
