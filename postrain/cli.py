@@ -233,11 +233,26 @@ def config(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesAr
     typer.echo(recipe_obj.to_yaml(), nl=False)
 
 
-@app.command(epilog="Example: postrain recipes --json")
+@app.command(epilog="Example: postrain recipes --papers; postrain recipes --check --strict; "
+                     "postrain recipes --inherited lite_ppo")
 def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
             papers: bool = typer.Option(False, "--papers", help="Only the recipes that reproduce a paper."),
-            root: Optional[Path] = typer.Option(None, help="Folder to list (default: recipes/).")) -> None:
+            root: Optional[Path] = typer.Option(None, help="Folder to list (default: recipes/)."),
+            check: bool = typer.Option(False, "--check", help="Load every recipe (a pipeline: each stage) and report "
+                                       "the method steps its batch layout leaves inert (liveness)."),
+            strict: bool = typer.Option(False, "--strict", help="With --check: exit 2 when a step is inert (and its "
+                                        "recipe's header does not say why) or a recipe does not load."),
+            inherited: Optional[str] = typer.Option(None, "--inherited", metavar="RECIPE", help="List the fields "
+                                                    "RECIPE (a path, or a paper recipe's name) does not set itself: "
+                                                    "from base recipes, its method, postrain's and the registry "
+                                                    "entries' defaults, and library defaults.")) -> None:
     """List the recipes under recipes/: command, method or losses, model and, for paper recipes, the paper."""
+    if inherited is not None:
+        _recipes_inherited(inherited, as_json)
+        return
+    if check:
+        _recipes_check(root, papers, strict, as_json)
+        return
     from postrain.recipes.catalog import list_recipes
 
     rows = [r for r in list_recipes(root) if r.get("paper") or not papers]
@@ -251,6 +266,60 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         table.add_row(r["path"], r["command"] or "?", r["method"], r["model"] or "", r.get("paper") or "",
                       r.get("arxiv") or "")
     Console(width=max(console.width, 160)).print(table)  # six columns: fold within a wide table, not a narrow one
+
+
+def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bool) -> None:
+    """`postrain recipes --check`: liveness of every recipe (pipelines stage by stage, as the pipeline loads them)."""
+    from postrain.jobs.pipeline import stage_recipe
+    from postrain.recipes.catalog import check_recipes
+
+    rows = check_recipes(root, papers, stage_loader=lambda pipeline, name, stage: stage_recipe(pipeline, name, stage,
+                                                                                                 smoke=False))
+    bad = [r for r in rows if r["findings"] or r["error"]]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            what = r["path"] + (f" (stage {r['stage']})" if r["stage"] else "")
+            for message in ([f"does not load: {r['error']}"] if r["error"] else r["findings"]):
+                typer.echo(f"{what}: {message}")
+            for message in r["documented"]:
+                typer.echo(f"{what}: (explained in its header) {message}")
+        typer.echo(f"{len(rows)} recipe(s) or stage(s) checked: {sum(len(r['findings']) for r in rows)} inert "
+                   f"step(s), {sum(len(r['documented']) for r in rows)} explained in their recipe's header, "
+                   f"{sum(1 for r in rows if r['error'])} that do not load")
+    if strict and bad:
+        raise typer.Exit(code=2)
+
+
+def _recipes_inherited(ref: str, as_json: bool) -> None:
+    """`postrain recipes --inherited RECIPE`: the fields RECIPE leaves to others, grouped by where they come from."""
+    from postrain.recipes import load_recipe
+    from postrain.recipes.catalog import inherited_fields, resolve_recipe
+
+    try:
+        recipe = load_recipe(resolve_recipe(ref), liveness=False)
+    except PostrainError as e:
+        _fail(str(e))
+    rows = inherited_fields(recipe)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    typer.echo(f"# {recipe.path}: {len(rows)} field(s) it does not set itself")
+    for source in ("base recipe", "method", "postrain default", "entry default", "library default"):
+        group = [r for r in rows if r["source"] == source]
+        if not group:
+            continue
+        typer.echo(f"\n## {source} ({len(group)})")
+        if source == "library default":  # many: one line each, grouped by the library's class
+            for origin in dict.fromkeys(r["from"] for r in group):
+                typer.echo(f"{origin}:")
+                typer.echo("  " + ", ".join(f"{r['key'].split('.', 1)[1]}={r['value']!r}" for r in group
+                                            if r["from"] == origin))
+            continue
+        width = max(len(r["key"]) for r in group)
+        for r in group:
+            typer.echo(f"  {r['key']:<{width}}  {r['value']!r:<24}  {r['from']}")
 
 
 @app.command(epilog="Example: postrain variants --family preference --json")

@@ -14,6 +14,11 @@ The function's signature is the single source of truth, as in mergekit's merge-m
   - parameters before `*` are its **data** (tensors it reads); those without a default are required;
   - keyword-only parameters after `*` are its **hyperparameters**, their defaults the paper's defaults.
 So `Variant.params` and `Variant.data` are read from the signature, never written twice.
+
+An entry whose defining step acts only under some batch layouts says so with `requires=` (Requirement: a batch-level
+std needs several groups per generation batch, a ratio clip needs off-policy updates, ...); postrain.recipes.liveness
+checks a recipe's layout against them. `conventions=` lists hyperparameter values that are almost certainly a
+convention mix-up (an absolute ratio cap below 1, a clip range above 1), refused when a recipe loads.
 """
 
 from __future__ import annotations
@@ -32,6 +37,67 @@ FAMILIES: dict[str, "Registry"] = {}
 BEHAVIOUR_LOGPS = "old_logps"
 
 
+# What a Requirement can ask of a recipe's batch layout (postrain.recipes.liveness evaluates each kind):
+REQUIREMENT_KINDS: dict[str, str] = {
+    "off_policy": "more than one optimizer step per generation batch, or num_iterations > 1, so that the policy "
+                  "moves away from pi_old and a ratio pi / pi_old differs from 1",
+    "groups_per_batch": "two groups (prompts) or more per generation batch, gathered over the processes",
+    "group_size": "groups of 2 completions or more, as the entry sees them",
+    "refill": "more than one generation round per step (max_num_gen_batches)",
+    "length_budget": "a length budget below max_completion_length at some step of the run",
+    "revisits": "each prompt visited in several epochs",
+    "selection": "a selection that keeps fewer rows than it sees",
+    "rows_per_batch": "enough rows per batch (one process' micro-batch, or the batch gathered over processes)",
+}
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What an entry's defining step needs from the batch layout to act at all: without it the step is inert
+    (a batch std over one group is the group's std; a clip of a ratio that is always 1 never clips).
+
+    `step` says in words what is inert otherwise; `when(params)` (the entry's hyperparameters, defaults filled in)
+    limits the requirement to the settings where the step exists. `amount` is the kind's figure, a number or
+    `amount(params, layout)` (layout: postrain.recipes.liveness.Layout): refill, the generation rounds allowed;
+    length_budget, the smallest budget of the run (None: cannot be told); revisits, the visits needed;
+    selection, (kept, seen); rows_per_batch, the rows needed, counted per process or gathered (`scope`)."""
+
+    kind: str
+    step: str
+    when: Callable[[dict], bool] | None = None
+    amount: Any = None
+    scope: str = "gathered"
+
+    def __post_init__(self):
+        if self.kind not in REQUIREMENT_KINDS:
+            raise ValueError(f"unknown requirement kind {self.kind!r}: {', '.join(REQUIREMENT_KINDS)}")
+        if self.scope not in ("process", "gathered"):
+            raise ValueError(f"requirement scope must be 'process' or 'gathered', not {self.scope!r}")
+
+    def applies(self, params: dict[str, Any]) -> bool:
+        return self.when is None or bool(self.when(params))
+
+    def describe(self) -> str:
+        return f"{self.kind}: {self.step}"
+
+
+@dataclass(frozen=True)
+class Convention:
+    """A hyperparameter value that is almost certainly a convention mix-up: `ok(value, params)` is False for it,
+    and `explain` says which convention the entry uses and what the value probably meant (refused at load time)."""
+
+    param: str
+    ok: Callable[[Any, dict], bool]
+    explain: str
+
+    def check(self, params: dict[str, Any]) -> str | None:
+        """The explanation when the entry's hyperparameters (defaults filled in) break the convention, else None."""
+        value = params.get(self.param)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # unset (an optional parameter) or not a number: the entry's own checks apply
+        return None if self.ok(value, params) else self.explain
+
+
 @dataclass(frozen=True)
 class Variant:
     """A registered entry and its metadata."""
@@ -46,6 +112,10 @@ class Variant:
     # Free-form notes: where the formula was checked (authors' code, paper section), deviations.
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the entry's defining step needs from the batch layout (postrain.recipes.liveness).
+    requires: tuple[Requirement, ...] = ()
+    # Hyperparameter values refused as a convention mix-up (checked when a recipe loads).
+    conventions: tuple[Convention, ...] = ()
 
     @property
     def signature(self) -> inspect.Signature:
@@ -81,6 +151,21 @@ class Variant:
             return self.needs(name)
         return registry.reads(self, name)
 
+    def requirements(self, params: dict[str, Any] | None = None) -> list[tuple["Variant", dict, Requirement]]:
+        """(entry, its hyperparameters, requirement) for each requirement that applies at `params` (the entry's
+        defaults where None): the entry's own or, for an entry that stands for entries of other families (a named
+        method), those of its parts, as its registry tells."""
+        registry = FAMILIES.get(self.family)
+        if registry is not None and registry.requirements is not None:
+            return registry.requirements(self, params)
+        full = {**self.params, **(params or {})}
+        return [(self, full, r) for r in self.requires if r.applies(full)]
+
+    def convention_errors(self, params: dict[str, Any] | None = None) -> list[str]:
+        """The explanations of the conventions `params` (over the entry's defaults) break."""
+        full = {**self.params, **(params or {})}
+        return [f"{c.param}={full[c.param]!r}: {c.explain}" for c in self.conventions if c.check(full)]
+
     @property
     def description(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n\n")[0].replace("\n", " ")
@@ -94,6 +179,8 @@ class Variant:
             "params": self.params,
             "data": [f"{k}{'' if required else ' (optional)'}" for k, required in self.data.items()],
             "reads_behaviour_logps": self.reads(BEHAVIOUR_LOGPS),
+            "needs_to_act": [f"{v.name}: {r.describe()}" if v is not self else r.describe()
+                             for v, _, r in self.requirements()],
             "trl": self.trl,
             "description": self.description,
             **({"notes": self.notes} if self.notes else {}),
@@ -112,25 +199,35 @@ class Registry:
     """Named entries of one family, registered by decorator."""
 
     def __init__(self, family: str, *, what: str | None = None,
-                 reads: Callable[[Variant, str], bool | None] | None = None):
+                 reads: Callable[[Variant, str], bool | None] | None = None,
+                 requirements: Callable[[Variant, dict | None], list] | None = None):
         """`reads(variant, data_name)`: for a family whose entries stand for entries of other families (named
-        methods), whether an entry reads a data input through them; None: each entry's own signature says."""
+        methods), whether an entry reads a data input through them; None: each entry's own signature says.
+        `requirements(variant, params)`: likewise, the requirements of the parts an entry stands for."""
         if family in FAMILIES:
             raise ValueError(f"registry family {family!r} exists already")
         self.family = family
         self.what = what or family.replace("_", " ")
         self.reads = reads
+        self.requirements = requirements
         self.entries: dict[str, Variant] = {}
         FAMILIES[family] = self
 
     def register(self, name: str, *, paper: str, arxiv: str, trl: str | None = None, notes: str = "",
+                 requires: tuple[Requirement, ...] | list[Requirement] = (),
+                 conventions: tuple[Convention, ...] | list[Convention] = (),
                  **extra: Any) -> Callable[[Callable], Callable]:
         def decorator(fn: Callable) -> Callable:
             if name in self.entries:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
             if not paper or not arxiv:
                 raise ValueError(f"{self.what} {name!r} needs its paper title and arXiv id")
-            self.entries[name] = Variant(name, self.family, fn, paper, arxiv, trl, notes, dict(extra))
+            variant = Variant(name, self.family, fn, paper, arxiv, trl, notes, dict(extra), tuple(requires),
+                              tuple(conventions))
+            unknown = [c.param for c in variant.conventions if c.param not in variant.params]
+            if unknown:
+                raise ValueError(f"{self.what} {name!r}: convention on {unknown[0]!r}, which is not a hyperparameter")
+            self.entries[name] = variant
             fn.variant = self.entries[name]
             return fn
 

@@ -5,8 +5,10 @@
 
 Everything on a page comes from a registered entry (postrain.registry): its paper and arXiv id, its docstring,
 its hyperparameters with the paper's defaults and the data it reads (both from its signature), TRL's equivalent,
-notes, catalog rows, what a named method expands to, and the recipes of the same paper (matched by arXiv id, as
-docs/coverage.md matches them). The sibling of postrain.coverage, with the same --check contract.
+notes, catalog rows, what a named method expands to, what its defining step needs from the batch layout and
+the hyperparameter values refused as a convention mix-up (postrain.recipes.liveness), and the recipes of the same
+paper (matched by arXiv id, as docs/coverage.md matches them). The sibling of postrain.coverage, with the same
+--check contract.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def expansion(variant) -> str | None:
 
 def render_family(family: str, variants: list, recipes: dict[str, str]) -> str:
     from postrain.coverage import _arxiv
-    from postrain.registry import FAMILIES
+    from postrain.registry import FAMILIES, REQUIREMENT_KINDS
 
     what = FAMILIES[family].what
     where, _ = USE.get(family, (f"the `{family}` registry", ""))
@@ -101,6 +103,13 @@ def render_family(family: str, variants: list, recipes: dict[str, str]) -> str:
                 ("TRL equivalent", f"`{_md(v.trl)}`" if v.trl else "none")]
         if (expanded := expansion(v)) is not None:
             rows.append(("expands to", f"`rl: {_md(expanded)}`"))
+        if needs := v.requirements():
+            rows.append(("needs to act", "; ".join(
+                _md(f"{owner.name + ': ' if owner is not v else ''}{r.step} ({REQUIREMENT_KINDS[r.kind]})")
+                for owner, _, r in needs)))
+        if v.conventions:
+            rows.append(("refused as a convention mix-up", "; ".join(_md(f"{c.param}: {c.explain}")
+                                                                    for c in v.conventions)))
         if v.extra.get("catalog"):
             tags = v.extra["catalog"]
             rows.append(("catalog rows", ", ".join(f"`{t}`" for t in ([tags] if isinstance(tags, str) else tags))))

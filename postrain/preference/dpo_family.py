@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
+from postrain.registry import Requirement
 from postrain.tensors import as_float, masked_row_mean
 
 # exp() overflows float32 above ~88.7; TRL clamps f-divergence exponents at 80 for the same reason.
@@ -244,12 +245,18 @@ def sppo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, cho
 # --- AOT (batch-coupled), APO, DiscoPOP ---------------------------------------------------------------------------
 
 
+# AOT sorts within the batch it is given (one process' micro-batch): with one pair the sort is the identity.
+_AOT_BATCH = Requirement("rows_per_batch", "the optimal transport over the batch (sorting its margins; over one pair "
+                                           "it is that pair's own logistic loss)", amount=2, scope="process")
+
+
 def _smoothed_logistic(z, label_smoothing):
     return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 @PREFERENCE.register(
     "aot", paper="Distributional Preference Alignment of LLMs via Optimal Transport", arxiv="2406.05882",
+    requires=(_AOT_BATCH,),
     catalog="preference:21",
     trl="loss_type=aot",
     notes="TRL 1.16 'aot' (contributed with the paper); TRL returns the per-quantile losses, whose mean is "
@@ -269,6 +276,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
 
 @PREFERENCE.register(
     "aot_unpaired", paper="Distributional Preference Alignment of LLMs via Optimal Transport",
+    requires=(_AOT_BATCH,),
     catalog="preference:21",
     arxiv="2406.05882", trl="loss_type=aot_unpaired",
     notes="TRL 1.16 'aot_unpaired' (TRL <= 0.28 'aot_pair'); the batch loss is returned at every position")
@@ -333,8 +341,10 @@ def discopop(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (hw - hl)
-    mix = torch.sigmoid(z / tau)
-    return (1.0 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
+    # σ(z/τ)·e^(−z) as exp(log σ(z/τ) − z): at large negative margins σ(z/τ) underflows to 0 while e^(−z) overflows,
+    # and their product, whose limit is 0 (e^(z(1/τ − 1)) for τ < 1), would be 0·inf = nan in value and gradient.
+    # 1 − σ(z/τ) is σ(−z/τ), exact where σ(z/τ) rounds to 1.
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
 
 
 # --- f-DPO --------------------------------------------------------------------------------------------------------

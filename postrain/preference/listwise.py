@@ -8,10 +8,13 @@ garbage that must not change the loss). Returns one loss per prompt (B,). Entrie
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
+from postrain.registry import Requirement
 
 # Fill for masked slots inside softmax-like sums: exp() of it is exactly 0, yet unlike -inf it keeps
 # (-inf) - (-inf) = nan out of the backward pass.
@@ -47,11 +50,19 @@ def lipo_lambda(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(1, s.shape[-1] + 1, device=s.device)
                                                 .expand_as(order).contiguous())
         inv_discount = 1.0 / torch.log1p(rank.float())
-        gain = torch.pow(2.0, psi) - 1.0
-        delta = (gain[:, :, None] - gain[:, None, :]).abs() * (inv_discount[:, :, None]
-                                                               - inv_discount[:, None, :]).abs()
         pairs = (psi[:, :, None] > psi[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    pair_loss = F.softplus(-(s[:, :, None] - s[:, None, :]))
+        # |G_i − G_j| = |2^ψi − 2^ψj| = 2^max(ψ)·(1 − 2^−|ψi − ψj|), in log space: 2^ψ overflows float32 from ψ = 128
+        # on (reward-model scores can be that large), and two equal overflowed gains would give inf − inf = nan
+        # where the weight is 0. Only the ordered pairs' weights are used; the others are set to 0 so that no
+        # non-finite factor reaches the backward pass of the product below.
+        psi64 = psi.double()
+        high, gap = torch.maximum(psi64[:, :, None], psi64[:, None, :]), (psi64[:, :, None] - psi64[:, None, :]).abs()
+        log_gain_gap = high * math.log(2.0) + torch.log(-torch.expm1(-gap * math.log(2.0)))
+        discount_gap = (inv_discount[:, :, None] - inv_discount[:, None, :]).abs().double()
+        delta = torch.where(pairs, torch.exp(log_gain_gap + torch.log(discount_gap)), 0.0).to(s.dtype)
+    # −log σ(s_i − s_j) = softplus(−(s_i − s_j)), written with logsigmoid: softplus's backward multiplies the
+    # incoming gradient (here the weight, up to ~1e38) by e^x before dividing, which overflows for large weights.
+    pair_loss = -F.logsigmoid(s[:, :, None] - s[:, None, :])
     return torch.where(pairs, delta * pair_loss, 0.0).sum(dim=(-2, -1))
 
 
@@ -98,6 +109,8 @@ def exo_k(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: floa
 
 @PREFERENCE.register(
     "relative_po",
+    requires=(Requirement("rows_per_batch", "the contrasts with the rejected responses of the batch's other "
+                                            "prompts", amount=2, scope="process"),),
     catalog="preference:53",
     paper="Relative Preference Optimization: Enhancing LLM Alignment through Contrasting Responses across "
           "Identical and Diverse Prompts", arxiv="2402.10958",

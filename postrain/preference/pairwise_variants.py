@@ -16,7 +16,24 @@ import torch.nn.functional as F
 
 from postrain.errors import DataError, RecipeError
 from postrain.preference.registry import PREFERENCE
+from postrain.registry import Requirement
 from postrain.tensors import as_float, masked
+
+
+def _beta_dpo_rows(params: dict, layout) -> int:
+    """σ0 is a std (2 pairs), and the selection keeps int(N(1 − rho)) of N pairs, at least one."""
+    rho = float(params.get("rho", 0.0))
+    return max(2, math.ceil(1.0 / (1.0 - rho) - 1e-9)) if rho < 1 else 2
+
+
+# What the batch-coupled entries need from the batch layout (postrain.recipes.liveness): γ-PO and Dr. DPO see one
+# process' micro-batch, β-DPO the batch gathered over processes (postrain.trainers.dpo_state).
+_GAMMA_PO_BATCH = Requirement("rows_per_batch", "the reallocation of the margin over the batch's pairs (one pair "
+                                                "gets gamma itself, as SimPO)", amount=2, scope="process")
+_DR_DPO_BATCH = Requirement("rows_per_batch", "the soft worst case over the batch's pairs (over one pair it is that "
+                                              "pair's DPO loss)", amount=2, scope="process")
+_BETA_DPO_BATCH = Requirement("rows_per_batch", "the batch-level beta and the selection of pairs (the margin "
+                                                "statistics of the gathered batch)", amount=_beta_dpo_rows)
 
 
 def _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps):
@@ -241,6 +258,7 @@ def _gamma_po_margins(gaps, gamma, tau, iters: int = 20, eps: float = 1e-10):
 
 
 @PREFERENCE.register("gamma_po", paper="Robust Preference Optimization via Dynamic Target Margins",
+                     requires=(_GAMMA_PO_BATCH,),
                      catalog="preference:13",
                      arxiv="2506.03690",
                      notes="checked against sunjie279/gammaPO scripts/simpo_trainer.py (gm-simpo branch, "
@@ -264,6 +282,7 @@ def gamma_po(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, que
 
 
 @PREFERENCE.register("dr_dpo",
+                     requires=(_DR_DPO_BATCH,),
                      catalog="preference:14",
                      paper="Towards Robust Alignment of Language Models: Distributionally Robustifying Direct "
                            "Preference Optimization", arxiv="2407.07880",
@@ -283,6 +302,7 @@ def dr_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
 
 
 @PREFERENCE.register("beta_dpo", paper="β-DPO: Direct Preference Optimization with Dynamic β", arxiv="2407.08639",
+                     requires=(_BETA_DPO_BATCH,),
                      catalog="preference:7",
                      notes="checked against junkangwu/beta-DPO trainers.py::preference_loss (mode_loss beta_DPO) "
                            "and update_and_sync_tensor_mean; README example a=0.6, mode_weight=0.2")

@@ -55,7 +55,13 @@ def orpo(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, beta
     """
     lw, ll, nw, nl = map(as_float, (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths))
     aw, al = lw / nw, ll / nl
-    log_odds_ratio = (aw - al) - (_log1mexp(aw) - _log1mexp(al))
+    # log(1 − e^ℓ̄) is −inf at ℓ̄ = 0, which float32 log-softmax reaches when every token is certain (a log-prob rounds
+    # to 0 once the logit gap passes ~17), and inf − inf is nan when both completions are: the odds are taken at
+    # most at ℓ̄ = −1.2e-38 (odds e^87), a probability within float32's smallest normal of 1. The NLL term keeps
+    # its own (unclamped) gradient.
+    tiny = torch.finfo(torch.float32).tiny
+    ow, ol = aw.clamp(max=-tiny), al.clamp(max=-tiny)
+    log_odds_ratio = (ow - ol) - (_log1mexp(ow) - _log1mexp(ol))
     return -aw - beta * F.logsigmoid(log_odds_ratio)
 
 

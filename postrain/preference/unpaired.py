@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.preference.registry import PREFERENCE
+from postrain.registry import Requirement
 
 
 def _split(logps, ref_logps, labels):
@@ -21,6 +22,8 @@ def _split(logps, ref_logps, labels):
 
 @PREFERENCE.register(
     "kto", paper="KTO: Model Alignment as Prospect Theoretic Optimization", arxiv="2402.01306",
+    requires=(Requirement("rows_per_batch", "the KL reference point (each prompt paired with another row's "
+                                            "completion of the batch)", amount=2, scope="process"),),
     catalog="preference:62",
     trl="KTOTrainer(loss_type='kto')",
     notes="checked against trl/trainer/kto_trainer.py::_compute_loss (1.16)")

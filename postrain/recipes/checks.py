@@ -193,3 +193,33 @@ def check_hub(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_hub)
+
+
+def check_conventions(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """Hyperparameter values that are almost certainly a convention mix-up (each registry entry's `conventions`),
+    for the entries a recipe reaches without `rl:` (its `loss:` entries, or the entries TRL's own options stand for:
+    `loss_type: cispo` with an `epsilon_high` below 1, ...). An `rl:` section's parts are checked with the section
+    (postrain.rl.section)."""
+    if command not in ("dpo", "grpo") or cfg.get("rl") is not None:
+        return
+    from postrain.recipes.liveness import trl_path_parts
+    from postrain.registry import FAMILIES
+
+    if command == "dpo" and cfg.get("loss"):
+        from postrain.preference import PREFERENCE
+
+        for i, entry in enumerate(cfg["loss"]):
+            if isinstance(entry, dict) and entry.get("name") in PREFERENCE:
+                params = {k: v for k, v in entry.items() if k in PREFERENCE.entries[entry["name"]].params}
+                errors = PREFERENCE.entries[entry["name"]].convention_errors(params)
+                if errors:
+                    raise RecipeError(f"preference loss {entry['name']!r} (loss[{i}], from "
+                                      f"{origin_of(origins, 'loss')}): {errors[0]}")
+        return
+    for variant, params, where in trl_path_parts(command, cfg.get("trainer") or {}, origins):
+        errors = variant.convention_errors(params)
+        if errors:
+            raise RecipeError(f"{FAMILIES[variant.family].what} {variant.name!r} ({where}): {errors[0]}")
+
+
+COMMAND_CHECKS.append(check_conventions)

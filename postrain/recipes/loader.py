@@ -70,6 +70,8 @@ class Recipe:
     cfg: dict[str, Any]
     path: Path | None = None
     origins: dict[str, str] = field(default_factory=dict)
+    # Method steps that cannot act under the recipe's batch layout (postrain.recipes.liveness), reported at load.
+    liveness: list = field(default_factory=list)
 
     @property
     def hash(self) -> str:
@@ -103,9 +105,10 @@ def load_smoke_recipe(
 
 
 # Top-level keys left out of the hash: they say where a finished model is published, not what is trained, so a
-# changed push target neither makes a pipeline rerun a finished stage nor refuses --resume (schema.HubSpec).
+# changed push target neither makes a pipeline rerun a finished stage nor refuses --resume (schema.HubSpec);
+# `liveness:` says whether an inert method step warns or refuses, which changes nothing a run computes.
 # Leaving them out also keeps the hashes of recipes resolved before the key existed.
-NOT_HASHED = ("hub",)
+NOT_HASHED = ("hub", "liveness")
 # `launch:` keys that say where a run's processes meet, not what they compute: every machine of a multi-node run
 # has its own machine_rank, and all of them must agree on the run directory's recipe hash.
 LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", "extra_args")
@@ -205,6 +208,7 @@ def load_recipe(
     smoke_layer: dict | None = None,
     command_checks: bool = True,
     top_layer: dict | None = None,
+    liveness: bool = True,
 ) -> Recipe:
     """Load, layer, override, interpolate and validate a recipe.
 
@@ -212,7 +216,9 @@ def load_recipe(
     `overrides` is a list of `key=value` strings (command line) or a nested dict (pipeline stages).
     `smoke_layer` (from `--smoke`) sits between the recipe and the overrides. `command_checks=False` skips the
     checks that depend on the finished recipe (loss types, mergekit's schema): `--smoke` loads once without them
-    to build its layer, then again with them.
+    to build its layer, then again with them. `liveness` reports method steps the batch layout leaves inert
+    (postrain.recipes.liveness; as the recipe's `liveness:` key says); never under `--smoke`, whose layout is the
+    smoke layer's, not the recipe's.
     """
     layers: list[tuple[dict, str]] = []
     recipe_path = None
@@ -270,7 +276,12 @@ def load_recipe(
     validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
     if command_checks:
         run_checks(declared, cfg, origins)
-    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
+    findings = []
+    if command_checks and liveness and smoke_layer is None:
+        from postrain.recipes.liveness import report
+
+        findings = report(declared, cfg, origins, recipe_path)
+    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins, liveness=findings)
 
 
 def _default_stage_outputs(merged) -> None:

@@ -21,11 +21,20 @@ from typing import Any
 
 import torch
 
+from postrain.registry import Requirement
 from postrain.rl.registry import ADVANTAGES
 from postrain.tensors import masked_row_mean, token_counts
 
 # TRL's GRPOTrainer: advantages / (std + 1e-4).
 _TRL_EPS = 1e-4
+
+# What the estimators' defining steps need from the batch layout (postrain.recipes.liveness).
+_GROUP = Requirement("group_size", "the group baseline (each completion measured against the other completions of "
+                                   "its prompt)")
+
+
+def _batch(step: str) -> Requirement:
+    return Requirement("groups_per_batch", step)
 
 
 def _float(x) -> torch.Tensor:
@@ -70,6 +79,7 @@ def _valid(mask) -> torch.Tensor:
 
 @ADVANTAGES.register(
     "grpo", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    requires=(_GROUP,),
     catalog="rl:1",
     arxiv="2402.03300", trl="scale_rewards=group",
     notes="TRL 1.16 grpo_trainer.py _generate_and_score_completions: unbiased nanstd, + 1e-4")
@@ -84,6 +94,7 @@ def grpo(rewards, group_size):
 
 @ADVANTAGES.register(
     "dr_grpo", paper="Understanding R1-Zero-Like Training: A Critical Perspective", arxiv="2503.20783",
+    requires=(_GROUP,),
     catalog="rl:2",
     trl="scale_rewards=none",
     notes="sail-sg/understand-r1-zero train_zero_math.py (std only for critic_type=grpo); TRL scale_rewards=none")
@@ -94,6 +105,8 @@ def dr_grpo(rewards, group_size):
 
 @ADVANTAGES.register(
     "lite_ppo", paper="Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning", arxiv="2508.08221",
+    requires=(_GROUP, _batch("the batch-level std (over one group it is that group's own std, and the advantage "
+                             "is GRPO's z-score)")),
     catalog="rl:5",
     trl="scale_rewards=batch",
     notes="TRL 1.16 scale_rewards='batch' (cites this paper): std of the raw rewards of the whole batch, + 1e-4; the "
@@ -109,6 +122,7 @@ def lite_ppo(rewards, group_size):
 
 @ADVANTAGES.register(
     "rloo", paper="Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
+    requires=(_GROUP,),
     catalog="rl:trl",
     arxiv="2402.14740", trl="RLOOTrainer(beta=0.0, normalize_advantages=False)",
     notes="TRL 1.16 rloo_trainer.py; verl compute_rloo_outcome_advantage")
@@ -137,6 +151,9 @@ def _whiten_tokens(returns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 @ADVANTAGES.register(
     "reinforce_pp", paper="REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Normalization",
+    requires=(_batch("the global whitening over every token of the batch (over one group it normalises "
+                     "within the group, as a group baseline would)"),),
+    returns="per_token",
     catalog="rl:extra",
     arxiv="2501.03262",
     notes="OpenRLHF experience_maker.py compute_advantages_and_returns (estimator 'reinforce'), models/utils.py "
@@ -163,6 +180,9 @@ def reinforce_pp(rewards, mask, old_logps=None, ref_logps=None, *, beta: float =
 @ADVANTAGES.register(
     "reinforce_pp_baseline", paper="REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global "
     "Normalization", arxiv="2501.03262",
+    requires=(_GROUP, _batch("the global whitening over every token of the batch (over one group it is the "
+                             "group's own normalisation)")),
+    returns="per_token",
     catalog="rl:extra",
     notes="OpenRLHF experience_maker.py (estimator 'reinforce_baseline', KL as a k2 loss per "
           "examples/scripts/train_reinforce_baseline_hybrid_engine.sh); verl "
@@ -184,6 +204,7 @@ def reinforce_pp_baseline(rewards, group_size, mask):
 
 @ADVANTAGES.register(
     "opo", paper="On-Policy RL with Optimal Reward Baseline", arxiv="2505.23585",
+    requires=(_GROUP,),
     catalog="rl:extra",
     notes="verl core_algos.py compute_opo_outcome_advantage (contributed with the paper, docs/algo/opo.md)")
 def opo(rewards, group_size, mask):
@@ -202,6 +223,8 @@ def opo(rewards, group_size, mask):
 
 @ADVANTAGES.register(
     "bnpo_beta", paper="BNPO: Beta Normalization Policy Optimization", arxiv="2506.02864",
+    requires=(_GROUP, _batch("the Beta density fitted to the batch's success rates (for one prompt alpha = beta "
+                             "= 1: weight 1)")),
     catalog="rl:7",
     notes="changyi7231/BNPO recipe/bnpo/src/bnpo_ray_trainer.py::compute_bnpo_outcome_advantage. Not TRL's "
           "loss_type='bnpo' (an unrelated token-mean aggregation)")
@@ -232,6 +255,8 @@ def bnpo_beta(rewards, group_size, *, r_min: float = 0.0, r_max: float = 1.0):
 
 @ADVANTAGES.register(
     "gpg", paper="GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
+    requires=(_GROUP, _batch("the B / (B - M) correction for groups without signal (over one group it is 1, "
+                             "or the batch has no signal at all)")),
     catalog="rl:8",
     arxiv="2504.02546",
     notes="AMAP-ML/GPG open-r1/src/open_r1/gpg_trainer.py (loss /= inverse_alpha, inverse_alpha = valid groups / "
@@ -272,6 +297,7 @@ def ngrpo(rewards, group_size, *, max_reward: float = 1.0, num_virtual: int = 1)
 
 @ADVANTAGES.register(
     "mapo", paper="MAPO: Mixed Advantage Policy Optimization", arxiv="2509.18849",
+    requires=(_GROUP,),
     catalog="rl:11",
     notes="WenkeHuang/MAPO code/verl/trainer/ray_trainer.py (GRPOMIXPRO) and core_algos.py "
           "compute_grpo_outcome_advantage / compute_grpo_mean_outcome_advantage (epsilon 1e-6)")
@@ -289,6 +315,7 @@ def mapo(rewards, group_size):
 
 @ADVANTAGES.register(
     "aapo", paper="AAPO: Enhance the Reasoning Capabilities of LLMs with Advantage Momentum", arxiv="2505.14264",
+    requires=(_GROUP,),
     catalog="rl:12",
     notes="JianxXiong/AAPO open-r1/trainer/AAPOTrainer.py (advantage_constrain = rewards − ref_rewards, clamped "
           "to [−0.2, 0.28] in compute_loss); open-r1/train.sh passes --scale_rewards False (open-rs keeps TRL's "
@@ -312,6 +339,7 @@ def aapo(rewards, group_size, ref_rewards, *, scale_rewards: bool = False, clip_
 @ADVANTAGES.register(
     "pshw", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM for Chinese K-12 Mathematics "
     "Learning", arxiv="2506.18330",
+    requires=(_GROUP,),
     catalog="rl:21",
     notes="paper §6.2 Eq. 2-3 (netease-youdao/Confucius3-Math Confucius3-Math.pdf)")
 def pshw(rewards, group_size, *, alpha: float = -0.256, offset: float = 1.256):
@@ -326,6 +354,7 @@ def pshw(rewards, group_size, *, alpha: float = -0.256, offset: float = 1.256):
 @ADVANTAGES.register(
     "grpo_lead", paper="GRPO-LEAD: A Difficulty-Aware Reinforcement Learning Approach for Concise Mathematical "
     "Reasoning in Language Models", arxiv="2504.09696",
+    requires=(_GROUP,),
     catalog="rl:23",
     notes="aeroplanepaper/GRPO-LEAD verl/verl/trainer/ppo/core_algos.py::logistic_reweight and "
           "compute_grpo_outcome_advantage (epsilon 1e-6)")
@@ -346,6 +375,7 @@ def grpo_lead(rewards, group_size, *, weight_min: float = 0.4, weight_max: float
 
 @ADVANTAGES.register(
     "edge_grpo", paper="EDGE-GRPO: Entropy-Driven GRPO with Guided Error Correction for Advantage Diversity",
+    requires=(_GROUP,),
     catalog="rl:25",
     arxiv="2507.21848",
     notes="ZhangXJ199/EDGE-GRPO trl_edge/trainer/grpo_aha_trainer.py (EDA: advantages / per_entropy_mean * "
@@ -373,6 +403,8 @@ def edge_grpo(rewards, group_size, mask, entropies, mean_entropy=None):
 
 @ADVANTAGES.register(
     "dcpo_smooth", paper="DCPO: Dynamic Clipping Policy Optimization", arxiv="2509.02333",
+    requires=(_GROUP, Requirement("revisits", "the smoothing with the prompt's reward history (the statistics "
+                                              "of its earlier visits)", amount=2)),
     catalog="rl:17",
     notes="lime-RL/DCPO verl/trainer/ppo/core_algos.py::compute_dcpo_outcome_advantage and get_mean_std "
           "(user_old_mean_ratio=1); note its run scripts leave reward_model.use_old_mean.enable=False by default, "
@@ -458,6 +490,7 @@ def spo_tracker(rewards, group_size, state=None, divergence=None, *, d_half: flo
 
 @ADVANTAGES.register(
     "reinforce_rej", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce",
+    requires=(_GROUP,),
     catalog="rl:9",
     arxiv="2504.11343",
     notes="RLHFlow/Minimal-RL verl/trainer/ppo/core_algos.py::compute_reinforce_rej_outcome_advantage, rewards "

@@ -24,8 +24,40 @@ import math
 
 import torch
 
+from postrain.registry import Convention, Requirement
 from postrain.rl.registry import AGGREGATIONS, POLICY_LOSSES
 from postrain.tensors import grouped, masked, token_counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the losses need to act, and the conventions of their hyperparameters
+# ---------------------------------------------------------------------------------------------------------------
+
+def _off_policy(step: str) -> Requirement:
+    """A step acting on the ratio pi / pi_old, which is 1 on every token until an optimizer step moves the policy
+    away from the one that generated the batch (postrain.recipes.liveness)."""
+    return Requirement("off_policy", step)
+
+
+_GROUP = Requirement("group_size", "the comparison of the completions of a group")
+
+# A clip range is a distance from 1: the ratio is clipped to [1 - epsilon, 1 + epsilon_high].
+_CLIP_LOW = Convention(
+    "epsilon", lambda v, p: 0 < v < 1,
+    "epsilon is the clip range's distance below 1 (the ratio is clipped to [1 - epsilon, 1 + epsilon_high]), so it "
+    "lies in (0, 1): from 1 on there is no lower bound (1 - epsilon <= 0). A bound written as a ratio (1.2 for the "
+    "range 0.2) belongs here as 0.2")
+_CLIP_HIGH = Convention(
+    "epsilon_high", lambda v, p: 0 < v <= 1,
+    "epsilon_high is the clip range's distance above 1 (the ratio is clipped at 1 + epsilon_high: DAPO's "
+    "clip-higher 0.28 bounds it at 1.28), so it lies in (0, 1]. A bound written as a ratio (1.28) belongs here as "
+    "0.28; an absolute cap on the ratio such as TRL's cispo epsilon_high (ScaleRL's 5.0) is policy loss cispo's")
+# An absolute bound on the ratio (not a distance from 1) must lie above 1, or it caps ratios of unchanged tokens.
+_DUAL_CLIP = Convention(
+    "dual_clip_c", lambda v, p: v > 1,
+    "dual_clip_c is an absolute bound on the ratio pi / pi_old (verl's clip_ratio_c: 3 in Ye et al., 10 in DAPO-"
+    "style scripts), not a distance from 1: the loss of a negative-advantage token is capped at -c A once its ratio "
+    "passes c, so c must exceed 1 (and the clip's 1 + epsilon)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,6 +140,8 @@ def _ppo_terms(ratio, adv, low, high):
 
 @POLICY_LOSSES.register(
     "ppo_clip", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    requires=(_off_policy("the clip of the ratio pi / pi_old to [1 - epsilon, 1 + epsilon_high]"),),
+    conventions=(_CLIP_LOW, _CLIP_HIGH),
     catalog="rl:1",
     arxiv="2402.03300", trl="importance_sampling_level=token (per-token loss of loss_type grpo/dapo/dr_grpo/bnpo)",
     notes="GRPO's token-level PPO clip; epsilon_high = DAPO clip-higher (2503.14476, recommends 0.28). "
@@ -127,6 +161,9 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilo
 
 @POLICY_LOSSES.register(
     "dual_clip", paper="Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
+    requires=(_off_policy("the clip and the dual clip (the cap -c A of negative-advantage tokens whose ratio "
+                          "passes c)"),),
+    conventions=(_CLIP_LOW, _CLIP_HIGH, _DUAL_CLIP),
     catalog="rl:extra",
     arxiv="1912.09729",
     notes="Dual-clip PPO as in verl compute_policy_loss_vanilla (clip_ratio_c=3). Not TRL's `delta`, which caps "
@@ -152,6 +189,13 @@ def dual_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
 
 @POLICY_LOSSES.register(
     "simple_po", paper="Simple Policy Optimization", arxiv="2401.16025",
+    requires=(_off_policy("the quadratic penalty on the ratio's distance from 1 (its gradient is 0 at ratio 1, "
+                          "where the loss is the plain policy gradient)"),),
+    conventions=(Convention(
+        "epsilon", lambda v, p: 0 < v < 1,
+        "epsilon is a distance from 1 (the penalty's optimum sits at the ratio 1 + sign(A) epsilon, PPO's clip "
+        "boundary), so it lies in (0, 1): from 1 on a negative advantage's optimum is a ratio <= 0. A bound written "
+        "as a ratio (1.2 for the range 0.2) belongs here as 0.2"),),
     catalog="rl:67",
     notes="checked against MyRepositories-hub/Simple-Policy-Optimization atari/trainer.py compute_policy_loss "
           "('spo' branch) and atari/main.py (epsilon=0.2). Paper is for control; applied per token here.")
@@ -170,6 +214,8 @@ def simple_po(logps, old_logps, advantages, mask, *, epsilon: float = 0.2):
 @POLICY_LOSSES.register(
     "ce_gppo", paper="CE-GPPO: Controlling Entropy via Gradient-Preserving Clipping Policy Optimization in "
                      "Reinforcement Learning", arxiv="2509.20712",
+    requires=(_off_policy("the bounded gradients of clipped tokens (beta1, beta2) and the dual clip"),),
+    conventions=(_CLIP_LOW, _CLIP_HIGH, _DUAL_CLIP),
     catalog="rl:16",
     notes="checked against Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py compute_gppo_loss_general_beta and "
           "recipe/dapo/1_5B_perf_run_gppo_v1_beta1_05_beta2_1_ours_math.sh (beta1=0.5, beta2=1, eps 0.2/0.2, "
@@ -198,6 +244,8 @@ def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon
 
 @POLICY_LOSSES.register(
     "dcpo_clip", paper="DCPO: Dynamic Clipping Policy Optimization", arxiv="2509.02333",
+    requires=(_off_policy("the clip of the ratio to bounds that widen for unlikely tokens, and the dual clip"),),
+    conventions=(_CLIP_LOW, _CLIP_HIGH, _DUAL_CLIP),
     catalog="rl:17",
     notes="checked against lime-RL/DCPO verl/trainer/ppo/core_algos.py get_clip_low_high + "
           "compute_policy_loss_dcpo (clip_type=dynamic) and recipe/dcpo/run_dcpo.sh (eps_high 0.28, "
@@ -223,6 +271,14 @@ def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
 
 @POLICY_LOSSES.register(
     "cispo", paper="MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention",
+    requires=(_off_policy("the cap of the importance weight pi / pi_old at epsilon_high (with the ratio 1 on every "
+                          "token it is on-policy REINFORCE with a token mean)"),),
+    conventions=(Convention(
+        "epsilon_high", lambda v, p: v >= 1,
+        "epsilon_high is an absolute cap on the importance weight pi / pi_old (TRL's meaning: ScaleRL's eps_max, "
+        "which TRL recommends at 5.0), not a distance from 1: below 1 it caps every weight, those of tokens whose "
+        "probability did not move (ratio 1) included, at that value. verl's and the MiniMax-M1 paper's 0.28 is "
+        "relative, a cap at 1 + 0.28: write epsilon_high: 1.28"),),
     catalog="rl:trl",
     arxiv="2506.13585", trl="loss_type=cispo",
     notes="J = sum sg(clip(r, 1-eps_low, 1+eps_high)) A log pi / sum|o| (MiniMax-M1 eq.; no lower bound used). "
@@ -259,6 +315,9 @@ def gpg_pg(logps, advantages, mask):
 
 @POLICY_LOSSES.register(
     "gspo", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
+    requires=(_off_policy("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
+    conventions=(_CLIP_LOW, _CLIP_HIGH),
+    advantages="per_sequence",
     catalog="rl:3",
     trl="importance_sampling_level=sequence",
     notes="checked against TRL 1.16 _compute_loss (sequence branch); eps 3e-4/4e-4 from GSPO v2 sec. 5.1 via TRL's "
@@ -278,6 +337,8 @@ def gspo(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_h
 
 @POLICY_LOSSES.register(
     "gspo_token", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
+    requires=(_off_policy("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
+    conventions=(_CLIP_LOW, _CLIP_HIGH),
     catalog="rl:3",
     notes="GSPO-token (paper sec. 4.3): s_it = sg[s_i] pi/sg[pi]; checked against TRL's "
           "trl.experimental.gspo_token (importance_sampling_level='sequence_token'), not shipped in TRL 1.16.")
@@ -298,6 +359,9 @@ def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, eps
 
 @POLICY_LOSSES.register(
     "gmpo", paper="Geometric-Mean Policy Optimization", arxiv="2507.20673",
+    requires=(_off_policy("the geometric mean of the log-space clipped token ratios (with every ratio 1 its "
+                          "gradient is GRPO's sequence-mean policy gradient)"),),
+    advantages="per_sequence",
     catalog="rl:4",
     trl="trl.experimental.gmpo (with aggregation=seq_mean_token_mean)",
     notes="checked against TRL 1.16 experimental/gmpo/gmpo_trainer.py and verl compute_policy_loss_geo_mean "
@@ -322,6 +386,8 @@ def gmpo(logps, old_logps, advantages, mask, *, epsilon: float = 0.4, epsilon_hi
 
 @POLICY_LOSSES.register(
     "gvpo", paper="GVPO: Group Variance Policy Optimization for Large Language Model Post-Training",
+    requires=(_GROUP, _off_policy("the implicit reward beta sum log(pi / pi_old) regressed onto the centred "
+                                  "rewards (0 on-policy: the gradient is Dr. GRPO's, on centred rewards)")),
     catalog="rl:13",
     arxiv="2504.19599",
     notes="checked against jszkc/GVPO GVPO/gvpo_core_algos.py compute_policy_loss_gvpo and "
@@ -343,6 +409,7 @@ def gvpo(logps, old_logps, rewards, mask, group_size: int, *, beta: float = 0.1)
 
 @POLICY_LOSSES.register(
     "a_star_po", paper="Accelerating RL for LLM Reasoning with Optimal Advantage Regression", arxiv="2505.20686",
+    advantages="per_sequence",
     catalog="rl:63",
     trl="trl.experimental.a2po (stage-2 loss, with aggregation=seq_mean_token_mean)",
     notes="checked against TRL 1.16 experimental/a2po/a2po_trainer.py compute_loss (beta2=1e-3). `advantages` "
@@ -358,6 +425,8 @@ def a_star_po(logps, ref_logps, advantages, mask, *, beta2: float = 1e-3):
 
 @POLICY_LOSSES.register(
     "disco", paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
+    requires=(_GROUP, _off_policy("the KL constraint (its squared hinge on KL(pi_old || pi) - delta: the KL is 0 "
+                                  "before the policy moves)")),
     catalog="rl:14",
     arxiv="2505.12366",
     notes="checked against Optimization-AI/DisCO verl/verl/trainer/ppo/core_algos.py "
@@ -433,6 +502,9 @@ def _clamp_min_keep_grad(x, low):
 
 @POLICY_LOSSES.register(
     "nft", paper="Bridging Supervised Learning and Reinforcement Learning in Math Reasoning", arxiv="2505.18116",
+    requires=(_off_policy("the implicit negative policy's ratio (1 - r_q R) / (1 - r_q) (with R = 1 the gradient "
+                          "is ppo_clip's on Dr. GRPO's advantage)"),),
+    advantages="per_sequence",
     catalog="rl:79",
     notes="checked against NVlabs/NFT dp_actor.py DataParallelPPOActor.update_policy (neg_weight >= 0, "
           "ratio_type='token' branch), ray_nft_trainer.py compute_dapo_nft_outcome_advantage (correct_rate = group "

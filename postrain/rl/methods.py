@@ -34,7 +34,18 @@ def _expansion_reads(variant, data_name: str) -> bool | None:
     return parse_rl_section(variant.fn()).reads(data_name)
 
 
-METHODS = Registry("method", what="named method", reads=_expansion_reads)
+def _expansion_requirements(variant, params: dict | None) -> list:
+    """The requirements of a method's parts at the method's arguments `params` (its defaults where None); none for a
+    method with an argument it has no default for and `params` does not give (its parts depend on it)."""
+    kwargs = {k: v for k, v in (params or {}).items() if k in variant.params}
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in kwargs
+           for p in variant.signature.parameters.values()):
+        return []
+    return [found for _, part in parse_rl_section(variant.fn(**kwargs)).all()
+            for found in part.variant.requirements(part.params)]
+
+
+METHODS = Registry("method", what="named method", reads=_expansion_reads, requirements=_expansion_requirements)
 
 
 def _paper(registry: Registry, name: str) -> dict[str, str]:

@@ -17,7 +17,8 @@ from postrain.tensors import masked
 def kl_penalty(estimator: str, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor | None = None):
     """Element-wise KL(pi || pi_ref) estimate from samples of pi (Schulman, "Approximating KL divergence", 2020).
 
-    With d = ref_logps - logps (= log(pi_ref/pi)): k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (TRL's per-token KL).
+    With d = ref_logps - logps (= log(pi_ref/pi)): k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (TRL's per-token KL,
+    computed as expm1(d) - d). k3 overflows float32 only where its value does (d > 88.7).
     Computed in float32; positions where `mask` is 0 are returned as 0 (garbage there cannot leak)."""
     d = masked(ref_logps, mask) - masked(logps, mask)
     if estimator == "k1":
@@ -25,7 +26,9 @@ def kl_penalty(estimator: str, logps: torch.Tensor, ref_logps: torch.Tensor, mas
     if estimator == "k2":
         return 0.5 * d**2
     if estimator == "k3":
-        return torch.exp(d) - d - 1
+        # expm1(d) − d, not exp(d) − d − 1: the same value, but at small gaps the latter cancels catastrophically in
+        # float32 and goes negative (e.g. d = −5e-4 gives −6e-8), while k3 is >= 0 by construction.
+        return torch.expm1(d) - d
     raise ValueError(f"unknown KL estimator {estimator!r}: valid: k1, k2, k3")
 
 

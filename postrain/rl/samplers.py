@@ -13,10 +13,43 @@ GRPO trainer applies each entry: postrain.rl.section (SAMPLER_STAGES).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from postrain.registry import Requirement
 from postrain.rl.registry import SAMPLERS
 from postrain.tensors import grouped
+
+
+# What the samplers' defining steps need from the batch layout (postrain.recipes.liveness).
+def _refill_rounds(params: dict, layout) -> float:
+    """Generation rounds per step a refilling sampler may use (max_num_gen_batches; 0: no limit)."""
+    rounds = params["max_num_gen_batches"]
+    return math.inf if rounds == 0 else rounds
+
+
+def _kept_per_group(params: dict, layout) -> tuple[int, int]:
+    return params["k"], layout.num_generations
+
+
+def _kept_after_pruning(params: dict, layout) -> tuple[int, int]:
+    return int(layout.generation_batch_size * (1 - params["pruning_rate"])), layout.generation_batch_size
+
+
+def _replay_visits(params: dict, layout) -> int:
+    """A prompt replays once its buffer holds min_buffer_size samples; each visit adds num_generations."""
+    return 1 + math.ceil(params["min_buffer_size"] / max(layout.num_generations, 1))
+
+
+_REFILL = Requirement("refill", "the refill of the batch with more kept groups", amount=_refill_rounds)
+_GRESO = (Requirement("revisits", "the skip of prompts by their streak of all-correct / all-wrong epochs", amount=2),
+          Requirement("refill", "the replacement of skipped prompts (without refill batches they are rolled out after "
+                                "all)", amount=lambda params, layout: 1 + params["max_num_gen_batches"]))
+_GFPO = Requirement("selection", "the filter to k completions of each group", amount=_kept_per_group)
+_PRUNE = Requirement("selection", "the pruning of the completions with the smallest |advantage|",
+                     amount=_kept_after_pruning)
+_REPLAY = Requirement("revisits", "the off-policy term over each prompt's replayed samples", amount=_replay_visits)
 
 
 def _not_all_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -36,6 +69,7 @@ def _top_k_rows(score: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
 
 
 @SAMPLERS.register("dynamic_sampling", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+                   requires=(_REFILL,),
                    catalog="rl:extra",
                    arxiv="2503.14476",
                    notes="DAPO Eq. 11 constraint 0 < |correct| < G, as implemented in verl's DAPO recipe "
@@ -78,6 +112,7 @@ def raft_pp(rewards, group_size):
 
 @SAMPLERS.register("online_difficulty", paper="Online Difficulty Filtering for Reasoning Oriented Reinforcement "
                    "Learning", arxiv="2504.03380",
+                   requires=(_REFILL,),
                    catalog="rl:44",
                    notes="balanced filtering: keep prompts of intermediate on-the-fly accuracy; the paper's "
                          "thresholds were not verified, so low/high have no default")
@@ -92,6 +127,7 @@ def online_difficulty(rewards, group_size, *, low: float, high: float, max_num_g
 
 @SAMPLERS.register("greso", paper="Act Only When It Pays: Efficient Reinforcement Learning for LLM Reasoning via "
                    "Selective Rollouts", arxiv="2506.02177",
+                   requires=_GRESO,
                    catalog="rl:45",
                    notes="checked against Infini-AI-Lab/GRESO verl/trainer/ttis/presampling_selector.py "
                          "(easy_/hard_probabilistic_skip) and train-scripts/*greso.sh (p_easy = p_hard = 0.5)")
@@ -143,6 +179,7 @@ def greso_adapt(p_easy: float, p_hard: float, easy_ratio: float, hard_ratio: flo
 
 @SAMPLERS.register("gfpo_length", paper="Sample More to Think Less: Group Filtered Policy Optimization for Concise "
                    "Reasoning", arxiv="2508.09726",
+                   requires=(_GFPO,),
                    catalog="rl:28",
                    notes="TRL v1.7 trl/experimental/gfpo/gfpo_trainer.py (top num_remains_in_group by score); "
                          "the paper sweeps k and G, so k has no default")
@@ -157,6 +194,7 @@ def gfpo_length(rewards, group_size, mask, *, k: int):
 
 @SAMPLERS.register("gfpo_reward_per_token", paper="Sample More to Think Less: Group Filtered Policy Optimization "
                    "for Concise Reasoning", arxiv="2508.09726",
+                   requires=(_GFPO,),
                    catalog="rl:28",
                    notes="token efficiency = reward / length (paper abstract, TRL v1.7 GFPO filter hook); "
                          "k has no default")
@@ -170,6 +208,7 @@ def gfpo_reward_per_token(rewards, group_size, mask, *, k: int):
 
 @SAMPLERS.register("cppo_prune", paper="CPPO: Accelerating the Training of Group Relative Policy Optimization-Based "
                    "Reasoning Models", arxiv="2503.22342",
+                   requires=(_PRUNE,),
                    catalog="rl:77",
                    notes="checked against lzhxmu/CPPO cppo_verl/recipe/cppo/src/cppo_ray_trainer.py (metric="
                          "'smallest' prunes the smallest |A|) and math/gsm8k_cppo.sh (pruning_rate=0.5)")
@@ -225,6 +264,7 @@ def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
 
 @SAMPLERS.register("recent_sample_recovery", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM "
                    "for Chinese K-12 Mathematics Learning", arxiv="2506.18330",
+                   requires=(_REFILL,),
                    catalog="rl:22",
                    notes="Recent Sample Recovery, Algorithm 1 of the paper (netease-youdao/Confucius3-Math pdf): "
                          "valid groups beyond the batch are kept for the next step, no importance correction")
@@ -262,6 +302,7 @@ def _max_variance_subset(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @SAMPLERS.register("repo_replay", paper="RePO: Replay-Enhanced Policy Optimization", arxiv="2506.09340",
+                   requires=(_REPLAY,),
                    catalog="rl:46",
                    notes="checked against SihengLi99/RePO src/replay_grpo_trainer.py _replay_step (strategies, "
                          "k = min(len(buffer), num_replays), replay only once len(buffer) >= min_cache_to_replay), "

@@ -242,13 +242,35 @@ def _what(part: Part) -> str:
     return FAMILIES[part.variant.family].what
 
 
-def steps_per_generation(trainer: dict[str, Any]) -> int:
-    """TRL's default: steps_per_generation = gradient_accumulation_steps unless generation_batch_size sets it."""
+def steps_per_generation(trainer: dict[str, Any], world_size: int = 1) -> int:
+    """TRL's default: steps_per_generation = gradient_accumulation_steps unless generation_batch_size sets it (then
+    generation_batch_size / (per_device_train_batch_size x processes), as TRL 1.16's GRPOConfig derives it)."""
     if trainer.get("steps_per_generation"):
         return int(trainer["steps_per_generation"])
     if trainer.get("generation_batch_size"):
-        return max(1, int(trainer["generation_batch_size"]) // int(trainer.get("per_device_train_batch_size") or 8))
+        per_device = int(trainer.get("per_device_train_batch_size") or 8)
+        return max(1, int(trainer["generation_batch_size"]) // (per_device * max(int(world_size), 1)))
     return int(trainer.get("gradient_accumulation_steps") or 1)
+
+
+def _check_conventions(parts: RLParts) -> None:
+    """Hyperparameter values that are almost certainly a convention mix-up (each entry's `conventions`), and
+    per-token advantages into a policy loss that takes one advantage per sequence."""
+    for _, part in parts.all():
+        errors = part.variant.convention_errors(part.params)
+        if errors:
+            raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}): {errors[0]}")
+    loss, advantage = parts.policy_loss, parts.advantage
+    if loss.variant.extra.get("advantages") == "per_sequence" and advantage.variant.extra.get("returns") == "per_token":
+        if loss.name == "gspo":
+            why = ("its one ratio per sequence multiplies the sum of the row's advantages, so the loss value is right "
+                   "but every token's gradient is weighted by the whole row's advantages, spread evenly over the row. "
+                   "Use policy loss gspo_token (GSPO-token, paper sec. 4.3: the sequence ratio's value with per-token "
+                   "gradients) or an advantage with one value per sequence")
+        else:
+            why = "it takes one advantage per sequence: use an advantage with one value per sequence"
+        raise RecipeError(f"advantage {advantage.name!r} ({advantage.where}) gives one advantage per token, and policy "
+                          f"loss {loss.name!r} ({loss.where}) is sequence-level: {why}")
 
 
 def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
@@ -271,8 +293,13 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
     # Losses over whole groups (gvpo, disco) need every micro-batch to hold whole groups: TRL shuffles the
     # generation batch and splits it into steps_per_generation micro-batches, so only one split keeps groups whole.
+    _check_conventions(parts)
     if parts.policy_loss.variant.needs("group_size"):
-        spg = steps_per_generation(trainer)
+        # the launch's processes (postrain.launch.launcher.world_size; read here, as the registries do not import
+        # the launcher): generation_batch_size counts completions over all of them
+        launch = cfg.get("launch") or {}
+        processes = int(launch.get("num_processes") or 1) * int(launch.get("num_machines") or 1)
+        spg = steps_per_generation(trainer, processes)
         per_device = int(trainer.get("per_device_train_batch_size") or 8)
         group = int(trainer.get("num_generations") or 8)
         if spg != 1 or per_device % group:

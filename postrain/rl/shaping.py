@@ -9,11 +9,37 @@ from __future__ import annotations
 
 import torch
 
+from postrain.registry import Requirement
 from postrain.rl.registry import SHAPING
 from postrain.tensors import grouped, token_counts
 
 
+def _overlong_budget(params: dict, layout) -> float:
+    """The longest completion dapo_overlong leaves unpunished: L_max - L_cache."""
+    return params["max_completion_length"] - params["overlong_buffer_len"]
+
+
+def _curriculum_end_budget(params: dict, layout) -> float | None:
+    """The smallest budget of the run: B at its last step where trainer.max_steps says which; else unknown, unless
+    the budget never decays (decay_factor 1)."""
+    if params["decay_factor"] >= 1:
+        return float(params["initial_budget"])
+    if layout.max_steps is None:
+        return None
+    return curriculum_budget(layout.max_steps - 1, initial_budget=params["initial_budget"],
+                             decay_factor=params["decay_factor"], decay_interval=params["decay_interval"],
+                             min_budget=params["min_budget"])
+
+
+# What the entries' defining steps need from the batch layout (postrain.recipes.liveness).
+_OVERLONG = Requirement("length_budget", "the soft overlong punishment (over the last overlong_buffer_len tokens "
+                                         "before max_completion_length)", amount=_overlong_budget)
+_CURRICULUM = Requirement("length_budget", "the length-efficiency term against the shrinking budget",
+                          amount=_curriculum_end_budget)
+
+
 @SHAPING.register("dapo_overlong", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+                  requires=(_OVERLONG,),
                   catalog="rl:extra",
                   arxiv="2503.14476",
                   trl="reward_funcs += trl.rewards.get_soft_overlong_punishment(max_completion_length, "
@@ -36,6 +62,7 @@ def dapo_overlong(rewards, group_size, mask, *, max_completion_length: int = 204
 
 @SHAPING.register("grpo_lead_length", paper="GRPO-LEAD: A Difficulty-Aware Reinforcement Learning Approach for "
                   "Concise Mathematical Reasoning in Language Models", arxiv="2504.09696",
+                  requires=(Requirement("group_size", "the length z-score among the group's correct completions"),),
                   catalog="rl:23",
                   notes="checked against aeroplanepaper/GRPO-LEAD verl/verl/trainer/main_ppo.py "
                         "get_reweight_rewards; the repo's extra gate (skip groups whose 3 shortest completions "
@@ -59,6 +86,7 @@ def grpo_lead_length(rewards, group_size, mask, *, alpha: float = 0.05):
 
 
 @SHAPING.register("unlikeliness", paper="Rewarding the Unlikely: Lifting GRPO Beyond Distribution Sharpening",
+                  requires=(Requirement("group_size", "the likelihood ranks within the group"),),
                   catalog="rl:27",
                   arxiv="2506.02355",
                   notes="checked against AndreHe02/rewarding-unlikely-release ray_lean_trainer.py "
@@ -175,6 +203,7 @@ def curriculum_budget(step: int, *, decay_interval: int, initial_budget: float =
 
 @SHAPING.register("curriculum_budget_length", paper="Train Long, Think Short: Curriculum Learning for Efficient "
                   "Reasoning", arxiv="2508.08940",
+                  requires=(_CURRICULUM,),
                   catalog="rl:32",
                   notes="budget schedule B(t) = max(1, B0 * gamma^floor(t/T)) (exponential decay every T steps; "
                         "the paper's overview figure uses gamma = 0.7, its runs B0 = 256), as the paper states it; "
