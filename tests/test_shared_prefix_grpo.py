@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from tests import test_grpo_replay, test_grpo_samplers, test_grpo_trainer
-from tests.conftest import write_recipe
+from tests.conftest import source_digest, write_recipe
 from tests.test_grpo_samplers import policy_logps
 from tests.test_grpo_trainer import loss_and_grads
 
@@ -257,6 +257,42 @@ def test_repo_replay_forward_is_unchanged(tmp_path, tiny):
     assert_same_loss_and_gradients(trainer, shuffled(batch))
 
 
+def test_lora_policy_and_its_adapter_free_reference_are_unchanged(tmp_path):
+    """With peft (LoRA), the policy forward goes through the adapter and the reference forward is the same model
+    with the adapter disabled (TRL's `use_adapter`): both packed, the loss and the LoRA gradients unchanged."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig
+
+    from postrain.trainers.grpo import PostrainGRPOTrainer
+
+    model, tokenizer = load()
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=len(LENGTHS),
+                      num_generations=GROUP, max_completion_length=COMPLETION, report_to="none", bf16=False,
+                      save_strategy="no", activation_checkpointing=False, beta=0.04)
+    trainer = PostrainGRPOTrainer(model=model, args=args, reward_funcs=[test_grpo_trainer.fixed_reward],
+                                  processing_class=tokenizer, train_dataset=Dataset.from_list([{"prompt": "1+1="}]),
+                                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False, task_type="CAUSAL_LM"))
+    trainer.current_gradient_accumulation_steps = 1
+    batch = shuffled(grouped_batch(tokenizer.pad_token_id))
+    references = {}
+    for shared in (False, True):
+        trainer.shared_prefix = shared
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        with torch.no_grad(), trainer.accelerator.unwrap_model(trainer.model).disable_adapter():
+            references[shared], _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, attention, COMPLETION)
+    torch.testing.assert_close(references[True], references[False], rtol=0, atol=2e-5)
+    with torch.no_grad():  # the adapter changes the policy: the reference is another model
+        assert (forward(trainer, batch, shared=True)[0] - references[True]).abs().max() > 1e-3
+    batch = with_old_and_ref(trainer, batch)
+    batch["ref_per_token_logps"] = references[False]
+    assert_same_loss_and_gradients(trainer, batch)
+    assert all("lora" in name for name in loss_and_grads(trainer, batch)[1])
+
+
 def test_old_and_reference_forwards_of_a_generation_batch_are_unchanged(tmp_path, tiny):
     """TRL's `_generate_and_score_completions` with a reference model (beta) and old log-probs (num_iterations 2):
     generation (shared prefill), the old-policy and the reference forwards, then TRL's loss with the KL term."""
@@ -327,6 +363,13 @@ def test_sampling_with_shared_prefill_has_the_same_logits_at_every_step(tiny):
     for step, (a, b) in enumerate(zip(plain.logits, shared.logits)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=f"step {step}")
     assert torch.equal(plain.sequences, shared.sequences)  # the same draws from the same distribution
+
+
+def test_trls_fused_lm_head_which_scores_the_packed_rows_is_unchanged():
+    """The packed rows are scored by TRL's fused LM head through `shift_labels` (labels not shifted again);
+    a TRL change there fails here: re-check postrain.trainers.shared_prefix.packed_logps_and_entropies."""
+    assert source_digest("trl.trainer.utils:add_fused_lm_head") == (
+        "422d009f04b66659982f9545a90d560bdcc27fde3268de203d0c5c6d1449d211")
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""GRPOTrainer with reward-failure logging and, when the recipe has an `rl:` section, registry RL parts.
+"""GRPOTrainer with reward-failure logging, registry RL parts when the recipe has an `rl:` section, and the
+shared-prefix forwards and generation of `trainer.shared_prefix` (postrain.trainers.shared_prefix).
 
-Without `rl:` only `Trainer.log` is overridden (reward-function failures are logged, never silent) and training
-is TRL's own. With `rl:` (postrain.rl.section) two hook points dispatch to the registries:
+Without `rl:` (and without `trainer.shared_prefix`, whose two overrides below pass through when it is off) only
+`Trainer.log` is overridden (reward-function failures are logged, never silent) and training is TRL's own. With `rl:` (postrain.rl.section) two hook points dispatch to the registries:
 
   advantages   `_calculate_rewards` is wrapped to keep the rewards TRL gathered from every process (whole groups);
                after TRL's `_generate_and_score_completions`, shaping entries and the advantage estimator run on
