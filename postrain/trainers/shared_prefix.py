@@ -176,9 +176,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: 
          max_rows_per_chunk: int | None = None) -> list[PackedChunk]:
     """The batch as packed rows, one per group of rows sharing a prompt, split into chunks of whole groups of at
     most `max_rows_per_chunk` completions each (a larger group is a chunk of its own). Needs `shareable_layout`."""
-    device = input_ids.device
-    n, width = input_ids.shape
-    prompt_width = width - logits_to_keep
+    prompt_width = input_ids.size(1) - logits_to_keep
     groups, first = prompt_groups(input_ids[:, :prompt_width], attention_mask[:, :prompt_width])
     # Index arithmetic on the CPU (one transfer each way); the model inputs are gathered on the device.
     mask_cpu = attention_mask.bool().cpu()
