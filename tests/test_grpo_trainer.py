@@ -300,6 +300,7 @@ TRL_GRPO_SOURCE = {
     "_load_optimizer_and_scheduler": "5c1772becdfd7fdb",
     "get_train_dataloader": "2bffe5a57c539e17",
     "_get_train_sampler": "36497afb4d311dc9",
+    "_generate_single_turn": "e0f02e4fc094cefd",  # shared prefill wraps its `unwrapped_model.generate` call
 }
 
 

@@ -18,9 +18,8 @@ from postrain.recipes import Recipe
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from trl import GRPOConfig
-
     from postrain.rewards import build_rewards, check_reward_columns
+    from postrain.trainers import config_class
     from postrain.trainers.grpo import PostrainGRPOTrainer
 
     from postrain.launch.vllm import check_vllm_installed
@@ -44,7 +43,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         if beta is not None:  # TRL builds the reference model and its log-probs only where beta != 0
             overrides["beta"] = beta
     return train_with_trl(
-        recipe, options, job="grpo", trainer_cls=PostrainGRPOTrainer, config_cls=GRPOConfig,
+        recipe, options, job="grpo", trainer_cls=PostrainGRPOTrainer, config_cls=config_class("grpo"),
         config_overrides=overrides, trainer_kwargs=lambda: extra,
         check_data=lambda ds, where: check_reward_columns(rewards, ds.column_names, where),
     )

@@ -229,8 +229,13 @@ def _library_defaults(recipe) -> list[dict]:
                 continue
             default = field.default if field.default is not dataclasses.MISSING else (
                 field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-            rows.append({"key": f"{spec.name}.{field.name}", "value": default, "source": "library default",
-                         "from": f"{cls.__module__.split('.')[0]} {cls.__name__}"})
+            # the library class the default comes from (postrain's own config subclasses add a field or two)
+            owner = next((c for c in cls.__mro__ if not c.__module__.startswith("postrain")
+                          and field.name in getattr(c, "__dataclass_fields__", {})), cls)
+            ours = owner.__module__.startswith("postrain")
+            rows.append({"key": f"{spec.name}.{field.name}", "value": default,
+                         "source": "postrain default" if ours else "library default",
+                         "from": f"{owner.__module__.split('.')[0]} {owner.__name__}"})
     return rows
 
 

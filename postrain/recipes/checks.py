@@ -223,3 +223,16 @@ def check_conventions(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_conventions)
+
+
+def check_shared_prefix(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer.shared_prefix: true` (GRPO): a model and attention implementation that honour the block mask
+    (postrain.trainers.shared_prefix)."""
+    if command != "grpo" or not (cfg.get("trainer") or {}).get("shared_prefix"):
+        return
+    from postrain.trainers.shared_prefix import check_recipe
+
+    check_recipe(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_shared_prefix)

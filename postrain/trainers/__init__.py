@@ -13,7 +13,7 @@ import importlib
 TRAINERS: dict[str, tuple[str, str]] = {
     "sft": ("trl:SFTConfig", "trl:SFTTrainer"),
     "dpo": ("trl:DPOConfig", "postrain.trainers.dpo:PostrainDPOTrainer"),
-    "grpo": ("trl:GRPOConfig", "postrain.trainers.grpo:PostrainGRPOTrainer"),
+    "grpo": ("postrain.trainers.grpo:PostrainGRPOConfig", "postrain.trainers.grpo:PostrainGRPOTrainer"),
 }
 
 

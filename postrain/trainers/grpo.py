@@ -1,7 +1,8 @@
-"""GRPOTrainer with reward-failure logging and, when the recipe has an `rl:` section, registry RL parts.
+"""GRPOTrainer with reward-failure logging, registry RL parts when the recipe has an `rl:` section, and the
+shared-prefix forwards and generation of `trainer.shared_prefix` (postrain.trainers.shared_prefix).
 
-Without `rl:` only `Trainer.log` is overridden (reward-function failures are logged, never silent) and training
-is TRL's own. With `rl:` (postrain.rl.section) two hook points dispatch to the registries:
+Without `rl:` (and without `trainer.shared_prefix`, whose two overrides below pass through when it is off) only
+`Trainer.log` is overridden (reward-function failures are logged, never silent) and training is TRL's own. With `rl:` (postrain.rl.section) two hook points dispatch to the registries:
 
   advantages   `_calculate_rewards` is wrapped to keep the rewards TRL gathered from every process (whole groups);
                after TRL's `_generate_and_score_completions`, shaping entries and the advantage estimator run on
@@ -59,17 +60,20 @@ import json
 import os
 from typing import Any
 
+import dataclasses
+
 import datasets
 import torch
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
+from postrain.errors import RecipeError
 from postrain.rl.losses import disco_kl_stats
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
 from postrain.rl.shaping import curriculum_budget
 from postrain.rl.section import (REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, STATEFUL_SHAPING, Part,
                                  parse_rl_section)
-from postrain.trainers import grpo_greso, grpo_replay
+from postrain.trainers import grpo_greso, grpo_replay, shared_prefix
 from postrain.trainers.grpo_sampling import LEFT_PADDED, PromptState, cat_batches, group_rows, prompt_key, take_rows
 
 # Beside each checkpoint: the per-prompt state and counters (JSON), and the recovered groups of
@@ -82,6 +86,23 @@ REFILL_SEED_OFFSET = 1
 # Model inputs besides ids and attention that TRL's batches may carry (vision models); passed through as TRL does.
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+@dataclasses.dataclass
+class PostrainGRPOConfig(GRPOConfig):
+    """TRL's GRPOConfig and postrain's switches for computing the same training faster.
+
+    `shared_prefix` is a field of the trainer config (a recipe's `trainer.shared_prefix`), not a section of its
+    own, because it is a setting of how the trainer computes, beside TRL's own `cast_lm_head_to_fp32` or
+    `use_liger_kernel`: it reaches the trainer as `args.shared_prefix`, is saved with the training arguments of
+    every checkpoint, and is validated, shown by `postrain config` and checked by --dry-run exactly as TRL's fields
+    are (postrain.trainers.TRAINERS names this class for `grpo`)."""
+
+    shared_prefix: bool = dataclasses.field(default=False, metadata={"help": (
+        "Encode each group's prompt once: in the policy, old-policy and reference forwards (one packed row per "
+        "group with a block attention mask, Prefix Grouper) and in HF generation (one prefill per distinct "
+        "prompt). Log-probs, entropies, gradients and the sampling distribution are unchanged. Qwen2 / Llama "
+        "models with sdpa or eager attention (postrain.trainers.shared_prefix).")})
 
 
 class PostrainGRPOTrainer(GRPOTrainer):
@@ -101,6 +122,13 @@ class PostrainGRPOTrainer(GRPOTrainer):
         self._rl_refill_iter = None
         self._rl_buffer: dict[str, Any] | None = None  # recent_sample_recovery: kept groups beyond the last batch
         super().__init__(*args, **kwargs)
+        self.shared_prefix = bool(getattr(self.args, "shared_prefix", False))
+        if self.shared_prefix:
+            for role, model in (("model", self.model), ("reference model", self.ref_model)):
+                reason = None if model is None else shared_prefix.unsupported_reason(model.config)
+                if reason is not None:  # a hub model whose config was not on disk when the recipe loaded
+                    raise RecipeError(f"trainer.shared_prefix cannot run on this {role}: {reason}. Set "
+                                      f"trainer.shared_prefix: false")
         refill = self._refill_part()
         if refill is not None and isinstance(self.train_dataset, (torch.utils.data.IterableDataset,
                                                                   datasets.IterableDataset)):
@@ -114,6 +142,41 @@ class PostrainGRPOTrainer(GRPOTrainer):
             for fn, errors in zip(counted, self.accelerator.reduce(local, reduction="sum").tolist()):
                 logs[f"rewards/{fn.name}/errors"] = errors
         super().log(logs, start_time)
+
+    # --- shared prefix: one prompt encoding per group --------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **model_inputs):
+        """TRL's per-token log-probs and entropies; with shared_prefix, through packed rows (one per group of rows
+        sharing a prompt; postrain.trainers.shared_prefix). Every forward of the policy, the old policy and the
+        reference, on TRL's loss path and the rl: path, comes through here."""
+        if (not self.shared_prefix or compute_aux_loss or any(v is not None for v in model_inputs.values())
+                or not shared_prefix.shareable_layout(attention_mask, logits_to_keep)):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **model_inputs)
+        chunks = shared_prefix.pack(input_ids, attention_mask, logits_to_keep, batch_size)
+        unwrapped = self.accelerator.unwrap_model(model)
+        logps, entropies = shared_prefix.packed_logps_and_entropies(
+            model, chunks, input_ids.size(0), logits_to_keep,
+            attn_implementation=unwrapped.config._attn_implementation,
+            dtype=unwrapped.get_input_embeddings().weight.dtype, compute_entropy=compute_entropy,
+            autocast=self.accelerator.autocast)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["shared_prefix/token_fraction"].append(
+            sum(c.tokens for c in chunks) / float(input_ids.numel()))
+        return logps, entropies, None
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation; with shared_prefix and transformers' generate (not vLLM, which caches prefixes
+        itself, nor continuous batching), each distinct prompt is prefilled once."""
+        if (not self.shared_prefix or self.use_vllm or self.use_transformers_continuous_batching or images
+                or multimodal_fields or has_tool_images):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        with shared_prefix.shared_prefill(self.accelerator.unwrap_model(self.model_wrapped)):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
 
     # --- advantages -------------------------------------------------------------------------------------------
 
