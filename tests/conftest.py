@@ -74,6 +74,21 @@ def postrain(*args: str) -> str:
     return result.output
 
 
+def at_step(monkeypatch, trainer_cls: type, step: int, action) -> None:
+    """Make `trainer_cls.compute_loss` pass its training loss through `action(loss) -> loss` while optimizer
+    step `step` (1-based, as metrics.jsonl counts) is computed: a NaN injected there, a signal sent from inside
+    training, ... whatever the step's position in a resumed run."""
+    real = trainer_cls.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = real(self, model, inputs, *args, **kwargs)
+        if not model.training or self.state.global_step + 1 != step:
+            return out
+        return (action(out[0]), *out[1:]) if isinstance(out, tuple) else action(out)
+
+    monkeypatch.setattr(trainer_cls, "compute_loss", compute_loss)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     import json
 

@@ -193,3 +193,13 @@ def check_hub(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_hub)
+
+
+def check_health(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`health:` counts in range (postrain.jobs.guard)."""
+    from postrain.jobs.guard import check_health_section
+
+    check_health_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_health)
