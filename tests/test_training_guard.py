@@ -223,13 +223,15 @@ def test_sigterm_saves_a_checkpoint_marks_the_run_interrupted_and_resume_gives_t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_second_signal_stops_at_once_and_ctrl_c_exits_130():
+def test_a_second_signal_stops_at_once_and_ctrl_c_exits_130(monkeypatch):
     from postrain.jobs import signals
 
     with signals.handled():
         with signals.training():
             os.kill(os.getpid(), signal.SIGINT)
             assert signals.stop_requested() == signal.SIGINT  # the first waits for the step's end
+            os.kill(os.getpid(), signal.SIGINT)  # at once again: the same request (a launcher forwarding it)
+            monkeypatch.setattr(signals, "SAME_REQUEST_S", 0.0)
             with pytest.raises(signals.Interrupted) as stopped:
                 os.kill(os.getpid(), signal.SIGINT)
     assert stopped.value.exit_code == 130 and str(stopped.value) == "interrupted by SIGINT"

@@ -5,8 +5,12 @@ While a run directory is being written (`postrain.jobs.common.running`), both si
 - during training, the first signal asks the loop to stop at the end of the step it is in: that step is logged,
   a checkpoint is saved (whatever `trainer.save_strategy` says) and the run ends with `Interrupted`; on several
   processes every process stops at the same step (the request is agreed on at each step's end);
-- outside training (loading, an eval's generation, a merge), or on a second signal, `Interrupted` is raised at
-  once, and the run keeps the checkpoints it had.
+- outside training (loading, an eval's generation, a merge), or on a second signal (more than SAME_REQUEST_S
+  after the first), `Interrupted` is raised at once, and the run keeps the checkpoints it had.
+
+Under a launch the calling process does not handle the signal itself: torch's elastic agent forwards it to every
+worker and kills those still running 30 s later, so a step longer than that ends without its checkpoint (the
+run keeps its previous one).
 
 `Interrupted` marks the run `interrupted` (with the signal, the step and the checkpoint to resume from) and the
 command exits with 128 + the signal number, as a shell reports a process ended by that signal: 130 for SIGINT,
@@ -17,9 +21,13 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+# A repeat of the signal within this many seconds is the same request: under a launch a worker gets the signal
+# twice, from the terminal or the job scheduler (sent to every process) and forwarded by the launcher.
+SAME_REQUEST_S = 2.0
 
 
 class Interrupted(BaseException):
@@ -48,12 +56,16 @@ class _State:
     depth = 0                      # nesting of `handled()`
     training = False               # a training loop polls `stop_requested()` at each step's end
     requested: int | None = None   # the signal that asked the loop to stop
+    requested_at = 0.0
     previous: dict = {}
 
 
 def _handler(signum, frame) -> None:
+    now = time.monotonic()
+    if _State.training and _State.requested is not None and now - _State.requested_at < SAME_REQUEST_S:
+        return
     if _State.training and _State.requested is None:
-        _State.requested = signum
+        _State.requested, _State.requested_at = signum, now
         from postrain.jobs.rundir import note
 
         note(f"{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then stopping "
