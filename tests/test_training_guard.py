@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from postrain.cli import app
 from postrain.jobs.guard import StallWatch
 from postrain.jobs.rundir import checkpoint_problem, complete_checkpoints
-from tests.conftest import REPO, TINY, at_step, read_jsonl, write_recipe
+from tests.conftest import REPO, TINY, at_step, read_jsonl, source_digest, write_recipe
 
 runner = CliRunner()
 TINY_MODEL = "model: {name_or_path: tiny, dtype: float32, tiny: %s}" % json.dumps(TINY)
@@ -303,3 +303,27 @@ trainer: {{max_steps: 5, per_device_train_batch_size: 4, num_generations: 4, max
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert status(tmp_path / "run")["status"] == "done"
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4, 5]
+
+
+# --- the library code the guard relies on -------------------------------------------------------------------------
+
+GUARDED_SOURCE = {
+    # _get_grad_norm runs once per optimizer step, after every micro-batch's training_step and before
+    # optimizer.step(); _maybe_log_save_evaluate saves when on_step_end asked for it (the stop on a signal)
+    "transformers.trainer:Trainer._inner_training_loop":
+        "20ec4276e99fe7aee4db57e6d2dbe9455982362f051a96c9a1be3e6190d7a90a",
+    "transformers.trainer:Trainer._get_grad_norm": "913ba6f52f074d10a4981ffcaac608e99d1b9caaa21666d86f3ea0ad91f05753",
+    "transformers.trainer:Trainer._maybe_log_save_evaluate":
+        "af101534f0f7b2d7fa6984044242e6f125c51092b05c755566c14823f2b43696",
+    # a checkpoint's folder is <_get_output_dir()>/checkpoint-N, rotated inside; best_model_checkpoint named there
+    "transformers.trainer:Trainer._save_checkpoint": "a9111e30faa9933986e022e56b5af81fd990356db64d727b4c320c852283bf3b",
+    "transformers.trainer:Trainer._get_output_dir": "97172085342ac46c33cb3d63ab5160c33eb66d24e3a0e5c339c5bbb8b3862980",
+    "trl.trainer.grpo_trainer:GRPOTrainer._save_checkpoint":
+        "ec91bde1236491119dc68afed1d02f087b62b17f910521f8e4ba1360cc0b0e20",
+}
+
+
+@pytest.mark.parametrize("reference", list(GUARDED_SOURCE))
+def test_library_code_the_guard_relies_on_is_unchanged(reference):
+    assert source_digest(reference) == GUARDED_SOURCE[reference], \
+        f"{reference} changed: re-check postrain/jobs/guard.py (TrainingGuard)"
