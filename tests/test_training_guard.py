@@ -239,10 +239,13 @@ def test_a_second_signal_stops_at_once_and_ctrl_c_exits_130(monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_signal_outside_training_marks_an_eval_interrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["SIGTERM", "KeyboardInterrupt"])
+def test_a_signal_outside_training_marks_an_eval_interrupted(tmp_path, monkeypatch, how):
     import postrain.jobs.evaluate as evaluate
 
     def evaluate_model(*args, **kwargs):
+        if how == "KeyboardInterrupt":  # Ctrl-C as Python's own handler reports it
+            raise KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the signal did not stop the run")
 
@@ -253,9 +256,10 @@ defaults: [base/eval]
 sets: {{heldout: {{source: "builtin:arithmetic", split: test, task: {{n: 4, digits: 1}}}}}}
 """)
     result = runner.invoke(app, ["eval", str(recipe), f"output_dir={tmp_path / 'ev'}"])
-    assert result.exit_code == 143
+    signal_name = "SIGTERM" if how == "SIGTERM" else "SIGINT"
+    assert result.exit_code == (143 if how == "SIGTERM" else 130)
     recorded = status(tmp_path / "ev")
-    assert (recorded["status"], recorded["signal"], recorded["checkpoint"]) == ("interrupted", "SIGTERM", None)
+    assert (recorded["status"], recorded["signal"], recorded["checkpoint"]) == ("interrupted", signal_name, None)
     assert "with no checkpoint to continue from: start over with --overwrite" in " ".join(result.output.split())
 
 

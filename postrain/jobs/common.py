@@ -249,25 +249,18 @@ def running(run_dir: Path, started: float | None = None):
         try:
             with signals.handled():
                 yield facts
-        except KeyboardInterrupt:  # Ctrl-C where Python's own handler was still in place
-            import signal
-
-            raise signals.Interrupted(signal.SIGINT) from None
-        except signals.Interrupted as e:
-            if layout.is_main:
-                e.detail = interrupted_status(run_dir, final, e, {**status, **facts})
-            raise
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):  # Ctrl-C where Python's own handler was still in place
+                import signal
+
+                raise_as: BaseException = signals.Interrupted(signal.SIGINT)
+            else:
+                raise_as = e
             if layout.is_main:
-                step = {"step": e.step} if getattr(e, "step", None) is not None else {}
-                write_json(run_dir / "status.json", {**status, **facts, "status": "failed", **step,
-                                                     "error": str(e)[:2000] if isinstance(e, PostrainError)
-                                                     else repr(e)[:2000]})
-                if run_dir != final:
-                    note(f"{final} keeps the previous run as it was; this failed run is in {run_dir} (status.json "
-                         f"and metrics.jsonl there say what happened): --overwrite replaces it, --resume continues "
-                         f"it from its last checkpoint")
-            raise
+                record_end(run_dir, final, raise_as, {**status, **facts})
+            if raise_as is e:
+                raise
+            raise raise_as from None
         if layout.is_main:
             write_json(run_dir / "status.json", {**status, **facts, "status": "done",
                                                  "wall_time_s": round(time.time() - start, 2),
@@ -279,16 +272,35 @@ def running(run_dir: Path, started: float | None = None):
             lock.release()
 
 
+def record_end(run_dir: Path, final: Path, error: BaseException, status: dict) -> None:
+    """status.json of a run that did not finish: `interrupted` (a signal) or `failed` (any other error)."""
+    if isinstance(error, signals.Interrupted):
+        error.detail = interrupted_status(run_dir, final, error, status)
+        return
+    step = {"step": error.step} if getattr(error, "step", None) is not None else {}
+    message = str(error) if isinstance(error, PostrainError) else repr(error)
+    write_json(run_dir / "status.json", {**status, "status": "failed", **step, "error": message[:2000]})
+    if run_dir != final:
+        note(f"{final} keeps the previous run as it was; this failed run is in {run_dir} (status.json and "
+             f"metrics.jsonl there say what happened): --overwrite replaces it, --resume continues it from its "
+             f"last checkpoint")
+
+
 def interrupted_status(run_dir: Path, final: Path, error: "signals.Interrupted", status: dict) -> str:
     """Record a run stopped by a signal in status.json; what the user is told about resuming it."""
     complete, _ = complete_checkpoints(run_dir)
     checkpoint = Path(error.checkpoint) if error.checkpoint else (complete[-1] if complete else None)
     step = error.step if error.step is not None else (int(checkpoint.name.split("-")[-1]) if checkpoint else None)
+    error.step, error.checkpoint = step, checkpoint.name if checkpoint else None
     write_json(run_dir / "status.json", {**status, "status": "interrupted", "signal": error.signal_name,
                                          "step": step, "checkpoint": checkpoint.name if checkpoint else None})
+    return resume_advice(run_dir, final, checkpoint.name if checkpoint else None)
+
+
+def resume_advice(run_dir: Path, final: Path, checkpoint: str | None) -> str:
     where = f"{run_dir} (the --overwrite run; {final} keeps the previous run)" if run_dir != final else str(run_dir)
     if checkpoint is not None:
-        return f"{where} is marked interrupted; continue it from {checkpoint.name} with --resume"
+        return f"{where} is marked interrupted; continue it from {checkpoint} with --resume"
     return f"{where} is marked interrupted, with no checkpoint to continue from: start over with --overwrite"
 
 
@@ -316,7 +328,9 @@ def run_launched(recipe: Recipe, options: RunOptions, worker_args: list[str]) ->
             import signal
 
             signum = getattr(signal, status.get("signal") or "", signal.SIGTERM)
-            raise signals.Interrupted(int(signum), status.get("step"), status.get("checkpoint"))
+            stopped = signals.Interrupted(int(signum), status.get("step"), status.get("checkpoint"))
+            stopped.detail = resume_advice(where, plan.final, status.get("checkpoint"))
+            raise stopped
         mark_failed(where, message)
         raise LaunchError(message or "the launch failed", code)
 

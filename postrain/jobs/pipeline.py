@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from postrain.errors import LaunchError, PostrainError
+from postrain.jobs.signals import Interrupted
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
 from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
@@ -129,7 +130,13 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
             command_line=f"{options.command_line} [stage {name}]",
             started=start,
         )
-        run_stage(recipe, name, stage, stage_options, options)
+        try:
+            run_stage(recipe, name, stage, stage_options, options)
+        except Interrupted as e:  # a pipeline continues an interrupted stage by itself when it is run again
+            again = f"run the pipeline again to continue it from {e.checkpoint}" if e.checkpoint else \
+                "run the pipeline again: the stage starts over"
+            e.detail = f"stage {name!r} ({run_dir}) is marked interrupted; {again}"
+            raise
         ran.add(name)
         lineage.append({**record, "status": "done", "wall_time_s": round(time.time() - start, 2)})
         write_json(pipe_dir / "lineage.json", lineage)
