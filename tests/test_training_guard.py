@@ -150,8 +150,7 @@ def test_stall_watch_counts_the_steps_each_log_stands_for():
 def test_a_constant_loss_is_warned_about(tmp_path):
     """Every row the same and a learning rate of 0: the loss cannot move."""
     rows = tmp_path / "same.jsonl"
-    rows.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n" * 1 + "".join(
-        json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n" for _ in range(31)))
+    rows.write_text("".join(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n" for _ in range(32)))
     out = tmp_path / "run"
     result = sft(tmp_path, out, "trainer.learning_rate=0.0", "health.stall_steps=4",
                  recipe=sft_recipe(tmp_path, f'{{source: "{rows}"}}'))
@@ -188,6 +187,8 @@ def test_health_values_are_checked_at_load_time(tmp_path):
         load_recipe(sft_recipe(tmp_path), ["health.max_skipped_steps=-1"])
     with pytest.raises(RecipeError, match="health.nonfinite"):
         load_recipe(sft_recipe(tmp_path), ["health.nonfinite=ignore"])
+    with pytest.raises(RecipeError, match="launch.config zero3 cannot do: DeepSpeed's engine applies the update"):
+        load_recipe(sft_recipe(tmp_path), ["health.nonfinite=skip", "launch.config=zero3"])
     plain = load_recipe(sft_recipe(tmp_path))
     assert load_recipe(sft_recipe(tmp_path), ["health.nonfinite=skip"]).hash == plain.hash
 

@@ -34,6 +34,8 @@ from postrain.jobs import signals
 from postrain.jobs.rundir import CHECKPOINT_PREFIX, PARTIAL_SUFFIX, complete_checkpoints, note, publish, write_atomic
 
 HEALTH_DEFAULTS = {"nonfinite": "stop", "max_skipped_steps": 10, "stall_steps": 20}
+SKIP_UNDER_DEEPSPEED = ("DeepSpeed's engine applies the update inside backward, before a step can be checked; use "
+                        "health.nonfinite: stop, or an fsdp2 / ddp launch configuration")
 
 
 class NonFiniteError(PostrainError):
@@ -62,6 +64,13 @@ def check_health_section(command: str, cfg: dict, origins: dict[str, str]) -> No
         if section[key] < 0:
             raise RecipeError(f"health.{key} (from {origin_of(origins, f'health.{key}')}) must be 0 or more, "
                               f"got {section[key]}")
+    if section["nonfinite"] == "skip":
+        from postrain.launch.launcher import launch_section, sharding_strategy
+
+        strategy = sharding_strategy(launch_section(cfg), origins)
+        if strategy.startswith("zero"):
+            raise RecipeError(f"health.nonfinite (from {origin_of(origins, 'health.nonfinite')}) is skip, which "
+                              f"launch.config {strategy} cannot do: {SKIP_UNDER_DEEPSPEED}")
 
 
 def guarded(trainer_cls: type) -> type:
@@ -85,10 +94,9 @@ class TrainingGuard:
         self._guard_losses: list = []
         self._guard_batches: list = []
         self.guard_skipped = 0
-        if settings["nonfinite"] == "skip" and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # DeepSpeed applies the update inside backward(): the step is taken before it can be checked
-            raise RecipeError("health.nonfinite: skip is not available under DeepSpeed (its engine steps the "
-                              "optimizer inside backward); use stop, or an fsdp2 / ddp launch configuration")
+        self._guard_update_applied = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if settings["nonfinite"] == "skip" and self._guard_update_applied:  # an accelerate config of one's own
+            raise RecipeError(f"health.nonfinite: skip under DeepSpeed: {SKIP_UNDER_DEEPSPEED}")
 
     # --- the step's loss and gradient norm ----------------------------------------------------------------------
 
@@ -144,8 +152,10 @@ class TrainingGuard:
                    f"{settings['max_skipped_steps']})")
         else:
             why = "health.nonfinite: stop"
+        stopped = ("DeepSpeed had applied this step's update already (nothing of it is saved)"
+                   if self._guard_update_applied else "The run stopped before applying this step's update")
         raise NonFiniteError(
-            f"step {step}: {what} ({why}). The run stopped before applying this step's update; {kept}. "
+            f"step {step}: {what} ({why}). {stopped}; {kept}. "
             f"The step's batch is in {batch_file}. Lower trainer.learning_rate or set trainer.max_grad_norm", step)
 
     def _guard_any_process(self, flag: bool) -> bool:
@@ -277,7 +287,7 @@ def guard_callback(job: str, settings: dict[str, Any], trainer_ref: dict):
             if logs is None or not state.is_world_process_zero:
                 return
             for message in watch.observe(state.global_step, logs):
-                note(f"warning: {message}")
+                note(message, kind="warning")
 
     return Guard()
 

@@ -35,9 +35,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 LOCK_HELD_ENV = "POSTRAIN_RUN_LOCK_HELD"  # set by the calling process of a launch, which holds the run's lock
 
 
-def note(message: str) -> None:
-    """A remark about the run directory on stderr (not an error: the run goes on)."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+def note(message: str, kind: str = "note") -> None:
+    """A remark about the run on stderr (not an error: the run goes on); `kind` "warning" for what needs a look."""
+    print(f"{kind}: {message}", file=sys.stderr, flush=True)
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------------
