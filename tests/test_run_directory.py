@@ -238,3 +238,16 @@ def test_tests_run_in_a_directory_without_runs():
     """Issue #18: `make demo` then `make test` failed because the tests ran where the demo left runs/."""
     assert Path.cwd().resolve() != REPO and not Path("runs").exists()
     assert Path("recipes/demo/grpo.yaml").is_file()  # relative recipe paths resolve as at the repository root
+
+
+def test_a_lock_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
+    """A read-only or full filesystem under output_dir: a RunDirError (exit 2, one line), not a traceback."""
+    from postrain.errors import RunDirError
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(RunDirError, match=r"cannot write beside the run directory .*run \(its lock file .*\.run\.lock\): "
+                                          r"Read-only file system; choose another output_dir"):
+        RunLock.acquire(tmp_path / "run")

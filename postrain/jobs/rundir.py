@@ -167,9 +167,13 @@ class RunLock:
         path = lock_path(final)
         if os.environ.get(LOCK_HELD_ENV) == str(path.resolve()):
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunDirError(f"cannot write beside the run directory {final} (its lock file {path}): "
+                                  f"{e.strerror or e}; choose another output_dir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
