@@ -83,6 +83,7 @@ def _worker_args(name: str, recipe: str, overrides: list[str], smoke: bool, over
 
 def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool,
          stage: str | None = None) -> None:
+    from postrain.jobs.signals import Interrupted
     from postrain.launch.launcher import launched_worker, record_rank_error
 
     started = time.time()  # the run's wall time counts from here: loading and checking the recipe included
@@ -111,6 +112,13 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
             console.print(f"[green]done[/]: {result.get('run_dir', '')}")
     except PostrainError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
+    except Interrupted as e:  # SIGTERM / SIGINT: the run is marked interrupted (postrain.jobs.signals)
+        if not launched_worker():  # the calling process of a launch says it once
+            from rich.text import Text
+
+            err_console.print(Text("stopped: ", style="bold yellow") + Text(str(e)), highlight=False,
+                              soft_wrap=True)
+        raise typer.Exit(code=e.exit_code) from None
     except Exception as e:  # a bug or a library error: a worker of a launch leaves it, traceback and all, for the
         import traceback   # calling process, which prints the first failure only (not the peers that lost it)
 

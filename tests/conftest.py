@@ -1,4 +1,9 @@
-"""Shared fixtures: an isolated model cache and working directory per test session, tiny recipes."""
+"""Shared fixtures: an isolated model cache per test session, a clean working directory per test, tiny recipes.
+
+Every test runs in a fresh directory laid out like the repository root (its sources, as links: `recipes/...` and
+the recipes' own relative data paths resolve as they do for a user at the root) and holding nothing else: no
+`runs/` a demo left, nothing an earlier test wrote. What the tests see does not depend on where pytest was started
+or what that directory holds (`make demo` then `make test`)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What a test's working directory holds: the repository's sources, never what runs wrote (runs/) or build outputs.
+SOURCES = ("postrain", "recipes", "tests", "docs", "benchmarks", "README.md", "pyproject.toml", "Makefile")
+
+
+def clean_workdir(folder: Path) -> Path:
+    """`folder`, created with links to the repository's sources and nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SOURCES:
+        if (REPO / name).exists() and not (folder / name).exists():
+            (folder / name).symlink_to(REPO / name)
+    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,7 +42,16 @@ def _postrain_env(tmp_path_factory):
     import torch
 
     torch.set_num_threads(1)  # tests run in parallel workers; one thread each avoids oversubscription
+    cwd = os.getcwd()
+    os.chdir(clean_workdir(base / "cwd"))  # module- and session-scoped fixtures run here
     yield
+    os.chdir(cwd)
+
+
+@pytest.fixture(autouse=True)
+def _clean_cwd(tmp_path_factory, monkeypatch):
+    """Each test starts in a directory of its own (see the module docstring)."""
+    monkeypatch.chdir(clean_workdir(tmp_path_factory.mktemp("cwd")))
 
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
@@ -47,6 +72,21 @@ def postrain(*args: str) -> str:
     result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result.output
+
+
+def at_step(monkeypatch, trainer_cls: type, step: int, action) -> None:
+    """Make `trainer_cls.compute_loss` pass its training loss through `action(loss) -> loss` while optimizer
+    step `step` (1-based, as metrics.jsonl counts) is computed: a NaN injected there, a signal sent from inside
+    training, ... whatever the step's position in a resumed run."""
+    real = trainer_cls.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = real(self, model, inputs, *args, **kwargs)
+        if not model.training or self.state.global_step + 1 != step:
+            return out
+        return (action(out[0]), *out[1:]) if isinstance(out, tuple) else action(out)
+
+    monkeypatch.setattr(trainer_cls, "compute_loss", compute_loss)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -219,8 +219,7 @@ def train(model: str, samples: str, policy: str, reference: dict) -> dict:
                                "chat": True, "fraction": 0.5, "seed": 0, "limit": None}}
 
 
-def test_dice_pipeline_two_rounds(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_dice_pipeline_two_rounds(tmp_path):
     stage = PAPERS / "dice"
     out = tmp_path / "pipe"
     stages = {

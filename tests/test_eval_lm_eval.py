@@ -56,10 +56,9 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int) -> s
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
 
 
-def test_lm_eval_backend_scores_local_tasks_as_computed_by_hand(tmp_path, monkeypatch):
+def test_lm_eval_backend_scores_local_tasks_as_computed_by_hand(tmp_path):
     from postrain.models.loading import load_model
 
-    monkeypatch.chdir(REPO)  # the checked-in task's data_files are relative to the repository root
     model, tokenizer, _ = load_model(MODEL)
     model.eval()
 
@@ -117,10 +116,9 @@ def test_lm_eval_backend_scores_local_tasks_as_computed_by_hand(tmp_path, monkey
     assert "acc_norm" in console and "exact_match" in console and "own_gen (10 prompts)" in console
 
 
-def test_lm_eval_backend_compares_models_and_limits_documents(tmp_path, monkeypatch):
+def test_lm_eval_backend_compares_models_and_limits_documents(tmp_path):
     from postrain.models.loading import resolve_model_path
 
-    monkeypatch.chdir(REPO)
     other = resolve_model_path("tiny", {**TINY, "seed": 1})
     recipe = lm_eval_recipe(tmp_path / "eval.yaml", f"{{include_path: {TASKS}, tasks: [postrain_arith_mc], limit: 5}}",
                             f"models: {{base: tiny, other: {other}}}")
@@ -138,8 +136,7 @@ def test_lm_eval_backend_compares_models_and_limits_documents(tmp_path, monkeypa
     assert [s["loglikelihoods"] for s in samples[:5]] != [s["loglikelihoods"] for s in samples[5:]]
 
 
-def test_lm_eval_settings_are_refused_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_lm_eval_settings_are_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "ev"
     good = f"{{include_path: {TASKS}, tasks: [postrain_arith_mc]}}"
     cases = [
@@ -162,8 +159,7 @@ def test_lm_eval_settings_are_refused_before_anything_is_written(tmp_path, monke
         assert not out.exists()
 
 
-def test_an_unknown_task_name_is_refused_with_the_nearest_name(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_an_unknown_task_name_is_refused_with_the_nearest_name(tmp_path):
     out = tmp_path / "ev"
     recipe = lm_eval_recipe(tmp_path / "eval.yaml", f"{{include_path: {TASKS}, tasks: [postrain_arith_mcq]}}")
     result = runner.invoke(app, ["eval", str(recipe), f"output_dir={out}"])

@@ -29,7 +29,6 @@ def test_lm_eval_dry_run_lists_tasks_and_settings_without_model_or_catalogue(mon
 
     from postrain.jobs.plan import plan
 
-    monkeypatch.chdir(REPO)
     indexed = []
     real_init = lm_eval.tasks.TaskManager.__init__
 
@@ -58,8 +57,7 @@ def test_lm_eval_dry_run_lists_tasks_and_settings_without_model_or_catalogue(mon
     assert defaults["num_fewshot"] == "each task's default" and defaults["limit"] == "0.25 of each task's documents"
 
 
-def test_lm_eval_dry_run_from_the_command_line(monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_lm_eval_dry_run_from_the_command_line():
     out = postrain("eval", LM_EVAL_RECIPE, "--dry-run")
     assert "postrain_arith_mc" in out and "postrain_arith_gen" in out and "recipe is valid" in out
     assert "all documents" in out  # the checked-in recipe scores every document
@@ -67,10 +65,9 @@ def test_lm_eval_dry_run_from_the_command_line(monkeypatch):
 
 # --- 2. lm-eval under --smoke ------------------------------------------------------------------------------------
 
-def test_smoke_shrinks_lm_eval_and_keeps_smaller_settings(tmp_path, monkeypatch):
+def test_smoke_shrinks_lm_eval_and_keeps_smaller_settings(tmp_path):
     from postrain.recipes.smoke import _smoke_lm_eval
 
-    monkeypatch.chdir(REPO)
     smoke = load_smoke_recipe(LM_EVAL_RECIPE, [], "eval").cfg["lm_eval"]
     assert smoke["limit"] == 4 and smoke["gen_kwargs"] == {"max_gen_toks": 8} and smoke["bootstrap_iters"] == 100
     assert smoke["tasks"] == ["postrain_arith_mc", "postrain_arith_gen"]  # the recipe's own tasks
@@ -85,11 +82,10 @@ lm_eval: {{limit: 2, gen_kwargs: {{max_gen_toks: 3, do_sample: false}}, bootstra
     assert _smoke_lm_eval({"limit": 0.5})["limit"] == 4  # a fraction of a large task is no smoke size
 
 
-def test_lm_eval_recipe_is_smoked_by_the_recipe_suite_and_scores_a_few_documents(tmp_path, monkeypatch):
+def test_lm_eval_recipe_is_smoked_by_the_recipe_suite_and_scores_a_few_documents(tmp_path):
     from tests.test_smoke_recipes import RECIPES
 
     assert LM_EVAL_RECIPE in RECIPES  # tests/test_smoke_recipes.py runs it under --smoke
-    monkeypatch.chdir(REPO)
     postrain("eval", LM_EVAL_RECIPE, "--smoke", f"output_dir={tmp_path / 'run'}")
     sets = json.loads((tmp_path / "run" / "results.json").read_text())["sets"]
     assert {name: s["prompts"] for name, s in sets.items()} == {"postrain_arith_mc": 4, "postrain_arith_gen": 4}

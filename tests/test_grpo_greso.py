@@ -121,7 +121,7 @@ def test_a_resumed_greso_run_continues_as_the_uninterrupted_one(tmp_path):
     rows = [{"prompt": f"{d}+{d}=", "answer": str(2 * d)} for d in (1, 2, 3, 4) for _ in range(6)]
     (tmp_path / "repeats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe_path = recipe(tmp_path, "{name: greso, p_easy: 0.3}", max_steps=8,
-                         trainer=", save_strategy: steps, save_steps: 1",
+                         trainer=", save_strategy: steps, save_steps: 1, save_total_limit: null",
                          data=f"{{source: {tmp_path / 'repeats.jsonl'}}}")
     run = tmp_path / "run"
     result = runner.invoke(app, ["grpo", str(recipe_path), f"output_dir={run}"])

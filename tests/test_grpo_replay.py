@@ -252,7 +252,7 @@ def test_a_resumed_run_continues_with_the_same_buffers(tmp_path):
     first epoch: transformers does not replay the sampler's order of a later epoch) must end with the same buffers
     and log the same losses."""
     rl = "{samplers: [{name: repo_replay, num_replays: 2, min_buffer_size: 4, max_buffer_size: 6}]}"
-    recipe = grpo_recipe(tmp_path, rl, trainer=", save_strategy: steps, save_steps: 1", max_steps=3)
+    recipe = grpo_recipe(tmp_path, rl, trainer=", save_strategy: steps, save_steps: 1, save_total_limit: null", max_steps=3)
     run = tmp_path / "run"
     result = runner.invoke(app, ["grpo", str(recipe), f"output_dir={run}"])
     assert result.exit_code == 0, result.output + repr(result.exception)

@@ -368,7 +368,7 @@ def test_a_resumed_run_continues_with_the_same_per_prompt_state(tmp_path):
     depend on the prompt only, so which groups are kept does not depend on the sampled text (which varies across
     CPUs)."""
     recipe = grpo_recipe(tmp_path, "{advantage: dcpo_smooth, samplers: [recent_sample_recovery]}",
-                         trainer=", save_strategy: steps, save_steps: 1", max_steps=3, reward="by_prompt")
+                         trainer=", save_strategy: steps, save_steps: 1, save_total_limit: null", max_steps=3, reward="by_prompt")
     run = tmp_path / "run"
     result = runner.invoke(app, ["grpo", str(recipe), f"output_dir={run}"])
     assert result.exit_code == 0, result.output + repr(result.exception)

@@ -14,8 +14,7 @@ EXAMPLE = REPO / "recipes" / "examples" / "iterative_dpo"
 DEMO = REPO / "recipes" / "demo"
 
 
-def test_iterative_dpo_runs_two_rounds_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_iterative_dpo_runs_two_rounds_end_to_end(tmp_path):
     out = tmp_path / "iter"
     tiny = json.dumps({**TINY})
     small_sft = (f'{{model.tiny: {tiny}, data.train.task: {{digits: 1, n: 64}}, trainer.max_steps: 10, '

@@ -208,8 +208,7 @@ def assert_round_two_continues_round_one(out: Path) -> None:
         assert [m["step"] for m in logged if "loss" in m] == [1, 2]
 
 
-def test_sppo_pipeline_two_rounds(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_sppo_pipeline_two_rounds(tmp_path):
     stage = PAPERS / "sppo_iterative"
     score = {"pairing": {"score": "score"}}  # the graded rewards' sum (the paper recipe reads its judge's score)
     out = run_pipeline(tmp_path, two_rounds(stage, "tiny", (11, 12), GRADED, score))
@@ -220,8 +219,7 @@ def test_sppo_pipeline_two_rounds(tmp_path, monkeypatch):
     assert all(0 < r < c < 1 for c, r in zip(pairs["chosen_probs"], pairs["rejected_probs"]))
 
 
-def test_dno_pipeline_two_rounds_keeps_large_margin_pairs_only(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_dno_pipeline_two_rounds_keeps_large_margin_pairs_only(tmp_path):
     stage = PAPERS / "dno"
     # Graded scores in [-3, 1]; the paper recipe's rubric thresholds (4 of 5, margin 1) scaled to them.
     dno = {"pairing": {"score": "score", "all_pairs": True, "min_margin": 0.5, "min_chosen_score": -1.0}}
@@ -234,8 +232,7 @@ def test_dno_pipeline_two_rounds_keeps_large_margin_pairs_only(tmp_path, monkeyp
     assert len(kept) < len(unfiltered)  # the filter removed some pairs of these very samples
 
 
-def test_self_rewarding_pipeline_two_rounds_judged_by_the_model_itself(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_self_rewarding_pipeline_two_rounds_judged_by_the_model_itself(tmp_path):
     stage = PAPERS / "self_rewarding"
     # The paper recipe's own judge entry (model: ${model.name_or_path}, escaped so that the stage, not the pipeline,
     # resolves it), shortened; the tiny model's judgments are meaningless, so a graded reward next to it makes the

@@ -229,8 +229,8 @@ def test_sft_on_chat_messages_file(tmp_path):
 def test_resume_without_checkpoints_is_refused_and_resume_keeps_metrics_unique(tmp_path):
     recipe = str(sft_recipe(tmp_path))
     out = tmp_path / "run"
-    postrain("sft", recipe, f"output_dir={out}")
-    refused = runner.invoke(app, ["sft", recipe, f"output_dir={out}", "--resume"])
+    postrain("sft", recipe, f"output_dir={out}", 'trainer.save_strategy="no"')
+    refused = runner.invoke(app, ["sft", recipe, f"output_dir={out}", 'trainer.save_strategy="no"', "--resume"])
     assert refused.exit_code == 2 and "save_strategy: no" in refused.output and "Traceback" not in refused.output
     assert (out / "model" / "model.safetensors").exists()  # nothing lost
 

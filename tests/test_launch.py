@@ -477,3 +477,49 @@ def test_a_recipe_that_generates_with_vllm_says_what_to_install_before_anything_
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert "not installed: pip install 'postrain[vllm]'" in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()
+
+
+SIGTERM_ON_RANK_1 = '''import os, signal
+from pathlib import Path
+
+
+def stop_on_rank_1(completions, **kwargs):
+    """Rank 1 alone sends itself SIGTERM while scoring its second batch (once: a marker file)."""
+    marker = Path(os.environ["MARKER"])
+    calls = Path(os.environ["MARKER"] + f".rank{os.environ['RANK']}")
+    count = int(calls.read_text()) + 1 if calls.exists() else 1
+    calls.write_text(str(count))
+    if os.environ["RANK"] == "1" and count == 2 and not marker.exists():
+        marker.write_text("sent")
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [0.0 for _ in completions]
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("launch")
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    """The processes agree at each step's end: rank 1's signal stops rank 0 too, after the same step, and the main
+    process saves the checkpoint and marks the run interrupted; the calling process says so and exits 143."""
+    (tmp_path / "stop.py").write_text(SIGTERM_ON_RANK_1)
+    os.environ["MARKER"] = str(tmp_path / "sent")
+    try:
+        result, _ = run_cli(tmp_path, "grpo", str(REPO / "recipes" / "papers" / "dapo.yaml"), "--smoke", "name=stopped",
+                            f"rewards=[{{fn: {tmp_path / 'stop.py'}:stop_on_rank_1}}]", "trainer.max_steps=4",
+                            *two_processes(), fake_generation=True)
+    finally:
+        del os.environ["MARKER"]
+    assert result.returncode == 143, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "stopped"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["status"], status["signal"]) == ("interrupted", "SIGTERM"), status
+    step = status["step"]
+    assert 1 <= step < 4 and status["checkpoint"] == f"checkpoint-{step}"
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
+    from postrain.jobs.rundir import checkpoint_problem
+
+    assert checkpoint_problem(checkpoint) is None
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m] == list(range(1, step + 1))
+    assert f"stopped: interrupted by SIGTERM at step {step}" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr

@@ -18,7 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from tests.conftest import REPO
 from tests.learning import pipeline_yaml
 
 # Held-out sampled accuracy gained over the SFT model (absolute fraction). Measured with
@@ -33,8 +32,7 @@ def sampled_accuracy(run_dir) -> float:
 
 
 @pytest.mark.slow
-def test_grpo_and_dpo_fix_what_noisy_sft_left_unsure(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_grpo_and_dpo_fix_what_noisy_sft_left_unsure(tmp_path):
     out = tmp_path / "learning"
     pipe = tmp_path / "pipeline.yaml"
     pipe.write_text(pipeline_yaml(out, seed=3))

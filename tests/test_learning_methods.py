@@ -15,7 +15,6 @@ import pytest
 from filelock import FileLock
 
 from tests import learning
-from tests.conftest import REPO
 
 SEED = 3
 # Gains over the SFT model, measured with benchmarks/method_learning_margin.py on three draws (seed 3 native
@@ -38,22 +37,16 @@ def noisy_sft(tmp_path_factory) -> dict:
     out = root / "noisy_sft"
     with FileLock(str(root / "noisy_sft.lock")):
         if not (out / "done").exists():
-            cwd = os.getcwd()
-            os.chdir(REPO)
-            try:
-                model = learning.train_noisy_sft(out / "sft", SEED)
-                (out / "accuracy").write_text(str(learning.sampled_accuracy(model, out / "eval_sft", SEED)))
-                (out / "preference").write_text(repr(learning.preference_accuracy(model, learning.held_out_pairs())))
-            finally:
-                os.chdir(cwd)
+            model = learning.train_noisy_sft(out / "sft", SEED)
+            (out / "accuracy").write_text(str(learning.sampled_accuracy(model, out / "eval_sft", SEED)))
+            (out / "preference").write_text(repr(learning.preference_accuracy(model, learning.held_out_pairs())))
             (out / "done").write_text("")
     return {"model": out / "sft" / "model", "accuracy": float((out / "accuracy").read_text()),
             "preference": tuple(float(x) for x in (out / "preference").read_text().strip("()").split(","))}
 
 
 @pytest.mark.parametrize("method", list(learning.GRPO_METHODS))
-def test_grpo_method_raises_held_out_accuracy(method, noisy_sft, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_grpo_method_raises_held_out_accuracy(method, noisy_sft, tmp_path):
     model = learning.grpo_with_method(noisy_sft["model"], tmp_path / "grpo", method, SEED)
     accuracy = learning.sampled_accuracy(model, tmp_path / "eval", SEED)
     start = noisy_sft["accuracy"]
@@ -62,8 +55,7 @@ def test_grpo_method_raises_held_out_accuracy(method, noisy_sft, tmp_path, monke
 
 
 @pytest.mark.parametrize("loss", learning.DPO_LOSSES)
-def test_preference_loss_raises_held_out_preference_accuracy(loss, noisy_sft, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_preference_loss_raises_held_out_preference_accuracy(loss, noisy_sft, tmp_path):
     pairs = learning.held_out_pairs()
     before, margin_before = noisy_sft["preference"]
     model, logged = learning.dpo_with_loss(noisy_sft["model"], tmp_path / "dpo", loss, SEED)

@@ -142,15 +142,13 @@ PREV = "logp_models: {prev: {name_or_path: tiny}}"
     ("loss: [{name: mrpo}]", "needs 'references'"),
     ("logp_models: {prev: {name_or_path: tiny}}\nloss: [{name: kto}]", "computed for preference pairs"),
 ])
-def test_bad_logp_models_fail_at_load_time(tmp_path, monkeypatch, extra, message):
-    monkeypatch.chdir(REPO)
+def test_bad_logp_models_fail_at_load_time(tmp_path, extra, message):
     with pytest.raises(RecipeError, match=None) as info:
         load_recipe(dpo_recipe(tmp_path, extra))
     assert message in str(info.value)
 
 
-def test_good_logp_models_load(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_good_logp_models_load(tmp_path):
     cfg = load_recipe(dpo_recipe(tmp_path, PREV + "\nloss: [{name: inpo}]")).cfg
     assert cfg["logp_models"] == {"prev": {"name_or_path": "tiny"}}
     load_recipe(dpo_recipe(tmp_path, "logp_models: {hermes: {name_or_path: tiny}}\n"
@@ -174,10 +172,9 @@ def test_postrain_dpo_with_inpo_reads_prev_from_logp_models(tmp_path):
     assert steps[0]["loss/inpo"] == pytest.approx((1 / (2 * 0.0075)) ** 2, rel=1e-3)  # prev = ref = policy
 
 
-def test_inpo_pipeline_runs_two_rounds_end_to_end(tmp_path, monkeypatch):
+def test_inpo_pipeline_runs_two_rounds_end_to_end(tmp_path):
     """recipes/papers/inpo.yaml's stages on the tiny model: round 2 trains the round-1 model against the SFT model
     (ref_model) and the round-1 model (prev)."""
-    monkeypatch.chdir(REPO)
     out = tmp_path / "inpo"
     inpo, demo = REPO / "recipes" / "papers" / "inpo", REPO / "recipes" / "demo"
     tiny = json.dumps(TINY)

@@ -207,12 +207,9 @@ stages:
     assert "### Sample completions" in section(text, "## Stage eval_grpo")
 
 
-def test_report_on_the_demo_pipeline(tmp_path, monkeypatch):
+def test_report_on_the_demo_pipeline(tmp_path):
     """Issue #9: `postrain report` on the demo's runs (the demo pipeline under --smoke: every stage, a few steps)
     gives one document with each stage's recipe, the metrics tables and the training curves."""
-    from tests.conftest import REPO
-
-    monkeypatch.chdir(REPO)
     runs = tmp_path / "demo"
     ran = runner.invoke(app, ["run", "recipes/demo/pipeline.yaml", "--smoke", f"output_dir={runs}"])
     assert ran.exit_code == 0, ran.output + repr(ran.exception)

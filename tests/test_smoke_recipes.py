@@ -23,8 +23,7 @@ def test_recipes_were_found():
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_runs_under_smoke(recipe, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_recipe_runs_under_smoke(recipe, tmp_path):
     command = COMMANDS[recipe]
     cli_command = "run" if command == "pipeline" else command
     result = runner.invoke(app, [cli_command, recipe, "--smoke", f"output_dir={tmp_path / 'run'}"])

@@ -224,8 +224,7 @@ def test_bad_settings_fail_at_load_time_naming_the_key(tmp_path, command, sectio
 CPU = {"trainer.bf16": False, "trainer.gradient_checkpointing": False}
 
 
-def test_raft_pipeline_two_stages_sft_on_each_prompts_best_sample(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_raft_pipeline_two_stages_sft_on_each_prompts_best_sample(tmp_path):
     stage = PAPERS / "raft"
     best = {"data.train.best_of_k": {"score": "score", "keep": 1}}
 
@@ -260,8 +259,7 @@ def test_raft_pipeline_two_stages_sft_on_each_prompts_best_sample(tmp_path, monk
     assert [m["step"] for m in logged if "loss" in m] == [1, 2]
 
 
-def test_scdpo_pipeline_continues_correct_prefixes_and_pairs_them(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_scdpo_pipeline_continues_correct_prefixes_and_pairs_them(tmp_path):
     stage = PAPERS / "scdpo"
     # The untrained tiny model is never right: "correct" here is a graded score (exact match + length) of -1.5 or more,
     # and a step ends at U+FFFD, the character its undecodable bytes come out as (frequent in its samples).

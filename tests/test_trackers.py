@@ -100,8 +100,10 @@ def fake_mlflow() -> types.ModuleType:
 
 def fake_trackio() -> types.ModuleType:
     trackio = fake_module("trackio", __version__="0.fake", config=FakeConfig(), logged=[], init_kwargs=None)
+    # current_run: TRL's model card, written with each checkpoint, asks trackio for the run's Space URL
     trackio.context_vars = SimpleNamespace(current_space_id=SimpleNamespace(get=lambda: None),
-                                           current_project=SimpleNamespace(get=lambda: None))
+                                           current_project=SimpleNamespace(get=lambda: None),
+                                           current_run=SimpleNamespace(get=lambda: None))
     trackio.init = lambda **kwargs: setattr(trackio, "init_kwargs", kwargs)
     trackio.log = lambda values: trackio.logged.append(values)
     trackio.finish = lambda: None

@@ -346,4 +346,4 @@ def run(recipe, options) -> dict:
         results = {"models": per_model, **shared} if comparing else {**per_model[next(iter(per_model))], **shared}
         write_json(Path(run_dir) / "results.json", results)
     print_results_table(results)
-    return {"run_dir": str(run_dir), "results": results}
+    return {"run_dir": recipe.cfg["output_dir"], "results": results}  # where the run is now

@@ -5,7 +5,13 @@ A run directory holds:
   env.json       package versions, git commit, seed, command line, recipe hash
   metrics.jsonl  one line per logging step
   model/         the final model (safetensors) with its tokenizer
-  status.json    `running` / `done`, wall time: how a pipeline knows a stage finished
+  checkpoints/   checkpoint-N folders (TRL's), when the recipe saves them or a signal stopped the run
+  status.json    `running`, `done`, `failed` (with the error) or `interrupted` (with the signal, the step and the
+                 checkpoint to resume from): how a pipeline knows a stage finished
+
+How it is kept whole (atomic writes, `--overwrite` into `<name>.new`, the lock, complete checkpoints):
+postrain.jobs.rundir; the training checks (NaN / inf, stalls, atomic checkpoints): postrain.jobs.guard; signals:
+postrain.jobs.signals.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import LaunchError, PostrainError, RunDirError
+from postrain.jobs import signals
+from postrain.jobs.rundir import (LOCK_HELD_ENV, RunLock, attempt_dir, complete_checkpoints, note, partial_dir,
+                                  publish, replace_with_attempt, write_atomic)
 from postrain.launch.launcher import current_layout, launch_started
 from postrain.models.loading import MODEL_SUBDIR, check_model_reference
 from postrain.recipes import Recipe
@@ -63,70 +72,136 @@ class RunOptions:
     stage: str | None = None
 
 
-def check_run_dir(recipe: Recipe, options: RunOptions) -> Path | None:
+@dataclass
+class RunPlan:
+    """Where a run writes, decided from the run directory as it is and the flags (`check_run_dir`)."""
+
+    final: Path                          # output_dir: where the run is once it has finished
+    work: Path                           # where it is written: `final`, or `<final>.new` under --overwrite
+    checkpoint: Path | None = None       # --resume: the last complete checkpoint, continued from
+    torn: list[tuple[Path, str]] = field(default_factory=list)  # incomplete checkpoints, removed when it starts
+
+    @property
+    def replacing(self) -> bool:
+        """The run replaces a previous one, which is kept until this one has finished."""
+        return self.work != self.final
+
+
+def check_run_dir(recipe: Recipe, options: RunOptions) -> RunPlan:
     """Whether the recipe may use its run directory as the flags ask, without touching it: a RunDirError if not;
-    the checkpoint to resume from under --resume. The calling process of a launch runs this before any worker
-    starts, so the mistake is reported once."""
-    run_dir = Path(recipe.cfg["output_dir"])
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"output_dir {run_dir} exists and is not a directory; choose another with output_dir=...")
-    if not (run_dir.exists() and any(run_dir.iterdir())):
-        return None
+    otherwise where the run writes and, under --resume, the checkpoint it continues from. The calling process of a
+    launch runs this before any worker starts, so the mistake is reported once; every worker then reaches the same
+    plan from the same directory."""
+    final = Path(recipe.cfg["output_dir"])
+    if final.exists() and not final.is_dir():
+        raise RunDirError(f"output_dir {final} exists and is not a directory; choose another with output_dir=...")
+    attempt = resumable_attempt(final, recipe.hash) if options.resume else None
+    if attempt is not None:  # an --overwrite run that stopped: it is the newer run, and continues where it stopped
+        complete, torn = complete_checkpoints(attempt)
+        return RunPlan(final, attempt, complete[-1], torn)
+    if not (final.exists() and any(final.iterdir())):
+        return RunPlan(final, final)
     if options.resume:
-        saved = read_recipe_hash(run_dir)
+        saved = read_recipe_hash(final)
         if saved is not None and saved != recipe.hash:
             raise RunDirError(
-                f"cannot resume {run_dir}: its recipe hash is {saved} but this recipe resolves to {recipe.hash}; "
+                f"cannot resume {final}: its recipe hash is {saved} but this recipe resolves to {recipe.hash}; "
                 f"resume with the same recipe, or start over with --overwrite"
             )
-        checkpoint = last_checkpoint(run_dir)
-        if checkpoint is None:
+        complete, torn = complete_checkpoints(final)
+        if not complete:
             saves = (recipe.cfg.get("trainer") or {}).get("save_strategy")
-            why = ("the recipe saves no checkpoints (trainer.save_strategy: no)" if saves == "no"
-                   else "it holds no checkpoint yet")
+            why = ("the recipe saves no checkpoints (trainer.save_strategy: no)" if saves == "no" and not torn
+                   else "it holds no complete checkpoint" + (f" ({torn[-1][0].name} is incomplete: {torn[-1][1]})"
+                                                             if torn else " yet"))
             raise RunDirError(
-                f"cannot resume {run_dir}: {why}, so it would restart at step 0. Start over with --overwrite; "
+                f"cannot resume {final}: {why}, so it would restart at step 0. Start over with --overwrite; "
                 f"to make runs resumable, set trainer.save_strategy: steps and trainer.save_steps"
             )
-        if read_status(run_dir).get("status") == "done" and checkpoint_is_final(checkpoint):
+        if read_status(final).get("status") == "done" and checkpoint_is_final(complete[-1]):
             # Resuming from a finished run's final checkpoint would train past its end (TRL runs one more step).
             raise RunDirError(
-                f"cannot resume {run_dir}: the run finished ({checkpoint.name} is its last step); nothing is left "
+                f"cannot resume {final}: the run finished ({complete[-1].name} is its last step); nothing is left "
                 f"to train with this recipe. To train longer, start a new run from its model "
-                f"(model.name_or_path={run_dir}), or start over with --overwrite"
+                f"(model.name_or_path={final}), or start over with --overwrite"
             )
-        return checkpoint
+        return RunPlan(final, final, complete[-1], torn)
     if not options.overwrite:
         raise RunDirError(
-            f"run directory {run_dir} already exists and is not empty. Pass --overwrite to replace it, "
+            f"run directory {final} already exists and is not empty. Pass --overwrite to replace it, "
             f"--resume to continue it, or choose another with output_dir=... (or name=...)"
         )
+    return RunPlan(final, attempt_dir(final))
+
+
+def resumable_attempt(final: Path, recipe_hash: str) -> Path | None:
+    """An --overwrite run of this recipe that stopped before it finished, with a checkpoint to continue from."""
+    attempt = attempt_dir(final)
+    if attempt.is_dir() and read_recipe_hash(attempt) == recipe_hash and read_status(attempt).get("status") != "done" \
+            and last_checkpoint(attempt) is not None:
+        return attempt
     return None
 
 
+# The run directories this process prepared and has not finished: work dir -> (final dir, its lock).
+_ACTIVE: dict[Path, tuple[Path, RunLock | None]] = {}
+
+
 def prepare_run_dir(recipe: Recipe, options: RunOptions) -> Path:
-    """Create the run directory, refusing to overwrite a previous run unless asked.
+    """Lock the run directory, check it (`check_run_dir`) and start the run there; returns where the run writes
+    (`<output_dir>.new` under --overwrite of an existing run, see postrain.jobs.rundir). `running` finishes it.
 
     Under a launch every process checks (each raises the same error) before the main process writes anything,
-    and the others wait until it has: the run directory has one writer."""
+    and the others wait until it has: the run directory has one writer. The main process holds the lock (or the
+    launch's calling process does, for the whole launch)."""
     layout = current_layout()
-    run_dir = Path(recipe.cfg["output_dir"])
+    final = Path(recipe.cfg["output_dir"])
     wait_for_everyone()  # no process checks a directory another one is already writing
-    checkpoint = check_run_dir(recipe, options)
+    lock = RunLock.acquire(final) if layout.is_main else None
+    try:
+        plan = check_run_dir(recipe, options)
+        wait_for_everyone()
+        if layout.is_main:
+            start_run_dir(recipe, options, plan, layout.world_size)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    _ACTIVE[plan.work.resolve()] = (final, lock)
     wait_for_everyone()
-    if layout.is_main:
-        if checkpoint is not None:
-            drop_metrics_after(run_dir, int(checkpoint.name.split("-")[-1]))
-        elif options.overwrite and run_dir.is_dir():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(run_dir)
-        write_json(run_dir / "env.json", environment(recipe, options))
-        write_json(run_dir / "status.json", {"status": "running", "recipe_hash": recipe.hash,
-                                             "started": launch_started() or options.started,
-                                             "processes": layout.world_size})
-    wait_for_everyone()
-    return run_dir
+    return plan.work
+
+
+def release_run_dir(work: Path) -> None:
+    """Give up a prepared run directory without running it: its lock is released."""
+    _, lock = _ACTIVE.pop(Path(work).resolve(), (None, None))
+    if lock is not None:
+        lock.release()
+
+
+def start_run_dir(recipe: Recipe, options: RunOptions, plan: RunPlan, processes: int) -> None:
+    """The main process' first writes: torn checkpoints out, metrics cut back to the checkpoint, the records."""
+    work = plan.work
+    for path, why in plan.torn:
+        note(f"{path} is incomplete ({why}): removed" + (f"; resuming from {plan.checkpoint.name}"
+                                                          if plan.checkpoint else ""))
+        shutil.rmtree(path, ignore_errors=True)
+    if plan.checkpoint is not None:
+        if plan.replacing:
+            note(f"--resume continues the --overwrite run in {work}, stopped at {plan.checkpoint.name}; {plan.final} "
+                 f"keeps the previous run until it has finished")
+        drop_metrics_after(work, int(plan.checkpoint.name.split("-")[-1]))
+    elif plan.replacing:
+        if work.exists():  # an earlier --overwrite run that did not finish
+            shutil.rmtree(work)
+        note(f"--overwrite: the new run is written to {work}; {plan.final} keeps the previous run until it has "
+             f"finished, and is replaced then")
+    work.mkdir(parents=True, exist_ok=True)
+    recipe.save(work)
+    write_json(work / "env.json", environment(recipe, options))
+    write_json(work / "status.json", {"status": "running", "recipe_hash": recipe.hash,
+                                      "started": launch_started() or options.started, "processes": processes,
+                                      "output_dir": str(plan.final)})
 
 
 def wait_for_everyone() -> None:
@@ -150,42 +225,113 @@ def read_recipe_hash(run_dir: Path) -> str | None:
 
 def read_status(run_dir: Path) -> dict:
     path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # written by an older version, torn: the run's state is unknown
+        return {}
 
 
 @contextmanager
 def running(run_dir: Path, started: float | None = None):
-    """Mark the run `done` when the body finishes, `failed` if it raises; the main process writes. The wall time
-    counts from `started` (the command's start) or the launch's start, whichever came first. The body may add
-    facts to the final status through the dict it is given (e.g. how the processes were set up)."""
+    """The body writes the run directory `run_dir` (from `prepare_run_dir`); when it ends, the main process
+    records how: `done`; `failed` with the error; `interrupted` with the signal, the step and the checkpoint to
+    resume from (SIGTERM / SIGINT are handled while the body runs, postrain.jobs.signals). A finished --overwrite
+    run then replaces the previous run; one that did not finish stays at `<name>.new`, and the previous run is
+    left as it was. The wall time counts from `started` (the command's start) or the launch's start, whichever
+    came first. The body may add facts to the final status through the dict it is given."""
     start = launch_started() or started or time.time()
     layout = current_layout()
+    run_dir = Path(run_dir)
+    final, lock = _ACTIVE.pop(run_dir.resolve(), (run_dir, None))
     status = read_status(run_dir)
     facts: dict[str, Any] = {}
     try:
-        yield facts
-    except BaseException as e:
+        try:
+            with signals.handled():
+                yield facts
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):  # Ctrl-C where Python's own handler was still in place
+                import signal
+
+                raise_as: BaseException = signals.Interrupted(signal.SIGINT)
+            else:
+                raise_as = e
+            if layout.is_main:
+                record_end(run_dir, final, raise_as, {**status, **facts})
+            if raise_as is e:
+                raise
+            raise raise_as from None
         if layout.is_main:
-            write_json(run_dir / "status.json", {**status, **facts, "status": "failed", "error": repr(e)[:500]})
-        raise
-    if layout.is_main:
-        write_json(run_dir / "status.json", {**status, **facts, "status": "done",
-                                             "wall_time_s": round(time.time() - start, 2),
-                                             "processes": layout.world_size})
+            write_json(run_dir / "status.json", {**status, **facts, "status": "done",
+                                                 "wall_time_s": round(time.time() - start, 2),
+                                                 "processes": layout.world_size})
+            if run_dir != final:
+                replace_with_attempt(run_dir, final)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def record_end(run_dir: Path, final: Path, error: BaseException, status: dict) -> None:
+    """status.json of a run that did not finish: `interrupted` (a signal) or `failed` (any other error)."""
+    if isinstance(error, signals.Interrupted):
+        error.detail = interrupted_status(run_dir, final, error, status)
+        return
+    step = {"step": error.step} if getattr(error, "step", None) is not None else {}
+    message = str(error) if isinstance(error, PostrainError) else repr(error)
+    write_json(run_dir / "status.json", {**status, "status": "failed", **step, "error": message[:2000]})
+    if run_dir != final:
+        note(f"{final} keeps the previous run as it was; this failed run is in {run_dir} (status.json and "
+             f"metrics.jsonl there say what happened): --overwrite replaces it, --resume continues it from its "
+             f"last checkpoint")
+
+
+def interrupted_status(run_dir: Path, final: Path, error: "signals.Interrupted", status: dict) -> str:
+    """Record a run stopped by a signal in status.json; what the user is told about resuming it."""
+    complete, _ = complete_checkpoints(run_dir)
+    checkpoint = Path(error.checkpoint) if error.checkpoint else (complete[-1] if complete else None)
+    step = error.step if error.step is not None else (int(checkpoint.name.split("-")[-1]) if checkpoint else None)
+    error.step, error.checkpoint = step, checkpoint.name if checkpoint else None
+    write_json(run_dir / "status.json", {**status, "status": "interrupted", "signal": error.signal_name,
+                                         "step": step, "checkpoint": checkpoint.name if checkpoint else None})
+    return resume_advice(run_dir, final, checkpoint.name if checkpoint else None)
+
+
+def resume_advice(run_dir: Path, final: Path, checkpoint: str | None) -> str:
+    where = f"{run_dir} (the --overwrite run; {final} keeps the previous run)" if run_dir != final else str(run_dir)
+    if checkpoint is not None:
+        return f"{where} is marked interrupted; continue it from {checkpoint} with --resume"
+    return f"{where} is marked interrupted, with no checkpoint to continue from: start over with --overwrite"
 
 
 def run_launched(recipe: Recipe, options: RunOptions, worker_args: list[str]) -> None:
     """Run the job on the processes its `launch:` section asks for: `worker_args` (a postrain command line) under
     `accelerate launch`. The machine and the run directory are checked first, so a mistake is reported once, before
-    any worker starts; a failing worker raises LaunchError with the first failing rank's message."""
+    any worker starts; this process holds the run directory's lock for the whole launch. A failing worker raises
+    LaunchError with the first failing rank's message; a launch stopped by a signal raises Interrupted."""
     from postrain.launch.launcher import check_runnable_here, launch_section, relaunch
 
     section = launch_section(recipe.cfg)
     check_runnable_here(section, recipe.origins)
-    check_run_dir(recipe, options)
-    code, message = relaunch(section, worker_args, recipe.origins, options.started)
+    lock = RunLock.acquire(Path(recipe.cfg["output_dir"]))
+    try:
+        plan = check_run_dir(recipe, options)
+        held = {LOCK_HELD_ENV: str(lock.path.resolve())} if lock is not None else {}
+        code, message = relaunch(section, worker_args, recipe.origins, options.started, env=held)
+    finally:
+        if lock is not None:
+            lock.release()
     if code:
-        mark_failed(recipe.cfg["output_dir"], message)
+        where = plan.work if plan.work.is_dir() else plan.final
+        status = read_status(where)
+        if status.get("status") == "interrupted":
+            import signal
+
+            signum = getattr(signal, status.get("signal") or "", signal.SIGTERM)
+            stopped = signals.Interrupted(int(signum), status.get("step"), status.get("checkpoint"))
+            stopped.detail = resume_advice(where, plan.final, status.get("checkpoint"))
+            raise stopped
+        mark_failed(where, message)
         raise LaunchError(message or "the launch failed", code)
 
 
@@ -194,12 +340,13 @@ def mark_failed(run_dir: str | Path, message: str | None) -> None:
     (the main process may have been stopped before it could write anything, or have written its own symptom:
     a peer that went away)."""
     status = read_status(Path(run_dir))
-    if status and status.get("status") != "done":
+    if status and status.get("status") not in ("done", "interrupted"):
         write_json(Path(run_dir) / "status.json", {**status, "status": "failed", "error": (message or "")[:500]})
 
 
 def write_json(path: Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write JSON atomically (postrain.jobs.rundir.write_atomic): a reader never sees half a status.json."""
+    write_atomic(Path(path), json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _git_commit() -> str | None:
@@ -305,19 +452,25 @@ def peft_config(recipe: Recipe):
 
 
 def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
-    """Save the trained model (LoRA adapters merged into the base) and tokenizer into `run_dir/model`.
+    """Save the trained model (LoRA adapters merged into the base) and tokenizer into `run_dir/model`, atomically:
+    written to `model.partial`, flushed and renamed, so `model/` is whole or absent. Weights holding NaN or inf
+    are not saved: the run fails (NonFiniteError) instead of shipping them.
 
     One process: the model as it is. Several: every process takes part in gathering the full weights (a
     collective under FSDP or ZeRO-3, a no-op copy under DDP) and the main process alone writes them."""
+    from postrain.jobs.guard import check_finite_weights
+
     out = Path(run_dir) / MODEL_SUBDIR
     accelerator = trainer.accelerator
     if accelerator.num_processes == 1 and not _sharded(accelerator):
         model = trainer.model
         if hasattr(model, "merge_and_unload"):  # a peft model: ship a plain model every tool can load
             model = model.merge_and_unload()
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        return out
+        check_finite_weights(model.state_dict())
+        staging = partial_dir(out)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        return publish(staging, out)
     state_dict = accelerator.get_state_dict(trainer.model_wrapped, unwrap=True)  # full tensors on the main process
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(trainer.model)
@@ -326,8 +479,11 @@ def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
             # merge the gathered adapters into a fresh copy of the base model instead.
             model = merged_from_state_dict(model, state_dict) if _sharded(accelerator) else model.merge_and_unload()
             state_dict = None
-        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        check_finite_weights(state_dict if state_dict is not None else model.state_dict())
+        staging = partial_dir(out)
+        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        publish(staging, out)
     accelerator.wait_for_everyone()
     return out
 
@@ -354,8 +510,9 @@ def merged_from_state_dict(peft_model, state_dict: dict):
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
+    """The run's last complete checkpoint (postrain.jobs.rundir.checkpoint_problem says what complete means)."""
+    complete, _ = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
 
 
 def checkpoint_is_final(checkpoint: Path) -> bool:
@@ -368,16 +525,30 @@ def checkpoint_is_final(checkpoint: Path) -> bool:
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> None:
-    """Keep the metrics logged up to the checkpoint a run resumes from: the steps after it are logged again."""
+    """Keep the metrics logged up to the checkpoint a run resumes from: the steps after it are logged again. A
+    last line cut short (the run was killed while writing it) is dropped with a note; any other line that does
+    not parse is an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def resume_checkpoint(run_dir: Path, options: RunOptions) -> str | None:
-    checkpoint = last_checkpoint(run_dir) if options.resume else None
-    return str(checkpoint) if checkpoint else None
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_step = row["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines):
+                note(f"{path}: its last line is cut short ({line[:60]!r}...), as a run stopped while writing it "
+                     f"leaves it: dropped")
+                continue
+            raise RunDirError(f"cannot resume {run_dir}: {path}, line {number}, is not a metrics line "
+                              f"({type(e).__name__}: {e}); remove or fix that line") from None
+        if row_step <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def quiet_libraries() -> None:
@@ -422,6 +593,7 @@ def train_with_trl(
     """
     from postrain.data.sources import load_source
     from postrain.jobs import hub, trackers
+    from postrain.jobs.guard import guard_callback, guarded, health_settings
     from postrain.jobs.live import make_view, view_callback
     from postrain.jobs.train_eval import TrainEval
     from postrain.models.loading import load_model
@@ -436,18 +608,25 @@ def train_with_trl(
             check_data(eval_ds, "data.eval")
     check_model_reference(recipe.cfg["model"], "model")
     check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
-    args = trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_cls, **(config_overrides or {}))
-    in_training_eval = TrainEval.from_recipe(recipe)  # eval_during_training: sets loaded, reward columns checked
+    plan = check_run_dir(recipe, options)  # where the run writes (its checkpoints, its in-training eval samples)
+    args = trainer_config(recipe, plan.work, config_cls, **(config_overrides or {}))
+    # eval_during_training: sets loaded, reward columns checked
+    in_training_eval = TrainEval.from_recipe(recipe, run_dir=plan.work)
     view = make_view(job, f"postrain {job} · {recipe.cfg['output_dir']}")  # live view or plain lines
     run_dir = prepare_run_dir(recipe, options)
+    if run_dir != plan.work:  # another run changed the directory in between (the lock is held from now on)
+        release_run_dir(run_dir)
+        raise RunDirError(f"{recipe.cfg['output_dir']} changed while this run started; start it again")
+    health = health_settings(recipe.cfg)
     with running(run_dir, options.started) as facts:
         model, tokenizer, _ = load_model(recipe.cfg["model"])
         metrics = metrics_callback(run_dir, view)
         trainer_ref: dict = {}  # the view reads GRPO's latest completions from the trainer
-        callbacks = [metrics, view_callback(view, trainer_ref)]
+        guard = guard_callback(job, health, trainer_ref)  # stalled-learning warnings, the stop on a signal
+        callbacks = [metrics, view_callback(view, trainer_ref), guard]
         if in_training_eval is not None:
             callbacks.append(in_training_eval.callback(tokenizer, metrics.record, view))
-        trainer = trainer_cls(
+        trainer = guarded(trainer_cls)(
             model=model,
             args=args,
             train_dataset=train,
@@ -457,6 +636,7 @@ def train_with_trl(
             callbacks=callbacks,
             **(trainer_kwargs() if trainer_kwargs else {}),
         )
+        trainer.guard_setup(health, run_dir)  # NaN / inf checks, atomic checkpoints
         trainer_ref["trainer"] = trainer
         facts["distributed_type"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
         trackers.attach(trainer, recipe, run_dir)  # the recipe and lineage as each tracker's run config
@@ -465,10 +645,18 @@ def train_with_trl(
         trainer.remove_callback(ProgressCallback)  # the view shows progress and metrics instead
         trainer.remove_callback(PrinterCallback)
         try:
-            trainer.train(resume_from_checkpoint=resume_checkpoint(run_dir, options))
+            with signals.training():
+                trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
         finally:
             view.stop()  # give the terminal back, also when training raises
+            facts["warnings"] = list(guard.warnings)
+            if health["nonfinite"] == "skip":
+                facts["skipped_steps"] = trainer.guard_skipped
+        stopped_by = signals.stop_requested()
+        if stopped_by and trainer.state.global_step < trainer.state.max_steps:  # stopped at a step's end, saved
+            raise signals.Interrupted(stopped_by, trainer.state.global_step, last_checkpoint(run_dir))
         save_final_model(trainer, tokenizer, run_dir)
         model_card.finish_model(trainer, run_dir)  # model/README.md, main process only
-    hub.push_after_run(recipe, run_dir, trainer.args.should_save)  # after `done`: a failed push keeps the run done
-    return {"run_dir": str(run_dir)}
+    final = Path(recipe.cfg["output_dir"])  # a --overwrite run has replaced the previous one by now
+    hub.push_after_run(recipe, final, trainer.args.should_save)  # after `done`: a failed push keeps the run done
+    return {"run_dir": str(final)}

@@ -352,7 +352,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         results = {"models": per_model, **shared} if comparing else {**per_model[next(iter(per_model))], **shared}
         write_json(Path(run_dir) / "results.json", results)
     print_results_table(results)
-    return {"run_dir": str(run_dir), "results": results}
+    return {"run_dir": recipe.cfg["output_dir"], "results": results}  # where the run is now
 
 
 def results_table(results: dict) -> tuple[list[str], list[list[list[str]]]]:

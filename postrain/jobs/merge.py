@@ -8,7 +8,10 @@ accept; `hub.repo_id` uploads it once the merge finished (postrain.jobs.hub).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from postrain.jobs.common import MODEL_SUBDIR, RunOptions, prepare_run_dir, running
+from postrain.jobs.rundir import partial_dir, publish
 from postrain.recipes import Recipe
 
 
@@ -22,7 +25,10 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     validate_merge_config(merge_cfg, resolve_model=resolve_model_path)  # every input exists, before writing
     run_dir = prepare_run_dir(recipe, options)
     with running(run_dir, options.started):
-        run_mergekit(merge_cfg, run_dir / MODEL_SUBDIR, resolve_model=resolve_model_path)
+        staging = partial_dir(run_dir / MODEL_SUBDIR)  # model/ appears whole or not at all
+        run_mergekit(merge_cfg, staging, resolve_model=resolve_model_path)
+        publish(staging, run_dir / MODEL_SUBDIR)
         write_model_card(run_dir)  # model/README.md: lineage, merge method, recipe
-    push_after_run(recipe, run_dir)  # hub.repo_id: after the run is `done`, so a failed push keeps it done
-    return {"run_dir": str(run_dir)}
+    final = Path(recipe.cfg["output_dir"])  # a --overwrite run has replaced the previous one by now
+    push_after_run(recipe, final)  # hub.repo_id: after the run is `done`, so a failed push keeps it done
+    return {"run_dir": str(final)}

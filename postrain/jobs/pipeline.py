@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from postrain.errors import LaunchError, PostrainError
-from postrain.jobs.common import RunOptions, last_checkpoint, read_recipe_hash, read_status, write_json
+from postrain.jobs.signals import Interrupted
+from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
+                                  write_json)
 from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
 
 
@@ -107,24 +109,34 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
             lineage.append({**record, "status": "skipped (done)"})
             continue
         same_recipe_interrupted = saved_hash == stage.hash and status != "done"
+        # An --overwrite of this stage that stopped midway (its previous run is still in place): continued.
+        attempt = None if stale_inputs else resumable_attempt(run_dir, stage.hash)
         if status == "done" and stale_inputs:
             print(f"[pipeline] {name}: rerunning, its input stage(s) {', '.join(stale_inputs)} ran again", flush=True)
-        elif saved_hash is not None and not same_recipe_interrupted and not options.overwrite:
+        elif saved_hash is not None and not same_recipe_interrupted and attempt is None and not options.overwrite:
             raise PostrainError(
                 f"stage {name!r}: {run_dir} holds a run of another recipe (hash {saved_hash}, now {stage.hash}). "
                 f"Pass --overwrite to rerun it, or point the pipeline's output_dir elsewhere."
             )
         print(f"[pipeline] {name}: postrain {stage.command} {stage.path}", flush=True)
         start = time.time()
-        # An interrupted stage continues from its last checkpoint; without one it starts over.
-        resumable = same_recipe_interrupted and last_checkpoint(run_dir) is not None
+        # An interrupted stage continues from its last checkpoint; without one, or when a stage it reads ran
+        # again, it starts over.
+        resumable = attempt is not None or (same_recipe_interrupted and not stale_inputs
+                                            and last_checkpoint(run_dir) is not None)
         stage_options = RunOptions(
             overwrite=saved_hash is not None and not resumable,
             resume=resumable,
             command_line=f"{options.command_line} [stage {name}]",
             started=start,
         )
-        run_stage(recipe, name, stage, stage_options, options)
+        try:
+            run_stage(recipe, name, stage, stage_options, options)
+        except Interrupted as e:  # a pipeline continues an interrupted stage by itself when it is run again
+            again = f"run the pipeline again to continue it from {e.checkpoint}" if e.checkpoint else \
+                "run the pipeline again: the stage starts over"
+            e.detail = f"stage {name!r} ({run_dir}) is marked interrupted; {again}"
+            raise
         ran.add(name)
         lineage.append({**record, "status": "done", "wall_time_s": round(time.time() - start, 2)})
         write_json(pipe_dir / "lineage.json", lineage)

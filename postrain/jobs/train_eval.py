@@ -133,9 +133,10 @@ class TrainEval:
         self.samples_dir, self.save_samples = samples_dir, save_samples
 
     @classmethod
-    def from_recipe(cls, recipe) -> "TrainEval | None":
+    def from_recipe(cls, recipe, run_dir: str | Path | None = None) -> "TrainEval | None":
         """Build the rewards and load every set, checking the columns the rewards read, or raise naming the set:
-        the training job calls this before the run directory is made and the model loads."""
+        the training job calls this before the run directory is made and the model loads. Samples are kept under
+        `run_dir` (where the run writes: output_dir, or the --overwrite run's `<output_dir>.new`)."""
         section = section_with_defaults(recipe.cfg)
         if section is None:
             return None
@@ -150,7 +151,7 @@ class TrainEval:
             generation = {**section["generation"], **(spec.get("generation") or {})}
             sets.append(EvalSet(name, dataset.to_list(), generation))
         return cls(sets, rewards, weights, section["every_steps"], section["at_start"], recipe.cfg["seed"],
-                   samples_dir=Path(recipe.cfg["output_dir"]) / SAMPLES_DIR, save_samples=section["save_samples"])
+                   samples_dir=Path(run_dir or recipe.cfg["output_dir"]) / SAMPLES_DIR, save_samples=section["save_samples"])
 
     def evaluate(self, model, tokenizer, max_completion_length: int | None = None) -> dict[str, float]:
         """Score every set with the model as it is now; the model's mode and the RNG state are left as found."""

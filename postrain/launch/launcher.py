@@ -215,10 +215,10 @@ def first_rank_error(folder: Path) -> dict | None:
 
 
 def relaunch(section: dict[str, Any], cli_args: list[str], origins: dict[str, str] | None = None,
-             started: float | None = None) -> tuple[int, str | None]:
+             started: float | None = None, env: dict[str, str] | None = None) -> tuple[int, str | None]:
     """Run `cli_args` under `accelerate launch` with the recipe's layout; returns the exit code and, on failure,
     the first failing rank's message ("rank R of N: ..."). Blocks until every worker has ended. `started`: when
-    the command started (the run's wall time counts from there)."""
+    the command started (the run's wall time counts from there); `env`: further variables for the workers."""
     import logging
 
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -230,7 +230,7 @@ def relaunch(section: dict[str, Any], cli_args: list[str], origins: dict[str, st
         args = launch_command_parser().parse_args(accelerate_arguments(section, origins)
                                                   + worker_command(cli_args))
         args.module = True  # `-m postrain.cli`: the script is a module
-        env = {LAUNCHED_ENV: "1", START_ENV: str(started or time.time()), ERRORS_ENV: errors}
+        env = {**(env or {}), LAUNCHED_ENV: "1", START_ENV: str(started or time.time()), ERRORS_ENV: errors}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

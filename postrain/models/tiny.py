@@ -116,6 +116,13 @@ def ensure_tiny_model(spec: dict) -> Path:
     )
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
+    if not (tmp / "model.safetensors").exists():
+        # transformers writes weights on rank 0 only once torch.distributed is up (a launched worker): rank 0
+        # builds the same model, so wait for it rather than put a folder without weights in the cache
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _wait_for_tiny_model(out)
     tokenizer.save_pretrained(tmp)
     (tmp / "postrain_tiny.json").write_text(json.dumps(spec, indent=2))
     try:
@@ -124,4 +131,15 @@ def ensure_tiny_model(spec: dict) -> Path:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _wait_for_tiny_model(out: Path, timeout_s: float = 600) -> Path:
+    import time
+
+    deadline = time.time() + timeout_s
+    while not ((out / "config.json").exists() and (out / "model.safetensors").exists()):
+        if time.time() > deadline:
+            raise RuntimeError(f"the tiny model {out} was not built by rank 0 within {timeout_s:.0f} s")
+        time.sleep(0.2)
     return out

@@ -236,3 +236,13 @@ def check_shared_prefix(command: str, cfg: dict, origins: dict[str, str]) -> Non
 
 
 COMMAND_CHECKS.append(check_shared_prefix)
+
+
+def check_health(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`health:` counts in range (postrain.jobs.guard)."""
+    from postrain.jobs.guard import check_health_section
+
+    check_health_section(command, cfg, origins)
+
+
+COMMAND_CHECKS.append(check_health)

@@ -104,11 +104,12 @@ def load_smoke_recipe(
     return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
 
 
-# Top-level keys left out of the hash: they say where a finished model is published, not what is trained, so a
-# changed push target neither makes a pipeline rerun a finished stage nor refuses --resume (schema.HubSpec);
-# `liveness:` says whether an inert method step warns or refuses, which changes nothing a run computes.
-# Leaving them out also keeps the hashes of recipes resolved before the key existed.
-NOT_HASHED = ("hub", "liveness")
+# Top-level keys left out of the hash. `hub:` says where a finished model is published, not what is trained, so a
+# changed push target neither makes a pipeline rerun a finished stage nor refuses --resume (schema.HubSpec).
+# `health:` changes no step that trains normally, and a run a NaN stopped is resumed with another `nonfinite`
+# (schema.HealthSpec); `liveness:` says whether an inert method step warns or refuses, which changes nothing a run
+# computes. Leaving them out also keeps the hashes of recipes resolved before the keys existed.
+NOT_HASHED = ("hub", "health", "liveness")
 # `launch:` keys that say where a run's processes meet, not what they compute: every machine of a multi-node run
 # has its own machine_rank, and all of them must agree on the run directory's recipe hash.
 LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", "extra_args")

@@ -365,6 +365,21 @@ class LaunchSpec:
 
 
 @dataclass
+class HealthSpec:
+    """`health:` of a training recipe (postrain.jobs.guard): what a NaN or inf loss or gradient norm does to the
+    run, and when a run that stopped learning is warned about. Not part of the recipe hash: it changes no step
+    that trains normally, and a run stopped by a NaN can then be resumed with `health.nonfinite=skip`."""
+
+    # stop: end the run at that step, before its update (status failed, the step's batch written out);
+    # skip: drop that step's update and count it (health/skipped_steps), stopping after max_skipped_steps
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
+    # warn when, for this many steps in a row, the loss is exactly constant (sft, dpo), the gradient norm exactly
+    # 0, or every GRPO group has zero reward variance; 0: no warnings
+    stall_steps: int = 20
+
+
+@dataclass
 class CommonSpec:
     """Keys every recipe has."""
 
@@ -385,6 +400,7 @@ class SFTRecipe(CommonSpec):
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
     # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
     hub: HubSpec = field(default_factory=HubSpec)
 
@@ -400,6 +416,7 @@ class DPORecipe(CommonSpec):
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
     # Preference losses from postrain's registry, combined as Σ weight·mean(loss): [{name: simpo, weight: 1.0,
     # beta: 2.0, gamma: 1.0}] (keys besides name/weight are the loss' hyperparameters; checked at load time by
     # postrain.trainers.dpo.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
@@ -426,6 +443,7 @@ class GRPORecipe(CommonSpec):
     peft: dict[str, Any] | None = field(default=None, metadata={"peft": "LoraConfig"})
     eval_during_training: TrainEvalSpec | None = None
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
     # A named method (`dapo`, or `{name: dapo, epsilon_high: 0.3}`): expands to its `rl:` parts at load time.
     method: str | dict[str, Any] | None = None
     # Registered RL parts replacing TRL's advantage and loss path (postrain.rl.section); None: TRL's, untouched.

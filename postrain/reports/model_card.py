@@ -53,10 +53,11 @@ def finish_model(trainer, run_dir: Path) -> Path | None:
 
 
 def write_model_card(run_dir: Path) -> Path:
+    from postrain.jobs.rundir import write_atomic
     from postrain.models.loading import MODEL_SUBDIR
 
     out = Path(run_dir) / MODEL_SUBDIR / CARD_FILE
-    out.write_text(model_card(run_dir))
+    write_atomic(out, model_card(run_dir))
     return out
 
 

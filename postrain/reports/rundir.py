@@ -161,10 +161,19 @@ def run_lineage(run_dir: Path, recipe: dict | None = None) -> dict:
     except (KeyError, TypeError, AttributeError, PostrainError):  # a recipe shape it does not know: none
         inputs = []
     out: dict[str, Any] = {"inputs": inputs}
-    stage = pipeline_stage_of(run_dir, recipe)
+    stage = pipeline_stage_of(final_place(run_dir, recipe), recipe)
     if stage is not None:
         out["pipeline"] = stage
     return out
+
+
+def final_place(run_dir: Path, recipe: dict) -> Path:
+    """Where a run directory is meant to be: an --overwrite run being written to `<output_dir>.new` is the run
+    `output_dir` (postrain.jobs.rundir), whose lineage and pipeline stage it has."""
+    from postrain.jobs.rundir import is_attempt_of
+
+    out = recipe.get("output_dir") if isinstance(recipe, dict) else None
+    return Path(out) if isinstance(out, str) and is_attempt_of(run_dir, Path(out)) else Path(run_dir)
 
 
 def pipeline_stage_of(run_dir: Path, recipe: dict) -> dict | None:
