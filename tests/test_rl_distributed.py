@@ -60,7 +60,7 @@ ALIGNED_BINARY = [1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0]  # group 1 all
 TOKEN_KEYS = ("mask", "logps", "old_logps", "ref_logps", "entropies")
 
 # Losses that read whole groups; they get the group-aligned split. The guard test below keeps this list honest.
-WHOLE_GROUP_LOSSES = {"gvpo", "disco"}
+WHOLE_GROUP_LOSSES = {"gvpo", "disco", "trpa"}
 # Losses that take one advantage per sequence only (they raise on (N, T) advantages).
 SEQUENCE_ADVANTAGE_LOSSES = {"gmpo", "a_star_po", "nft"}
 
@@ -374,7 +374,14 @@ def test_edge_grpo_local_rows_with_global_mean_entropy(split_results):
         torch.testing.assert_close(got, reference[rows_of(r, reference.shape[0])])
 
 
-@pytest.mark.parametrize("case", LOSS_CASES, ids=[case_id(c) for c in LOSS_CASES])
+def one_process_only(case):
+    """Losses whose entry says they run on one process only (the GRPO trainer refuses them on several): their split
+    is expected to differ."""
+    reason = POLICY_LOSSES.get(case[1]).extra.get("one_process")
+    return pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=reason)) if reason else case
+
+
+@pytest.mark.parametrize("case", [one_process_only(c) for c in LOSS_CASES], ids=[case_id(c) for c in LOSS_CASES])
 def test_policy_loss_split(split_results, case):
     ref_loss, ref_grad = one_process_loss(case)
     assert torch.isfinite(ref_loss) and torch.isfinite(ref_grad).all()
@@ -404,3 +411,16 @@ def test_disco_kl_constraint_off_policy(split_results):
     loss, grad = got
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loss_that_runs_on_one_process_only_is_refused_on_several(tmp_path):
+    from postrain.errors import RecipeError
+    from postrain.recipes.loader import load_recipe
+    from tests.conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "trpa.yaml", "defaults: [base/grpo]\nrl: {policy_loss: trpa}\n"
+                                                  "trainer: {per_device_train_batch_size: 8, num_generations: 8}\n")
+    load_recipe(recipe)  # one process: fine
+    with pytest.raises(RecipeError, match=r"policy loss 'trpa' .* runs on one process only: its loss is a mean over "
+                                          r"the micro-batch's own pairs .* 2 processes"):
+        load_recipe(recipe, ["launch.num_processes=2"])

@@ -27,7 +27,10 @@ from postrain.tensors import grouped, masked, masked_row_mean, token_counts
           "tr_kl_loss_coef 0.001, use_sqrt_trkl False). Preference levels are the reward's distinct values, higher "
           "better; the authors' levels come from their rule-based reward (kk.py: level 1 = right format and answer, "
           "score 3), so `top_reward` names the reward of level 1. The authors pair within each micro-batch of whole "
-          "groups; here within each group of the micro-batch, which is the same pairing")
+          "groups; here within each group of the micro-batch, which is the same pairing",
+    # A fact for the GRPO trainer's checks (postrain.rl.section): the mean over the micro-batch's pairs and the trust
+    # region's token mean are this process' own, so a batch split over processes does not train as on one.
+    one_process="its loss is a mean over the micro-batch's own pairs and tokens, not the gathered batch's")
 def trpa(logps, old_logps, ref_logps, rewards, mask, group_size: int, *, beta: float = 0.1, anisotropy: float = 2.5,
          top_reward: float = 1.0, tr_kl_coef: float = 1e-3):
     """TRPA: mean over pairs (w better than l in a group) of −log σ(h), h = c·β·(ρ_w − ρ_l), plus a trust region

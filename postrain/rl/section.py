@@ -291,14 +291,21 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) reads "
                                   f"`{data_name}`: {why}")
 
+    # the launch's processes (postrain.launch.launcher.world_size; read here, as the registries do not import
+    # the launcher): generation_batch_size counts completions over all of them
+    launch = cfg.get("launch") or {}
+    processes = int(launch.get("num_processes") or 1) * int(launch.get("num_machines") or 1)
+    for family, part in parts.all():
+        reason = part.variant.extra.get("one_process")  # the entry's own word: it does not split over processes
+        if reason and processes > 1:
+            raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) runs on one process only: {reason}, so "
+                              f"on launch.num_processes x num_machines = {processes} processes it would not train "
+                              f"as on one. Run it on one process, or choose another {_what(part)}")
+
     # Losses over whole groups (gvpo, disco) need every micro-batch to hold whole groups: TRL shuffles the
     # generation batch and splits it into steps_per_generation micro-batches, so only one split keeps groups whole.
     _check_conventions(parts)
     if parts.policy_loss.variant.needs("group_size"):
-        # the launch's processes (postrain.launch.launcher.world_size; read here, as the registries do not import
-        # the launcher): generation_batch_size counts completions over all of them
-        launch = cfg.get("launch") or {}
-        processes = int(launch.get("num_processes") or 1) * int(launch.get("num_machines") or 1)
         spg = steps_per_generation(trainer, processes)
         per_device = int(trainer.get("per_device_train_batch_size") or 8)
         group = int(trainer.get("num_generations") or 8)
