@@ -17,6 +17,8 @@ from postrain.errors import RecipeError
 from postrain.recipes.loader import load_recipe
 from tests.conftest import TINY, postrain, read_jsonl
 from tests.dpo_shapes import dpo_recipe
+from tests.test_real_model import NAME as SMOLLM2
+from tests.test_real_model import real_model
 
 # Two layers: a mask or position error in the first layer reaches the second layer's keys of every later token.
 TINY2 = {**TINY, "num_layers": 2}
@@ -261,9 +263,23 @@ def test_list_losses_on_ragged_lists_are_unchanged(losses):
     {"model": {"attn_implementation": "eager"}},
     {"max_length": None},  # nothing truncated
     {"pad_to_multiple_of": 8},
-], ids=["implicit-reference", "peft-reference", "precomputed-reference", "eager", "untruncated", "pad-multiple"])
+    {"activation_checkpointing": True},
+], ids=["implicit-reference", "peft-reference", "precomputed-reference", "eager", "untruncated", "pad-multiple",
+        "checkpointing"])
 def test_references_and_attention_implementations(setting):
     assert_same_loss_and_gradients([{"name": "dpo"}], **setting)
+
+
+def test_logits_for_compute_metrics_are_the_standard_rows_logits():
+    """return_outputs=True (TRL's deprecated logits for compute_metrics, from an unfused forward): the shared
+    forward's logits re-laid position by position equal the standard ones on every real token."""
+    off, on = make_trainer(False, [{"name": "dpo"}]), make_trainer(True, [{"name": "dpo"}])
+    batch = batch_in_order(off)
+    with torch.no_grad():
+        _, plain = off.compute_loss(off.model, batch, return_outputs=True)
+        _, shared = on.compute_loss(on.model, batch, return_outputs=True)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(shared.logits[real], plain.logits[real], rtol=1e-5, atol=1e-5)
 
 
 def test_a_truncated_answer_is_cut_as_in_the_standard_row():
@@ -282,39 +298,94 @@ def llama(implementation: str):
     return LlamaForCausalLM(config)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_llama_log_probs_and_gradients_are_unchanged(implementation):
-    """SmolLM2's architecture (Llama) in the installed transformers: the shared forward gives the standard
-    per-token log-probs, entropies and gradients on uneven prompts and answers."""
-    from trl.trainer.utils import add_fused_lm_head
+def assert_forward_unchanged(model, vocab_size: int) -> None:
+    """On a pair batch with uneven prompts and answers, `model`'s shared forward gives its standard per-token
+    log-probs, entropies and gradients, and the first-batch check passes."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
 
     from postrain.trainers import shared_prefix as sp
 
-    model = llama(implementation)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
-    sp.check_model(model)
-    sp.enable(model)
+    if not getattr(model, "_postrain_shared_prefix", False):
+        add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+        sp.check_model(model)
+        sp.enable(model)
     g = torch.Generator().manual_seed(0)
 
     def ids(n):
-        return torch.randint(1, 64, (n,), generator=g).tolist()
+        return torch.randint(1, vocab_size, (n,), generator=g).tolist()
 
     batch = DataCollatorForPreference(pad_token_id=0)(
         [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in ((9, 3, 5), (4, 6, 2))])
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     rows = sp.prefix_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], sp.pair_leaders(4))
+    assert sp.verify(model, {**batch, sp.ROWS_KEY: rows}) < 1e-4  # the first-batch check, on this batch
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                   fused_lm_head=True)
     standard = model(**kwargs)
     shared = model(**kwargs, shared_prefix_rows=rows)
     torch.testing.assert_close(shared.log_probs, standard.log_probs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.entropy, standard.entropy, rtol=1e-5, atol=1e-5)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(standard.log_probs.sum(), params),
                     torch.autograd.grad(shared.log_probs.sum(), params)):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    assert sp.verify(model, {**batch, sp.ROWS_KEY: rows}) < 1e-4
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item() + 1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_llama_log_probs_and_gradients_are_unchanged(implementation):
+    """SmolLM2's architecture (Llama) in the installed transformers, randomly initialised."""
+    assert_forward_unchanged(llama(implementation), 64)
+
+
+@real_model
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_smollm2_log_probs_and_gradients_are_unchanged(implementation):
+    """The pretrained SmolLM2-135M-Instruct: the shared forward is exact, and a forward that drops the position
+    ids moves its log-probs far past the first-batch check's tolerance."""
+    from postrain.models.loading import load_model
+    from postrain.trainers import shared_prefix as sp
+
+    model = load_model({"name_or_path": SMOLLM2, "dtype": "float32", "attn_implementation": implementation})[0]
+    assert model.config.model_type == "llama" and sp.attention_implementation(model) == implementation
+    assert_forward_unchanged(model, 1000)
+    forward = model.model.forward
+    model.model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)
+    with pytest.raises(sp.SharedPrefixError, match=r"differ from those of the standard rows by up to \d"):
+        assert_forward_unchanged(model, 1000)
+
+
+def test_rows_that_do_not_reach_the_shared_forward_fail_the_first_batch_check():
+    """A fused head added again after `enable` runs the body itself and would drop the rows silently (the two
+    forwards then agree): the check sees that no shared forward ran."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from postrain.trainers import shared_prefix as sp
+
+    model = llama("sdpa")
+    assert_forward_unchanged(model, 64)
+    add_fused_lm_head(model)
+    with pytest.raises(sp.SharedPrefixError, match="did not reach the shared-prefix forward"):
+        assert_forward_unchanged(model, 64)
+
+
+# sha256 of the library code the shared layout relies on; a change fails here: re-check
+# postrain/trainers/shared_prefix.py (TRL's _compute_loss, compute_ref_log_probs, the collator and
+# add_fused_lm_head, whose `shift_labels` the shared forward uses, are pinned in tests/test_dpo_trainer.py).
+LIBRARY_SOURCE = {
+    # a 4D mask is returned as it is, to sdpa and eager alike
+    "transformers.masking_utils:_preprocess_mask_arguments":
+        "606823244fa4870faa8b1d61b359d8ae930195da0240f5af3d83f49ae4591539",
+    # the fields of the fused head's output, re-laid one by one
+    "trl.trainer.utils:FusedCausalLMOutput": "5ccdd6e41dcb9f2c1037b461b852cd0c0bc275a0f78a87f350783787c1f2889a",
+}
+
+
+@pytest.mark.parametrize("reference", list(LIBRARY_SOURCE))
+def test_library_code_the_shared_layout_relies_on_is_unchanged(reference):
+    from tests.conftest import source_digest
+
+    assert source_digest(reference) == LIBRARY_SOURCE[reference], f"{reference} changed: re-check shared_prefix.py"
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------

@@ -305,6 +305,8 @@ def enable(model, pad_to_multiple_of: int | None = None) -> None:
 def _shared_forward(model, inner, implementation, pad_to_multiple_of, rows, *args, **kwargs):
     from trl.trainer.utils import FusedCausalLMOutput
 
+    model._postrain_shared_calls = getattr(model, "_postrain_shared_calls", 0) + 1  # what `verify` looks for
+
     if args or kwargs.get("input_ids") is None or kwargs.get("attention_mask") is None:
         raise TypeError("shared_prefix_rows needs input_ids and attention_mask as keyword arguments")
     for key in ("position_ids", "inputs_embeds", "shift_labels"):
@@ -342,6 +344,8 @@ def verify(model, inputs: dict, what: str = "policy") -> float:
     common = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
                   use_cache=False, fused_lm_head=True)
     training = model.training
+    base = _base_model(model)
+    calls = getattr(base, "_postrain_shared_calls", 0)
     model.eval()  # dropout would make the two forwards differ by chance
     try:
         with torch.no_grad():
@@ -349,6 +353,12 @@ def verify(model, inputs: dict, what: str = "policy") -> float:
             shared = model(**common, **{ROWS_KEY: inputs[ROWS_KEY]}).log_probs
     finally:
         model.train(training)
+    if getattr(base, "_postrain_shared_calls", 0) == calls:
+        # a forward patched again over ours (another fused head) runs the body itself and passes the rows on as
+        # an unknown keyword the model ignores: the two forwards agree and nothing would be shared
+        raise SharedPrefixError(f"speed.shared_prefix: the {what}'s rows did not reach the shared-prefix forward "
+                                f"(its forward was replaced after postrain patched it). Set speed.shared_prefix: "
+                                f"false")
     difference = (standard.float() - shared.float()).abs().max().item()
     tolerance = VERIFY_TOLERANCE.get(standard.dtype, 0.1)
     if not difference <= tolerance:
