@@ -76,6 +76,48 @@ def test_layout_is_prompt_then_each_answer_with_a_copied_last_prompt_token():
     assert shifted[1].tolist() == [-100, 9, -100, 10, 11, -100, -100]
 
 
+@pytest.mark.parametrize("sizes", [
+    [(3, [2, 1]), (2, [1, 2])],  # pairs, uneven prompts and answers
+    [(4, [3, 1, 2]), (1, [2, 2, 1]), (6, [1, 1])],  # lists of 3 and 2
+    [(0, [2, 3])],  # an empty prompt: no copy, the answers restart at position 0
+], ids=["pairs", "lists", "empty-prompt"])
+def test_split_attention_equals_sdpa_under_the_full_mask(sizes):
+    """The split attention (causal head, then each further answer against its prompt) gives the values and
+    gradients of transformers' sdpa under the layout's full mask (written out by hand in the test above)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from postrain.trainers.shared_prefix import SharedLayout, prefix_rows, split_sdpa_attention
+
+    ids, completion, leaders = [], [], []
+    for prompt, answers in sizes:
+        first = len(ids)
+        for answer in answers:
+            ids.append([1] * prompt + [2] * answer)
+            completion.append([0] * prompt + [1] * answer)
+            leaders.append(first)
+    width = max(map(len, ids))
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    completion_mask = torch.tensor([row + [0] * (width - len(row)) for row in completion])
+    rows = prefix_rows(input_ids, attention_mask, completion_mask, torch.tensor(leaders))
+    layout = SharedLayout.build(input_ids, attention_mask, rows)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    g = torch.Generator().manual_seed(0)
+    shape = (layout.input_ids.size(0), 4, layout.input_ids.size(1), 8)
+    query = torch.randn(shape, generator=g, requires_grad=True)
+    key, value = (torch.randn((shape[0], 2, *shape[2:]), generator=g, requires_grad=True) for _ in range(2))
+    plan = layout.split_plan(layout.leader_lengths, layout.tails)
+    full, _ = sdpa_attention_forward(module, query, key, value, layout.visible()[:, None], scaling=0.3)
+    split, _ = split_sdpa_attention(module, query, key, value, None, scaling=0.3, shared_prefix_plan=plan)
+    real = layout.segment >= 0
+    torch.testing.assert_close(split[real], full[real], rtol=1e-5, atol=1e-6)
+    weights = torch.randn(full[real].shape, generator=g)
+    for a, b in zip(torch.autograd.grad((full[real] * weights).sum(), (query, key, value)),
+                    torch.autograd.grad((split[real] * weights).sum(), (query, key, value))):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_rows_whose_prompts_differ_are_refused():
     from postrain.trainers.shared_prefix import SharedPrefixError, pair_leaders, prefix_rows
 

@@ -149,6 +149,7 @@ class SharedLayout:
         if pad_to_multiple_of:
             size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
         src, dst, seg, copy = [], [], [], []
+        leader_lengths, tails = [], []  # for the split attention: (group, start, end) of each further answer
         index = torch.zeros(num_rows, width, dtype=torch.long)
         for g, members in enumerate(group_rows):
             base, p = g * size, prompts[members[0]]
@@ -163,6 +164,7 @@ class SharedLayout:
                     copy.append(torch.zeros(length, dtype=torch.bool))
                     index[n, :length] = base + span
                     cursor = length
+                    leader_lengths.append(length)
                     continue
                 shared_prompt = p - 1 if p > 0 else 0  # the prompt tokens this row reads from the leader's
                 index[n, :shared_prompt] = base + torch.arange(shared_prompt)
@@ -172,6 +174,7 @@ class SharedLayout:
                 seg.append(torch.full((len(own),), m + 1))
                 copy.append(own < p)
                 index[n, shared_prompt:length] = base + cursor + torch.arange(len(own))
+                tails.append((g, cursor, cursor + len(own)))
                 cursor += len(own)
         src, dst = torch.cat(src).to(device), torch.cat(dst).to(device)
         shape = (len(group_rows), size)
@@ -183,9 +186,11 @@ class SharedLayout:
         segment[dst.cpu()] = torch.cat(seg)
         is_copy = torch.zeros(shape, dtype=torch.bool).flatten()
         is_copy[dst.cpu()] = torch.cat(copy)
-        return cls(shared_ids.view(shape), positions.view(shape), segment.view(shape).to(device),
-                   is_copy.view(shape).to(device), torch.tensor([prompts[g[0]] for g in group_rows], device=device),
-                   index.to(device), attention_mask.bool())
+        layout = cls(shared_ids.view(shape), positions.view(shape), segment.view(shape).to(device),
+                     is_copy.view(shape).to(device), torch.tensor([prompts[g[0]] for g in group_rows], device=device),
+                     index.to(device), attention_mask.bool())
+        layout.leader_lengths, layout.tails = leader_lengths, tails
+        return layout
 
     def visible(self) -> torch.Tensor:
         """(G, L, L) boolean: may query q see key k. Causal; a prompt token sees the prompt before it; an answer
@@ -211,6 +216,38 @@ class SharedLayout:
         return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
             ~visible, torch.finfo(dtype).min)
 
+    def split_plan(self, leader_lengths: list[int], tails: list[tuple[int, int, int]]) -> "SplitPlan":
+        """How `split_sdpa_attention` computes this layout's attention: see SplitPlan."""
+        device = self.input_ids.device
+        size = self.input_ids.size(1)
+        head = max(leader_lengths)
+        if not tails:
+            return SplitPlan(head, None, None, None, None)
+        longest = max(end - start for _, start, end in tails)
+        prompt_width = max(int(self.prompt_length.max()), 1)
+        queries = torch.zeros(len(tails), longest, dtype=torch.long)
+        keys = torch.zeros(len(tails), prompt_width + longest, dtype=torch.long)
+        visible = torch.zeros(len(tails), longest, prompt_width + longest, dtype=torch.bool)
+        prompts = self.prompt_length.tolist()
+        for i, (g, start, end) in enumerate(tails):
+            p, own = prompts[g], end - start
+            has_copy = p > 0
+            queries[i, :own] = g * size + start + torch.arange(own)
+            keys[i, :p] = g * size + torch.arange(p)
+            keys[i, prompt_width:prompt_width + own] = g * size + start + torch.arange(own)
+            q = torch.arange(own)[:, None]
+            visible[i, :own, :p] = True  # answer tokens see the whole prompt ...
+            if has_copy:
+                visible[i, 0, p - 1] = False  # ... the copy sees it without the original last token
+            k = torch.arange(own)[None, :]
+            own_keys = k <= q
+            if has_copy:
+                own_keys &= (k >= 1) | (q == 0)  # answer tokens do not see the copy; the copy sees itself
+            visible[i, :own, prompt_width:prompt_width + own] = own_keys
+            visible[i, own:, 0] = True  # padding queries see one key (a row of no key gives NaN); discarded
+        real = torch.arange(longest)[None, :] < torch.tensor([end - start for _, start, end in tails])[:, None]
+        return SplitPlan(head, queries.to(device), keys.to(device), visible[:, None].to(device), real.to(device))
+
     def shift_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """(G, L) next-token labels: the shared position computing standard position t gets the label of t + 1.
         Each labelled standard position has its own shared position (the copies make the first answer tokens'
@@ -234,6 +271,68 @@ class SharedLayout:
         return torch.where(mask, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
 
 
+@dataclass
+class SplitPlan:
+    """The shared rows' attention in two dense parts, as Prefix Grouper splits it (arXiv 2506.05433), so that no
+    time goes to the blocks the mask hides (the rejected answer against the chosen one):
+
+    - head: each row's prompt and first answer, which start every row: causal attention over the first
+      `head` positions (`is_causal`, the kernels that skip the upper triangle);
+    - tails: each further answer (its copied prompt token and its tokens), M of them: its queries (M, Q) against
+      its prompt's keys and its own (M, K), with `visible` (M, 1, Q, K). Indices are flat (G·L) positions.
+
+    Outputs at the tails' positions replace the head's there (those queries' head outputs mean nothing)."""
+
+    head: int
+    tail_queries: torch.Tensor | None
+    tail_keys: torch.Tensor | None
+    tail_visible: torch.Tensor | None
+    tail_real: torch.Tensor | None  # (M, Q): the query slots that hold a token (the others are padding)
+
+
+# The attention implementation name under which `split_sdpa_attention` is registered with transformers; a model
+# whose attention is sdpa is switched to it by `enable`. Without a plan in the call it is transformers' sdpa.
+SPLIT_SDPA = "postrain_shared_prefix_sdpa"
+PLAN_KEY = "shared_prefix_plan"
+
+
+def _rows_first(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(G, H, L, D) states at flat positions `index` (M, S): (M, H, S, D)."""
+    flat = states.transpose(1, 2).flatten(0, 1)  # (G·L, H, D)
+    return flat[index].transpose(1, 2)
+
+
+def split_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention, computed by parts (SplitPlan) when the call carries a plan; the same values
+    as sdpa under the shared layout's full mask (tests hold them to it), without the hidden blocks' work."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = kwargs.pop(PLAN_KEY, None)
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    kwargs.pop("is_causal", None)
+    groups, _, size, _ = query.shape
+    head, _ = sdpa_attention_forward(module, query[:, :, :plan.head], key[:, :, :plan.head],
+                                     value[:, :, :plan.head], None, dropout=dropout, scaling=scaling, is_causal=True,
+                                     **kwargs)  # (G, head, H, D)
+    out = torch.cat([head, head.new_zeros(groups, size - plan.head, *head.shape[2:])], dim=1).flatten(0, 1)
+    if plan.tail_queries is not None:
+        tail, _ = sdpa_attention_forward(
+            module, _rows_first(query, plan.tail_queries), _rows_first(key, plan.tail_keys),
+            _rows_first(value, plan.tail_keys), plan.tail_visible, dropout=dropout, scaling=scaling, **kwargs)
+        out = out.index_put((plan.tail_queries[plan.tail_real],), tail[plan.tail_real])
+    return out.view(groups, size, *head.shape[2:]), None
+
+
+def _register_split_attention() -> None:
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(SPLIT_SDPA, split_sdpa_attention)
+    AttentionMaskInterface.register(SPLIT_SDPA, sdpa_mask)  # standard calls build sdpa's own masks
+
+
 # --- the model's side ----------------------------------------------------------------------------------------------
 
 
@@ -247,8 +346,10 @@ def _base_model(model):
 
 
 def attention_implementation(model) -> str | None:
+    """The model's attention implementation (sdpa for a model `enable` switched to the split sdpa)."""
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
+    implementation = getattr(config, "_attn_implementation", None) if config is not None else None
+    return "sdpa" if implementation == SPLIT_SDPA else implementation
 
 
 def check_model(model, what: str = "model") -> None:
@@ -291,6 +392,14 @@ def enable(model, pad_to_multiple_of: int | None = None) -> None:
         return
     inner = base.forward
     implementation = attention_implementation(base)
+    if implementation == "sdpa":
+        # sdpa under the shared rows' full mask would compute the hidden blocks too (the rejected answer against
+        # the chosen one: no kernel skips a masked block); the split attention leaves them out. For calls without
+        # a plan it is transformers' sdpa itself, masks included, so the model is otherwise unchanged (the
+        # setting is not saved with the config). Set for good rather than per call: activation checkpointing
+        # recomputes a layer in the backward, after the call, and must take the same path.
+        _register_split_attention()
+        base.config._attn_implementation = SPLIT_SDPA
 
     def forward(self, *args, **kwargs):
         rows = kwargs.pop(ROWS_KEY, None)
@@ -319,6 +428,8 @@ def _shared_forward(model, inner, implementation, pad_to_multiple_of, rows, *arg
     dtype = next(model.parameters()).dtype
     shared = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
                   attention_mask=layout.attention_mask(implementation, dtype))
+    if implementation == "sdpa" and model.config._attn_implementation == SPLIT_SDPA:
+        shared[PLAN_KEY] = layout.split_plan(layout.leader_lengths, layout.tails)
     if not fused:
         if labels is not None:
             raise TypeError("shared_prefix_rows with labels needs fused_lm_head=True")
