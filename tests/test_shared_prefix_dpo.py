@@ -306,8 +306,9 @@ def test_list_losses_on_ragged_lists_are_unchanged(losses):
     {"max_length": None},  # nothing truncated
     {"pad_to_multiple_of": 8},
     {"activation_checkpointing": True},
+    {"padding_free": True},  # TRL 1.16 turns it off and pads: the shared rows reproduce the padded batch
 ], ids=["implicit-reference", "peft-reference", "precomputed-reference", "eager", "untruncated", "pad-multiple",
-        "checkpointing"])
+        "checkpointing", "padding-free"])
 def test_references_and_attention_implementations(setting):
     assert_same_loss_and_gradients([{"name": "dpo"}], **setting)
 
