@@ -248,8 +248,9 @@ def main(argv=None) -> None:
             peaks = [step_peak_mib(trainers[side], batches[side]) for side in ("trl", "shared")]
         if args.fresh_memory or not args.no_memory:
             memory = " / ".join(f"{p:.0f}" for p in peaks)
+        speedup = statistics.median(times["trl"]) / statistics.median(times["shared"])
         print(f"{prompt_tokens:6d} | {int(lengths.sum()):6d} -> {shared_tokens:6d} | {summary(times['trl'])} | "
-              f"{summary(times['shared'])} | {statistics.median(times['trl']) / statistics.median(times['shared']):5.2f}x "
+              f"{summary(times['shared'])} | {speedup:5.2f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | {limit:5.2f}x | {memory} | {loss_difference:.2e} | "
               f"{grad_difference:.2e}", flush=True)
 

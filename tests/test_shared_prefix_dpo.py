@@ -107,7 +107,7 @@ def test_split_attention_equals_sdpa_under_the_full_mask(sizes):
     shape = (layout.input_ids.size(0), 4, layout.input_ids.size(1), 8)
     query = torch.randn(shape, generator=g, requires_grad=True)
     key, value = (torch.randn((shape[0], 2, *shape[2:]), generator=g, requires_grad=True) for _ in range(2))
-    plan = layout.split_plan(layout.leader_lengths, layout.tails)
+    plan = layout.split_plan()
     full, _ = sdpa_attention_forward(module, query, key, value, layout.visible()[:, None], scaling=0.3)
     split, _ = split_sdpa_attention(module, query, key, value, None, scaling=0.3, shared_prefix_plan=plan)
     real = layout.segment >= 0
@@ -162,8 +162,8 @@ def list_rows() -> list[dict]:
     return rows
 
 
-def make_trainer(shared: bool, losses=None, rows=None, trainer_cls=None, ref: str = "separate", model: dict | None = None,
-                 **config):
+def make_trainer(shared: bool, losses=None, rows=None, trainer_cls=None, ref: str = "separate",
+                 model: dict | None = None, **config):
     """A DPO trainer on the 2-layer tiny model. `ref`: "separate" (another tiny model), "implicit" (TRL's copy),
     "peft" (LoRA on the policy, the reference its adapter-free base)."""
     import datasets

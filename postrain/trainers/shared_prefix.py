@@ -50,7 +50,7 @@ model that ignores the mask or the position ids fails loudly instead of training
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -138,6 +138,8 @@ class SharedLayout:
     prompt_length: torch.Tensor
     index: torch.Tensor
     real: torch.Tensor
+    leader_lengths: list[int] = field(default_factory=list)  # each group's prompt + first answer
+    tails: list[tuple[int, int, int]] = field(default_factory=list)  # (group, start, end) of each further answer
 
     @classmethod
     def build(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
@@ -194,11 +196,9 @@ class SharedLayout:
         segment[dst.cpu()] = torch.cat(seg)
         is_copy = torch.zeros(shape, dtype=torch.bool).flatten()
         is_copy[dst.cpu()] = torch.cat(copy)
-        layout = cls(shared_ids.view(shape), positions.view(shape), segment.view(shape).to(device),
-                     is_copy.view(shape).to(device), torch.tensor([prompts[g[0]] for g in group_rows], device=device),
-                     index.to(device), attention_mask.bool())
-        layout.leader_lengths, layout.tails = leader_lengths, tails
-        return layout
+        return cls(shared_ids.view(shape), positions.view(shape), segment.view(shape).to(device),
+                   is_copy.view(shape).to(device), torch.tensor([prompts[g[0]] for g in group_rows], device=device),
+                   index.to(device), attention_mask.bool(), leader_lengths, tails)
 
     def visible(self) -> torch.Tensor:
         """(G, L, L) boolean: may query q see key k. Causal; a prompt token sees the prompt before it; an answer
@@ -224,11 +224,12 @@ class SharedLayout:
         return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
             ~visible, torch.finfo(dtype).min)
 
-    def split_plan(self, leader_lengths: list[int], tails: list[tuple[int, int, int]]) -> "SplitPlan":
+    def split_plan(self) -> "SplitPlan":
         """How `split_sdpa_attention` computes this layout's attention: see SplitPlan."""
         device = self.input_ids.device
         size = self.input_ids.size(1)
-        head = max(leader_lengths)
+        tails = self.tails
+        head = max(self.leader_lengths)
         if not tails:
             return SplitPlan(head, None, None, None, None)
         longest = max(end - start for _, start, end in tails)
@@ -437,7 +438,7 @@ def _shared_forward(model, inner, implementation, pad_to_multiple_of, rows, *arg
     shared = dict(input_ids=layout.input_ids, position_ids=layout.position_ids,
                   attention_mask=layout.attention_mask(implementation, dtype))
     if implementation == "sdpa" and model.config._attn_implementation == SPLIT_SDPA:
-        shared[PLAN_KEY] = layout.split_plan(layout.leader_lengths, layout.tails)
+        shared[PLAN_KEY] = layout.split_plan()
     if not fused:
         if labels is not None:
             raise TypeError("shared_prefix_rows with labels needs fused_lm_head=True")
