@@ -1,4 +1,4 @@
-"""The DPO step with `speed: {shared_prefix: true}` against plain TRL's DPOTrainer on the same work, side by side.
+"""The DPO step with `trainer.shared_prefix: true` against plain TRL's DPOTrainer on the same work, side by side.
 
     .venv/bin/python benchmarks/dpo_shared_prefix.py                      # quick: prompts 64 and 512, ~1 minute
     .venv/bin/python benchmarks/dpo_shared_prefix.py --prompts 64,512,2048 --pairs 4 --repeats 7   # full sizes

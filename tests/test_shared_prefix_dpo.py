@@ -1,4 +1,4 @@
-"""speed.shared_prefix for DPO (postrain.trainers.shared_prefix): a prompt and all its answers in one sequence.
+"""trainer.shared_prefix for DPO (postrain.trainers.shared_prefix_dpo): a prompt and all its answers in one sequence.
 
 The layout against one written out by hand; losses and gradients with the switch on equal those with it off (fp32,
 padded rows, uneven prompts and answers, truncation) for TRL's own loss path, registry pair losses (token-level,
@@ -43,7 +43,7 @@ def hand_batch():
 
 
 def test_layout_is_prompt_then_each_answer_with_a_copied_last_prompt_token():
-    from postrain.trainers.shared_prefix import SharedLayout, pair_leaders, prefix_rows
+    from postrain.trainers.shared_prefix_dpo import SharedLayout, pair_leaders, prefix_rows
 
     batch = hand_batch()
     rows = prefix_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], pair_leaders(4))
@@ -86,7 +86,7 @@ def test_split_attention_equals_sdpa_under_the_full_mask(sizes):
     gradients of transformers' sdpa under the layout's full mask (written out by hand in the test above)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from postrain.trainers.shared_prefix import SharedLayout, prefix_rows, split_sdpa_attention
+    from postrain.trainers.shared_prefix_dpo import SharedLayout, prefix_rows, split_sdpa_attention
 
     ids, completion, leaders = [], [], []
     for prompt, answers in sizes:
@@ -119,7 +119,7 @@ def test_split_attention_equals_sdpa_under_the_full_mask(sizes):
 
 
 def test_rows_whose_prompts_differ_are_refused():
-    from postrain.trainers.shared_prefix import SharedPrefixError, pair_leaders, prefix_rows
+    from postrain.trainers.shared_prefix_dpo import SharedPrefixError, pair_leaders, prefix_rows
 
     batch = hand_batch()
     batch["input_ids"][2, 0] = 99  # the rejected row of pair 0 no longer starts with its chosen row's prompt
@@ -128,7 +128,7 @@ def test_rows_whose_prompts_differ_are_refused():
 
 
 def test_list_leaders_follow_the_list_sizes():
-    from postrain.trainers.shared_prefix import list_leaders
+    from postrain.trainers.shared_prefix_dpo import list_leaders
 
     assert list_leaders(torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])).tolist() == \
         [0, 0, 0, 0, 4, 4, 6, 6, 6]
@@ -347,7 +347,7 @@ def assert_forward_unchanged(model, vocab_size: int) -> None:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
-    from postrain.trainers import shared_prefix as sp
+    from postrain.trainers import shared_prefix_dpo as sp
 
     if not getattr(model, "_postrain_shared_prefix", False):
         add_fused_lm_head(model, outputs=("log_probs", "entropy"))
@@ -387,7 +387,7 @@ def test_smollm2_log_probs_and_gradients_are_unchanged(implementation):
     """The pretrained SmolLM2-135M-Instruct: the shared forward is exact, and a forward that drops the position
     ids moves its log-probs far past the first-batch check's tolerance."""
     from postrain.models.loading import load_model
-    from postrain.trainers import shared_prefix as sp
+    from postrain.trainers import shared_prefix_dpo as sp
 
     model = load_model({"name_or_path": SMOLLM2, "dtype": "float32", "attn_implementation": implementation})[0]
     assert model.config.model_type == "llama" and sp.attention_implementation(model) == implementation
@@ -403,7 +403,7 @@ def test_rows_that_do_not_reach_the_shared_forward_fail_the_first_batch_check():
     forwards then agree): the check sees that no shared forward ran."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from postrain.trainers import shared_prefix as sp
+    from postrain.trainers import shared_prefix_dpo as sp
 
     model = llama("sdpa")
     assert_forward_unchanged(model, 64)
@@ -413,7 +413,7 @@ def test_rows_that_do_not_reach_the_shared_forward_fail_the_first_batch_check():
 
 
 # sha256 of the library code the shared layout relies on; a change fails here: re-check
-# postrain/trainers/shared_prefix.py (TRL's _compute_loss, compute_ref_log_probs, the collator and
+# postrain/trainers/shared_prefix_dpo.py (TRL's _compute_loss, compute_ref_log_probs, the collator and
 # add_fused_lm_head, whose `shift_labels` the shared forward uses, are pinned in tests/test_dpo_trainer.py).
 LIBRARY_SOURCE = {
     # a 4D mask is returned as it is, to sdpa and eager alike
@@ -445,12 +445,12 @@ def test_what_the_layout_cannot_reproduce_fails_when_the_recipe_loads(tmp_path, 
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(RecipeError, match=message):
-        load_recipe(dpo_recipe(tmp_path, f"speed: {{shared_prefix: true}}\n{extra}"))
-    load_recipe(dpo_recipe(tmp_path, f"speed: {{shared_prefix: false}}\n{extra}"))  # fine without the switch
+        load_recipe(dpo_recipe(tmp_path, extra), ["trainer.shared_prefix=true"])
+    load_recipe(dpo_recipe(tmp_path, extra), ["trainer.shared_prefix=false"])  # fine without the switch
 
 
 def test_models_that_cannot_take_the_layout_are_refused_when_the_trainer_is_built():
-    from postrain.trainers.shared_prefix import SharedPrefixError, check_model
+    from postrain.trainers.shared_prefix_dpo import SharedPrefixError, check_model
 
     sliding = llama("sdpa")
     sliding.config.layer_types = ["sliding_attention", "full_attention"]
@@ -467,7 +467,7 @@ def test_models_that_cannot_take_the_layout_are_refused_when_the_trainer_is_buil
 def test_a_model_that_ignores_the_position_ids_fails_on_the_first_batch(monkeypatch):
     """The first batch checks the shared log-probs against the standard ones: a forward that drops the position
     ids (as a model with positions of its own would) is caught before any step is taken."""
-    from postrain.trainers.shared_prefix import SharedPrefixError
+    from postrain.trainers.shared_prefix_dpo import SharedPrefixError
 
     trainer = make_trainer(True, [{"name": "dpo"}])
     body = trainer.model.model
@@ -481,7 +481,7 @@ def test_a_model_that_ignores_the_position_ids_fails_on_the_first_batch(monkeypa
 
 
 def test_postrain_dpo_with_shared_prefix_logs_the_losses_of_the_plain_run(tmp_path, monkeypatch):
-    from postrain.trainers.shared_prefix import SharedLayout
+    from postrain.trainers.shared_prefix_dpo import SharedLayout
 
     built = []
     build = SharedLayout.build.__func__
@@ -489,8 +489,8 @@ def test_postrain_dpo_with_shared_prefix_logs_the_losses_of_the_plain_run(tmp_pa
     logged, layouts = {}, {}
     for shared in ("false", "true"):
         recipe = dpo_recipe(tmp_path / shared, "data: {train: {source: 'builtin:arithmetic', task: {n: 16}}}\n"
-                                               f"speed: {{shared_prefix: {shared}}}\n"
-                                               "trainer: {max_steps: 3, per_device_train_batch_size: 4, "
+                                               f"trainer: {{shared_prefix: {shared}, max_steps: 3, "
+                                               "per_device_train_batch_size: 4, "
                                                "logging_steps: 1, learning_rate: 1.0e-3, save_strategy: 'no'}")
         postrain("dpo", str(recipe), f"output_dir={tmp_path / shared / 'run'}")
         logged[shared] = [r for r in read_jsonl(tmp_path / shared / "run" / "metrics.jsonl") if "loss" in r]

@@ -20,7 +20,7 @@ Token-level inputs are set on their loss entry (postrain.trainers.token_level): 
 `{name: tgdpo, token_reward_model: {name_or_path: ...}}` (run with the reference on every batch), Ra-DPO's
 `{name: ra_dpo, confidence_level: 0.95}` (full-vocabulary forwards of policy and reference).
 
-`speed: {shared_prefix: true}` encodes each prompt once for all its answers (postrain.trainers.shared_prefix);
+`trainer.shared_prefix: true` encodes each prompt once for all its answers (postrain.trainers.shared_prefix_dpo);
 the losses and gradients stay those of the standard batch.
 """
 
@@ -49,8 +49,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         recipe, options, job="dpo", trainer_cls=trainer_class_for(terms), config_cls=config_class("dpo"),
         trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": losses,
                                 **({"logp_models": dict(logp_models)} if logp_models else {}),
-                                # one sequence per prompt with its answers (postrain.trainers.shared_prefix)
-                                "shared_prefix": bool((recipe.cfg.get("speed") or {}).get("shared_prefix"))},
+                                # one sequence per prompt with its answers (postrain.trainers.shared_prefix_dpo)
+                                "shared_prefix": bool((recipe.cfg.get("trainer") or {}).get("shared_prefix"))},
         # data of the wrong shape, or lacking a column a loss reads (score_chosen, ...), fails here, before the
         # model loads
         check_data=lambda dataset, where: check_loss_data(terms, dataset, where, provided),

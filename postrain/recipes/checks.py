@@ -103,12 +103,12 @@ COMMAND_CHECKS.append(check_dpo_losses)
 
 
 def check_dpo_shared_prefix(command: str, cfg: dict, origins: dict[str, str]) -> None:
-    """`speed.shared_prefix` in a DPO recipe: TRL options, data shapes and attention implementations the shared
-    layout cannot reproduce (postrain.trainers.shared_prefix). The model itself is checked once loaded."""
-    if command != "dpo" or not (cfg.get("speed") or {}).get("shared_prefix"):
+    """`trainer.shared_prefix` in a DPO recipe: TRL options, data shapes and attention implementations the shared
+    layout cannot reproduce (postrain.trainers.shared_prefix_dpo). The model itself is checked once loaded."""
+    if command != "dpo" or not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
     from postrain.trainers.dpo import section_shape
-    from postrain.trainers.shared_prefix import check_options
+    from postrain.trainers.shared_prefix_dpo import check_options
 
     models = {"model": cfg.get("model"), "ref_model": cfg.get("ref_model")}
     for i, entry in enumerate(cfg.get("loss") or []):

@@ -365,21 +365,6 @@ class LaunchSpec:
 
 
 @dataclass
-class SpeedSpec:
-    """`speed:` of a training recipe: ways to compute the same step faster. Each leaves every loss and gradient
-    as it is (tests hold them to the plain computation) and is refused at load time, with the reason, where it
-    could not.
-
-    A section of postrain's own rather than new fields on a TRL config subclass: `trainer:` is TRL's config,
-    field for field, and a key there reads as a TRL option; these switches change how postrain's trainers lay out
-    a batch, and the same switch means the same thing for `dpo` and `grpo`."""
-
-    # One sequence per prompt with all its answers (DPO pairs, K-response lists: postrain.trainers.shared_prefix;
-    # GRPO groups): the prompt is encoded once instead of once per answer.
-    shared_prefix: bool = False
-
-
-@dataclass
 class CommonSpec:
     """Keys every recipe has."""
 
@@ -425,8 +410,6 @@ class DPORecipe(CommonSpec):
     logp_models: dict[str, ModelSpec] = field(default_factory=dict)
     # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
     hub: HubSpec = field(default_factory=HubSpec)
-    # speed.shared_prefix: prompt, chosen and rejected (or a list's K answers) in one sequence, same losses
-    speed: SpeedSpec = field(default_factory=SpeedSpec)
 
 
 @dataclass

@@ -82,8 +82,8 @@ class CompletionsDPOTrainer(PostrainDPOTrainer):
     @staticmethod
     def _sequence_inputs(batch: dict, prefix: str) -> dict:
         """The model inputs of the batch's sequences `<prefix>input_ids`, with the shared-prefix rows where the
-        batch carries them (speed.shared_prefix: the main sequences only)."""
-        from postrain.trainers.shared_prefix import ROWS_KEY
+        batch carries them (trainer.shared_prefix: the main sequences only)."""
+        from postrain.trainers.shared_prefix_dpo import ROWS_KEY
 
         inputs = {key: batch[prefix + key] for key in SEQUENCE_KEYS}
         if not prefix and ROWS_KEY in batch:

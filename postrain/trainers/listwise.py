@@ -72,8 +72,8 @@ class ListwiseDPOTrainer(CompletionsDPOTrainer):
                                                   self.args.pad_to_multiple_of)
 
     def _prefix_leaders(self, inputs: dict) -> torch.Tensor:
-        """A list's completions are contiguous rows sharing its prompt (speed.shared_prefix)."""
-        from postrain.trainers.shared_prefix import list_leaders
+        """A list's completions are contiguous rows sharing its prompt (trainer.shared_prefix)."""
+        from postrain.trainers.shared_prefix_dpo import list_leaders
 
         return list_leaders(inputs["list_mask"])
 

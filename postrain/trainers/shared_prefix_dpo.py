@@ -1,4 +1,4 @@
-"""Prefix sharing for preference training (`speed: {shared_prefix: true}`): a prompt and all its answers in one
+"""Prefix sharing for preference training (`trainer.shared_prefix: true`): a prompt and all its answers in one
 sequence, so the prompt is encoded once per pair (or list) instead of once per answer.
 
 Wang et al., *Accelerating Direct Preference Optimization with Prefix Sharing* (arXiv 2410.20305; the authors'
@@ -100,9 +100,9 @@ def prefix_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, completio
     if not bool((same_length & same_tokens).all()):
         bad = int((~(same_length & same_tokens)).nonzero()[0, 0])
         raise SharedPrefixError(
-            f"speed.shared_prefix: row {bad} of the batch does not start with the prompt of row "
+            f"trainer.shared_prefix: row {bad} of the batch does not start with the prompt of row "
             f"{int(leaders[bad])}, its pair or list: the answers of a prompt must follow identical prompt tokens "
-            f"(TRL's tokenization gives them that with truncation_mode keep_start). Set speed.shared_prefix: false")
+            f"(TRL's tokenization gives them that with truncation_mode keep_start). Set trainer.shared_prefix: false")
     return torch.stack([leaders, prompt_lengths], dim=1)
 
 
@@ -367,29 +367,29 @@ def check_model(model, what: str = "model") -> None:
 
     model = extract_model_from_parallel(model)
     if is_peft_model(model) and getattr(model.active_peft_config, "is_prompt_learning", False):
-        raise SharedPrefixError(f"speed.shared_prefix: the {what} is a prompt-learning peft model, whose virtual "
-                                f"tokens are prepended to every row; set speed.shared_prefix: false")
+        raise SharedPrefixError(f"trainer.shared_prefix: the {what} is a prompt-learning peft model, whose virtual "
+                                f"tokens are prepended to every row; set trainer.shared_prefix: false")
     config = model.config
     implementation = attention_implementation(model)
     if implementation not in SUPPORTED_ATTENTION:
         raise SharedPrefixError(
-            f"speed.shared_prefix: the {what} uses attn_implementation {implementation!r}, which cannot take the "
+            f"trainer.shared_prefix: the {what} uses attn_implementation {implementation!r}, which cannot take the "
             f"4D attention mask that keeps a prompt's answers apart (flash-attention kernels take 2D padding masks "
             f"only; flex_attention needs a block mask). Use model.attn_implementation: sdpa or eager, or set "
-            f"speed.shared_prefix: false")
+            f"trainer.shared_prefix: false")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None) or []
     sliding = "sliding_attention" in layer_types or (
         getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
         and not layer_types)
     if sliding:
-        raise SharedPrefixError(f"speed.shared_prefix: the {what} ({text.model_type}) has sliding-window attention "
+        raise SharedPrefixError(f"trainer.shared_prefix: the {what} ({text.model_type}) has sliding-window attention "
                                 f"layers; a custom 4D mask replaces their window, so distant tokens would be seen. "
-                                f"Set speed.shared_prefix: false")
+                                f"Set trainer.shared_prefix: false")
     if getattr(text, "output_router_logits", False):
-        raise SharedPrefixError(f"speed.shared_prefix: the {what} ({text.model_type}) adds a MoE load-balancing loss, "
+        raise SharedPrefixError(f"trainer.shared_prefix: the {what} ({text.model_type}) adds a MoE load-balancing loss, "
                                 f"which reads the 2D padding mask the shared rows replace. Set "
-                                f"speed.shared_prefix: false")
+                                f"trainer.shared_prefix: false")
 
 
 def enable(model, pad_to_multiple_of: int | None = None) -> None:
@@ -476,16 +476,16 @@ def verify(model, inputs: dict, what: str = "policy") -> float:
     if getattr(base, "_postrain_shared_calls", 0) == calls:
         # a forward patched again over ours (another fused head) runs the body itself and passes the rows on as
         # an unknown keyword the model ignores: the two forwards agree and nothing would be shared
-        raise SharedPrefixError(f"speed.shared_prefix: the {what}'s rows did not reach the shared-prefix forward "
-                                f"(its forward was replaced after postrain patched it). Set speed.shared_prefix: "
+        raise SharedPrefixError(f"trainer.shared_prefix: the {what}'s rows did not reach the shared-prefix forward "
+                                f"(its forward was replaced after postrain patched it). Set trainer.shared_prefix: "
                                 f"false")
     difference = (standard.float() - shared.float()).abs().max().item()
     tolerance = VERIFY_TOLERANCE.get(standard.dtype, 0.1)
     if not difference <= tolerance:
         raise SharedPrefixError(
-            f"speed.shared_prefix: on the first batch the {what}'s log-probs from the shared-prefix rows differ from "
+            f"trainer.shared_prefix: on the first batch the {what}'s log-probs from the shared-prefix rows differ from "
             f"those of the standard rows by up to {difference:.3g} (tolerance {tolerance:g} in {standard.dtype}): this "
-            f"model does not take the 4D attention mask or the position ids as given. Set speed.shared_prefix: false")
+            f"model does not take the 4D attention mask or the position ids as given. Set trainer.shared_prefix: false")
     return difference
 
 
@@ -500,18 +500,18 @@ def check_options(trainer: dict, shape_name: str, origins: dict | None = None, m
 
     origins = origins or {}
     if shape_name == "unpaired":
-        raise SharedPrefixError("speed.shared_prefix: unpaired rows hold one completion per prompt (and KTO's "
+        raise SharedPrefixError("trainer.shared_prefix: unpaired rows hold one completion per prompt (and KTO's "
                                 "mismatched pairs run without gradient, apart from the policy's), so there is no "
-                                "prompt to share. Set speed.shared_prefix: false")
+                                "prompt to share. Set trainer.shared_prefix: false")
     for option, (default, why) in REFUSED_OPTIONS.items():
         value = trainer.get(option, default)
         if value is not None and value != default:
-            raise SharedPrefixError(f"speed.shared_prefix with trainer.{option}={value!r} (from "
+            raise SharedPrefixError(f"trainer.shared_prefix with trainer.{option}={value!r} (from "
                                     f"{origin_of(origins, f'trainer.{option}')}): {why}")
     for where, spec in (model_specs or {}).items():
         implementation = (spec or {}).get("attn_implementation")
         if implementation is not None and implementation not in SUPPORTED_ATTENTION:
             raise SharedPrefixError(
-                f"speed.shared_prefix with {where}.attn_implementation={implementation!r} (from "
+                f"trainer.shared_prefix with {where}.attn_implementation={implementation!r} (from "
                 f"{origin_of(origins, f'{where}.attn_implementation')}): it cannot take the 4D attention mask that "
-                f"keeps a prompt's answers apart; use sdpa or eager, or set speed.shared_prefix: false")
+                f"keeps a prompt's answers apart; use sdpa or eager, or set trainer.shared_prefix: false")
