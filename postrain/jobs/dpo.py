@@ -19,6 +19,9 @@ previous iterate (`prev`), MRPO's further references.
 Token-level inputs are set on their loss entry (postrain.trainers.token_level): TGDPO's
 `{name: tgdpo, token_reward_model: {name_or_path: ...}}` (run with the reference on every batch), Ra-DPO's
 `{name: ra_dpo, confidence_level: 0.95}` (full-vocabulary forwards of policy and reference).
+
+`trainer.shared_prefix: true` encodes each prompt once for all its answers (postrain.trainers.shared_prefix_dpo);
+the losses and gradients stay those of the standard batch.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         # TRAINERS["dpo"] (PostrainDPOTrainer) for pairs, its list-wise or unpaired subclass for those losses
         recipe, options, job="dpo", trainer_cls=trainer_class_for(terms), config_cls=config_class("dpo"),
         trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": losses,
-                                **({"logp_models": dict(logp_models)} if logp_models else {})},
+                                **({"logp_models": dict(logp_models)} if logp_models else {}),
+                                # one sequence per prompt with its answers (postrain.trainers.shared_prefix_dpo)
+                                "shared_prefix": bool((recipe.cfg.get("trainer") or {}).get("shared_prefix"))},
         # data of the wrong shape, or lacking a column a loss reads (score_chosen, ...), fails here, before the
         # model loads
         check_data=lambda dataset, where: check_loss_data(terms, dataset, where, provided),

@@ -102,6 +102,24 @@ def check_dpo_losses(command: str, cfg: dict, origins: dict[str, str]) -> None:
 COMMAND_CHECKS.append(check_dpo_losses)
 
 
+def check_dpo_shared_prefix(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer.shared_prefix` in a DPO recipe: TRL options, data shapes and attention implementations the shared
+    layout cannot reproduce (postrain.trainers.shared_prefix_dpo). The model itself is checked once loaded."""
+    if command != "dpo" or not (cfg.get("trainer") or {}).get("shared_prefix"):
+        return
+    from postrain.trainers.dpo import section_shape
+    from postrain.trainers.shared_prefix_dpo import check_options
+
+    models = {"model": cfg.get("model"), "ref_model": cfg.get("ref_model")}
+    for i, entry in enumerate(cfg.get("loss") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("token_reward_model"), dict):
+            models[f"loss[{i}].token_reward_model"] = entry["token_reward_model"]
+    check_options(cfg.get("trainer") or {}, section_shape(cfg.get("loss")).name, origins, models)
+
+
+COMMAND_CHECKS.append(check_dpo_shared_prefix)
+
+
 def check_eval_settings(command: str, cfg: dict, origins: dict[str, str]) -> None:
     """An eval recipe's per-set generation and metric settings (k <= num_samples, ...) and its `models:`."""
     if command != "eval":

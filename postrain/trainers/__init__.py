@@ -12,7 +12,7 @@ import importlib
 # command -> (config class, trainer class), as "module:attribute" (imported lazily: importing trl is slow)
 TRAINERS: dict[str, tuple[str, str]] = {
     "sft": ("trl:SFTConfig", "trl:SFTTrainer"),
-    "dpo": ("trl:DPOConfig", "postrain.trainers.dpo:PostrainDPOTrainer"),
+    "dpo": ("postrain.trainers.dpo:PostrainDPOConfig", "postrain.trainers.dpo:PostrainDPOTrainer"),
     "grpo": ("postrain.trainers.grpo:PostrainGRPOConfig", "postrain.trainers.grpo:PostrainGRPOTrainer"),
 }
 

@@ -79,16 +79,27 @@ class CompletionsDPOTrainer(PostrainDPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = list(self.signature_columns)
 
+    @staticmethod
+    def _sequence_inputs(batch: dict, prefix: str) -> dict:
+        """The model inputs of the batch's sequences `<prefix>input_ids`, with the shared-prefix rows where the
+        batch carries them (trainer.shared_prefix: the main sequences only)."""
+        from postrain.trainers.shared_prefix_dpo import ROWS_KEY
+
+        inputs = {key: batch[prefix + key] for key in SEQUENCE_KEYS}
+        if not prefix and ROWS_KEY in batch:
+            inputs[ROWS_KEY] = batch[ROWS_KEY]
+        return inputs
+
     def _sequence_logps(self, model, batch: dict, prefix: str = ""):
         """The policy forward on the batch's sequences `<prefix>input_ids` (one per completion): its outputs,
         summed completion log-probs (N,) and the model's keyword arguments."""
-        inputs = {key: batch[prefix + key] for key in SEQUENCE_KEYS}
+        inputs = self._sequence_inputs(batch, prefix)
         outputs, per_token_logps, _, model_kwargs = self._policy_forward(model, inputs)
         return outputs, per_token_logps.sum(dim=1), model_kwargs
 
     def _reference_logps(self, batch: dict, prefix: str = "") -> torch.Tensor:
         """Summed reference log-probs (N,) of the batch's sequences `<prefix>input_ids`."""
-        inputs = {key: batch[prefix + key] for key in SEQUENCE_KEYS}
+        inputs = self._sequence_inputs(batch, prefix)
         return self._reference_token_logps(inputs, inputs["completion_mask"].size(1) - 1).sum(dim=1)
 
     def _gathered_mean(self, total: torch.Tensor, count: torch.Tensor) -> float | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 
 from postrain.errors import DataError, RecipeError
 from postrain.recipes.validate import origin_of
@@ -398,6 +398,20 @@ class _WithPairColumns:
         return batch
 
 
+@dataclass
+class PostrainDPOConfig(DPOConfig):
+    """TRL's DPOConfig and postrain's switch for computing the same training faster: `shared_prefix` is a field of
+    the trainer config (a recipe's `trainer.shared_prefix`), as for GRPO (postrain.trainers.grpo.PostrainGRPOConfig):
+    a setting of how the trainer computes, beside TRL's `padding_free` or `use_liger_kernel`, validated, shown by
+    `postrain config`, checked by --dry-run and saved with checkpoints as TRL's fields are
+    (postrain.trainers.TRAINERS names this class for `dpo`)."""
+
+    shared_prefix: bool = field(default=False, metadata={"help": (
+        "Encode each prompt once for all its answers: prompt, chosen and rejected (or a list's K answers) in one "
+        "sequence whose answers see the prompt and themselves only (arXiv 2410.20305); losses and gradients are "
+        "unchanged. Qwen2 / Llama models with sdpa or eager attention (postrain.trainers.shared_prefix_dpo).")})
+
+
 class PostrainDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer; with `losses` (a `loss:` section), the loss is the weighted sum of registry losses.
 
@@ -410,7 +424,8 @@ class PostrainDPOTrainer(DPOTrainer):
     shape: DataShape = PAIRS
     token_inputs: TokenLevelInputs | None = None  # per-batch token-level inputs (postrain.trainers.token_level)
 
-    def __init__(self, *args, losses: list | None = None, logp_models: dict | None = None, **kwargs):
+    def __init__(self, *args, losses: list | None = None, logp_models: dict | None = None,
+                 shared_prefix: bool = False, **kwargs):
         config = kwargs.get("args")
         trainer_options = {k: getattr(config, k) for k in (*TRL_LOSS_OPTIONS, *SHAPE_OPTIONS)
                            if hasattr(config, k)} if config else {}
@@ -420,6 +435,13 @@ class PostrainDPOTrainer(DPOTrainer):
             what = f"these losses read {shape.rows}" if self.loss_terms else "it needs registry losses (`losses`)"
             raise RecipeError(f"{type(self).__name__} trains on {self.shape.rows}, but {what}: use "
                               f"{shape.trainer.replace(':', '.')} (postrain dpo picks it from the `loss:` section)")
+        self.shared_prefix = bool(shared_prefix)  # trainer.shared_prefix (postrain.trainers.shared_prefix_dpo)
+        self._shared_prefix_verified = False
+        if self.shared_prefix:
+            from postrain.trainers import shared_prefix_dpo as sp
+
+            options = {k: getattr(config, k) for k in sp.REFUSED_OPTIONS if hasattr(config, k)} if config else {}
+            sp.check_options(options, self.shape.name)
         self._check_raw_data(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         self.loss_state = DPOLossState(self.loss_terms, term_keys(self.loss_terms), kwargs.get("train_dataset"),
                                        kwargs.get("eval_dataset"), seed=config.seed if config else 0)
@@ -435,6 +457,53 @@ class PostrainDPOTrainer(DPOTrainer):
             self._setup_batches()
             # TGDPO's token reward model loaded, Ra-DPO's full-distribution forwards switched on (None: neither)
             self.token_inputs = TokenLevelInputs.for_trainer(self)
+        if self.shared_prefix:
+            self._enable_shared_prefix()
+
+    def _prefix_models(self) -> list[tuple[str, Any]]:
+        """The models a batch runs through: the policy, the reference (when separate), TGDPO's token reward model."""
+        models = [("policy", self.model)]
+        if self.ref_model is not None:
+            models.append(("reference model", self.ref_model))
+        if self.token_inputs is not None and self.token_inputs.reward_model is not None:
+            models.append(("token reward model", self.token_inputs.reward_model))
+        return models
+
+    def _enable_shared_prefix(self) -> None:
+        """Refuse models that cannot take the shared layout, then patch each model's forward to run it."""
+        from postrain.trainers import shared_prefix_dpo as sp
+
+        if self.aux_loss_enabled:
+            raise sp.SharedPrefixError("trainer.shared_prefix: the policy adds a MoE load-balancing loss, which reads "
+                                       "the 2D padding mask the shared rows replace. Set trainer.shared_prefix: false")
+        for what, model in self._prefix_models():
+            sp.check_model(model, what)
+        for _, model in self._prefix_models():
+            sp.enable(model, self.args.pad_to_multiple_of)
+
+    def _prefix_leaders(self, inputs: dict) -> torch.Tensor:
+        """For each row of the batch, the first row of the group sharing its prompt: TRL's pair batch is
+        [chosen..., rejected...], so row i and row B + i."""
+        from postrain.trainers.shared_prefix_dpo import pair_leaders
+
+        return pair_leaders(inputs["input_ids"].size(0))
+
+    def _with_shared_prefix(self, model, inputs: dict) -> dict:
+        """The batch with `shared_prefix_rows` added (trainer.shared_prefix), which every model call made from it
+        passes on to the patched forwards; on the first batch, each model's shared log-probs are checked against
+        the standard ones."""
+        if not self.shared_prefix:
+            return inputs
+        from postrain.trainers import shared_prefix_dpo as sp
+
+        rows = sp.prefix_rows(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
+                              self._prefix_leaders(inputs))
+        inputs = {**inputs, sp.ROWS_KEY: rows}
+        if not self._shared_prefix_verified:
+            for what, checked in self._prefix_models():
+                sp.verify(model if checked is self.model else checked, inputs, what)
+            self._shared_prefix_verified = True
+        return inputs
 
     def _check_raw_data(self, train_dataset, eval_dataset) -> None:
         """Before TRL tokenizes: for pairs, only per-turn losses' rows (conversations; the first row here, every row
@@ -533,6 +602,7 @@ class PostrainDPOTrainer(DPOTrainer):
         return kept["outputs"].log_probs[:, -seq_len:]
 
     def _compute_loss(self, model, inputs, return_outputs):
+        inputs = self._with_shared_prefix(model, inputs)
         if not self.loss_terms:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"

@@ -71,8 +71,15 @@ class ListwiseDPOTrainer(CompletionsDPOTrainer):
         self.data_collator = DataCollatorForLists(self._tokenizer.pad_token_id, self.args.max_length,
                                                   self.args.pad_to_multiple_of)
 
+    def _prefix_leaders(self, inputs: dict) -> torch.Tensor:
+        """A list's completions are contiguous rows sharing its prompt (trainer.shared_prefix)."""
+        from postrain.trainers.shared_prefix_dpo import list_leaders
+
+        return list_leaders(inputs["list_mask"])
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        inputs = self._with_shared_prefix(model, inputs)
         list_mask = inputs["list_mask"]
         outputs, logps, model_kwargs = self._sequence_logps(model, inputs)
         data = {"list_logps": as_lists(logps, list_mask), "list_scores": inputs["list_scores"], "list_mask": list_mask}
