@@ -83,6 +83,9 @@ def pair_batch() -> dict:
         "rejected_token_log_sum_sq_probs": _padded([0.0, -11.0, -2.0], token_mask_l, 0),
         "chosen_token_rewards": _padded([0.0, 40.0, -40.0, 1e-3], token_mask_w, 0),
         "rejected_token_rewards": _padded([-40.0, 0.0, 40.0], token_mask_l, 1),
+        # BMC: where the pair's tokens differ (1) or not (0), garbage in the padding
+        "chosen_diff_mask": _padded([1.0, 0.0, 1.0], token_mask_w, 0),
+        "rejected_diff_mask": _padded([0.0, 1.0], token_mask_l, 1),
         "chosen_token_risk_ratios": _padded([0.0, 1e-6, 5.0, 40.0], token_mask_w, 2),
         "rejected_token_risk_ratios": _padded([40.0, 0.0, 1e-6], token_mask_l, 0),
         "chosen_mask": token_mask_w, "rejected_mask": token_mask_l,
