@@ -164,3 +164,19 @@ def test_every_not_reproducible_row_shows_its_searches_in_the_document(built):
     assert by_row["rl", 31].entries == ["shaping:hapo_length"]
     assert by_row["rl", 87].entries == ["policy_loss:discovered_po"]
     assert by_row["rl", 15].entries == by_row["preference", 104].entries == ["policy_loss:trpa"]
+
+
+def test_an_efficiency_row_is_composed_by_a_recipe_that_turns_the_trainer_option_on(built):
+    # Prefix Grouper (rl 76) changes how the numbers are computed, never which: no registry entry computes it, so
+    # the row is `composed` by the recipe that switches the trainer's shared-prefix forward on; that recipe must
+    # really switch it on, and the module named in the row's note must exist.
+    from postrain.recipes.loader import load_recipe
+    from postrain.trainers import shared_prefix
+
+    by_row = {(c.row.catalog, c.row.number): c for c in built.rows}
+    row = by_row["rl", 76]
+    assert row.status == "composed" and row.recipes == ["recipes/papers/prefix_grouper.yaml"]
+    assert "trainer.shared_prefix" in row.reason and "postrain/trainers/shared_prefix.py" in row.reason
+    assert shared_prefix.__file__.endswith("postrain/trainers/shared_prefix.py")
+    recipe = load_recipe(coverage.REPO / row.recipes[0], command="grpo", liveness=False)
+    assert recipe.cfg["trainer"]["shared_prefix"] is True

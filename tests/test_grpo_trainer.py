@@ -143,6 +143,65 @@ def test_disco_in_the_trainer_equals_the_registry_entry_with_its_kl_constraint_a
     trainer.model.zero_grad()
 
 
+def test_the_vocabulary_forward_gives_trls_log_probs_and_entropies(tmp_path, tiny):
+    """TW-GRPO's input: the unfused forward that keeps the whole next-token distribution scores the completion
+    tokens exactly as TRL's fused head does (temperature included), and its distribution is the one they come
+    from."""
+    trainer = make_trainer(tmp_path, tiny, temperature=0.7)
+    inputs = fixed_batch(trainer)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        want, want_entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, 5,
+                                                                           compute_entropy=True)
+        logps, entropy, vocab, _ = trainer._vocab_logps_and_entropies(trainer.model, ids, attention, 5)
+    valid = inputs["completion_mask"].bool()
+    torch.testing.assert_close(logps[valid], want[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[valid], want_entropy[valid], rtol=1e-4, atol=1e-5)
+    assert vocab.shape == (*ids.shape[:1], 5, trainer.model.config.vocab_size)
+    torch.testing.assert_close(vocab.exp().sum(-1), torch.ones(vocab.shape[:2]))
+
+
+@pytest.mark.parametrize("name", ["tw_grpo", "gtpo"])
+def test_token_weighting_losses_in_the_trainer_equal_the_entry_fed_by_a_plain_forward(tmp_path, tiny, name):
+    """tw_grpo reads the vocabulary log-probs and gtpo the completion ids: the trainer hands them over, with the
+    rows put back in generation order (a shuffled micro-batch here), so its loss and gradients are the entry's on
+    a plain forward of the same batch, divided by the accumulation steps."""
+    from postrain.rl import policy_loss
+
+    # the random tiny model's token entropy (about log V) is above GTPO's 0.7, which would filter every completion
+    params = {"entropy_threshold": 100.0} if name == "gtpo" else {}
+    trainer = make_trainer(tmp_path, tiny, rl={"policy_loss": {"name": name, **params}, "aggregation": "token_mean"})
+    inputs = fixed_batch(trainer)
+    if name == "gtpo":  # shared opening tokens between completions of opposite sign, so the conflict mask acts
+        inputs["completion_ids"][:, :2] = 7
+    shuffle = torch.randperm(len(REWARDS), generator=torch.Generator().manual_seed(1))
+    shuffled = {k: (v[shuffle] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in inputs.items()}
+    shuffled["rl_row_index"] = shuffle
+    loss, grads = loss_and_grads(trainer, shuffled)
+
+    trainer.model.zero_grad()
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    outputs = trainer.model(input_ids=ids, attention_mask=attention)
+    vocab = outputs.logits[:, -6:-1].float().log_softmax(-1)  # temperature 1.0
+    logps = vocab.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    entropies = -(vocab.exp() * vocab).sum(-1)
+    want, metrics = policy_loss(name, logps=logps, old_logps=inputs["old_per_token_logps"],
+                                advantages=inputs["advantages"], mask=inputs["completion_mask"], group_size=GROUP,
+                                vocab_logps=vocab, entropies=entropies, completion_ids=inputs["completion_ids"],
+                                aggregation="token_mean", **params,
+                                aggregation_params={"global_tokens": inputs["num_items_in_batch"].float()})
+    (want / 2).backward()
+    if name == "gtpo":
+        assert 0 < metrics["gtpo/conflict_fraction"] < 1
+    assert abs(loss.item()) > 1e-4 and loss == pytest.approx(want.item() / 2, rel=1e-5)
+    for param_name, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[param_name], p.grad, rtol=1e-4, atol=1e-6, msg=param_name)
+    trainer.model.zero_grad()
+
+
 def test_a_different_part_changes_the_loss(tmp_path, tiny):
     """The equality above is not vacuous: another aggregation gives another loss on the same batch."""
     a = make_trainer(tmp_path / "a", tiny, rl={"aggregation": "seq_mean_token_mean"})

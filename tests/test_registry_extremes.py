@@ -34,7 +34,7 @@ GARBAGE = [float("nan"), float("inf"), -float("inf")]
 # ratios); rewards, scores, masks and the reference's log-probs are constants there.
 GRAD_INPUTS = {"chosen_logps", "rejected_logps", "chosen_token_logps", "rejected_token_logps", "chosen_turn_logps",
                "rejected_turn_logps", "list_logps", "logps", "per_token_loss", "entropies",
-               "chosen_token_risk_ratios", "rejected_token_risk_ratios"}
+               "chosen_token_risk_ratios", "rejected_token_risk_ratios", "vocab_logps"}
 # Hyperparameters without a paper default, by name (a value inside each entry's documented range).
 REQUIRED = {"alpha": 0.5, "references": ["extra"], "sigma": 0.1, "lam": 0.5, "length_weight": 0.5,
             "decay_interval": 10, "low": 0.2, "high": 0.8, "k": 2, "batch_groups": 4}
@@ -83,6 +83,9 @@ def pair_batch() -> dict:
         "rejected_token_log_sum_sq_probs": _padded([0.0, -11.0, -2.0], token_mask_l, 0),
         "chosen_token_rewards": _padded([0.0, 40.0, -40.0, 1e-3], token_mask_w, 0),
         "rejected_token_rewards": _padded([-40.0, 0.0, 40.0], token_mask_l, 1),
+        # BMC: where the pair's tokens differ (1) or not (0), garbage in the padding
+        "chosen_diff_mask": _padded([1.0, 0.0, 1.0], token_mask_w, 0),
+        "rejected_diff_mask": _padded([0.0, 1.0], token_mask_l, 1),
         "chosen_token_risk_ratios": _padded([0.0, 1e-6, 5.0, 40.0], token_mask_w, 2),
         "rejected_token_risk_ratios": _padded([40.0, 0.0, 1e-6], token_mask_l, 0),
         "chosen_mask": token_mask_w, "rejected_mask": token_mask_l,
@@ -144,6 +147,11 @@ def rl_batch(rewards: list[float], group: int = G) -> dict:
         "easy_streak": _cycle([0.0, 1.0, 50.0], n // group), "hard_streak": _cycle([3.0, 0.0, 0.0], n // group),
         "uniform": _cycle([0.0, 0.5, 0.999], n // group), "p_hat": _cycle([0.0, 1.0, 0.5, 1e-6], n // group),
         "draws": _cycle([0.1, 0.9, 0.5], (n // group) * 5).view(n // group, 5),
+        # TW-GRPO: distributions over 5 tokens from logits 1e4 apart (log-probs of 0 and -2e4), garbage in padding
+        "vocab_logps": torch.where(mask.bool().unsqueeze(-1), torch.log_softmax(
+            _cycle([0.0, 1e4, -1e4, 5.0, -30.0, 1e-6], n * T * 5).view(n, T, 5), -1), float("nan")),
+        # GTPO: few distinct ids, so completions of a group share tokens at the same positions
+        "completion_ids": _cycle([1, 2, 1, 3], n * T).view(n, T).long(),
     }
 
 

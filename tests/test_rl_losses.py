@@ -13,7 +13,7 @@ from postrain.rl.registry import AGGREGATIONS, POLICY_LOSSES
 
 N, T, G = 6, 7, 3
 LENGTHS = [7, 5, 0, 3, 6, 1]  # row 2 is an empty completion
-DATA = {"rewards", "group_size", "ref_logps"}
+DATA = {"rewards", "group_size", "ref_logps", "entropies", "completion_ids", "vocab_logps"}
 
 
 def batch(seed=0, spread=0.4, garbage=float("nan")):
@@ -430,7 +430,15 @@ ALL = sorted(POLICY_LOSSES.entries)
 def call_any(name, lp, old, mask, adv, rewards, garbage):
     if name == "nft":  # NFT reads the group accuracy as rewards - advantages: the dr_grpo advantage (r - mean)
         adv = rewards - rewards.view(-1, G).mean(1).repeat_interleave(G)
-    return run(name, lp, old, mask, adv, garbage, rewards=rewards, group_size=G, ref_logps=dirty(old, mask, garbage))
+    # the inputs some entries read besides: entropies (GTPO's filter: below its threshold, so it trains), the token
+    # ids (GTPO: few distinct ones, so completions share tokens) and the vocabulary log-probs (TW-GRPO)
+    g = torch.Generator().manual_seed(99)
+    vocab = torch.log_softmax(torch.randn(*lp.shape, 5, generator=g), -1)
+    extra = {"entropies": dirty(torch.full_like(lp, 0.3), mask, garbage),
+             "completion_ids": torch.randint(0, 3, lp.shape, generator=g),
+             "vocab_logps": torch.where(mask.bool().unsqueeze(-1), vocab, torch.full_like(vocab, garbage))}
+    return run(name, lp, old, mask, adv, garbage, rewards=rewards, group_size=G, ref_logps=dirty(old, mask, garbage),
+               **extra)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -453,6 +461,8 @@ def test_all_equal_rewards_zero_advantages(name):
     if name == "a_star_po":  # regression toward A = 0 from pi_ref != pi keeps a gradient by design
         return
     if name == "trpa":  # without pairs the authors' fallback -log σ(±ρ) against the reference keeps a gradient
+        return
+    if name == "gtpo":  # the authors' entropy shaping A - 0.1 H applies to zero-advantage completions too
         return
     assert torch.all(g == 0)
 

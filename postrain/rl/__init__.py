@@ -12,6 +12,7 @@ See `postrain.rl.registry` for each axis' calling convention and `postrain varia
 
 from postrain.rl import advantages, losses, regularizers, samplers, shaping  # noqa: F401  (register)
 from postrain.rl import drift_losses, history_shaping, pairwise_losses  # noqa: F401  (register)
+from postrain.rl import token_weight_losses  # noqa: F401  (register)
 from postrain.rl import methods  # noqa: F401  (registers the named methods)
 from postrain.rl.advantages import compute_advantages
 from postrain.rl.losses import policy_loss

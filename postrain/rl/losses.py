@@ -663,7 +663,8 @@ def delta_l(per_token_loss, mask, length_weight_sum=None, *, alpha: float = 1.0,
 # Data inputs shared by the RL axes: passed to an entry that reads them, silently skipped by one that does not
 # (so a trainer can hand every loss the same batch); anything else in kwargs is a hyperparameter and is checked.
 DATA_NAMES = frozenset({"logps", "old_logps", "ref_logps", "advantages", "mask", "rewards", "group_size",
-                        "entropies", "prompt_ids", "global_tokens", "num_sequences", "length_weight_sum"})
+                        "entropies", "prompt_ids", "global_tokens", "num_sequences", "length_weight_sum",
+                        "completion_ids", "vocab_logps"})
 
 
 def _split(variant, base: dict, kwargs: dict) -> tuple[dict, dict]:

@@ -54,7 +54,8 @@ DEFAULT_PARTS = {"advantage": "grpo", "policy_loss": "ppo_clip", "aggregation": 
 PROVIDED: dict[str, frozenset[str]] = {
     "advantage": frozenset({"rewards", "group_size", "mask", "entropies", "mean_entropy", "old_logps", "ref_logps"}),
     "policy_loss": frozenset({"logps", "old_logps", "advantages", "mask", "ref_logps", "rewards", "group_size",
-                              "entropies"}),
+                              "entropies", "completion_ids",  # GTPO: the token ids
+                              "vocab_logps"}),  # TW-GRPO: log-probs over the vocabulary (an unfused forward)
     "aggregation": frozenset({"per_token_loss", "mask", "global_tokens", "num_sequences", "length_weight_sum"}),
     "regularizer": frozenset({"logps", "ref_logps", "mask", "entropies", "mean_entropy", "all_entropies"}),
     "shaping": frozenset({"rewards", "group_size", "mask", "old_logps", "noise", "ensemble_rewards",

@@ -598,13 +598,19 @@ class PostrainGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in MODEL_INPUT_KEYS})
+        vocab_logps = None
+        if parts.policy_loss.variant.needs("vocab_logps"):  # TW-GRPO: the whole next-token distribution
+            logps, entropies, vocab_logps, aux_loss = self._vocab_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1))
+        else:
+            logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in MODEL_INPUT_KEYS})
         old = inputs.get("old_per_token_logps")
         rows = {"logps": logps, "entropies": entropies, "mask": mask, "advantages": inputs["advantages"],
                 "old_logps": logps.detach() if old is None else old, "ref_logps": inputs.get("ref_per_token_logps"),
                 "rewards": inputs.get("rl_rewards"), "weight": inputs.get("rl_weight"),
+                "completion_ids": completion_ids, "vocab_logps": vocab_logps,
                 "is_ratio": inputs["importance_sampling_ratio"] if self._vllm_correction() else None}
         if "rl_row_index" in inputs:
             rows = _whole_groups(rows, inputs["rl_row_index"], group)
@@ -667,6 +673,22 @@ class PostrainGRPOTrainer(GRPOTrainer):
         if "rl_replay_valid" in inputs:  # RePO: + c * L_off over the replayed samples of this micro-batch
             loss = loss + grpo_replay.replay_loss(self, model, inputs, mode, accumulation)
         return loss
+
+    def _vocab_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep):
+        """Per-token log-probs, entropies and the whole vocabulary's log-probs (N, T, V) at every completion
+        position, for a policy loss that reads `vocab_logps` (TW-GRPO), from the model's own unfused forward: TRL's
+        fused LM head returns no distribution. The logits are divided by the sampling temperature, as TRL's head
+        divides them, so `logps` equal TRL's (tests/test_grpo_trainer.py). Memory: N·T·V float32 values with
+        their gradient (about 4.8 GB at N = 16, T = 512, V = 150k), so this suits small models and vocabularies.
+        Multimodal inputs and the shared-prefix forward are not used on this path."""
+        kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        with self.accelerator.autocast():
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        logits = outputs.logits[:, -(logits_to_keep + 1):-1].float() / self.temperature
+        vocab = logits.log_softmax(-1)
+        logps = vocab.gather(-1, input_ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1)
+        entropies = -(vocab.exp() * vocab).sum(-1)
+        return logps, entropies, vocab, (getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None)
 
     def _vllm_correction(self) -> bool:
         """Whether TRL's vLLM importance-sampling correction is on: then TRL's `_generate_and_score_completions`

@@ -1,4 +1,5 @@
-"""Token-level inputs of the DPO trainer: TGDPO's token rewards and Ra-DPO's per-token risk ratios.
+"""Token-level inputs of the DPO trainer: TGDPO's token rewards, Ra-DPO's per-token risk ratios and BMC's pair
+difference masks.
 
 Some pairwise losses read, besides the policy's and reference's log-probs, per-token quantities the trainer has to
 compute from further forwards. Their settings sit on the loss entry, next to its hyperparameters, and are split off
@@ -27,11 +28,21 @@ forward is the model's own (unfused) forward returning logits, and the reference
 log-prob head. Memory: several (2B, T, V) float32 tensors per step (policy log-softmax with its gradient, reference
 log-softmax, d, the mask), i.e. about 4 · 2B · T · V · 4 bytes, 2.5 GB at B = 2, T = 512, V = 150k: fine for small
 models, a limit for long sequences and large vocabularies.
+
+BMC (`chosen_diff_mask`, `rejected_diff_mask`): 1 on the tokens where the chosen and rejected sequences differ, as
+the authors' find_modifications (YJiangcm/BMC scripts/dpo_bmc_trainer.py): difflib.SequenceMatcher over the two
+token-id sequences (rejected first); the rejected side's replaced or deleted tokens and the chosen side's replaced or
+inserted ones are marked, except stopword tokens. Stopwords (`stopwords:` on the entry): `nltk` for the authors' list
+(nltk's English stopwords plus their capitalised forms, the ids of those the tokenizer encodes as one token; needs
+nltk's stopwords corpus installed, `python -m nltk.downloader stopwords`), or a list of words ([] for none). The
+authors run difflib on the padded rows of their batch; here on each sequence's real tokens (prompt and completion),
+so a pair's mask does not depend on what else the batch holds. No model forward: the masks come from the ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,8 +52,9 @@ from postrain.errors import RecipeError
 
 TOKEN_REWARDS = ("chosen_token_rewards", "rejected_token_rewards")
 RISK_RATIOS = ("chosen_token_risk_ratios", "rejected_token_risk_ratios")
-# Registry data this module computes from a pair batch; all of it needs the reference forward.
-TOKEN_LEVEL_DATA = frozenset({*TOKEN_REWARDS, *RISK_RATIOS})
+DIFF_MASKS = ("chosen_diff_mask", "rejected_diff_mask")
+# Registry data this module computes from a pair batch; the losses reading it also read the reference's log-probs.
+TOKEN_LEVEL_DATA = frozenset({*TOKEN_REWARDS, *RISK_RATIOS, *DIFF_MASKS})
 
 REQUIRED = object()
 # Per loss: the entry keys that are inputs the trainer computes (not loss hyperparameters), with their defaults.
@@ -50,6 +62,7 @@ REQUIRED = object()
 INPUT_KEYS: dict[str, dict[str, Any]] = {
     "tgdpo": {"token_reward_model": REQUIRED},
     "ra_dpo": {"confidence_level": 0.95, "split_vocab": True},
+    "bmc": {"stopwords": "nltk"},
 }
 
 
@@ -85,7 +98,68 @@ def split_inputs(name: Any, params: dict, trainer: dict, where: str, origins: di
             raise RecipeError(f"{where}: preference loss {name!r} reads per-token risk ratios computed from the "
                               f"reference's full distribution on each batch, which trainer.precompute_ref_log_probs "
                               f"does not keep; set it to false")
+    if "stopwords" in inputs:
+        stopword_list(inputs["stopwords"], f"{where}.stopwords")  # refused now, not at the first batch
     return rest, inputs
+
+
+def stopword_list(value: Any, where: str) -> list[str]:
+    """BMC's stopwords: `nltk` (the authors' list: nltk's English stopwords and their capitalised forms) or a list of
+    words."""
+    if value == "nltk":
+        try:
+            from nltk.corpus import stopwords
+
+            words = list(stopwords.words("english"))
+        except (ImportError, LookupError) as error:
+            raise RecipeError(f"{where}: `nltk` needs nltk and its stopwords corpus (pip install nltk; python -m "
+                              f"nltk.downloader stopwords), which are not installed here ({type(error).__name__}); "
+                              f"give a list of words instead ([] for none)") from None
+        return sorted(set(words) | {w.capitalize() for w in words if len(w) > 1})
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+        raise RecipeError(f"{where} must be `nltk` (the authors' list) or a list of words ([] for none), got {value!r}")
+    return list(value)
+
+
+def stopword_ids(tokenizer, words: list[str]) -> set[int]:
+    """The ids of the words the tokenizer encodes as a single token, as the authors take them
+    (tokenizer.tokenize(word), no leading space)."""
+    ids = set()
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) == 1:
+            ids.add(tokenizer.convert_tokens_to_ids(pieces)[0])
+    return ids
+
+
+def modified_tokens(rejected: list[int], chosen: list[int], stopword_ids: set[int]) -> tuple[list[int], list[int]]:
+    """(rejected marks, chosen marks): 1 where difflib's edit of rejected into chosen replaces, deletes or inserts a
+    token that is not a stopword."""
+    rejected_marks, chosen_marks = [0] * len(rejected), [0] * len(chosen)
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, rejected, chosen).get_opcodes():
+        if tag in ("replace", "delete"):
+            for i in range(i1, i2):
+                rejected_marks[i] = int(rejected[i] not in stopword_ids)
+        if tag in ("replace", "insert"):
+            for j in range(j1, j2):
+                chosen_marks[j] = int(chosen[j] not in stopword_ids)
+    return rejected_marks, chosen_marks
+
+
+def pair_difference_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          stopword_ids: set[int]) -> torch.Tensor:
+    """BMC's masks (2B, L) for a [chosen; rejected] batch of sequences, over each sequence's real tokens."""
+    pairs = input_ids.size(0) // 2
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    ids, real = input_ids.cpu(), attention_mask.cpu().bool()
+    for i in range(pairs):
+        chosen_at, rejected_at = real[i].nonzero().squeeze(-1), real[pairs + i].nonzero().squeeze(-1)
+        rejected_marks, chosen_marks = modified_tokens(ids[pairs + i, rejected_at].tolist(),
+                                                       ids[i, chosen_at].tolist(), stopword_ids)
+        out[i, chosen_at.to(out.device)] = torch.tensor(chosen_marks, dtype=torch.float32, device=out.device)
+        out[pairs + i, rejected_at.to(out.device)] = torch.tensor(rejected_marks, dtype=torch.float32,
+                                                                  device=out.device)
+    return out
 
 
 def _check_model_spec(spec: Any, where: str, origins: dict) -> None:
@@ -99,7 +173,8 @@ def _check_model_spec(spec: Any, where: str, origins: dict) -> None:
 
 def check_terms(terms: list) -> None:
     """One token reward model and one Ra-DPO setting per recipe: the trainer computes each input once per batch."""
-    for key, what in (("token_reward_model", "token reward model"), ("confidence_level", "risk setting")):
+    for key, what in (("token_reward_model", "token reward model"), ("confidence_level", "risk setting"),
+                      ("stopwords", "stopword list")):
         values = [(t.name, t.inputs) for t in terms if key in t.inputs]
         if len({repr(sorted(i.items())) for _, i in values}) > 1:
             raise RecipeError(f"`loss:` gives {len(values)} {values[0][0]!r} entries different inputs "
@@ -165,6 +240,7 @@ class TokenLevelInputs:
     trainer: Any
     reward_model: Any = None  # TGDPO's π_rm, prepared for inference
     risk: dict | None = None  # Ra-DPO's {confidence_level, split_vocab}
+    stopword_ids: set | None = None  # BMC's stopword token ids (None: no BMC term)
     _policy_full: torch.Tensor | None = None  # this batch's policy log-softmax (N, T, V), with its graph
     _reference_full: torch.Tensor | None = None
 
@@ -180,6 +256,9 @@ class TokenLevelInputs:
                 out.reward_model = _load_reward_model(trainer, term.inputs["token_reward_model"])
             if "confidence_level" in term.inputs:
                 out.risk = {k: term.inputs[k] for k in ("confidence_level", "split_vocab")}
+            if "stopwords" in term.inputs:
+                tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+                out.stopword_ids = stopword_ids(tokenizer, stopword_list(term.inputs["stopwords"], "stopwords"))
         return out
 
     @property
@@ -247,6 +326,9 @@ class TokenLevelInputs:
             risk = token_risk_ratios(self._reference_full, self._policy_full, **self.risk)
             out["chosen_token_risk_ratios"], out["rejected_token_risk_ratios"] = risk.chunk(2, dim=0)
             self._policy_full = self._reference_full = None  # free the (N, T, V) tensors the loss no longer needs
+        if self.stopword_ids is not None:  # BMC: aligned with the per-token log-probs (positions 1.. of each row)
+            masks = pair_difference_masks(inputs["input_ids"], inputs["attention_mask"], self.stopword_ids)
+            out["chosen_diff_mask"], out["rejected_diff_mask"] = masks[:, 1:][:, -seq_len:].chunk(2, dim=0)
         return out
 
 
