@@ -65,5 +65,5 @@ def test_every_paper_recipe_has_its_paper_model_and_method():
         first = chosen if isinstance(chosen, str) else (chosen[0] if isinstance(chosen, list) else chosen)
         name = first if isinstance(first, str) else first.get("name") or next(iter(first))
         assert str(name) in row["method"], (path, row["method"])
-    assert papers["recipes/papers/dapo.yaml"]["method"] == "dapo; rl: shaping=dapo_overlong"
+    assert papers["recipes/papers/dapo.yaml"]["method"] == "dapo; rl: policy_loss=dual_clip, shaping=dapo_overlong"
     assert papers["recipes/papers/simpo.yaml"]["method"] == "simpo"
