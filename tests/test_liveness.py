@@ -332,7 +332,9 @@ def test_every_paper_recipe_is_live_or_says_why_not():
         assert not row["findings"], (f"{row['path']}: {row['findings'][0]}\n(fix the layout, or say in the header "
                                      f"why not: '#   - liveness: <part> ...')")
     explained = {row["path"].split("/")[-1] for row in rows if row["documented"]}
-    assert explained == {"bnpo.yaml", "confucius3_math.yaml", "disco.yaml", "grpo_lead.yaml", "gvpo.yaml", "tw_grpo.yaml"}  # each says why its step stays inert
+    # each says why its step stays inert
+    assert explained == {"bnpo.yaml", "confucius3_math.yaml", "disco.yaml", "grpo_lead.yaml", "gvpo.yaml",
+                         "tw_grpo.yaml"}
 
 
 def test_a_header_note_explains_a_finding_and_strict_ignores_only_those(tmp_path):
