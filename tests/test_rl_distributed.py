@@ -57,12 +57,13 @@ ALIGNED_LENGTHS = [4, 0, 6, 2, 5, 3, 1, 6, 7, 3, 2, 7, 5, 0, 4, 6]  # 4 groups o
 ALIGNED_GROUP = 4
 ALIGNED_BINARY = [1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0]  # group 1 all 0 (counts in DisCO's Q, adds 0)
 
-TOKEN_KEYS = ("mask", "logps", "old_logps", "ref_logps", "entropies")
+TOKEN_KEYS = ("mask", "logps", "old_logps", "ref_logps", "entropies", "completion_ids", "vocab_logps")
+VOCAB = 5
 
 # Losses that read whole groups; they get the group-aligned split. The guard test below keeps this list honest.
-WHOLE_GROUP_LOSSES = {"gvpo", "disco", "trpa"}
+WHOLE_GROUP_LOSSES = {"gvpo", "disco", "trpa", "gtpo", "tw_grpo"}
 # Losses that take one advantage per sequence only (they raise on (N, T) advantages).
-SEQUENCE_ADVANTAGE_LOSSES = {"gmpo", "a_star_po", "nft"}
+SEQUENCE_ADVANTAGE_LOSSES = {"gmpo", "a_star_po", "nft", "gtpo"}
 
 
 def make_batch(lengths, group_size, binary, seed):
@@ -91,6 +92,10 @@ def make_batch(lengths, group_size, binary, seed):
         "dcpo_state": dcpo.repeat_interleave(group_size, dim=0),  # identical on a group's rows
         "spo_state": torch.rand(n, 2, generator=g) * 3.0 + 0.5,
         "divergence": torch.rand(n, generator=g) * 0.1,
+        # token ids from a small vocabulary (completions of a group share tokens, GTPO's conflicts) and next-token
+        # log-distributions over it (TW-GRPO's spread of a group's distributions per position)
+        "completion_ids": torch.randint(0, VOCAB, (n, T), generator=g) * mask.long(),
+        "vocab_logps": torch.log_softmax(torch.randn(n, T, VOCAB, generator=g) * 2.0, dim=-1),
     }
 
 
@@ -195,9 +200,12 @@ def loss_and_grad(case, theta, rows: slice, width: int, batch: dict, advantages,
         agg_params["max_completion_length"] = MAX_COMPLETION_LENGTH
     if advantages is not None and advantages.dim() == 2:
         advantages = advantages[:, :width]
+    per_token = {k: batch[k][rows, :width] for k in ("entropies", "completion_ids", "vocab_logps")
+                 if k in POLICY_LOSSES.get(name).data}  # what the losses that read them read (gtpo, tw_grpo)
     loss, _ = policy_loss(name, logps=logps, old_logps=old, advantages=advantages, mask=mask, aggregation=agg,
                           aggregation_params=agg_params, rewards=batch["rewards"][rows],
-                          ref_logps=batch["ref_logps"][rows, :width], group_size=batch["group_size"], **params)
+                          ref_logps=batch["ref_logps"][rows, :width], group_size=batch["group_size"], **per_token,
+                          **params)
     (scale * loss).backward()
     grad = theta.grad if theta.grad is not None else torch.zeros_like(theta)
     return loss.detach(), grad.detach()
@@ -221,8 +229,8 @@ def gather_batch(local: dict) -> dict:
     for key, value in local.items():
         if key == "group_size":
             continue
-        if key in TOKEN_KEYS:
-            value = torch.nn.functional.pad(value, (0, int(width) - value.shape[1]))
+        if key in TOKEN_KEYS:  # pad dim 1 (the tokens; vocab_logps has the vocabulary after it)
+            value = torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, int(width) - value.shape[1]))
         parts = [torch.empty_like(value) for _ in range(WORLD)]
         dist.all_gather(parts, value.contiguous())
         out[key] = torch.cat(parts)
@@ -347,8 +355,9 @@ def test_gather_reassembles_the_batch(split_results):
                     continue
                 got_value = got[name]
                 if name in TOKEN_KEYS:  # padding is nan or the gather's 0 padding: compare valid positions
-                    valid = batch["mask"].bool()
-                    value, got_value = torch.where(valid, value, 0.0), torch.where(valid, got_value, 0.0)
+                    valid = batch["mask"].bool().reshape(*batch["mask"].shape, *[1] * (value.dim() - 2))
+                    zero = torch.zeros((), dtype=value.dtype)
+                    value, got_value = torch.where(valid, value, zero), torch.where(valid, got_value, zero)
                 torch.testing.assert_close(got_value, value, msg=f"{key}.{name} on process {r}")
 
 

@@ -118,6 +118,14 @@ def install_fakes(monkeypatch) -> dict[str, types.ModuleType]:
     for name, module in (("wandb.sdk", fake_module("wandb.sdk")), ("wandb.sdk.lib", fake_module("wandb.sdk.lib")),
                          ("wandb.sdk.lib.config_util", config_util)):
         monkeypatch.setitem(sys.modules, name, module)
+    # Library modules imported before the fakes existed (by earlier tests in this process) import a tracker at their
+    # top only when it was installed then, and reach for the name later (TRL's model card: `wandb.run`): give them
+    # the fakes too, so the outcome does not depend on which tests ran first.
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith(("trl.", "transformers.")):
+            for name, fake in fakes.items():
+                if hasattr(module, f"is_{name}_available") and not hasattr(module, name):
+                    monkeypatch.setattr(module, name, fake, raising=False)
     return fakes
 
 

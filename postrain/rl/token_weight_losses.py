@@ -143,7 +143,7 @@ def gtpo_token_weights(completion_ids: torch.Tensor, mask: torch.Tensor, advanta
 
 @POLICY_LOSSES.register(
     "gtpo", paper="GTPO: Trajectory-Based Policy Optimization in Large Language Models", arxiv="2508.03772",
-    catalog="rl:69", requires=(_GROUP,),
+    catalog="rl:69", requires=(_GROUP,), advantages="per_sequence",  # its A'_i is one value per completion
     notes="checked against the authors' winstonsmith1897/GTPO gtpo/gtpo_training.py, the path their trainer runs by "
           "default (GTPO_accumulated_loss -> UnslothEfficientGTPO.forward): build_conflict_mask (forward and "
           "reversed initial runs of shared position-token pairs, W_RAW 2.0), the entropy filter and shaping "
