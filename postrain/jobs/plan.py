@@ -33,6 +33,17 @@ def _trainer_args(recipe: Recipe, processes: int = 1):
         return trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_class(recipe.command))
 
 
+def trainer_args_for_check(command: str, cfg: dict) -> None:
+    """Build the job's TRL config and peft config from a resolved recipe, as the job will (at the launch's
+    process count), for their own checks at load time (postrain.recipes.checks): a PostrainError if either
+    library refuses a value."""
+    from postrain.jobs.common import peft_config
+
+    recipe = Recipe(command=command, cfg=cfg)
+    _trainer_args(recipe, world_size(launch_section(cfg)))
+    peft_config(recipe)
+
+
 def _train_rows(recipe: Recipe) -> int | None:
     from postrain.data.sources import source_size
 

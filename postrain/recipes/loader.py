@@ -33,7 +33,26 @@ BUILTIN = "built-in defaults"
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-6` as a float, as YAML 1.2 and users do (YAML 1.1 wants `1.0e-6`)."""
+    """SafeLoader that reads `1e-6` as a float, as YAML 1.2 and users do (YAML 1.1 wants `1.0e-6`), and refuses a
+    key given twice in one mapping (PyYAML keeps the last one silently: a second `trainer:` would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, it is no key
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -134,18 +153,44 @@ def builtin_defaults(command: str) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A recipe file's mapping. An empty file, a binary one or a directory is an error naming the file: a recipe
+    that says nothing would run the command's built-in defaults."""
     try:
-        # OmegaConf's YAML loader reads `1e-6` as a float (plain YAML 1.1 reads it as a string).
-        data = yaml.load(path.read_text(), Loader=_YamlLoader)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a directory, not a YAML file") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not a text (UTF-8) file: byte {e.start} is 0x{raw[e.start]:02x}; a recipe is "
+                          f"a YAML file") from None
+    if "\x00" in text:
+        raise RecipeError(f"{path} is not a text file (it holds NUL bytes); a recipe is a YAML file")
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+        raise RecipeError(yaml_error_message(path, e)) from None
     if data is None:
-        return {}
+        raise RecipeError(f"{path} is empty (or holds only comments): a recipe needs at least `command:` or "
+                          f"`defaults:`")
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must hold a mapping at the top level, not {type(data).__name__}")
     return data
+
+
+def yaml_error_message(path: Path | str, error: yaml.YAMLError) -> str:
+    """One line: the file, line and column, and what PyYAML found there."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return f"{where}: not valid YAML: {' '.join(str(error).split())}"
+    context = getattr(error, "context", None)
+    return f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}"
 
 
 def find_recipe(ref: str, relative_to: Path | None) -> Path:

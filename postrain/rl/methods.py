@@ -34,7 +34,10 @@ def _expansion_reads(variant, data_name: str) -> bool | None:
     return parse_rl_section(variant.fn()).reads(data_name)
 
 
-METHODS = Registry("method", what="named method", reads=_expansion_reads)
+# A method passes these to its parts (postrain.rl.registry's ranges): refused here too, naming `method:`.
+METHODS = Registry("method", what="named method", reads=_expansion_reads,
+                   ranges={"epsilon": "> 0", "epsilon_high": "> 0", "beta": ">= 0", "kl_beta": ">= 0",
+                           "entropy_coef": ">= 0", "max_num_gen_batches": ">= 1"})
 
 
 def _paper(registry: Registry, name: str) -> dict[str, str]:
