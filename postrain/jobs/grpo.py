@@ -20,7 +20,7 @@ from postrain.recipes import Recipe
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from trl import GRPOConfig
 
-    from postrain.rewards import build_rewards, check_reward_columns
+    from postrain.rewards import build_rewards, check_reward_columns, policy_options
     from postrain.trainers.grpo import PostrainGRPOTrainer
 
     from postrain.launch.vllm import check_vllm_installed
@@ -33,7 +33,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         raise RecipeError("set reward weights with rewards[i].weight, not trainer.reward_weights")
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
-    rewards, weights = build_rewards(cfg["rewards"], on_error=policy["policy"], error_score=policy["score"], base_dir=base_dir)
+    rewards, weights = build_rewards(cfg["rewards"], base_dir=base_dir, **policy_options(policy))
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path

@@ -242,14 +242,13 @@ class TrainEval:
 def build_section_rewards(recipe, section: dict) -> tuple[list, list[float]]:
     """The section's rewards, else the job's own (grpo), each built anew: their error counts are the
     evaluation's, not mixed into training's `rewards/<name>/errors`."""
-    from postrain.rewards import RewardSpecError, build_rewards
+    from postrain.rewards import RewardSpecError, build_rewards, policy_options
 
     own = bool(section["rewards"])
     specs = section["rewards"] if own else recipe.cfg.get("rewards") or []
     policy = section["reward_errors"] or recipe.cfg.get("reward_errors") or {}  # sft / dpo have none: fail
     try:
-        return build_rewards(specs, on_error=policy.get("policy", "fail"), error_score=policy.get("score", 0.0),
-                             base_dir=recipe.path.parent if recipe.path else None)
+        return build_rewards(specs, base_dir=recipe.path.parent if recipe.path else None, **policy_options(policy))
     except RewardSpecError as e:
         raise RecipeError(f"{SECTION}.rewards: {e}" if own else str(e)) from None
 

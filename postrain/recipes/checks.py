@@ -247,3 +247,22 @@ def check_library_configs(command: str, cfg: dict, origins: dict[str, str]) -> N
 
 
 COMMAND_CHECKS.append(check_library_configs)
+
+
+def check_reward_errors(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`reward_errors:` (and eval_during_training's): limits in seconds > 0 or null, a finite failure score (a NaN
+    or infinite one would do to the run what a NaN reward does, postrain.rewards.build.GuardedReward)."""
+    from postrain.value_types import check_value
+
+    sections = {"reward_errors": cfg.get("reward_errors"),
+                "eval_during_training.reward_errors": (cfg.get("eval_during_training") or {}).get("reward_errors")}
+    for path, section in sections.items():
+        if not isinstance(section, dict):
+            continue
+        for key, allowed in (("timeout", "> 0"), ("completion_timeout", "> 0"), ("score", "in (-inf, inf)")):
+            value = section.get(key)
+            if value is not None:
+                check_value(value, object, allowed, f"{path}.{key} (from {origin_of(origins, f'{path}.{key}')})")
+
+
+COMMAND_CHECKS.append(check_reward_errors)

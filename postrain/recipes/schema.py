@@ -297,11 +297,16 @@ class RLSpec:
 
 @dataclass
 class RewardErrorPolicy:
-    """What a reward function that raises does to the run: `fail` stops it, `score` scores the completion as
-    `score` and counts it (logged as rewards/<name>/errors)."""
+    """What a reward that fails does to the run: `fail` stops it, `score` scores the completion as `score` and
+    counts it (logged as rewards/<name>/errors). A reward fails when it raises, scores NaN or infinity, or runs
+    out of time: every reward runs in a worker process (postrain.rewards.worker) and a call gets `timeout`
+    seconds for a batch (verl's reward loop: 300 s) and `completion_timeout` for one completion, when a failed
+    batch is scored again one completion at a time (open-r1's sandboxes: 30 s); null: no limit."""
 
     policy: Literal["fail", "score"] = "fail"
     score: float = 0.0
+    timeout: float | None = 300.0
+    completion_timeout: float | None = 30.0
 
 
 @dataclass

@@ -7,7 +7,7 @@ Built-ins live in :mod:`postrain.rewards.builtin` and register themselves in :da
 """
 
 from postrain.rewards import builtin  # noqa: F401  (registers the built-in rewards)
-from postrain.rewards.build import GuardedReward, build_rewards, load_function
+from postrain.rewards.build import GuardedReward, build_rewards, load_function, policy_options
 from postrain.rewards.registry import (
     REWARDS,
     RewardError,
@@ -28,5 +28,6 @@ __all__ = [
     "check_reward_columns",
     "completion_text",
     "load_function",
+    "policy_options",
     "register_reward",
 ]

@@ -32,6 +32,9 @@ class RewardFunction:
     """
 
     reward_name: str = ""  # the registry name, set by @register_reward on built-in classes
+    # Whether the reward runs in its own worker process, with a wall-clock limit (postrain.rewards.worker); a
+    # reward that holds a model (llm_judge) runs in the training process instead.
+    runs_in_worker: bool = True
     # The dataset columns the reward reads (checked against the data when it loads, before any model does).
     columns: tuple[str, ...] = ()
 
@@ -68,11 +71,12 @@ def check_reward_columns(rewards: list[RewardFunction], present: list[str], wher
 REWARDS: dict[str, Callable[..., RewardFunction]] = {}
 
 
-def register_reward(name: str, *, description: str | None = None):
+def register_reward(name: str, *, description: str | None = None, source: str | None = None):
     """Class/function decorator adding a reward factory to :data:`REWARDS` under ``name``.
 
-    The factory gets ``reward_name`` and ``description`` attributes (the description defaults to the first line
-    of its docstring), which ``postrain`` uses to list the built-ins.
+    The factory gets ``reward_name``, ``description`` (default: the first line of its docstring) and ``source``
+    (the paper or code the reward follows, where there is one) attributes, which ``postrain`` uses to list the
+    built-ins.
     """
 
     def decorator(factory):
@@ -80,6 +84,7 @@ def register_reward(name: str, *, description: str | None = None):
             raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name]!r})")
         factory.reward_name = name
         factory.description = description or (factory.__doc__ or "").strip().split("\n")[0]
+        factory.source = source
         REWARDS[name] = factory
         return factory
 
