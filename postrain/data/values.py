@@ -131,9 +131,11 @@ def _csv_rows(text: str, src: str) -> tuple[list[dict], list[str]]:
         if not fields:  # a blank line
             continue
         if len(fields) != len(header):
-            more = "more" if len(fields) > len(header) else "fewer"
-            raise DataError(f"{src}, line {reader.line_num}: {len(fields)} fields, {more} than the header's "
-                            f"{len(header)} columns ({', '.join(header)}); quote a field that holds a comma")
+            more = len(fields) > len(header)
+            hint = "quote a field that holds a comma" if more else "a field is missing (or its quotes run on)"
+            raise DataError(f"{src}, line {reader.line_num}: {len(fields)} field{'s' if len(fields) != 1 else ''}, "
+                            f"{'more' if more else 'fewer'} than the header's {len(header)} columns "
+                            f"({', '.join(header)}); {hint}")
         rows.append(dict(zip(header, fields)))
         labels.append(f"line {reader.line_num}")
     return rows, labels

@@ -263,6 +263,8 @@ def load_recipe(
     recipe_path = None
     if path is not None:
         recipe_path = Path(path)
+        if recipe_path.is_dir():
+            raise RecipeError(f"recipe {path} is a directory, not a YAML file")
         if not recipe_path.is_file():
             recipe_path = find_recipe(str(path), None)
         recipe_path = recipe_path.resolve()
