@@ -269,6 +269,14 @@ CASES = {
                                 "data.train.columns={prompt: q}"), ["d.jsonl", "line 2", "'q'", "mapped to 'prompt'"]),
     "unsupported file type": (data("grpo", "d.txt", "hello"), ["d.txt", "unsupported file type"]),
     "reward column missing": (data("grpo", "d.jsonl", jsonl({"prompt": "1+1="})), ["'answer'", "exact_match"]),
+    "SFT prompt past max_length": (data("sft", "s.jsonl", jsonl(SFT_ROW, {**SFT_ROW, "prompt": "1+2=" * 20}),
+                                        "trainer.max_length=32"),
+                                   ["data.train", "1 of 2 rows", "trainer.max_length=32", "too_long"]),
+    "DPO prompt past max_length": (data("dpo", "p.jsonl", jsonl({**PAIR, "prompt": "1+2=" * 20}), "trainer.max_length=32"),
+                                   ["data.train", "trainer.max_length=32", "too_long"]),
+    "GRPO prompt past the model's positions": (data("grpo", "d.jsonl", jsonl(GOOD, {**GOOD, "prompt": "1+2=" * 70})),
+                                              ["data.train", "row 1", "max_position_embeddings=256"]),
+    "too_long unknown": (override("sft", "data.train.too_long=cut"), ["data.train.too_long"]),
     "data file is a directory": (lambda tmp: (tmp / "dir.jsonl").mkdir() or
                                  recipe("grpo")(tmp, f"data.train.source={tmp / 'dir.jsonl'}"), ["dir.jsonl"]),
     # -- environment ----------------------------------------------------------------------------------------------

@@ -437,6 +437,11 @@ def train_with_trl(
     check_model_reference(recipe.cfg["model"], "model")
     check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
     args = trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_cls, **(config_overrides or {}))
+    from postrain.data.lengths import fit_source_lengths  # prompts that do not fit: refused, dropped or kept
+
+    train = fit_source_lengths(train, job, args, recipe.cfg["model"], data["train"], "data.train")
+    if eval_ds is not None:
+        eval_ds = fit_source_lengths(eval_ds, job, args, recipe.cfg["model"], data["eval"], "data.eval")
     in_training_eval = TrainEval.from_recipe(recipe)  # eval_during_training: sets loaded, reward columns checked
     view = make_view(job, f"postrain {job} · {recipe.cfg['output_dir']}")  # live view or plain lines
     run_dir = prepare_run_dir(recipe, options)

@@ -206,6 +206,11 @@ class SourceSpec:
     implicit_reward: ImplicitRewardSpec | None = None
     # Concatenate a second source's rows with these (DICE's experience replay of offline pairs; see MixSpec).
     mix: MixSpec | None = None
+    # Training rows whose prompt does not fit (sft / dpo: at least trainer.max_length tokens, so TRL's truncation
+    # would leave nothing of the completion; grpo: past the model's positions once the completion is generated):
+    # `refuse` them (an error naming the first), `drop` them (counted and reported) or `keep` them truncated
+    # (reported). See postrain.data.lengths.
+    too_long: Literal["refuse", "drop", "keep"] = "refuse"
 
 
 @dataclass
