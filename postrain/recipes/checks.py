@@ -241,9 +241,13 @@ def check_library_configs(command: str, cfg: dict, origins: dict[str, str]) -> N
         for key, value in peft.items():
             if key in PEFT_RANGES and value is not None:
                 check_value(value, object, PEFT_RANGES[key], f"peft.{key} (from {origin_of(origins, f'peft.{key}')})")
+    import warnings
+
     from postrain.jobs.plan import trainer_args_for_check
 
-    trainer_args_for_check(command, cfg)
+    with warnings.catch_warnings():  # the libraries' advisories are the job's to show (or quiet), once, when it runs
+        warnings.simplefilter("ignore")
+        trainer_args_for_check(command, cfg)
 
 
 COMMAND_CHECKS.append(check_library_configs)

@@ -89,6 +89,8 @@ class Recipe:
     cfg: dict[str, Any]
     path: Path | None = None
     origins: dict[str, str] = field(default_factory=dict)
+    # Keys a recipe file or override sets that nothing reads given the rest of it (postrain.recipes.unread).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def hash(self) -> str:
@@ -315,9 +317,13 @@ def load_recipe(
 
         apply_method(cfg, origins, _leaf_origins)
     validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
+    warnings: list[str] = []
     if command_checks:
         run_checks(declared, cfg, origins)
-    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
+        from postrain.recipes.unread import unread_keys
+
+        warnings = unread_keys(declared, cfg, origins, own=(str(recipe_path), COMMAND_LINE))
+    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins, warnings=warnings)
 
 
 def _default_stage_outputs(merged) -> None:
