@@ -351,3 +351,23 @@ def test_grpo_run_counts_a_sleeping_reward_and_continues_under_score(tmp_path, r
     for row in steps:  # every completion failed: timed out, or not reached within the retry's budget
         assert row["rewards/sleepy/errors"] == 4 and row["rewards/sleepy/timeouts"] >= 3
         assert row["rewards/sleepy/mean"] == 0.0
+
+
+def test_default_time_limits_leave_the_recipe_hash_unchanged():
+    from postrain.recipes import load_recipe
+    from postrain.recipes.loader import recipe_hash
+    from tests.conftest import REPO
+
+    recipe = load_recipe(str(REPO / "recipes/demo/grpo.yaml"))
+    assert recipe.cfg["reward_errors"]["timeout"] == 300.0
+    without = {**recipe.cfg, "reward_errors": {"policy": "fail", "score": 0.0}}  # a recipe resolved before them
+    assert recipe.hash == recipe_hash(without)
+    assert load_recipe(str(REPO / "recipes/demo/grpo.yaml"), ["reward_errors.timeout=5"]).hash != recipe.hash
+
+
+def test_code_exec_is_registered_with_its_sources():
+    from postrain.rewards import REWARDS
+
+    source = REWARDS["code_exec"].source
+    assert "2107.03374" in source and "2108.07732" in source and "2105.09938" in source
+    assert REWARDS["llm_judge"].source and REWARDS["llm_judge"].runs_in_worker is False

@@ -130,11 +130,13 @@ NOT_HASHED = ("hub",)
 # `launch:` keys that say where a run's processes meet, not what they compute: every machine of a multi-node run
 # has its own machine_rank, and all of them must agree on the run directory's recipe hash.
 LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", "extra_args")
+TIME_LIMIT_KEYS = ("timeout", "completion_timeout")
 
 
 def recipe_hash(cfg: dict) -> str:
     """A short hash of what a recipe computes. `launch:` counts by its process layout (the global batch and the
-    sharding); a single-process launch is left out, so recipes written before `launch:` existed keep their hash."""
+    sharding); a single-process launch is left out, so recipes written before `launch:` existed keep their hash,
+    and so are the reward time limits at their defaults."""
     cfg = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
     launch = cfg.get("launch")
     if isinstance(launch, dict):
@@ -145,6 +147,15 @@ def recipe_hash(cfg: dict) -> str:
         cfg = {k: v for k, v in cfg.items() if k != "launch"}
         if layout != default:
             cfg["launch"] = layout
+    errors = cfg.get("reward_errors")
+    if isinstance(errors, dict):
+        # The reward time limits (added later) count only when set away from their defaults, so recipes written
+        # before them keep their hash (a finished pipeline stage is not rerun, --resume is not refused).
+        from postrain.recipes.schema import RewardErrorPolicy
+
+        default = dataclasses.asdict(RewardErrorPolicy())
+        cfg["reward_errors"] = {k: v for k, v in errors.items()
+                                if k not in TIME_LIMIT_KEYS or v != default[k]}
     text = yaml.safe_dump(cfg, sort_keys=True, default_flow_style=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
