@@ -4,7 +4,8 @@ A reward called in the training process cannot be interrupted: a user function t
 step, and math-verify's own timeouts use SIGALRM, which works only in a process's main thread. Each reward that
 runs in a worker gets one long-lived child process (`python -m postrain.rewards.worker`), started on its first
 call; the reward runs there in the main thread. A call that outlives its limit has the child killed (SIGKILL)
-and raises RewardTimeout; the next call starts a fresh child. A child that dies (a crash, the kernel's
+and raises RewardTimeout; the next call starts a fresh child. The limit counts from the call: the child's start
+(the interpreter, the reward's imports) is waited for before, up to STARTUP_TIMEOUT_S. A child that dies (a crash, the kernel's
 out-of-memory killer) raises WorkerDied. Exceptions raised by the reward come back as RewardCallError with the
 original type, message and the file:line where they were raised.
 
@@ -36,6 +37,8 @@ from typing import Any
 
 # TRL's callbacks into the trainer: replaced by recorders in the child, replayed by the parent.
 CALLBACK_ARGUMENTS = ("log_extra", "log_metric")
+# How long a worker may take to start (the interpreter, postrain.rewards, the reward's own imports) before a call.
+STARTUP_TIMEOUT_S = 120.0
 
 
 class RewardCallError(Exception):
@@ -85,6 +88,10 @@ class RewardWorker:
         )
         self.starts += 1
         _send(self.process.stdin, ("init", self.payload))
+        # The limits are the reward's: the interpreter's start and the reward's import are waited for apart.
+        reply = self._receive(STARTUP_TIMEOUT_S, what="start")
+        if reply[0] != "ready":
+            raise WorkerDied(f"the reward's worker process answered {reply[0]!r} when it started")
 
     def call(self, completions: list, columns: dict[str, Any], timeout: float | None) -> tuple[list, dict]:
         callbacks = {key: columns[key] for key in CALLBACK_ARGUMENTS if callable(columns.get(key))}
@@ -111,7 +118,7 @@ class RewardWorker:
             callbacks[name](*args)
         return scores, counts
 
-    def _receive(self, timeout: float | None):
+    def _receive(self, timeout: float | None, what: str = "call"):
         import select
 
         stdout = self.process.stdout
@@ -119,6 +126,8 @@ class RewardWorker:
             ready, _, _ = select.select([stdout], [], [], max(timeout, 0.0))
             if not ready:
                 self._kill()
+                if what == "start":
+                    raise WorkerDied(f"the reward's worker process did not start within {timeout:g} s")
                 raise RewardTimeout(f"no answer within {timeout:g} s")
         try:
             return _receive(stdout)
@@ -222,6 +231,7 @@ def serve() -> None:
                 reward = _load(message[1])
             except BaseException as e:  # reported on the first call
                 load_error = e
+            _send(replies, ("ready",))
             continue
         _, completions, columns, callbacks = message
         if load_error is not None:
