@@ -2,8 +2,10 @@
 
 `rewards:` lists built-in verifiers (exact_match, math_verify, format, length) or user functions
 (`module:function`, `path/file.py:function`), each with a weight; each one's mean is logged separately as
-rewards/<name>/mean. `reward_errors.policy` decides whether a reward that raises stops the run (`fail`) or
-scores that completion as `reward_errors.score` and counts it (`score`, logged as rewards/<name>/errors).
+rewards/<name>/mean. Every reward runs in a worker process with wall-clock limits (`reward_errors.timeout` a batch,
+`completion_timeout` a completion); `reward_errors.policy` decides whether a reward that raises, scores NaN or
+infinity, or runs out of time stops the run (`fail`) or scores that completion as `reward_errors.score` and counts
+it (`score`, logged as rewards/<name>/errors, with rewards/<name>/timeouts and non_finite; postrain.rewards.build).
 `rl:` (or `method:`) swaps TRL's advantage and loss for registry parts (postrain.rl.section,
 postrain.trainers.grpo), and adds samplers: group / completion filters, DAPO's refill, PF-PPO's resampling;
 per-prompt state (dcpo_smooth) and recovered groups are saved beside each checkpoint (rl_state.json,

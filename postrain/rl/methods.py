@@ -37,7 +37,7 @@ def _expansion_reads(variant, data_name: str) -> bool | None:
 # A method passes these to its parts (postrain.rl.registry's ranges): refused here too, naming `method:`.
 METHODS = Registry("method", what="named method", reads=_expansion_reads,
                    ranges={"epsilon": "> 0", "epsilon_high": "> 0", "beta": ">= 0", "kl_beta": ">= 0",
-                           "entropy_coef": ">= 0", "max_num_gen_batches": ">= 1"})
+                           "entropy_coef": ">= 0"})
 
 
 def _paper(registry: Registry, name: str) -> dict[str, str]:

@@ -25,4 +25,4 @@ POLICY_LOSSES = Registry("policy_loss", what="policy loss",
 AGGREGATIONS = Registry("aggregation", what="loss aggregation")
 REGULARIZERS = Registry("regularizer", what="regularizer", ranges={"beta": ">= 0", "entropy_coef": ">= 0"})
 SHAPING = Registry("shaping", what="reward shaping")
-SAMPLERS = Registry("sampler", what="sampler", ranges={"max_num_gen_batches": ">= 1"})
+SAMPLERS = Registry("sampler", what="sampler")  # max_num_gen_batches (0: no limit): postrain.rl.section checks it
