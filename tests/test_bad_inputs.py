@@ -277,6 +277,11 @@ CASES = {
     "GRPO prompt past the model's positions": (data("grpo", "d.jsonl", jsonl(GOOD, {**GOOD, "prompt": "1+2=" * 70})),
                                               ["data.train", "row 1", "max_position_embeddings=256"]),
     "too_long unknown": (override("sft", "data.train.too_long=cut"), ["data.train.too_long"]),
+    "code_exec tests malformed": (data("grpo", "c.jsonl", jsonl({"prompt": "p", "tests": ["assert 1"]},
+                                                              {"prompt": "q", "tests": None}),
+                                       "rewards=[{name: code_exec}]"), ["data.train", "row 1", "'tests'", "code_exec"]),
+    "code_exec call-based tests": (data("grpo", "c.jsonl", jsonl({"prompt": "p", "tests": json.dumps(
+        {"inputs": [[1]], "outputs": [2], "fn_name": "f"})}), "rewards=[{name: code_exec}]"), ["row 0", "fn_name"]),
     "data file is a directory": (lambda tmp: (tmp / "dir.jsonl").mkdir() or
                                  recipe("grpo")(tmp, f"data.train.source={tmp / 'dir.jsonl'}"), ["dir.jsonl"]),
     # -- environment ----------------------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
             raise RecipeError(f"sets.{name}: maj@k votes with the answers the verifier parses, but the first reward, "
                               f"{rewards[0].name!r}, has no parse method; put exact_match or math_verify first")
         dataset = load_source(spec, "eval", where=f"sets.{name}")
-        check_reward_columns(rewards, dataset.column_names, f"sets.{name}")
+        check_reward_columns(rewards, dataset, f"sets.{name}")
         column = metrics["subset_column"]
         if column and column not in dataset.column_names:
             raise DataError(f"sets.{name}: metrics.subset_column is {column!r}, but the set has no such column; "

@@ -48,5 +48,5 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     return train_with_trl(
         recipe, options, job="grpo", trainer_cls=PostrainGRPOTrainer, config_cls=GRPOConfig,
         config_overrides=overrides, trainer_kwargs=lambda: extra,
-        check_data=lambda ds, where: check_reward_columns(rewards, ds.column_names, where),
+        check_data=lambda ds, where: check_reward_columns(rewards, ds, where),
     )

@@ -72,7 +72,7 @@ def _check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
     rewards, _ = build_rewards(recipe.cfg["rewards"], base_dir=base_dir)
     for where, spec in sets.items():
         if spec and is_local(spec):
-            check_reward_columns(rewards, load_source(spec, recipe.command, where=where).column_names, where)
+            check_reward_columns(rewards, load_source(spec, recipe.command, where=where), where)
 
 
 def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:

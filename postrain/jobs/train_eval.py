@@ -146,7 +146,7 @@ class TrainEval:
         for name, spec in section["sets"].items():
             where = f"{SECTION}.sets.{name}"
             dataset = load_set(recipe.cfg, spec, where)
-            check_reward_columns(rewards, dataset.column_names, where)
+            check_reward_columns(rewards, dataset, where)
             generation = {**section["generation"], **(spec.get("generation") or {})}
             sets.append(EvalSet(name, dataset.to_list(), generation))
         return cls(sets, rewards, weights, section["every_steps"], section["at_start"], recipe.cfg["seed"],
@@ -267,7 +267,7 @@ def plan_lines(recipe) -> dict[str, str]:
     for name, spec in section["sets"].items():
         where = f"{SECTION}.sets.{name}"
         if is_local(spec):
-            check_reward_columns(rewards, load_set(recipe.cfg, spec, where).column_names, where)
+            check_reward_columns(rewards, load_set(recipe.cfg, spec, where), where)
         gen = {**section["generation"], **(spec.get("generation") or {})}
         decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
         tokens = gen["max_new_tokens"] or ("trainer.max_completion_length" if recipe.command == "grpo"

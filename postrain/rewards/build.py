@@ -60,7 +60,8 @@ class GuardedReward(RewardFunction):
     ``non_finite`` and the counts the wrapped reward reports (its ``count_names``, e.g. code_exec's outcomes);
     the GRPO trainer logs them as ``rewards/<name>/<count>``. ``pop_error_count()`` pops ``errors`` alone.
     ``calls`` counts batches, ``errors`` failed completions over the run. A ``parse`` method of the wrapped reward
-    (and ``equivalent``, answer equivalence for eval's majority vote) is exposed unchanged, in this process.
+    (and ``equivalent``, answer equivalence for eval's majority vote, and ``check_values``, its check of the data
+    when it loads) is exposed unchanged, in this process.
 
     It pickles (TRL's async rollout worker sends rewards to a spawned process): a user function, given by its
     ``reference`` ("module:function" or an absolute "file.py:function"), is re-imported when unpickled; the worker
@@ -94,7 +95,7 @@ class GuardedReward(RewardFunction):
         self.columns = tuple(getattr(reward, "columns", ()))
         self._expose_parse()
 
-    EXPOSED_METHODS = ("parse", "equivalent")
+    EXPOSED_METHODS = ("parse", "equivalent", "check_values")
 
     def _expose_parse(self) -> None:
         for method in self.EXPOSED_METHODS:

@@ -172,6 +172,17 @@ class CodeExec(RewardFunction):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def check_values(self, dataset, where: str) -> None:
+        """Each row's tests in a form code_exec runs, checked when the data loads (a DataError naming the row)."""
+        from postrain.errors import DataError
+
+        for index, value in enumerate(dataset[self.tests_column]):
+            try:
+                parse_tests(value)
+            except ValueError as e:
+                raise DataError(f"{where}, row {index}, column {self.tests_column!r} (reward {self.name!r}): {e}") \
+                    from None
+
     def pop_counts(self) -> dict[str, int]:
         with self._lock:
             counts, self._counts = self._counts, dict.fromkeys(OUTCOMES, 0)

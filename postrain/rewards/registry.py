@@ -57,14 +57,21 @@ def missing_column_message(reward_name: str, column: str, present: list[str]) ->
             f"a column onto it with columns: {{{column}: <your column>}}); columns present: {', '.join(present) or 'none'}")
 
 
-def check_reward_columns(rewards: list[RewardFunction], present: list[str], where: str) -> None:
-    """Fail before any model loads when a reward reads a column the dataset at `where` lacks."""
+def check_reward_columns(rewards: list[RewardFunction], present: Any, where: str) -> None:
+    """Fail before any model loads when a reward reads a column the dataset at `where` lacks. `present`: the
+    dataset (a `datasets.Dataset`), or its column names. Given the dataset, a reward with a `check_values(dataset,
+    where)` method (code_exec: each row's tests) checks the values it will read too."""
+    from postrain.errors import DataError
+
+    dataset = present if hasattr(present, "column_names") else None
+    names = list(dataset.column_names) if dataset is not None else list(present)
     for reward in rewards:
         for column in getattr(reward, "columns", ()):
-            if column not in present:
-                from postrain.errors import DataError
-
-                raise DataError(f"{where}: {missing_column_message(reward.name, column, sorted(present))}")
+            if column not in names:
+                raise DataError(f"{where}: {missing_column_message(reward.name, column, sorted(names))}")
+        check = getattr(reward, "check_values", None)
+        if dataset is not None and callable(check):
+            check(dataset, where)
 
 
 # name -> factory (a callable taking the recipe's `args` as keyword params and returning a RewardFunction)
