@@ -7,9 +7,10 @@ completion only) or on a preference between two empty answers. GRPO keeps the wh
 `max_completion_length` tokens after it: past the model's `max_position_embeddings` the positions run out.
 Rows whose completion is only partly cut are counted and reported, not refused.
 
-`too_long`: `refuse` (default): an error naming the first such row, its length and how many there are, before
-anything is written; `drop`: those rows are left out (reported: how many, the longest); `keep`: TRL's truncation
-as it is (reported).
+`too_long`: `refuse` (the default in sft and dpo): an error naming the first such row, its length and how many
+there are, before anything is written; `drop`: those rows are left out (reported: how many, the longest); `keep`
+(the default in grpo, where TRL does not cut prompts and RoPE models run past their nominal positions): trained
+on as they are (reported).
 
 Lengths are counted with the policy's tokenizer: plain text as it is, chat turns through its chat template
 (prompts with the generation prompt), as TRL renders them; rows of `messages` or `text` have no prompt and are
@@ -26,6 +27,9 @@ from postrain.errors import DataError
 logger = logging.getLogger(__name__)
 
 TOO_LONG_POLICIES = ("refuse", "drop", "keep")
+# `too_long: null`: a prompt that leaves no completion token (sft, dpo) is refused; a GRPO prompt past the model's
+# nominal positions is reported and kept (a RoPE model runs past max_position_embeddings, as TRL lets it).
+DEFAULT_POLICY = {"sft": "refuse", "dpo": "refuse", "grpo": "keep"}
 
 
 def _lengths(tokenizer, values: list, prompt: bool) -> list[int]:
@@ -115,4 +119,5 @@ def fit_source_lengths(dataset, job: str, args, model_spec: dict, source: dict, 
 
     model_path = resolve_model_path(model_spec["name_or_path"], model_spec.get("tiny"))
     tokenizer = load_tokenizer(model_path, model_spec)
-    return fit_lengths(dataset, job, args, tokenizer, model_path, (source or {}).get("too_long") or "refuse", where)
+    policy = (source or {}).get("too_long") or DEFAULT_POLICY.get(job, "refuse")
+    return fit_lengths(dataset, job, args, tokenizer, model_path, policy, where)

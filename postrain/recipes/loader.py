@@ -120,7 +120,12 @@ def load_smoke_recipe(
     first = load_recipe(path, overrides, command, command_checks=False)
     layer = smoke_layer(first.command, first.cfg)
     top = {k: layer[k] for k in ("data", "sets") if k in layer} if data_wins else None
-    return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
+    smoked = load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
+    # The recipe's own unread keys, not the ones the smoke layer makes unread (it turns checkpoints off).
+    from postrain.recipes.unread import unread_keys
+
+    smoked.warnings = unread_keys(first.command, first.cfg, first.origins, own=(str(first.path), COMMAND_LINE))
+    return smoked
 
 
 # Top-level keys left out of the hash: they say where a finished model is published, not what is trained, so a

@@ -207,10 +207,11 @@ class SourceSpec:
     # Concatenate a second source's rows with these (DICE's experience replay of offline pairs; see MixSpec).
     mix: MixSpec | None = None
     # Training rows whose prompt does not fit (sft / dpo: at least trainer.max_length tokens, so TRL's truncation
-    # would leave nothing of the completion; grpo: past the model's positions once the completion is generated):
-    # `refuse` them (an error naming the first), `drop` them (counted and reported) or `keep` them truncated
-    # (reported). See postrain.data.lengths.
-    too_long: Literal["refuse", "drop", "keep"] = "refuse"
+    # would leave nothing of the completion; grpo: past the model's max_position_embeddings once the completion is
+    # generated): `refuse` them (an error naming the first), `drop` them (counted and reported) or `keep` them
+    # (reported). null: refuse in sft / dpo, keep in grpo (RoPE models run past their nominal positions; TRL
+    # does not cut GRPO prompts). See postrain.data.lengths.
+    too_long: Literal["refuse", "drop", "keep"] | None = None
 
 
 @dataclass

@@ -80,9 +80,10 @@ def _source_rules(cfg: dict) -> list[Finding]:
                                         f"only (postrain.data.tasks)"))
         if spec.get("config") is not None and (builtin or _is_local_file(source)):
             out.append((f"{path}.config", "a dataset config is read for hub datasets only"))
-        if "split" in spec and _is_local_file(source) and Path(str(source)).suffix != ".json":
-            out.append((f"{path}.split", f"{Path(str(source)).suffix} files have one split (a .json file may map "
-                                         f"split -> rows)"))
+        if spec.get("split", "train") != "train" and _is_local_file(source) and Path(str(source)).suffix != ".json":
+            # (`split: train`, the default, is harmless; another split suggests rows the file does not hold apart)
+            out.append((f"{path}.split", f"{Path(str(source)).suffix} files have one split, all of whose rows "
+                                         f"are read (a .json file may map split -> rows)"))
     return out
 
 
