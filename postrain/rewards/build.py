@@ -211,8 +211,8 @@ class GuardedReward(RewardFunction):
                 unreached += 1
                 scores.append(self.error_score)
                 continue
-            limit = min(t for t in (self.completion_timeout, left) if t is not None) \
-                if (self.completion_timeout, left) != (None, None) else None
+            limits = [t for t in (self.completion_timeout, left) if t is not None]
+            limit = min(limits) if limits else None
             row_columns = {
                 key: value[index : index + 1] if isinstance(value, (list, tuple)) and len(value) == count else value
                 for key, value in columns.items()
