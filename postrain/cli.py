@@ -61,9 +61,18 @@ def _fail(message: str, code: int = 2) -> None:
 def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
     from postrain.recipes import load_recipe, load_smoke_recipe
 
-    if smoke:
-        return load_smoke_recipe(recipe, overrides or [], command)
-    return load_recipe(recipe, overrides or [], command)
+    loaded = load_smoke_recipe(recipe, overrides or [], command) if smoke else load_recipe(recipe, overrides or [],
+                                                                                          command)
+    warn(loaded.warnings)
+    return loaded
+
+
+def warn(warnings: list[str]) -> None:
+    """`warning: ...` lines on stderr (recipe keys set but never read), before the job starts."""
+    from rich.text import Text
+
+    for message in warnings:
+        err_console.print(Text("warning: ", style="bold yellow") + Text(message), highlight=False, soft_wrap=True)
 
 
 def _launch_overrides(overrides: list[str] | None, num_processes: int | None, launch_config: str | None) -> list[str]:

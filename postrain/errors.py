@@ -39,3 +39,8 @@ def did_you_mean(word: object, choices, n: int = 3) -> str:
     by_lower = {str(c).lower(): str(c) for c in choices}
     close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=n, cutoff=0.6)
     return f"did you mean {' or '.join(repr(by_lower[c]) for c in close)}?" if close else ""
+
+
+class OutputDirError(PostrainError):
+    """The run's output directory cannot be made or written: a file in its place or above it, a read-only
+    filesystem, no permission."""

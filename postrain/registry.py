@@ -13,7 +13,10 @@ An entry is a pure function over tensors, registered with a decorator that carri
 The function's signature is the single source of truth, as in mergekit's merge-method registry:
   - parameters before `*` are its **data** (tensors it reads); those without a default are required;
   - keyword-only parameters after `*` are its **hyperparameters**, their defaults the paper's defaults.
-So `Variant.params` and `Variant.data` are read from the signature, never written twice.
+So `Variant.params` and `Variant.data` are read from the signature, never written twice. The hyperparameters'
+annotations are their types, and `ranges=` (on the registry: for every entry of the family that has the parameter;
+on an entry: for that entry, over the family's) declares the values a paper allows, e.g. `{"epsilon": "> 0"}`:
+`check_params` refuses a recipe value of the wrong type or out of range at load time.
 
 An entry whose defining step acts only under some batch layouts says so with `requires=` (Requirement: a batch-level
 std needs several groups per generation batch, a ratio clip needs off-policy updates, ...); postrain.recipes.liveness
@@ -23,11 +26,14 @@ convention mix-up (an absolute ratio cap below 1, a clip range above 1), refused
 
 from __future__ import annotations
 
+import functools
 import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from postrain.errors import RecipeError, did_you_mean
+from postrain.value_types import check_value, parse_range
 
 # Every registry, by family: `postrain variants` lists them all.
 FAMILIES: dict[str, "Registry"] = {}
@@ -116,6 +122,8 @@ class Variant:
     requires: tuple[Requirement, ...] = ()
     # Hyperparameter values refused as a convention mix-up (checked when a recipe loads).
     conventions: tuple[Convention, ...] = ()
+    # Hyperparameter -> the values it may take ("> 0", ">= 0", "in [0, 1)", ...), checked at load time.
+    ranges: dict[str, str] = field(default_factory=dict)
 
     @property
     def signature(self) -> inspect.Signature:
@@ -167,6 +175,11 @@ class Variant:
         return [f"{c.param}={full[c.param]!r}: {c.explain}" for c in self.conventions if c.check(full)]
 
     @property
+    def param_types(self) -> dict[str, Any]:
+        """Hyperparameter -> its annotation (resolved; Any where there is none or it does not resolve)."""
+        return _param_types(self.fn)
+
+    @property
     def description(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n\n")[0].replace("\n", " ")
 
@@ -184,8 +197,19 @@ class Variant:
             "trl": self.trl,
             "description": self.description,
             **({"notes": self.notes} if self.notes else {}),
+            **({"ranges": self.ranges} if self.ranges else {}),
             **self.extra,
         }
+
+
+@functools.lru_cache(maxsize=None)
+def _param_types(fn: Callable) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: that parameter's type is not checked
+        hints = {}
+    return {p.name: hints.get(p.name, Any) for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def suggest(word: str, choices, label: str = "valid") -> str:
@@ -200,30 +224,45 @@ class Registry:
 
     def __init__(self, family: str, *, what: str | None = None,
                  reads: Callable[[Variant, str], bool | None] | None = None,
-                 requirements: Callable[[Variant, dict | None], list] | None = None):
+                 requirements: Callable[[Variant, dict | None], list] | None = None,
+                 ranges: dict[str, str] | None = None):
         """`reads(variant, data_name)`: for a family whose entries stand for entries of other families (named
         methods), whether an entry reads a data input through them; None: each entry's own signature says.
-        `requirements(variant, params)`: likewise, the requirements of the parts an entry stands for."""
+        `requirements(variant, params)`: likewise, the requirements of the parts an entry stands for.
+        `ranges`: parameter -> allowed values for every entry of the family that has the parameter (an entry's
+        own `ranges=` overrides them)."""
         if family in FAMILIES:
             raise ValueError(f"registry family {family!r} exists already")
         self.family = family
         self.what = what or family.replace("_", " ")
         self.reads = reads
         self.requirements = requirements
+        self.ranges = dict(ranges or {})
+        for spec in self.ranges.values():
+            parse_range(spec)
         self.entries: dict[str, Variant] = {}
         FAMILIES[family] = self
 
     def register(self, name: str, *, paper: str, arxiv: str, trl: str | None = None, notes: str = "",
                  requires: tuple[Requirement, ...] | list[Requirement] = (),
                  conventions: tuple[Convention, ...] | list[Convention] = (),
-                 **extra: Any) -> Callable[[Callable], Callable]:
+                 ranges: dict[str, str] | None = None, **extra: Any) -> Callable[[Callable], Callable]:
         def decorator(fn: Callable) -> Callable:
             if name in self.entries:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
             if not paper or not arxiv:
                 raise ValueError(f"{self.what} {name!r} needs its paper title and arXiv id")
+            params = [p.name for p in inspect.signature(fn).parameters.values()
+                      if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            unknown = [key for key in ranges or {} if key not in params]
+            if unknown:
+                raise ValueError(f"{self.what} {name!r} declares a range for {unknown[0]!r}, not one of its "
+                                 f"parameters ({', '.join(params)})")
+            declared = {**{k: v for k, v in self.ranges.items() if k in params}, **(ranges or {})}
+            for spec in declared.values():
+                parse_range(spec)
             variant = Variant(name, self.family, fn, paper, arxiv, trl, notes, dict(extra), tuple(requires),
-                              tuple(conventions))
+                              tuple(conventions), declared)
             unknown = [c.param for c in variant.conventions if c.param not in variant.params]
             if unknown:
                 raise ValueError(f"{self.what} {name!r}: convention on {unknown[0]!r}, which is not a hyperparameter")
@@ -248,8 +287,8 @@ class Registry:
             raise RecipeError(f"unknown {self.what} {name!r}{at}: {suggest(name, self.entries)}")
         return self.entries[name]
 
-    def check_params(self, name: str, params: dict[str, Any], where: str = "") -> Variant:
-        """Raise RecipeError for an unknown entry or hyperparameter (the recipe-load-time check)."""
+    def check_names(self, name: str, params: dict[str, Any], where: str = "") -> Variant:
+        """Raise RecipeError for an unknown entry or hyperparameter."""
         variant = self.get(name, where)
         valid = variant.params
         for key in params:
@@ -259,9 +298,21 @@ class Registry:
                                   f"{suggest(key, valid, 'its parameters')}")
         return variant
 
+    def check_params(self, name: str, params: dict[str, Any], where: str = "") -> Variant:
+        """The recipe-load-time check: RecipeError for an unknown entry or hyperparameter, a value that does not
+        fit the parameter's annotation (`beta: abc` for a float), or one outside its declared range."""
+        variant = self.check_names(name, params, where)
+        types = variant.param_types
+        at = f" ({where})" if where else ""
+        for key, value in params.items():
+            check_value(value, types.get(key, Any), variant.ranges.get(key),
+                        f"parameter {key!r} of {self.what} {name!r}{at}")
+        return variant
+
     def call(self, name: str, data: dict[str, Any], params: dict[str, Any]):
-        """Call an entry with the data inputs it reads (others in `data` are ignored) and its hyperparameters."""
-        variant = self.check_params(name, params)
+        """Call an entry with the data inputs it reads (others in `data` are ignored) and its hyperparameters.
+        Values are not type-checked here: trainers pass tensors (a per-batch beta) where recipes give numbers."""
+        variant = self.check_names(name, params)
         wanted = variant.data
         missing = [k for k, required in wanted.items() if required and data.get(k) is None]
         if missing:

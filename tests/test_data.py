@@ -135,3 +135,32 @@ def test_answers_that_repeat_the_prompt_turns_keep_only_the_answer(tmp_path):
     plain = {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
     path.write_text(json.dumps(plain) + "\n")
     assert load_source({"source": str(path)}, "dpo")[0]["chosen"] == plain["chosen"]  # answers alone are kept as is
+
+
+def test_prompts_that_do_not_fit_are_refused_dropped_or_kept(caplog):
+    """SFT/DPO: a prompt of max_length tokens or more leaves no completion token after TRL's truncation; GRPO: a
+    prompt plus max_completion_length past the model's positions. Counted with the policy's own tokenizer."""
+    import types
+
+    import datasets
+
+    from postrain.data.lengths import fit_lengths
+    from postrain.models.loading import load_tokenizer, resolve_model_path
+    from tests.conftest import TINY
+
+    path = resolve_model_path("tiny", TINY)
+    tokenizer = load_tokenizer(path)
+    prompts = ["1+1=", "9" * 40, "2+2=", "8" * 31, "7" * 32]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    rows = datasets.Dataset.from_list([{"prompt": p, "completion": "abc"} for p in prompts])
+    sft = types.SimpleNamespace(max_length=32, packing=False, truncation_mode="keep_start")
+    expected = [i for i, n in enumerate(lengths) if n < 32]
+    with pytest.raises(DataError, match=r"data.train: \d of 5 rows .*trainer.max_length=32.*row 1 of data.train"):
+        fit_lengths(rows, "sft", sft, tokenizer, path, "refuse", "data.train")
+    kept = fit_lengths(rows, "sft", sft, tokenizer, path, "drop", "data.train")
+    assert kept["prompt"] == [prompts[i] for i in expected] and len(expected) < 5
+    assert len(fit_lengths(rows, "sft", sft, tokenizer, path, "keep", "data.train")) == 5
+    assert "kept" in caplog.text and "dropped" in caplog.text
+    grpo = types.SimpleNamespace(max_completion_length=256 - 32)  # the tiny model has 256 positions
+    assert fit_lengths(rows, "grpo", grpo, tokenizer, path, "drop", "data.train")["prompt"] == \
+        [p for p, n in zip(prompts, lengths) if n <= 32]

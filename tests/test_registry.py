@@ -71,3 +71,45 @@ def test_reference_free_preference_losses_take_no_reference_inputs():
     for name in ("simpo", "orpo", "repo", "cpl", "contrastive_po"):
         assert not any(d.startswith("ref_") for d in PREFERENCE.get(name).data), name
     assert PREFERENCE.get("dpo").needs("ref_chosen_logps")
+
+
+def test_parameters_are_typed_by_their_annotations_and_ranged_by_declarations():
+    reg = Registry("test-ranged-family", ranges={"epsilon": "> 0", "unused": ">= 0"})
+    try:
+        @reg.register("toy", paper="A Toy", arxiv="0000.00000", ranges={"p": "in [0, 1)"})
+        def toy(x, *, epsilon: float = 0.2, p: float = 0.5, k: int = 3, mode: str = "a", flag: bool = False,
+                high: float | None = None):
+            return x
+
+        assert reg.get("toy").ranges == {"epsilon": "> 0", "p": "in [0, 1)"}  # the family's, for its parameters
+        reg.check_params("toy", {"epsilon": 1, "p": 0.0, "k": 2, "mode": "b", "flag": True, "high": None})
+        for params, message in [
+            ({"epsilon": "abc"}, "parameter 'epsilon' of test-ranged-family 'toy' .* must be float, got str 'abc'"),
+            ({"epsilon": 0}, "'epsilon' .* must be > 0, got 0"),
+            ({"epsilon": float("nan")}, "'epsilon' .* must be > 0, got nan"),
+            ({"p": 1.0}, r"'p' .* must be in \[0, 1\), got 1.0"),
+            ({"k": 2.5}, "'k' .* must be int, got float 2.5"),
+            ({"flag": "yes"}, "'flag' .* must be bool"),
+            ({"high": "x"}, r"'high' .* must be float \| null"),
+        ]:
+            with pytest.raises(RecipeError, match=message):
+                reg.check_params("toy", params, where="loss[0]")
+        assert reg.call("toy", {"x": 7}, {"epsilon": -1}) == 7  # trainers pass computed values: not checked here
+        with pytest.raises(ValueError, match="declares a range for 'gamma'"):
+            reg.register("bad", paper="p", arxiv="a", ranges={"gamma": "> 0"})(toy)
+        with pytest.raises(ValueError, match="is not of the form"):
+            reg.register("bad2", paper="p", arxiv="a", ranges={"p": "positive"})(toy)
+    finally:
+        del FAMILIES["test-ranged-family"]
+
+
+def test_every_entry_default_fits_its_own_types_and_ranges():
+    from postrain.value_types import check_value
+
+    for variant in all_variants():
+        types = variant.param_types
+        for name, default in variant.params.items():
+            if default is None:
+                continue
+            value = list(default) if isinstance(default, tuple) else default  # a recipe writes a list
+            check_value(value, types[name], variant.ranges.get(name), f"{variant.family} {variant.name} {name}")

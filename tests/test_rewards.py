@@ -250,9 +250,9 @@ def test_misspelt_name_suggests_the_builtin():
         build_rewards([{"name": "exact_mach"}])
     assert str(error.value).startswith(
         "unknown reward 'exact_mach' (rewards[0]); did you mean 'exact_match'? "
-        "available: exact_match, format, length, llm_judge, math_verify"
+        "available: code_exec, exact_match, format, length, llm_judge, math_verify"
     )
-    with pytest.raises(RewardSpecError, match=r"^unknown reward 'zzz' \(rewards\[1\]\); available: exact_match"):
+    with pytest.raises(RewardSpecError, match=r"^unknown reward 'zzz' \(rewards\[1\]\); available: code_exec"):
         build_rewards([{"name": "format", "args": {"pattern": "x"}}, {"name": "zzz"}])
 
 

@@ -38,7 +38,9 @@ HELDOUT = '{source: "builtin:arithmetic", split: test, task: {n: 6, digits: 1}}'
 
 def grpo_recipe(tmp_path: Path, eval_section: str | None, **trainer) -> Path:
     (tmp_path / "shape.py").write_text(REWARDS_PY)
-    trainer_text = GRPO_TRAINER + "".join(f", {k}: {v}" for k, v in trainer.items())
+    # a key given twice in one YAML mapping is refused: the test's own settings replace the defaults' ones
+    defaults = [item for item in GRPO_TRAINER.split(", ") if item.split(":")[0] not in trainer]
+    trainer_text = ", ".join(defaults + [f"{k}: {v}" for k, v in trainer.items()])
     section = f"eval_during_training: {eval_section}" if eval_section else ""
     return write_recipe(tmp_path / "grpo.yaml", f"""
 defaults: [base/grpo]

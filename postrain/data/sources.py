@@ -6,7 +6,6 @@ Sources: `builtin:<task>` (postrain.data.tasks), local .jsonl / .json / .csv / .
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -16,6 +15,7 @@ from typing import Any
 
 from postrain.data.tasks import build_task
 from postrain.data.thoughts import check_thought_dropout, drop_thoughts  # also registers builtin:arithmetic_thoughts
+from postrain.data.values import VALUE_KINDS, check_consistent_kinds, check_job_values, read_file_rows
 from postrain.errors import DataError, RecipeError
 from postrain.recipes.schema import PairingSpec, SourceSpec
 
@@ -46,41 +46,29 @@ def describe(spec: SourceSpec) -> str:
 
 
 def _read_rows(spec: SourceSpec) -> list[dict] | Any:
+    return _read_labelled_rows(spec)[0]
+
+
+def _read_labelled_rows(spec: SourceSpec) -> tuple[list[dict] | Any, list[str] | None]:
+    """The source's rows and, for a local file, a label per row naming where it is ("line 7"), checked row by row
+    (postrain.data.values); a hub dataset comes back as a `datasets.Dataset` with no labels."""
     src = spec.source
     if src.startswith("builtin:"):
-        return build_task(src.removeprefix("builtin:"), spec.split, dict(spec.task))
+        rows = build_task(src.removeprefix("builtin:"), spec.split, dict(spec.task))
+        return rows, [f"row {index}" for index in range(len(rows))]
     path = Path(src).expanduser()
     if path.suffix in FILE_SUFFIXES or path.exists():
         if not path.exists():
             raise DataError(f"data file not found: {src}")
-        if path.suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(path.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{src}, line {i}: not valid JSON: {e}") from None
-            return rows
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            if isinstance(data, dict) and spec.split in data:
-                data = data[spec.split]
-            if not isinstance(data, list):
-                raise DataError(f"{src}: expected a list of records (or a mapping of split -> list)")
-            return data
-        if path.suffix == ".csv":
-            with path.open(newline="") as f:
-                return list(csv.DictReader(f))
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        raise DataError(f"{src}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        if path.suffix not in FILE_SUFFIXES:
+            raise DataError(f"{src}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        rows, labels = read_file_rows(path, src, spec.split)
+        check_consistent_kinds(rows, labels, src)
+        return rows, labels
     import datasets
 
     try:
-        return datasets.load_dataset(src, spec.config, split=spec.split)
+        return datasets.load_dataset(src, spec.config, split=spec.split), None
     except Exception as e:  # network, missing dataset, bad split: all the user's to fix
         raise DataError(f"cannot load hub dataset {describe(spec)}: {e}") from None
 
@@ -317,7 +305,7 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
     import datasets
 
     spec = as_source(spec)
-    rows = _read_rows(spec)
+    rows, labels = _read_labelled_rows(spec)
     ds = rows if isinstance(rows, datasets.Dataset) else None
     present = list(ds.column_names) if ds is not None else (list(rows[0]) if rows else [])
     if ds is None and not rows:
@@ -330,6 +318,8 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
                 f"columns present: {', '.join(present)}"
             )
     if ds is None:
+        if spec.transform is None:  # the rows as the file has them: a bad value is named by its line
+            _check_values(rows, labels, job, spec, where)
         ds = datasets.Dataset.from_list(rows)
     renames = {src: dst for dst, src in spec.columns.items() if src != dst}
     if renames:
@@ -380,6 +370,9 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     check_columns(ds.column_names, job, spec, where)
+    if labels is None or spec.transform is not None:  # a hub dataset, or rows a transform made
+        after = f" (after transform {spec.transform!r})" if spec.transform else ""
+        _check_values(ds, (f"row {index}{after}" for index in range(len(ds))), job, spec, where, mapped=False)
     answers = [c for c in ("completion", "chosen", "rejected") if c in ds.column_names]
     if "prompt" in ds.column_names and any(_repeats_prompt(ds[0][c]) for c in answers):
         ds = ds.map(lambda row: {c: _answer_turns(row[c]) for c in answers}, desc=None)
@@ -393,6 +386,39 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
 
         ds = apply_mix(ds, spec, job, where)
     return ds
+
+
+def _check_values(rows, labels, job: str, spec: SourceSpec, where: str, mapped: bool = True) -> None:
+    """The columns the job reads hold what it reads, row by row (postrain.data.values.check_job_values). `rows`
+    are the file's (columns under their own names, `mapped`) or the dataset's (renamed)."""
+    if mapped:
+        names = {target: spec.columns.get(target, target) for target in VALUE_KINDS}
+        in_file = set().union(*rows) if rows else set()
+        present = [t for t in VALUE_KINDS if names[t] in in_file]
+        checked = _job_value_columns(job, present)
+        renamed = ({t: row.get(names[t], _ABSENT) for t in checked} for row in rows)
+        rows = ({t: v for t, v in row.items() if v is not _ABSENT} for row in renamed)
+        check_job_values(rows, labels, checked, where, describe(spec), names)
+        return
+    check_job_values(rows, labels, _job_value_columns(job, rows.column_names), where, describe(spec))
+
+
+_ABSENT = object()
+
+
+def _job_value_columns(job: str, present: list[str]) -> list[str]:
+    """The columns whose values the job reads, of those present: the first of the job's JOB_COLUMNS options that
+    is all there, and for dpo the columns of the preference shape the data has (pairs, K-response lists or
+    unpaired labelled completions; postrain.trainers.dpo checks that the shape is the losses')."""
+    option = next((o for o in JOB_COLUMNS[job] if all(c in present for c in o)), ())
+    columns = list(option)
+    if job == "dpo":
+        for shape in (("chosen", "rejected"), ("completions", "scores"), ("completion", "label")):
+            if all(c in present for c in shape):
+                columns += [*shape, *(c for c in ("score_chosen", "score_rejected") if c in present and
+                                      shape == ("chosen", "rejected"))]
+                break
+    return columns
 
 
 def _repeats_prompt(value: Any) -> bool:

@@ -154,6 +154,25 @@ def reverse(
     return _shaped(rows, shape, list_size, _reversal_candidates, "reverse")
 
 
+@register_task("arithmetic_code")
+def arithmetic_code(split: str = "train", n: int = 1000, digits: int = 1, ops: str = "+", seed: int = 0,
+                    test_fraction: float = 0.1) -> list[dict]:
+    """Code generation for `code_exec` (postrain.rewards.code_exec): "Write a Python function solve() that returns
+    a<op>b", with `tests` the MBPP-style assert statements [`assert solve() == <result>`]; the SFT target and
+    `chosen` are the right function in a ```python block, `rejected` one returning the plausible wrong number.
+    The same problems as `arithmetic` (same seed, split and parameters)."""
+    rows = arithmetic(split=split, n=n, digits=digits, ops=ops, seed=seed, test_fraction=test_fraction)
+
+    def program(value: str) -> str:
+        return f"```python\ndef solve():\n    return {value}\n```"
+
+    return [{"prompt": f"Write a Python function solve() that returns {r['prompt'].rstrip('=')}. Answer with a "
+                       f"```python code block.",
+             "completion": program(r["answer"]), "answer": r["answer"], "chosen": program(r["answer"]),
+             "rejected": program(r["rejected"]), "score_chosen": 1.0, "score_rejected": 0.0,
+             "tests": [f"assert solve() == {r['answer']}"]} for r in rows]
+
+
 SHAPES = ("pairs", "lists", "unpaired", "turns")
 
 

@@ -19,8 +19,10 @@ JOB_MODULES = {
 def run_job(recipe, options: RunOptions | None = None) -> dict:
     """Run a resolved recipe with the job for its command."""
     from postrain.jobs.common import check_trl_version, quiet_libraries
+    from postrain.jobs.preflight import check_output_dir
 
     check_trl_version()
+    check_output_dir(recipe.cfg["output_dir"])  # before the data loads: nothing is written if it cannot be
     quiet_libraries()
     module = importlib.import_module(JOB_MODULES[recipe.command])
     return module.run(recipe, options or RunOptions())

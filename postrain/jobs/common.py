@@ -610,6 +610,11 @@ def train_with_trl(
     check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
     plan = check_run_dir(recipe, options)  # where the run writes (its checkpoints, its in-training eval samples)
     args = trainer_config(recipe, plan.work, config_cls, **(config_overrides or {}))
+    from postrain.data.lengths import fit_source_lengths  # prompts that do not fit: refused, dropped or kept
+
+    train = fit_source_lengths(train, job, args, recipe.cfg["model"], data["train"], "data.train")
+    if eval_ds is not None:
+        eval_ds = fit_source_lengths(eval_ds, job, args, recipe.cfg["model"], data["eval"], "data.eval")
     # eval_during_training: sets loaded, reward columns checked
     in_training_eval = TrainEval.from_recipe(recipe, run_dir=plan.work)
     view = make_view(job, f"postrain {job} · {recipe.cfg['output_dir']}")  # live view or plain lines

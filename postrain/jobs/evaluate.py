@@ -183,13 +183,22 @@ def score_set(
         "rewards": {name: sum(v or 0.0 for v in vals) / n for name, vals in per_reward.items()},
         "unparsable": (sum(p is None for p in parsed) / n) if hasattr(verifier, "parse") else None,
         "mean_length_tokens": sum(lengths) / n,
-        "reward_errors": {fn.name: fn.pop_error_count() for fn in rewards},
+        **_reward_counts(rewards),
         **({"reward_metrics": {k: sum(v) / len(v) for k, v in logged.items()}} if logged else {}),
     }
     if verifier is not None and rows:
         summary.update(_paper_metrics(rows, completions, per_reward[verifier.name], parsed, texts, verifier,
                                       settings, seed))
     return summary, samples
+
+
+def _reward_counts(rewards: list) -> dict:
+    """Each reward's failed completions (`reward_errors`) and its other counts (`reward_counts`: timeouts, NaN or
+    infinite scores, a code reward's outcomes), since the last set."""
+    counts = {fn.name: fn.pop_counts() if hasattr(fn, "pop_counts") else {"errors": fn.pop_error_count()}
+              for fn in rewards}
+    return {"reward_errors": {name: c.get("errors", 0) for name, c in counts.items()},
+            "reward_counts": {name: {k: v for k, v in c.items() if k != "errors"} for name, c in counts.items()}}
 
 
 def _metric_settings(metrics: dict | None) -> dict:
@@ -274,7 +283,7 @@ def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
             raise RecipeError(f"sets.{name}: maj@k votes with the answers the verifier parses, but the first reward, "
                               f"{rewards[0].name!r}, has no parse method; put exact_match or math_verify first")
         dataset = load_source(spec, "eval", where=f"sets.{name}")
-        check_reward_columns(rewards, dataset.column_names, f"sets.{name}")
+        check_reward_columns(rewards, dataset, f"sets.{name}")
         column = metrics["subset_column"]
         if column and column not in dataset.column_names:
             raise DataError(f"sets.{name}: metrics.subset_column is {column!r}, but the set has no such column; "
@@ -317,7 +326,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.errors import RecipeError
     from postrain.evaluation.settings import model_entries
     from postrain.models.loading import check_model_reference
-    from postrain.rewards import build_rewards
+    from postrain.rewards import build_rewards, policy_options
 
     cfg = recipe.cfg
     if (cfg.get("eval") or {}).get("backend") == "lm_eval":  # lm-eval's tasks instead of sets: (same results shape)
@@ -330,7 +339,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         raise RecipeError("`eval` needs at least one entry under rewards: (the first is the verifier behind accuracy)")
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
-    rewards, weights = build_rewards(cfg["rewards"], on_error=policy["policy"], error_score=policy["score"], base_dir=base_dir)
+    rewards, weights = build_rewards(cfg["rewards"], base_dir=base_dir, **policy_options(policy))
     sets = load_sets(cfg, rewards)
     models = model_entries(cfg)
     comparing = len(models) > 1

@@ -2,8 +2,10 @@
 
 `rewards:` lists built-in verifiers (exact_match, math_verify, format, length) or user functions
 (`module:function`, `path/file.py:function`), each with a weight; each one's mean is logged separately as
-rewards/<name>/mean. `reward_errors.policy` decides whether a reward that raises stops the run (`fail`) or
-scores that completion as `reward_errors.score` and counts it (`score`, logged as rewards/<name>/errors).
+rewards/<name>/mean. Every reward runs in a worker process with wall-clock limits (`reward_errors.timeout` a batch,
+`completion_timeout` a completion); `reward_errors.policy` decides whether a reward that raises, scores NaN or
+infinity, or runs out of time stops the run (`fail`) or scores that completion as `reward_errors.score` and counts
+it (`score`, logged as rewards/<name>/errors, with rewards/<name>/timeouts and non_finite; postrain.rewards.build).
 `rl:` (or `method:`) swaps TRL's advantage and loss for registry parts (postrain.rl.section,
 postrain.trainers.grpo), and adds samplers: group / completion filters, DAPO's refill, PF-PPO's resampling;
 per-prompt state (dcpo_smooth) and recovered groups are saved beside each checkpoint (rl_state.json,
@@ -18,7 +20,7 @@ from postrain.recipes import Recipe
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from postrain.rewards import build_rewards, check_reward_columns
+    from postrain.rewards import build_rewards, check_reward_columns, policy_options
     from postrain.trainers import config_class
     from postrain.trainers.grpo import PostrainGRPOTrainer
 
@@ -32,7 +34,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         raise RecipeError("set reward weights with rewards[i].weight, not trainer.reward_weights")
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
-    rewards, weights = build_rewards(cfg["rewards"], on_error=policy["policy"], error_score=policy["score"], base_dir=base_dir)
+    rewards, weights = build_rewards(cfg["rewards"], base_dir=base_dir, **policy_options(policy))
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
@@ -45,5 +47,5 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     return train_with_trl(
         recipe, options, job="grpo", trainer_cls=PostrainGRPOTrainer, config_cls=config_class("grpo"),
         config_overrides=overrides, trainer_kwargs=lambda: extra,
-        check_data=lambda ds, where: check_reward_columns(rewards, ds.column_names, where),
+        check_data=lambda ds, where: check_reward_columns(rewards, ds, where),
     )

@@ -10,6 +10,8 @@ interrupted is rerun (from its last checkpoint, if any); one whose recipe change
 
 from __future__ import annotations
 
+import sys
+
 import json
 import time
 from pathlib import Path
@@ -86,6 +88,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         raise PostrainError(f"pipeline {recipe.path} has no stages")
     # Load every stage first: a bad key in the last stage fails before the first one trains.
     stages = {name: stage_recipe(recipe, name, stage, options.smoke) for name, stage in cfg["stages"].items()}
+    for name, stage in stages.items():  # keys a stage sets that nothing reads (postrain.recipes.unread)
+        for warning in stage.warnings:
+            print(f"[pipeline] {name}: warning: {warning}", file=sys.stderr, flush=True)
     if options.stage is not None:
         return run_one_stage(recipe, stages, options)
     pipe_dir = Path(cfg["output_dir"])

@@ -33,6 +33,27 @@ def _trainer_args(recipe: Recipe, processes: int = 1):
         return trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_class(recipe.command))
 
 
+# TrainingArguments options it checks against the machine it runs on (a bf16 GPU, TF32, ...): a recipe loads
+# the same on a laptop as on the GPU node it is written for, so the load-time build leaves them at their CPU
+# values; the job builds the config with them, on its own machine, before the run directory is made.
+MACHINE_OPTIONS = {"bf16": False, "fp16": False, "tf32": None, "bf16_full_eval": False, "fp16_full_eval": False}
+
+
+def trainer_args_for_check(command: str, cfg: dict) -> None:
+    """Build the job's TRL config and peft config from a resolved recipe, as the job will (at the launch's
+    process count, without the options that depend on the machine: MACHINE_OPTIONS), for their own checks at
+    load time (postrain.recipes.checks): a PostrainError if either library refuses a value."""
+    from postrain.jobs.common import peft_config
+
+    trainer = dict(cfg.get("trainer") or {})
+    for key, value in MACHINE_OPTIONS.items():
+        if key in trainer:
+            trainer[key] = value
+    recipe = Recipe(command=command, cfg={**cfg, "trainer": trainer})
+    _trainer_args(recipe, world_size(launch_section(cfg)))
+    peft_config(recipe)
+
+
 def _train_rows(recipe: Recipe) -> int | None:
     from postrain.data.sources import source_size
 
@@ -51,7 +72,7 @@ def _check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
     rewards, _ = build_rewards(recipe.cfg["rewards"], base_dir=base_dir)
     for where, spec in sets.items():
         if spec and is_local(spec):
-            check_reward_columns(rewards, load_source(spec, recipe.command, where=where).column_names, where)
+            check_reward_columns(rewards, load_source(spec, recipe.command, where=where), where)
 
 
 def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:

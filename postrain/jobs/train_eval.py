@@ -147,7 +147,7 @@ class TrainEval:
         for name, spec in section["sets"].items():
             where = f"{SECTION}.sets.{name}"
             dataset = load_set(recipe.cfg, spec, where)
-            check_reward_columns(rewards, dataset.column_names, where)
+            check_reward_columns(rewards, dataset, where)
             generation = {**section["generation"], **(spec.get("generation") or {})}
             sets.append(EvalSet(name, dataset.to_list(), generation))
         return cls(sets, rewards, weights, section["every_steps"], section["at_start"], recipe.cfg["seed"],
@@ -243,14 +243,13 @@ class TrainEval:
 def build_section_rewards(recipe, section: dict) -> tuple[list, list[float]]:
     """The section's rewards, else the job's own (grpo), each built anew: their error counts are the
     evaluation's, not mixed into training's `rewards/<name>/errors`."""
-    from postrain.rewards import RewardSpecError, build_rewards
+    from postrain.rewards import RewardSpecError, build_rewards, policy_options
 
     own = bool(section["rewards"])
     specs = section["rewards"] if own else recipe.cfg.get("rewards") or []
     policy = section["reward_errors"] or recipe.cfg.get("reward_errors") or {}  # sft / dpo have none: fail
     try:
-        return build_rewards(specs, on_error=policy.get("policy", "fail"), error_score=policy.get("score", 0.0),
-                             base_dir=recipe.path.parent if recipe.path else None)
+        return build_rewards(specs, base_dir=recipe.path.parent if recipe.path else None, **policy_options(policy))
     except RewardSpecError as e:
         raise RecipeError(f"{SECTION}.rewards: {e}" if own else str(e)) from None
 
@@ -269,7 +268,7 @@ def plan_lines(recipe) -> dict[str, str]:
     for name, spec in section["sets"].items():
         where = f"{SECTION}.sets.{name}"
         if is_local(spec):
-            check_reward_columns(rewards, load_set(recipe.cfg, spec, where).column_names, where)
+            check_reward_columns(rewards, load_set(recipe.cfg, spec, where), where)
         gen = {**section["generation"], **(spec.get("generation") or {})}
         decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
         tokens = gen["max_new_tokens"] or ("trainer.max_completion_length" if recipe.command == "grpo"

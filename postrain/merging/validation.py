@@ -279,6 +279,42 @@ def validate_merge_config(
     except (RuntimeError, ValueError) as e:  # mergekit's validators raise RuntimeError, which pydantic passes on
         raise MergeConfigError(f"{CONFIG_ROOT}: {e}", key=CONFIG_ROOT) from None
     _check_semantics(raw, conf, method)
+    _check_input_shapes(conf)
     return conf
+
+
+# config.json keys that fix the shape of every weight a merge combines tensor by tensor.
+SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads")
+
+
+def _check_input_shapes(conf: Any) -> None:
+    """A merge over whole models (`models:`, not `slices:`) combines each tensor of every input: inputs of another
+    depth or width have no such tensor, and mergekit fails reading it once the output directory exists. Local
+    inputs are compared by their config.json (hub inputs are not downloaded here)."""
+    import json
+    from pathlib import Path
+
+    if conf.slices is not None:  # layer ranges picked per input (frankenmerges): mergekit's own planner checks
+        return
+    shapes: dict[str, tuple[str, dict]] = {}
+    for reference in conf.referenced_models():
+        path = Path(str(reference.model.path))
+        if not (path / "config.json").is_file():
+            continue
+        config = json.loads((path / "config.json").read_text())
+        shapes.setdefault(str(path), (str(reference), {k: config.get(k) for k in SHAPE_KEYS}))
+    if len(shapes) < 2:
+        return
+    (first, first_shape), *others = shapes.values()
+    for name, shape in others:
+        differ = [k for k in SHAPE_KEYS if shape[k] != first_shape[k]]
+        if differ:
+            key = differ[0]
+            raise MergeConfigError(
+                f"{CONFIG_ROOT}: the inputs differ in shape, so their weights cannot be merged tensor by tensor: "
+                f"{key} is {first_shape[key]!r} in {first} but {shape[key]!r} in {name}"
+                f"{' (and ' + ', '.join(differ[1:]) + ')' if len(differ) > 1 else ''}; merge models of one "
+                f"architecture, or pick layers with slices:", key=CONFIG_ROOT)
 
 

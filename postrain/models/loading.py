@@ -8,7 +8,9 @@ users with network.
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,69 @@ def resolve_model_path(name_or_path: str, tiny: dict | None = None) -> str:
     p = Path(name_or_path).expanduser()
     if p.exists():
         if (p / MODEL_SUBDIR / "config.json").exists():
-            return str((p / MODEL_SUBDIR).resolve())
+            return check_model_files(p / MODEL_SUBDIR, name_or_path)
         if (p / "config.json").exists() or (p / "adapter_config.json").exists():
-            return str(p.resolve())
+            return check_model_files(p, name_or_path)
         raise PostrainError(
             f"model path {name_or_path!r} exists but holds no model: expected a run directory with {MODEL_SUBDIR}/ "
             f"(did its run finish?) or a folder with config.json"
         )
     return hub_id_or_error(name_or_path, what="model")
+
+
+def check_model_files(folder: Path, reference: str) -> str:
+    """A local model folder's absolute path, once its files are whole: its config is JSON, and every safetensors
+    file holds the bytes its header promises (a copy or a save cut short by a full disk leaves a file whose
+    header names tensors past its end; transformers then fails deep inside loading, after the run directory was
+    made). Only headers are read."""
+    folder = folder.resolve()
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise PostrainError(f"model {reference!r}: {folder / name} is not valid JSON ({e}); the folder holds "
+                                    f"a damaged or partial copy of the model") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise PostrainError(f"model {reference!r}: {index} is not a valid safetensors index ({e})") from None
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if missing:
+            raise PostrainError(f"model {reference!r}: {index.name} names {missing[0]}, which {folder} lacks; the "
+                                f"folder holds a partial copy of the model")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise PostrainError(f"model {reference!r}: {weights} is damaged: {problem}. Copy or save the model again")
+    return str(folder)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (an 8-byte little-endian header length, the JSON header,
+    then the tensor bytes, whose last offset must be the file's end), or None when it is whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return f"the header says {length} bytes of metadata follow, the file has {size - 8}"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a mapping of tensors"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} bytes, the header's tensors need {expected}"
+    return None
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}")
@@ -117,4 +174,9 @@ def load_model(spec: dict):
         model = AutoModelForCausalLM.from_pretrained(path, **model_init_kwargs(spec))
     except OSError as e:
         raise PostrainError(f"cannot load model {spec['name_or_path']!r}: {e}") from None
+    except Exception as e:  # a damaged file the header check cannot see (safetensors, torch and json errors)
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "JSONDecodeError", "UnpicklingError"):
+            raise
+        raise PostrainError(f"cannot load model {spec['name_or_path']!r} from {path}: {type(e).__name__}: {e}") \
+            from None
     return model, load_tokenizer(path, spec), path

@@ -14,7 +14,11 @@ from typing import Any
 
 from postrain.registry import Registry
 
-PREFERENCE = Registry("preference", what="preference loss")
+# beta scales the implicit reward (or its margin) of every DPO-family loss: 0 or below makes no preference or the
+# opposite one. cDPO's label smoothing is the probability that a label is flipped, at most 0.5 (TRL's docs).
+PREFERENCE = Registry("preference", what="preference loss",
+                      ranges={"beta": "> 0", "label_smoothing": "in [0, 0.5]", "desirable_weight": "> 0",
+                              "undesirable_weight": "> 0"})
 
 
 def data_names() -> set[str]:

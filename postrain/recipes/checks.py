@@ -264,3 +264,80 @@ def check_health(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 
 COMMAND_CHECKS.append(check_health)
+
+
+# Values of the library configs' fields that the libraries accept but that cannot train (a negative learning rate
+# climbs the loss; a batch of 0 or a negative length crashes deep inside the first step, after the run directory
+# was made). TRL 1.16, transformers 5 and peft 0.18 check none of these. A field the installed class lacks is
+# skipped; None (a library's "unset") is not checked.
+TRAINER_RANGES: dict[str, str] = {
+    "learning_rate": ">= 0", "weight_decay": ">= 0", "max_grad_norm": ">= 0", "adam_beta1": "in [0, 1)",
+    "adam_beta2": "in [0, 1)", "adam_epsilon": ">= 0", "warmup_steps": ">= 0", "num_train_epochs": "> 0",
+    "per_device_train_batch_size": ">= 1", "per_device_eval_batch_size": ">= 1",
+    "gradient_accumulation_steps": ">= 1", "eval_accumulation_steps": ">= 1", "logging_steps": "> 0",
+    "save_steps": "> 0", "eval_steps": "> 0", "save_total_limit": ">= 1", "seed": ">= 0", "data_seed": ">= 0",
+    "dataloader_num_workers": ">= 0", "dataset_num_proc": ">= 1", "label_smoothing_factor": "in [0, 1)",
+    "max_length": ">= 1", "max_prompt_length": ">= 1", "max_completion_length": ">= 1",
+}
+COMMAND_TRAINER_RANGES: dict[str, dict[str, str]] = {
+    "dpo": {"beta": "> 0", "label_smoothing": "in [0, 0.5]", "ld_alpha": "in [0, 1]", "rpo_alpha": ">= 0",
+            "ref_model_mixup_alpha": "in [0, 1]", "ref_model_sync_steps": ">= 1", "precompute_ref_batch_size": ">= 1"},
+    "grpo": {"num_generations": ">= 2", "num_generations_eval": ">= 1", "temperature": "> 0", "top_p": "in (0, 1]",
+             "min_p": "in [0, 1]", "repetition_penalty": "> 0", "beta": ">= 0", "epsilon": "> 0",
+             "epsilon_high": "> 0", "delta": "> 1", "num_iterations": ">= 1", "steps_per_generation": ">= 1",
+             "generation_batch_size": ">= 1", "top_entropy_quantile": "in (0, 1]",
+             "ref_model_mixup_alpha": "in [0, 1]", "ref_model_sync_steps": ">= 1"},
+}
+PEFT_RANGES: dict[str, str] = {"r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "in [0, 1)"}
+
+
+def check_library_configs(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer:` and `peft:` as the job will build them: postrain's ranges first (naming the key and the file
+    that set it), then the library config objects themselves, built exactly as the job builds them (their own
+    checks: GRPO's batch divisibility, DPO's loss weights, peft's target modules), so that a value either library
+    refuses stops the load, not the run."""
+    if command not in ("sft", "dpo", "grpo"):
+        return
+    from postrain.trainers import config_class
+    from postrain.value_types import check_value
+
+    trainer = cfg.get("trainer") or {}
+    fields = {f.name for f in dataclasses.fields(config_class(command))}
+    ranges = {**TRAINER_RANGES, **COMMAND_TRAINER_RANGES.get(command, {})}
+    for key, value in trainer.items():
+        if key in ranges and key in fields and value is not None:
+            check_value(value, object, ranges[key], f"trainer.{key} (from {origin_of(origins, f'trainer.{key}')})")
+    peft = cfg.get("peft")
+    if isinstance(peft, dict):
+        for key, value in peft.items():
+            if key in PEFT_RANGES and value is not None:
+                check_value(value, object, PEFT_RANGES[key], f"peft.{key} (from {origin_of(origins, f'peft.{key}')})")
+    import warnings
+
+    from postrain.jobs.plan import trainer_args_for_check
+
+    with warnings.catch_warnings():  # the libraries' advisories are the job's to show (or quiet), once, when it runs
+        warnings.simplefilter("ignore")
+        trainer_args_for_check(command, cfg)
+
+
+COMMAND_CHECKS.append(check_library_configs)
+
+
+def check_reward_errors(command: str, cfg: dict, origins: dict[str, str]) -> None:
+    """`reward_errors:` (and eval_during_training's): limits in seconds > 0 or null, a finite failure score (a NaN
+    or infinite one would do to the run what a NaN reward does, postrain.rewards.build.GuardedReward)."""
+    from postrain.value_types import check_value
+
+    sections = {"reward_errors": cfg.get("reward_errors"),
+                "eval_during_training.reward_errors": (cfg.get("eval_during_training") or {}).get("reward_errors")}
+    for path, section in sections.items():
+        if not isinstance(section, dict):
+            continue
+        for key, allowed in (("timeout", "> 0"), ("completion_timeout", "> 0"), ("score", "in (-inf, inf)")):
+            value = section.get(key)
+            if value is not None:
+                check_value(value, object, allowed, f"{path}.{key} (from {origin_of(origins, f'{path}.{key}')})")
+
+
+COMMAND_CHECKS.append(check_reward_errors)

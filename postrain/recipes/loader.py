@@ -33,7 +33,26 @@ BUILTIN = "built-in defaults"
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-6` as a float, as YAML 1.2 and users do (YAML 1.1 wants `1.0e-6`)."""
+    """SafeLoader that reads `1e-6` as a float, as YAML 1.2 and users do (YAML 1.1 wants `1.0e-6`), and refuses a
+    key given twice in one mapping (PyYAML keeps the last one silently: a second `trainer:` would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, it is no key
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -72,6 +91,8 @@ class Recipe:
     origins: dict[str, str] = field(default_factory=dict)
     # Method steps that cannot act under the recipe's batch layout (postrain.recipes.liveness), reported at load.
     liveness: list = field(default_factory=list)
+    # Keys a recipe file or override sets that nothing reads given the rest of it (postrain.recipes.unread).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def hash(self) -> str:
@@ -101,7 +122,12 @@ def load_smoke_recipe(
     first = load_recipe(path, overrides, command, command_checks=False)
     layer = smoke_layer(first.command, first.cfg)
     top = {k: layer[k] for k in ("data", "sets") if k in layer} if data_wins else None
-    return load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
+    smoked = load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
+    # The recipe's own unread keys, not the ones the smoke layer makes unread (it turns checkpoints off).
+    from postrain.recipes.unread import unread_keys
+
+    smoked.warnings = unread_keys(first.command, first.cfg, first.origins, own=(str(first.path), COMMAND_LINE))
+    return smoked
 
 
 # Top-level keys left out of the hash. `hub:` says where a finished model is published, not what is trained, so a
@@ -113,11 +139,13 @@ NOT_HASHED = ("hub", "health", "liveness")
 # `launch:` keys that say where a run's processes meet, not what they compute: every machine of a multi-node run
 # has its own machine_rank, and all of them must agree on the run directory's recipe hash.
 LAUNCH_LOCATION_KEYS = ("machine_rank", "main_process_ip", "main_process_port", "extra_args")
+TIME_LIMIT_KEYS = ("timeout", "completion_timeout")
 
 
 def recipe_hash(cfg: dict) -> str:
     """A short hash of what a recipe computes. `launch:` counts by its process layout (the global batch and the
-    sharding); a single-process launch is left out, so recipes written before `launch:` existed keep their hash."""
+    sharding); a single-process launch is left out, so recipes written before `launch:` existed keep their hash,
+    and so are the reward time limits at their defaults."""
     cfg = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
     launch = cfg.get("launch")
     if isinstance(launch, dict):
@@ -128,6 +156,15 @@ def recipe_hash(cfg: dict) -> str:
         cfg = {k: v for k, v in cfg.items() if k != "launch"}
         if layout != default:
             cfg["launch"] = layout
+    errors = cfg.get("reward_errors")
+    if isinstance(errors, dict):
+        # The reward time limits (added later) count only when set away from their defaults, so recipes written
+        # before them keep their hash (a finished pipeline stage is not rerun, --resume is not refused).
+        from postrain.recipes.schema import RewardErrorPolicy
+
+        default = dataclasses.asdict(RewardErrorPolicy())
+        cfg["reward_errors"] = {k: v for k, v in errors.items()
+                                if k not in TIME_LIMIT_KEYS or v != default[k]}
     text = yaml.safe_dump(cfg, sort_keys=True, default_flow_style=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -138,18 +175,44 @@ def builtin_defaults(command: str) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A recipe file's mapping. An empty file, a binary one or a directory is an error naming the file: a recipe
+    that says nothing would run the command's built-in defaults."""
     try:
-        # OmegaConf's YAML loader reads `1e-6` as a float (plain YAML 1.1 reads it as a string).
-        data = yaml.load(path.read_text(), Loader=_YamlLoader)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a directory, not a YAML file") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} is not a text (UTF-8) file: byte {e.start} is 0x{raw[e.start]:02x}; a recipe is "
+                          f"a YAML file") from None
+    if "\x00" in text:
+        raise RecipeError(f"{path} is not a text file (it holds NUL bytes); a recipe is a YAML file")
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+        raise RecipeError(yaml_error_message(path, e)) from None
     if data is None:
-        return {}
+        raise RecipeError(f"{path} is empty (or holds only comments): a recipe needs at least `command:` or "
+                          f"`defaults:`")
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must hold a mapping at the top level, not {type(data).__name__}")
     return data
+
+
+def yaml_error_message(path: Path | str, error: yaml.YAMLError) -> str:
+    """One line: the file, line and column, and what PyYAML found there."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return f"{where}: not valid YAML: {' '.join(str(error).split())}"
+    context = getattr(error, "context", None)
+    return f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}"
 
 
 def find_recipe(ref: str, relative_to: Path | None) -> Path:
@@ -225,6 +288,8 @@ def load_recipe(
     recipe_path = None
     if path is not None:
         recipe_path = Path(path)
+        if recipe_path.is_dir():
+            raise RecipeError(f"recipe {path} is a directory, not a YAML file")
         if not recipe_path.is_file():
             recipe_path = find_recipe(str(path), None)
         recipe_path = recipe_path.resolve()
@@ -275,14 +340,18 @@ def load_recipe(
 
         apply_method(cfg, origins, _leaf_origins)
     validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
+    warnings: list[str] = []
     if command_checks:
         run_checks(declared, cfg, origins)
+        from postrain.recipes.unread import unread_keys
+
+        warnings = unread_keys(declared, cfg, origins, own=(str(recipe_path), COMMAND_LINE))
     findings = []
     if command_checks and liveness and smoke_layer is None:
         from postrain.recipes.liveness import report
 
         findings = report(declared, cfg, origins, recipe_path)
-    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins, liveness=findings)
+    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins, liveness=findings, warnings=warnings)
 
 
 def _default_stage_outputs(merged) -> None:

@@ -206,6 +206,12 @@ class SourceSpec:
     implicit_reward: ImplicitRewardSpec | None = None
     # Concatenate a second source's rows with these (DICE's experience replay of offline pairs; see MixSpec).
     mix: MixSpec | None = None
+    # Training rows whose prompt does not fit (sft / dpo: at least trainer.max_length tokens, so TRL's truncation
+    # would leave nothing of the completion; grpo: past the model's max_position_embeddings once the completion is
+    # generated): `refuse` them (an error naming the first), `drop` them (counted and reported) or `keep` them
+    # (reported). null: refuse in sft / dpo, keep in grpo (RoPE models run past their nominal positions; TRL
+    # does not cut GRPO prompts). See postrain.data.lengths.
+    too_long: Literal["refuse", "drop", "keep"] | None = None
 
 
 @dataclass
@@ -297,11 +303,16 @@ class RLSpec:
 
 @dataclass
 class RewardErrorPolicy:
-    """What a reward function that raises does to the run: `fail` stops it, `score` scores the completion as
-    `score` and counts it (logged as rewards/<name>/errors)."""
+    """What a reward that fails does to the run: `fail` stops it, `score` scores the completion as `score` and
+    counts it (logged as rewards/<name>/errors). A reward fails when it raises, scores NaN or infinity, or runs
+    out of time: every reward runs in a worker process (postrain.rewards.worker) and a call gets `timeout`
+    seconds for a batch (verl's reward loop: 300 s) and `completion_timeout` for one completion, when a failed
+    batch is scored again one completion at a time (open-r1's sandboxes: 30 s); null: no limit."""
 
     policy: Literal["fail", "score"] = "fail"
     score: float = 0.0
+    timeout: float | None = 300.0
+    completion_timeout: float | None = 30.0
 
 
 @dataclass

@@ -139,8 +139,10 @@ def _win_rate_source(spec: dict, split: str, n: int) -> dict:
 
 def _smoke_reward(entry: Any, own_model: Any) -> Any:
     """A model-backed reward (`llm_judge`) judges briefly with the smoke model; a judge that is the recipe's own model
-    (self-rewarding) stays the recipe's model, whatever that becomes (a pipeline stage's input). Other rewards are
-    kept as they are."""
+    (self-rewarding) stays the recipe's model, whatever that becomes (a pipeline stage's input). `code_exec` reads
+    no setup column (the built-in code task has none). Other rewards are kept as they are."""
+    if isinstance(entry, dict) and entry.get("name") == "code_exec" and (entry.get("args") or {}).get("setup_column"):
+        return {**entry, "args": {**entry["args"], "setup_column": None}}  # the built-in code rows need no setup
     if not (isinstance(entry, dict) and entry.get("name") == "llm_judge"):
         return entry
     args = entry.get("args") or {}
@@ -211,6 +213,9 @@ def smoke_layer(command: str, cfg: dict) -> dict:
                 layer["sets"][name]["metrics"] = {"subset_column": None}
         if cfg.get("models"):  # comparison mode: the tiny model alone stands in for all of them
             layer["models"] = None
+    if command in ("grpo", "eval") and any(isinstance(r, dict) and r.get("name") == "code_exec"
+                                           for r in cfg.get("rewards") or []):
+        _code_task(layer, command)
     if command == "merge":
         layer["merge"] = _smoke_merge(cfg.get("merge") or {})
     if command in ("sft", "dpo", "grpo", "merge"):
@@ -218,6 +223,15 @@ def smoke_layer(command: str, cfg: dict) -> dict:
         # hub.repo_id=... override, above this layer, still pushes)
         layer["hub"] = {"repo_id": None}
     return layer
+
+
+def _code_task(layer: dict, command: str) -> None:
+    """A recipe scored by code_exec reads each row's tests: its smoke data is the built-in code task, whose rows
+    carry MBPP-style `tests` (postrain.data.tasks.arithmetic_code). Called once the data layer is built."""
+    sources = list((layer.get("data") or {}).values()) if command == "grpo" else list((layer.get("sets") or {}).values())
+    for source in sources:
+        if source is not None:
+            source.update({"source": "builtin:arithmetic_code", "task": {"n": source.get("task", {}).get("n", 32)}})
 
 
 SMOKE_LM_EVAL = {"limit": 4, "max_gen_toks": 8, "bootstrap_iters": 100}

@@ -8,13 +8,13 @@ some sections map onto (TRL's SFTConfig / DPOConfig / GRPOConfig under `trainer:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from postrain.errors import RecipeError, did_you_mean
+from postrain.value_types import matches as _matches, type_name
 
 
 def _library_dataclass(meta: dict) -> type | None:
@@ -37,63 +37,6 @@ def field_types(cls: type) -> dict[str, Any]:
     except Exception:  # some library annotations do not resolve; fall back to the raw ones
         hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-def type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return "any"
-    if tp is type(None):
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (list, tuple, typing.Sequence):
-        args = typing.get_args(tp)
-        return f"list of {type_name(args[0])}" if args else "list"
-    if origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in tp)
-    return getattr(tp, "__name__", str(tp))
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether a YAML value fits a type annotation. Lenient where YAML cannot express the type exactly."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is object:
-        return True
-    if tp is type(None):
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
-        if not isinstance(value, list):
-            return False
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return not args or all(_matches(v, args[0]) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, dict)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return any(value == m.value or value == m.name or value is m for m in tp)
-    # A library class we cannot build from YAML directly (e.g. a parallelism config): mappings and strings pass
-    # and the library checks them when the config object is built.
-    return isinstance(value, (dict, str))
 
 
 def origin_of(origins: dict[str, str], path: str) -> str:

@@ -3,11 +3,14 @@
     from postrain.rewards import build_rewards
     rewards, weights = build_rewards([{"name": "exact_match"}, {"fn": "my_rewards.py:brevity", "weight": 0.1}])
 
-Built-ins live in :mod:`postrain.rewards.builtin` and register themselves in :data:`REWARDS` on import.
+Built-ins live in :mod:`postrain.rewards.builtin` (and :mod:`~postrain.rewards.code_exec`,
+:mod:`~postrain.rewards.judge`) and register themselves in :data:`REWARDS` on import. Every reward comes back
+wrapped by the error policy and run in a worker process with wall-clock limits (:mod:`~postrain.rewards.build`,
+:mod:`~postrain.rewards.worker`).
 """
 
 from postrain.rewards import builtin  # noqa: F401  (registers the built-in rewards)
-from postrain.rewards.build import GuardedReward, build_rewards, load_function
+from postrain.rewards.build import GuardedReward, build_rewards, load_function, policy_options
 from postrain.rewards.registry import (
     REWARDS,
     RewardError,
@@ -28,5 +31,6 @@ __all__ = [
     "check_reward_columns",
     "completion_text",
     "load_function",
+    "policy_options",
     "register_reward",
 ]

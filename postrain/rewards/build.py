@@ -8,14 +8,19 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
+import pickle
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import did_you_mean
-from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError
+from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError, completion_text
+from postrain.rewards.worker import RewardCallError, RewardTimeout, WorkerDied
 from postrain.rewards import judge  # noqa: F401,E402  (registers llm_judge, the model-backed reward)
+from postrain.rewards import code_exec  # noqa: F401,E402  (registers code_exec, the sandboxed code reward)
 
 logger = logging.getLogger(__name__)
 
@@ -23,24 +28,44 @@ SPEC_KEYS = ("name", "fn", "weight", "args", "alias")
 ON_ERROR_POLICIES = ("fail", "score")
 
 
+# Wall-clock limits, as verl and open-r1 set them (TRL 1.16 has none): verl's reward loop gives a batch call 300 s
+# (verl/experimental/reward_loop/reward_manager/limited.py), open-r1's code sandboxes give one completion 30 s and
+# score it 0 when it runs out (src/open_r1/utils/code_providers.py).
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_COMPLETION_TIMEOUT_S = 30.0
+# The counts every guarded reward logs as rewards/<name>/<count>: completions scored as failed (any cause), of those
+# the ones whose call ran out of time, and scores that were NaN or infinite.
+GUARD_COUNTS = ("errors", "timeouts", "non_finite")
+
+
 class GuardedReward(RewardFunction):
-    """A reward wrapped by the error policy, under its logging name.
+    """A reward wrapped by the error policy, under its logging name, run with a wall-clock limit.
 
-    The wrapped callable is called on the whole batch. If it raises (or returns the wrong number of scores):
+    The wrapped callable is called on the whole batch, in its worker process (postrain.rewards.worker) with a
+    limit of ``timeout`` seconds; a reward whose ``runs_in_worker`` is False (llm_judge, which holds a model)
+    runs in this process, where it cannot be stopped. A completion fails when the call raises, runs out of time,
+    returns the wrong number of scores, or scores it NaN or infinite (TRL reads NaN as "no reward" and drops it
+    from the sum, and one infinite reward makes every advantage NaN); None (TRL: no reward for this sample) is
+    passed through. Then:
 
-    - ``on_error="fail"``: a RewardError (a RuntimeError) naming the reward, the original error and where it
-      was raised;
-    - ``on_error="score"``: it is called again one completion at a time (every list argument aligned with the
-      completions sliced to that completion), and only the completions that raise are scored ``error_score``.
+    - ``on_error="fail"``: a RewardError naming the reward, the completion (its index in the batch and its prompt)
+      and the cause; the run stops.
+    - ``on_error="score"``: a NaN or infinite score is replaced by ``error_score``. When the whole call failed, the
+      completions are scored again one at a time (every list argument aligned with the completions sliced to that
+      completion), each with a limit of ``completion_timeout`` s and all of them together within one more
+      ``timeout``: completions not reached by then are scored ``error_score`` uncalled, so a slow failing function
+      costs at most twice ``timeout``, not once per completion. Failed completions are scored ``error_score``.
 
-    ``calls`` counts batches, ``errors`` the completions scored as failed; ``pop_error_count()`` returns the errors
-    since its last call (logged by the trainer as ``rewards/<name>/errors``). A ``parse`` method of the wrapped
-    reward (and an ``equivalent`` method, answer equivalence for eval's majority vote) is exposed unchanged.
-    Scores of None (TRL: "no reward for this sample") are passed through.
+    ``pop_counts()`` returns, since its last call, ``errors`` (completions scored as failed), ``timeouts``,
+    ``non_finite`` and the counts the wrapped reward reports (its ``count_names``, e.g. code_exec's outcomes);
+    the GRPO trainer logs them as ``rewards/<name>/<count>``. ``pop_error_count()`` pops ``errors`` alone.
+    ``calls`` counts batches, ``errors`` failed completions over the run. A ``parse`` method of the wrapped reward
+    (and ``equivalent``, answer equivalence for eval's majority vote, and ``check_values``, its check of the data
+    when it loads) is exposed unchanged, in this process.
 
     It pickles (TRL's async rollout worker sends rewards to a spawned process): a user function, given by its
-    ``reference`` ("module:function" or an absolute "file.py:function"), is re-imported when unpickled. Counters
-    kept in another process are not seen by this one.
+    ``reference`` ("module:function" or an absolute "file.py:function"), is re-imported when unpickled; the worker
+    process is not carried over (a copy starts its own). Counters kept in another process are not seen by this one.
     """
 
     def __init__(
@@ -51,20 +76,26 @@ class GuardedReward(RewardFunction):
         on_error: str = "fail",
         error_score: float = 0.0,
         reference: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        completion_timeout: float | None = DEFAULT_COMPLETION_TIMEOUT_S,
     ):
         super().__init__(name)
         self.reward = reward
         self.reference = reference
         self.on_error = on_error
         self.error_score = float(error_score)
+        self.timeout = timeout
+        self.completion_timeout = completion_timeout
         self.calls = 0
         self.errors = 0
-        self._errors_since_pop = 0
+        self.count_names = GUARD_COUNTS + tuple(getattr(reward, "count_names", ()))
+        self._pending = dict.fromkeys(self.count_names, 0)
         self._warned = False  # warn on the first failing batch, then log at debug level
+        self._worker = None
         self.columns = tuple(getattr(reward, "columns", ()))
         self._expose_parse()
 
-    EXPOSED_METHODS = ("parse", "equivalent")
+    EXPOSED_METHODS = ("parse", "equivalent", "check_values")
 
     def _expose_parse(self) -> None:
         for method in self.EXPOSED_METHODS:
@@ -75,6 +106,7 @@ class GuardedReward(RewardFunction):
         state = self.__dict__.copy()
         for method in self.EXPOSED_METHODS:
             state.pop(method, None)
+        state["_worker"] = None
         if self.reference is not None:
             state["reward"] = None  # re-imported by __setstate__
         return state
@@ -85,62 +117,182 @@ class GuardedReward(RewardFunction):
             self.reward = load_function(self.reference, where=f"reward {self.name!r}")
         self._expose_parse()
 
+    @property
+    def runs_in_worker(self) -> bool:
+        return getattr(self.reward, "runs_in_worker", True)
+
+    def pop_counts(self) -> dict[str, int]:
+        counts, self._pending = self._pending, dict.fromkeys(self.count_names, 0)
+        return counts
+
     def pop_error_count(self) -> int:
-        count, self._errors_since_pop = self._errors_since_pop, 0
+        count, self._pending["errors"] = self._pending["errors"], 0
         return count
+
+    def close(self) -> None:
+        """Stop the worker process (a later call starts a new one)."""
+        if self._worker is not None:
+            self._worker.close()
+
+    # -- calling ----------------------------------------------------------------------------------------------
+
+    def _call(self, completions: list, columns: dict[str, Any], timeout: float | None) -> list:
+        """The wrapped reward's scores for these completions, from its worker (or this process); raises what
+        the reward raised (RewardCallError from a worker), RewardTimeout, WorkerDied, or ValueError for a wrong
+        number of scores."""
+        if self.runs_in_worker:
+            scores, counts = self._worker_for_reward().call(completions, columns, timeout)
+        else:
+            scores = self.reward(completions, **columns)
+            pop = getattr(self.reward, "pop_counts", None)
+            counts = pop() if callable(pop) else {}
+        for key, value in (counts or {}).items():
+            if key in self._pending:
+                self._pending[key] += value
+        if scores is None or len(scores) != len(completions):
+            count = "None" if scores is None else len(scores)
+            raise ValueError(f"returned {count} scores for {len(completions)} completions")
+        return [None if score is None else _as_float(score) for score in scores]
+
+    def _worker_for_reward(self):
+        from postrain.rewards.worker import RewardWorker
+
+        if self._worker is None:
+            if self.reference is not None:
+                payload = ("reference", self.reference)
+            else:
+                try:
+                    payload = ("object", pickle.dumps(self.reward))
+                except Exception as e:
+                    raise RewardSpecError(f"reward {self.name!r} cannot be sent to its worker process ({e}): give "
+                                          f"it as fn: module:function or path/file.py:function") from None
+            self._worker = RewardWorker(payload)
+        return self._worker
 
     def __call__(self, completions: list, **columns: Any) -> list[float | None]:
         self.calls += 1
         try:
-            return self._score(completions, columns)
+            scores = self._call(completions, columns, self.timeout)
         except Exception as error:
             if self.on_error == "fail":
-                frames = traceback.extract_tb(error.__traceback__)
-                where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-                raise RewardError(
-                    f"reward {self.name!r} raised {type(error).__name__}: {error}{where}. The run stops under "
-                    f"reward_errors.policy: fail; set policy: score to score such completions as failed and count them"
-                ) from error
+                raise RewardError(f"reward {self.name!r} {_describe(error, self.timeout, len(completions))}. The "
+                                  f"run stops under reward_errors.policy: fail; set policy: score to score such "
+                                  f"completions as failed and count them") from error
+            if isinstance(error, RewardTimeout):
+                self._pending["timeouts"] += 1  # the batch call itself; its completions are counted below
             return self._score_one_at_a_time(completions, columns, batch_error=error)
+        return self._finite(scores, completions, columns)
 
-    def _score(self, completions: list, columns: dict[str, Any]) -> list[float | None]:
-        scores = self.reward(completions, **columns)
-        if scores is None or len(scores) != len(completions):
-            count = "None" if scores is None else len(scores)
-            raise ValueError(f"returned {count} scores for {len(completions)} completions")
-        return [None if score is None else float(score) for score in scores]
+    def _finite(self, scores: list, completions: list, columns: dict[str, Any]) -> list:
+        """NaN and infinite scores are failures: the run stops (fail) or they score error_score (score)."""
+        bad = [i for i, score in enumerate(scores) if score is not None and not math.isfinite(score)]
+        if not bad:
+            return scores
+        if self.on_error == "fail":
+            index = bad[0]
+            raise RewardError(
+                f"reward {self.name!r} scored completion {index} of {len(completions)}{_prompt_of(columns, index)} "
+                f"{scores[index]}: a reward must be a finite number (or None: no reward). The run stops under "
+                f"reward_errors.policy: fail; set policy: score to score such completions as failed and count them")
+        for index in bad:
+            scores[index] = self.error_score
+        self._count_failures(len(bad), non_finite=len(bad))
+        self._log(f"reward %r scored %d of %d completions NaN or infinite, scored %s instead", self.name, len(bad),
+                  len(completions), self.error_score)
+        return scores
 
     def _score_one_at_a_time(self, completions: list, columns: dict[str, Any], batch_error: Exception) -> list:
         count = len(completions)
-        scores, failures = [], []
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        scores, failures, timeouts, non_finite, unreached = [], [], 0, 0, 0
         for index in range(count):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                unreached += 1
+                scores.append(self.error_score)
+                continue
+            limits = [t for t in (self.completion_timeout, left) if t is not None]
+            limit = min(limits) if limits else None
             row_columns = {
                 key: value[index : index + 1] if isinstance(value, (list, tuple)) and len(value) == count else value
                 for key, value in columns.items()
             }
             try:
-                scores.extend(self._score(completions[index : index + 1], row_columns))
+                (score,) = self._call(completions[index : index + 1], row_columns, limit)
             except Exception as error:
                 failures.append(error)
+                timeouts += isinstance(error, RewardTimeout)
                 scores.append(self.error_score)
-        self.errors += len(failures)
-        self._errors_since_pop += len(failures)
+                continue
+            if score is not None and not math.isfinite(score):
+                non_finite += 1
+                score = self.error_score
+            scores.append(score)
+        failed = len(failures) + non_finite + unreached
+        self._count_failures(failed, timeouts=timeouts + unreached, non_finite=non_finite)
+        if failures or unreached or non_finite:
+            first = failures[0] if failures else None
+            self._log(
+                "reward %r failed on the batch (%s), then on %d of %d completions scored one at a time (%d timed "
+                "out, %d not reached within reward_errors.timeout, %d NaN or infinite), scored %s%s",
+                self.name, _describe(batch_error, self.timeout, count), failed, count, timeouts, unreached,
+                non_finite, self.error_score,
+                f" (first error: {_describe(first, self.completion_timeout, 1)})" if first is not None else "")
+        else:
+            self._log("reward %r failed on the batch (%s) but on no single completion", self.name,
+                      _describe(batch_error, self.timeout, count))
+        return scores
+
+    def _count_failures(self, failed: int, timeouts: int = 0, non_finite: int = 0) -> None:
+        self.errors += failed
+        self._pending["errors"] += failed
+        self._pending["timeouts"] += timeouts
+        self._pending["non_finite"] += non_finite
+
+    def _log(self, message: str, *args: Any) -> None:
         level = logging.DEBUG if self._warned else logging.WARNING
         self._warned = True
-        if failures:
-            first = failures[0]
-            logger.log(
-                level,
-                "reward %r raised on %d of %d completions, scored %s (first error: %s: %s)",
-                self.name, len(failures), count, self.error_score, type(first).__name__, first,
-            )
-        else:
-            logger.log(
-                level,
-                "reward %r raised on the batch (%s: %s) but on no single completion",
-                self.name, type(batch_error).__name__, batch_error,
-            )
-        return scores
+        logger.log(level, message, *args)
+
+
+def _as_float(score: Any) -> float:
+    try:
+        return float(score)
+    except (TypeError, ValueError):
+        raise ValueError(f"returned {type(score).__name__} {score!r:.60} where a score (a number or None) was "
+                         f"expected") from None
+
+
+def _prompt_of(columns: dict[str, Any], index: int) -> str:
+    prompts = columns.get("prompts")
+    if isinstance(prompts, (list, tuple)) and index < len(prompts):
+        text = " ".join(completion_text(prompts[index]).split())
+        return f" (prompt {text[:80]!r}{'...' if len(text) > 80 else ''})"
+    return ""
+
+
+def _describe(error: Exception, timeout: float | None, count: int) -> str:
+    """What went wrong in a reward call, for a message: 'raised ZeroDivisionError: ... at f.py:3'."""
+    if isinstance(error, RewardTimeout):
+        return (f"timed out: no scores for {count} completion{'s' if count != 1 else ''} within {timeout:g} s "
+                f"(reward_errors.{'timeout' if count != 1 else 'completion_timeout'})")
+    if isinstance(error, WorkerDied):
+        return f"crashed: {error}"
+    if isinstance(error, RewardCallError):
+        return f"raised {error.kind}: {error}{f' at {error.where}' if error.where else ''}"
+    frames = traceback.extract_tb(error.__traceback__)
+    frames = [f for f in frames if not f.filename.endswith(("rewards/build.py", "rewards/worker.py"))]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"raised {type(error).__name__}: {error}{where}"
+
+
+def policy_options(policy: dict | None) -> dict[str, Any]:
+    """build_rewards' keyword arguments from a recipe's `reward_errors:` mapping (schema.RewardErrorPolicy);
+    keys left out take the policy's defaults (`fail`, score 0, the default limits)."""
+    policy = policy or {}
+    return {"on_error": policy.get("policy", "fail"), "error_score": policy.get("score", 0.0),
+            "timeout": policy.get("timeout", DEFAULT_TIMEOUT_S),
+            "completion_timeout": policy.get("completion_timeout", DEFAULT_COMPLETION_TIMEOUT_S)}
 
 
 def build_rewards(
@@ -149,6 +301,8 @@ def build_rewards(
     on_error: str = "fail",
     error_score: float = 0.0,
     base_dir: str | Path | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+    completion_timeout: float | None = DEFAULT_COMPLETION_TIMEOUT_S,
 ) -> tuple[list[RewardFunction], list[float]]:
     """Build the reward callables and their weights from a recipe's ``rewards`` entries.
 
@@ -157,10 +311,15 @@ def build_rewards(
     ``base_dir``, default the working directory), plus optional ``weight`` (default 1.0), ``args`` (keyword
     params of a built-in) and ``alias`` (the logging name; default the built-in's or the function's name).
     Keys whose value is None count as absent. The callables come back wrapped by :class:`GuardedReward` with
-    the given error policy. Raises RewardSpecError naming the bad entry (``rewards[i]``).
+    the given error policy and wall-clock limits (seconds; None: none). Raises RewardSpecError naming the bad
+    entry (``rewards[i]``).
     """
     if on_error not in ON_ERROR_POLICIES:
         raise RewardSpecError(f"unknown reward error policy {on_error!r}; use one of {', '.join(ON_ERROR_POLICIES)}")
+    for key, limit in (("timeout", timeout), ("completion_timeout", completion_timeout)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+            raise RewardSpecError(f"reward_errors.{key} must be a number of seconds > 0 (or null: no limit), "
+                                  f"got {limit!r}")
     rewards, weights = [], []
     for index, spec in enumerate(specs):
         where = f"rewards[{index}]"
@@ -176,7 +335,8 @@ def build_rewards(
                 f"{where}: the logging name {name!r} is already used by rewards[{taken.index(name)}]; "
                 "give one of them an alias"
             )
-        rewards.append(GuardedReward(reward, name, on_error=on_error, error_score=error_score, reference=reference))
+        rewards.append(GuardedReward(reward, name, on_error=on_error, error_score=error_score, reference=reference,
+                                     timeout=timeout, completion_timeout=completion_timeout))
         weights.append(_weight(spec, where))
     return rewards, weights
 

@@ -1,4 +1,4 @@
-"""The built-in rewards: exact_match, math_verify, format, length.
+"""The built-in rewards: exact_match, math_verify, format, length (code_exec: postrain.rewards.code_exec).
 
 Each is a RewardFunction class registered under its recipe name; its constructor parameters are the recipe's
 ``args``. Built-ins do not raise on odd completions (they score them 0.0); they raise only on misuse, such as a
@@ -271,7 +271,8 @@ def _verify_parsed(gold: tuple, target: tuple) -> bool:
     return verify(list(gold), list(target), timeout_seconds=_math_verify_timeout())
 
 
-@register_reward("math_verify", description="1.0 when the completion's final answer is mathematically equivalent")
+@register_reward("math_verify", description="1.0 when the completion's final answer is mathematically equivalent",
+                 source="huggingface/Math-Verify (the math_verify package), as TRL's accuracy_reward uses it")
 class MathVerify(RewardFunction):
     """Scores 1.0 when the completion's final answer is mathematically equivalent to the gold answer, else 0.0.
 
@@ -279,8 +280,8 @@ class MathVerify(RewardFunction):
     LaTeX or a plain expression) and compared with the gold answer from the ``answer_column`` column, so
     ``\\boxed{\\frac{1}{2}}`` matches gold "0.5" or "1/2". A gold answer without ``$`` or ``\\boxed`` is read as
     LaTeX math. A completion (or gold) with no parseable answer scores 0.0. Parsing and comparison time out
-    after 5 s in the main thread; in other threads (where math_verify's SIGALRM timeout cannot work) there is
-    no timeout.
+    after 5 s in the main thread, which is where it runs: in its worker process (postrain.rewards.worker); called
+    from another thread (where math_verify's SIGALRM timeout cannot work) there is no such timeout.
 
     Extraction from the completion (math_verify's extraction configs):
 

@@ -62,7 +62,8 @@ def parse_judge_score(judgment: str, max_score: float = 5.0) -> float | None:
 
 
 @register_reward("llm_judge", description="a language model's score of the response on an LLM-as-a-judge rubric "
-                                          "(Self-Rewarding LMs' additive 5-point prompt); None when unparsable")
+                                          "(Self-Rewarding LMs' additive 5-point prompt); None when unparsable",
+                 source="Self-Rewarding Language Models, arXiv 2401.10020, Figure 2")
 class LLMJudge(RewardFunction):
     """Score = the judge model's "Score: N" for the (prompt, response), None when it gives none in [0, max_score].
 
@@ -70,8 +71,11 @@ class LLMJudge(RewardFunction):
     (name_or_path, dtype, tiny, ...). `prompt`: the judge's instructions, with the placeholders {prompt} (the user's
     last turn) and {response} (literal braces doubled); default the Self-Rewarding paper's. `max_score`: the top
     of the rubric. `chat`: wrap the judge prompt as a user turn (the judge's chat template applies). Greedy
-    decoding, `max_new_tokens` per judgment, `batch_size` judgments at a time.
+    decoding, `max_new_tokens` per judgment, `batch_size` judgments at a time. It runs in the training process, not
+    in a worker (a worker would load a second copy of the judge), so no wall-clock limit applies to it.
     """
+
+    runs_in_worker = False
 
     def __init__(self, model: str | dict, prompt: str = SELF_REWARDING_PROMPT, max_score: float = 5.0,
                  max_new_tokens: int = 256, batch_size: int = 8, chat: bool = True):

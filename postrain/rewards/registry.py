@@ -32,6 +32,9 @@ class RewardFunction:
     """
 
     reward_name: str = ""  # the registry name, set by @register_reward on built-in classes
+    # Whether the reward runs in its own worker process, with a wall-clock limit (postrain.rewards.worker); a
+    # reward that holds a model (llm_judge) runs in the training process instead.
+    runs_in_worker: bool = True
     # The dataset columns the reward reads (checked against the data when it loads, before any model does).
     columns: tuple[str, ...] = ()
 
@@ -54,25 +57,33 @@ def missing_column_message(reward_name: str, column: str, present: list[str]) ->
             f"a column onto it with columns: {{{column}: <your column>}}); columns present: {', '.join(present) or 'none'}")
 
 
-def check_reward_columns(rewards: list[RewardFunction], present: list[str], where: str) -> None:
-    """Fail before any model loads when a reward reads a column the dataset at `where` lacks."""
+def check_reward_columns(rewards: list[RewardFunction], present: Any, where: str) -> None:
+    """Fail before any model loads when a reward reads a column the dataset at `where` lacks. `present`: the
+    dataset (a `datasets.Dataset`), or its column names. Given the dataset, a reward with a `check_values(dataset,
+    where)` method (code_exec: each row's tests) checks the values it will read too."""
+    from postrain.errors import DataError
+
+    dataset = present if hasattr(present, "column_names") else None
+    names = list(dataset.column_names) if dataset is not None else list(present)
     for reward in rewards:
         for column in getattr(reward, "columns", ()):
-            if column not in present:
-                from postrain.errors import DataError
-
-                raise DataError(f"{where}: {missing_column_message(reward.name, column, sorted(present))}")
+            if column not in names:
+                raise DataError(f"{where}: {missing_column_message(reward.name, column, sorted(names))}")
+        check = getattr(reward, "check_values", None)
+        if dataset is not None and callable(check):
+            check(dataset, where)
 
 
 # name -> factory (a callable taking the recipe's `args` as keyword params and returning a RewardFunction)
 REWARDS: dict[str, Callable[..., RewardFunction]] = {}
 
 
-def register_reward(name: str, *, description: str | None = None):
+def register_reward(name: str, *, description: str | None = None, source: str | None = None):
     """Class/function decorator adding a reward factory to :data:`REWARDS` under ``name``.
 
-    The factory gets ``reward_name`` and ``description`` attributes (the description defaults to the first line
-    of its docstring), which ``postrain`` uses to list the built-ins.
+    The factory gets ``reward_name``, ``description`` (default: the first line of its docstring) and ``source``
+    (the paper or code the reward follows, where there is one) attributes, which ``postrain`` uses to list the
+    built-ins.
     """
 
     def decorator(factory):
@@ -80,6 +91,7 @@ def register_reward(name: str, *, description: str | None = None):
             raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name]!r})")
         factory.reward_name = name
         factory.description = description or (factory.__doc__ or "").strip().split("\n")[0]
+        factory.source = source
         REWARDS[name] = factory
         return factory
 

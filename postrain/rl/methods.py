@@ -45,7 +45,10 @@ def _expansion_requirements(variant, params: dict | None) -> list:
             for found in part.variant.requirements(part.params)]
 
 
-METHODS = Registry("method", what="named method", reads=_expansion_reads, requirements=_expansion_requirements)
+# A method passes these to its parts (postrain.rl.registry's ranges): refused here too, naming `method:`.
+METHODS = Registry("method", what="named method", reads=_expansion_reads, requirements=_expansion_requirements,
+                   ranges={"epsilon": "> 0", "epsilon_high": "> 0", "beta": ">= 0", "kl_beta": ">= 0",
+                           "entropy_coef": ">= 0"})
 
 
 def _paper(registry: Registry, name: str) -> dict[str, str]:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from postrain.registry import Registry
 
+# Ranges every entry of a family obeys when it has the parameter (refused at load time otherwise): a clip range
+# [1 - epsilon, 1 + epsilon_high] with a non-positive width clips every ratio, and dual-clip's bound c must exceed 1
+# (Ye et al. 2020, arXiv 1912.09729: c > 1); a KL or entropy coefficient below 0 rewards the opposite.
 ADVANTAGES = Registry("advantage", what="advantage estimator")
-POLICY_LOSSES = Registry("policy_loss", what="policy loss")
+POLICY_LOSSES = Registry("policy_loss", what="policy loss",
+                         ranges={"epsilon": "> 0", "epsilon_high": "> 0", "dual_clip_c": "> 1"})
 AGGREGATIONS = Registry("aggregation", what="loss aggregation")
-REGULARIZERS = Registry("regularizer", what="regularizer")
+REGULARIZERS = Registry("regularizer", what="regularizer", ranges={"beta": ">= 0", "entropy_coef": ">= 0"})
 SHAPING = Registry("shaping", what="reward shaping")
-SAMPLERS = Registry("sampler", what="sampler")
+SAMPLERS = Registry("sampler", what="sampler")  # max_num_gen_batches (0: no limit): postrain.rl.section checks it

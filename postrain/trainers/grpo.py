@@ -107,7 +107,8 @@ class PostrainGRPOConfig(GRPOConfig):
 
 class PostrainGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer; also logs `rewards/<name>/errors`, the completions each reward failed to score since
-    the last log (the reward error policy `score` scores them as failed instead of stopping the run), and with
+    the last log (the reward error policy `score` scores them as failed instead of stopping the run), with
+    `rewards/<name>/timeouts`, `rewards/<name>/non_finite` and a reward's own counts, and with
     `rl=` (a recipe's `rl:` section) trains with the registry parts it names."""
 
     def __init__(self, *args, rl: dict[str, Any] | None = None, **kwargs):
@@ -136,11 +137,15 @@ class PostrainGRPOTrainer(GRPOTrainer):
                              f"which needs a map-style dataset; {type(self.train_dataset).__name__} is streamed")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        counted = [fn for fn in self.reward_funcs if hasattr(fn, "pop_error_count")]
-        if counted:  # each process scores its own completions: the count is the sum over processes
-            local = torch.tensor([float(fn.pop_error_count()) for fn in counted], device=self.accelerator.device)
-            for fn, errors in zip(counted, self.accelerator.reduce(local, reduction="sum").tolist()):
-                logs[f"rewards/{fn.name}/errors"] = errors
+        # rewards/<name>/<count>: errors, timeouts, non_finite and a reward's own counts (code_exec's outcomes),
+        # since the last log. Each process scores its own completions: the count is the sum over processes (every
+        # process has the same rewards, so the same names in the same order).
+        counted = [(fn, fn.pop_counts()) for fn in self.reward_funcs if hasattr(fn, "pop_counts")]
+        names = [(fn, counts, name) for fn, counts in counted for name in fn.count_names]
+        if names:
+            local = torch.tensor([float(counts[name]) for _, counts, name in names], device=self.accelerator.device)
+            for (fn, _, name), total in zip(names, self.accelerator.reduce(local, reduction="sum").tolist()):
+                logs[f"rewards/{fn.name}/{name}"] = total
         super().log(logs, start_time)
 
     # --- shared prefix: one prompt encoding per group --------------------------------------------------------
