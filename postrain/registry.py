@@ -305,6 +305,15 @@ class Registry:
         types = variant.param_types
         at = f" ({where})" if where else ""
         for key, value in params.items():
+            check_value(value, types.get(key, Any), None, f"parameter {key!r} of {self.what} {name!r}{at}")
+        # A value that is a known convention mix-up gets its explanation (the convention), not just the range
+        # it falls outside of: `dual_clip_c: 0.5` is an absolute bound written as a distance.
+        explained = [c for c in variant.conventions if c.param in params and c.check({**variant.params, **params})]
+        if explained:
+            c = explained[0]
+            raise RecipeError(f"parameter {c.param!r} of {self.what} {name!r}{at}: {c.param}={params[c.param]!r}: "
+                              f"{c.explain}")
+        for key, value in params.items():
             check_value(value, types.get(key, Any), variant.ranges.get(key),
                         f"parameter {key!r} of {self.what} {name!r}{at}")
         return variant

@@ -207,7 +207,7 @@ CASES = {
     "policy loss epsilon -1": (override("grpo", "rl.policy_loss={name: ppo_clip, epsilon: -1}"),
                                ["'epsilon'", "ppo_clip", "rl.policy_loss"]),
     "dual clip c below 1": (override("grpo", "rl.policy_loss={name: dual_clip, dual_clip_c: 0.5}"),
-                            ["'dual_clip_c'", "> 1"]),
+                            ["'dual_clip_c'", "must exceed 1"]),
     "reward timeout 0": (override("grpo", "reward_errors.timeout=0"), ["reward_errors.timeout"]),
     "reward failure score NaN": (override("grpo", "reward_errors.score=.nan"), ["reward_errors.score"]),
     "reward policy unknown": (override("grpo", "reward_errors.policy=ignore"), ["reward_errors.policy"]),

@@ -484,14 +484,15 @@ from pathlib import Path
 
 
 def stop_on_rank_1(completions, **kwargs):
-    """Rank 1 alone sends itself SIGTERM while scoring its second batch (once: a marker file)."""
+    """Rank 1 alone sends its training process SIGTERM while scoring its second batch (once: a marker file)."""
     marker = Path(os.environ["MARKER"])
     calls = Path(os.environ["MARKER"] + f".rank{os.environ['RANK']}")
     count = int(calls.read_text()) + 1 if calls.exists() else 1
     calls.write_text(str(count))
     if os.environ["RANK"] == "1" and count == 2 and not marker.exists():
         marker.write_text("sent")
-        os.kill(os.getpid(), signal.SIGTERM)
+        # a reward runs in its own worker process (postrain.rewards.worker): the training process is its parent
+        os.kill(os.getppid(), signal.SIGTERM)
     return [0.0 for _ in completions]
 '''
 

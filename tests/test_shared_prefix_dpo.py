@@ -435,18 +435,18 @@ def test_library_code_the_shared_layout_relies_on_is_unchanged(reference):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ("trainer: {truncation_mode: keep_end}", r"trainer.truncation_mode='keep_end'.*share no prefix"),
-    ("trainer: {use_liger_kernel: true}", r"trainer.use_liger_kernel=True.*Liger"),
-    ("loss: [{name: kto}]\ntrainer: {per_device_train_batch_size: 2}", r"unpaired rows hold one completion"),
-    ("model: {attn_implementation: flash_attention_2}", r"model.attn_implementation='flash_attention_2'.*4D"),
+    (["trainer.truncation_mode=keep_end"], r"trainer.truncation_mode='keep_end'.*share no prefix"),
+    (["trainer.use_liger_kernel=true"], r"trainer.use_liger_kernel=True.*Liger"),
+    (["loss=[{name: kto}]", "trainer.per_device_train_batch_size=2"], r"unpaired rows hold one completion"),
+    (["model.attn_implementation=flash_attention_2"], r"model.attn_implementation='flash_attention_2'.*4D"),
 ], ids=["keep_end", "liger", "unpaired", "flash-attention"])
 def test_what_the_layout_cannot_reproduce_fails_when_the_recipe_loads(tmp_path, monkeypatch, extra, message):
     import postrain.models.loading as loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(RecipeError, match=message):
-        load_recipe(dpo_recipe(tmp_path, extra), ["trainer.shared_prefix=true"])
-    load_recipe(dpo_recipe(tmp_path, extra), ["trainer.shared_prefix=false"])  # fine without the switch
+        load_recipe(dpo_recipe(tmp_path, ""), [*extra, "trainer.shared_prefix=true"])
+    load_recipe(dpo_recipe(tmp_path, ""), [*extra, "trainer.shared_prefix=false"])  # fine without it
 
 
 def test_models_that_cannot_take_the_layout_are_refused_when_the_trainer_is_built():

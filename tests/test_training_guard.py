@@ -269,13 +269,14 @@ from pathlib import Path
 
 
 def stop_once(completions, **kwargs):
-    """A reward that sends its own process SIGTERM the third time it is called, once (a marker file)."""
+    """A reward that sends the training process SIGTERM the third time it is called, once (a marker file)."""
     calls = Path(os.environ["CALLS_FILE"])
     count = int(calls.read_text()) + 1 if calls.exists() else 1
     calls.write_text(str(count))
     if count == 3 and not Path(os.environ["MARKER"]).exists():
         Path(os.environ["MARKER"]).write_text("sent")
-        os.kill(os.getpid(), signal.SIGTERM)
+        # a reward runs in its own worker process (postrain.rewards.worker): the training process is its parent
+        os.kill(os.getppid(), signal.SIGTERM)
     return [float(len(c if isinstance(c, str) else c[-1]["content"]) % 3) for c in completions]
 '''
 

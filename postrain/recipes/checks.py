@@ -234,10 +234,19 @@ def check_conventions(command: str, cfg: dict, origins: dict[str, str]) -> None:
                     raise RecipeError(f"preference loss {entry['name']!r} (loss[{i}], from "
                                       f"{origin_of(origins, 'loss')}): {errors[0]}")
         return
-    for variant, params, where in trl_path_parts(command, cfg.get("trainer") or {}, origins):
-        errors = variant.convention_errors(params)
-        if errors:
-            raise RecipeError(f"{FAMILIES[variant.family].what} {variant.name!r} ({where}): {errors[0]}")
+    trainer = cfg.get("trainer") or {}
+    for variant, params, where in trl_path_parts(command, trainer, origins):
+        full = {**variant.params, **params}
+        for convention in variant.conventions:
+            if not convention.check(full):
+                continue
+            key = convention.param
+            if key in trainer:  # the recipe's own key, and the file that set it: that is what the user wrote
+                raise RecipeError(f"{FAMILIES[variant.family].what} {variant.name!r} ({where}): "
+                                  f"trainer.{key}={trainer[key]!r}: {convention.explain} (trainer.{key} from "
+                                  f"{origin_of(origins, f'trainer.{key}')})")
+            raise RecipeError(f"{FAMILIES[variant.family].what} {variant.name!r} ({where}): "
+                              f"{key}={full[key]!r}: {convention.explain}")
 
 
 COMMAND_CHECKS.append(check_conventions)
