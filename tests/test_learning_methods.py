@@ -9,7 +9,6 @@ need it trains it). Margins: measured with `benchmarks/method_learning_margin.py
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 from filelock import FileLock

@@ -239,7 +239,7 @@ def _check(variant, scenario: str, data: dict, optional: bool) -> bool:
     if differentiable and inputs:
         total = sum(t.sum() for t in differentiable)
         grads = torch.autograd.grad(total, inputs, allow_unused=True)
-        for x, g in zip(inputs, grads):
+        for g in grads:
             if g is not None:
                 assert torch.isfinite(g).all(), f"{where}: non-finite gradient {g[~torch.isfinite(g)][:5]}"
     return True

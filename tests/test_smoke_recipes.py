@@ -4,7 +4,6 @@ instantiates every config it ships: a recipe that drifts from the code fails her
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

@@ -61,7 +61,7 @@ def fsync_path(path: Path) -> None:
 def fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then every directory (children before parents)."""
     root = Path(root)
-    for folder, dirs, files in os.walk(root, topdown=False):
+    for folder, _dirs, files in os.walk(root, topdown=False):
         for name in files:
             fsync_path(Path(folder) / name)
         fsync_path(Path(folder))

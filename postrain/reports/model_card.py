@@ -444,7 +444,7 @@ def reproduce_section(recipe: dict, env: dict, recipe_text: str | None) -> list[
     if shown:
         lines += [f"Versions: {', '.join(shown)}.", ""]
     fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
-    lines += ["## Recipe", "", f"The resolved recipe" + (f", hash `{recipe_hash}`" if recipe_hash else "") + ":", "",
+    lines += ["## Recipe", "", "The resolved recipe" + (f", hash `{recipe_hash}`" if recipe_hash else "") + ":", "",
               f"{fence}yaml", text, fence, ""]
     return lines
 

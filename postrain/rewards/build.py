@@ -197,7 +197,7 @@ class GuardedReward(RewardFunction):
         for index in bad:
             scores[index] = self.error_score
         self._count_failures(len(bad), non_finite=len(bad))
-        self._log(f"reward %r scored %d of %d completions NaN or infinite, scored %s instead", self.name, len(bad),
+        self._log("reward %r scored %d of %d completions NaN or infinite, scored %s instead", self.name, len(bad),
                   len(completions), self.error_score)
         return scores
 
@@ -433,7 +433,7 @@ def load_function(reference: str, where: str = "fn", base_dir: str | Path | None
         function = getattr(function, part)
     if not callable(function):
         raise RewardSpecError(f"{where}: {attribute!r} in {source!r} is not callable (fn {reference!r})")
-    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(getattr(function, "__call__", None)):
+    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(getattr(function, "__call__", None)):  # noqa: B004  (an object with an async __call__)
         raise RewardSpecError(f"{where}: fn {reference!r} is async; reward functions must be synchronous")
     try:
         parameters = inspect.signature(function).parameters.values()

@@ -296,7 +296,7 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     # the launcher): generation_batch_size counts completions over all of them
     launch = cfg.get("launch") or {}
     processes = int(launch.get("num_processes") or 1) * int(launch.get("num_machines") or 1)
-    for family, part in parts.all():
+    for _family, part in parts.all():
         reason = part.variant.extra.get("one_process")  # the entry's own word: it does not split over processes
         if reason and processes > 1:
             raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) runs on one process only: {reason}, so "

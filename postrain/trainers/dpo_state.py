@@ -278,7 +278,7 @@ class DPOLossState:
         for v in values:
             counts[position[v]] += 1
         evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-        for i, ds in enumerate(e for e in evals if e is not None):
+        for ds in (e for e in evals if e is not None):
             check_group_column([term], ds, "eval_dataset")
             if unseen := sorted(set(ds[column]) - set(groups), key=str):
                 raise DataError(f"eval_dataset: the group column {column!r} holds groups the training set lacks "
