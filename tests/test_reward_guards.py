@@ -53,6 +53,11 @@ def user_rewards(tmp_path):
 
         def returns_text(completions, **kwargs):
             return ["high" for c in completions]
+
+        def reads_the_step(completions, trainer_state, **kwargs):
+            import sys
+            assert "transformers" not in sys.modules, "the worker imported transformers"
+            return [float(trainer_state.global_step) for c in completions]
         """))
     return lambda name: f"{tmp_path / 'user_rewards.py'}:{name}"
 
@@ -153,6 +158,27 @@ def test_rewards_run_in_the_main_thread_of_a_worker_and_their_logs_come_back(use
     assert scores == [1.0, 1.0]  # math-verify's SIGALRM timeouts need the main thread: a worker's is
     assert metrics == [("chatty/calls", 1.0)] and extras == [("chatty_seen", ["x", "y"])]
     assert reward._worker.process.pid != os.getpid()
+
+
+def test_trainer_state_reaches_the_worker_as_its_fields_without_importing_transformers(user_rewards):
+    """Unpickling TRL's TrainerState in the worker imported transformers and torch (4.6 s on 2 cores), once per run;
+    its fields are sent instead and read the same way."""
+    from transformers import TrainerState
+
+    reward = guarded(user_rewards("reads_the_step"), on_error="fail")
+    assert reward(["x", "y"], trainer_state=TrainerState(global_step=7)) == [7.0, 7.0]
+
+
+def test_a_worker_started_ahead_of_the_first_call_answers_it(user_rewards):
+    """The GRPO job starts each worker before it loads the model; the first call then waits for that child."""
+    reward = guarded(user_rewards("inf_on_b"))
+    reward.start()
+    worker = reward._worker
+    child = worker.process
+    assert child is not None and child.pid != os.getpid() and not worker._ready
+    assert reward(["x"]) == [0.5] and worker.process is child and worker.starts == 1
+    reward.start()  # a live worker is kept
+    assert worker.process is child and worker.starts == 1
 
 
 def test_math_verify_runs_in_its_worker_with_its_own_timeout():

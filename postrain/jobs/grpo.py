@@ -35,6 +35,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     policy = cfg["reward_errors"]
     base_dir = recipe.path.parent if recipe.path else None
     rewards, weights = build_rewards(cfg["rewards"], base_dir=base_dir, **policy_options(policy))
+    for reward in rewards:  # each worker starts while the model and data load
+        reward.start()
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path

@@ -129,6 +129,12 @@ class GuardedReward(RewardFunction):
         count, self._pending["errors"] = self._pending["errors"], 0
         return count
 
+    def start(self) -> None:
+        """Start the reward's worker process now, without waiting for it (RewardWorker.start): a training job calls
+        this before it loads the model, so the worker's start overlaps that instead of delaying the first step."""
+        if self.runs_in_worker:
+            self._worker_for_reward().start()
+
     def close(self) -> None:
         """Stop the worker process (a later call starts a new one)."""
         if self._worker is not None:

@@ -17,13 +17,15 @@ parent replays them. A reward's own counters (`pop_counts`, e.g. code_exec's tim
 each call and returned with the scores. The child ignores SIGINT (the training process decides what Ctrl-C
 does) and exits when its parent closes the pipe.
 
-As in TRL's multiprocess rollouts, arguments are pickled: a dataset column of objects that do not pickle fails
+TRL's `trainer_state` is sent as a namespace of its fields (`state_fields`), so that the child need not import
+transformers to read it. As in TRL's multiprocess rollouts, arguments are pickled: a dataset column of objects that do not pickle fails
 the call (RewardCallError, naming the argument).
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import pickle
 import signal
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import types
 import weakref
 from typing import Any
 
@@ -68,6 +71,19 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
+def state_fields(state: Any) -> Any:
+    """TRL's `trainer_state` argument (transformers' TrainerState) as a namespace of the same fields.
+
+    Unpickling a TrainerState in the child imports transformers and torch: 4.6 s on 2 CPU cores, paid on the first
+    call of every run, where TRL's in-process reward pays nothing. The fields (global_step, epoch, max_steps,
+    log_history, ...) are plain values and read the same way (`trainer_state.global_step`); only isinstance checks
+    against TrainerState see the difference.
+    """
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return state
+    return types.SimpleNamespace(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)})
+
+
 class RewardWorker:
     """One child process running one reward. `call(completions, columns, timeout)` -> (scores, counts)."""
 
@@ -76,10 +92,18 @@ class RewardWorker:
         self.payload = payload
         self.process: subprocess.Popen | None = None
         self.starts = 0
+        self._ready = False  # the child answered "ready" to its init message
         self._lock = threading.Lock()
         _LIVE.add(self)
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the child now without waiting for it, so that its start (the interpreter, the reward's imports)
+        overlaps the trainer's own setup instead of delaying the first call; the first call waits for it."""
+        with self._lock:
+            if self.process is None or self.process.poll() is not None:
+                self._spawn()
+
+    def _spawn(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from postrain.rewards.worker import serve; serve()"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -87,15 +111,20 @@ class RewardWorker:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         self.starts += 1
+        self._ready = False
         _send(self.process.stdin, ("init", self.payload))
+
+    def _await_ready(self) -> None:
         # The limits are the reward's: the interpreter's start and the reward's import are waited for apart.
         reply = self._receive(STARTUP_TIMEOUT_S, what="start")
         if reply[0] != "ready":
             raise WorkerDied(f"the reward's worker process answered {reply[0]!r} when it started")
+        self._ready = True
 
     def call(self, completions: list, columns: dict[str, Any], timeout: float | None) -> tuple[list, dict]:
         callbacks = {key: columns[key] for key in CALLBACK_ARGUMENTS if callable(columns.get(key))}
-        sent = {key: value for key, value in columns.items() if key not in callbacks}
+        sent = {key: state_fields(value) if key == "trainer_state" else value
+                for key, value in columns.items() if key not in callbacks}
         for key, value in sent.items():
             try:
                 pickle.dumps(value)
@@ -104,7 +133,9 @@ class RewardWorker:
                                       f"process ({type(e).__name__}: {e})") from None
         with self._lock:
             if self.process is None or self.process.poll() is not None:
-                self._start()
+                self._spawn()
+            if not self._ready:
+                self._await_ready()
             try:
                 _send(self.process.stdin, ("call", completions, sent, sorted(callbacks)))
             except (BrokenPipeError, OSError):
