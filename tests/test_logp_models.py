@@ -191,7 +191,9 @@ def test_inpo_pipeline_runs_two_rounds_end_to_end(tmp_path):
     def train(model: str, samples: str) -> str:
         spec = lambda path: f'{{name_or_path: "{path}", dtype: float32}}'
         return (f'{{model: {spec(model)}, ref_model: {spec("${stages.sft.output}")}, '
-                f'logp_models: {{prev: {spec(model)}}}, data.train: {{source: "{samples}/samples.jsonl", chat: false}}, '
+                f'logp_models: {{prev: {spec(model)}}}, data.train: {{source: "{samples}/samples.jsonl", chat: false, '
+                # these samples are scored by exact_match and length, not by the recipe's judge
+                f'pairing: {{score: score}}}}, '
                 f'trainer: {{max_steps: 3, per_device_train_batch_size: 8, gradient_accumulation_steps: 1, '
                 f'logging_steps: 1, max_length: 32, bf16: false}}}}')
 
