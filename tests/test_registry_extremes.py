@@ -31,10 +31,11 @@ N = G * GROUPS
 GARBAGE = [float("nan"), float("inf"), -float("inf")]
 
 # Inputs that carry a gradient in training (the policy's log-probs and entropies, a per-token loss, Ra-DPO's risk
-# ratios); rewards, scores, masks and the reference's log-probs are constants there.
+# ratios, GDPO's policy EOS log-probs); rewards, scores, masks and the reference's log-probs are constants there.
 GRAD_INPUTS = {"chosen_logps", "rejected_logps", "chosen_token_logps", "rejected_token_logps", "chosen_turn_logps",
                "rejected_turn_logps", "list_logps", "logps", "per_token_loss", "entropies",
-               "chosen_token_risk_ratios", "rejected_token_risk_ratios", "vocab_logps"}
+               "chosen_token_risk_ratios", "rejected_token_risk_ratios", "vocab_logps", "chosen_token_eos_logps",
+               "rejected_token_eos_logps"}
 # Hyperparameters without a paper default, by name (a value inside each entry's documented range).
 REQUIRED = {"alpha": 0.5, "references": ["extra"], "sigma": 0.1, "lam": 0.5, "length_weight": 0.5,
             "decay_interval": 10, "low": 0.2, "high": 0.8, "k": 2, "batch_groups": 4}
@@ -86,6 +87,11 @@ def pair_batch() -> dict:
         # BMC: where the pair's tokens differ (1) or not (0), garbage in the padding
         "chosen_diff_mask": _padded([1.0, 0.0, 1.0], token_mask_w, 0),
         "rejected_diff_mask": _padded([0.0, 1.0], token_mask_l, 1),
+        # GDPO: EOS log-probs at every completion token, the reference's at temperature 0.1 (ten times the spread)
+        "chosen_token_eos_logps": _padded(TOKEN, token_mask_w, 1),
+        "rejected_token_eos_logps": _padded(TOKEN, token_mask_l, 4),
+        "ref_chosen_token_eos_logps": _padded([0.0, -1e-3, -20.0, -400.0], token_mask_w, 2),
+        "ref_rejected_token_eos_logps": _padded([-400.0, 0.0, -20.0], token_mask_l, 1),
         "chosen_token_risk_ratios": _padded([0.0, 1e-6, 5.0, 40.0], token_mask_w, 2),
         "rejected_token_risk_ratios": _padded([40.0, 0.0, 1e-6], token_mask_l, 0),
         "chosen_mask": token_mask_w, "rejected_mask": token_mask_l,

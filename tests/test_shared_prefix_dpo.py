@@ -273,6 +273,7 @@ REGISTRY_PAIRS = {
     "ld_dpo": [{"name": "ld_dpo", "alpha": 0.5}],  # per-token policy and reference log-probs
     "tgdpo": [{"name": "tgdpo", "alpha": 2.0, "token_reward_model": spec(2)}],  # a third model, per-token rewards
     "ra_dpo": [{"name": "ra_dpo"}],  # unfused forwards: full distributions re-laid position by position
+    "gdpo": [{"name": "gdpo", "alpha": 0.5}],  # the policy's EOS log-prob at every completion token, with gradient
     "beta_dpo": [{"name": "beta_dpo", "rho": 0.25}],  # trainer state updated from the batch
 }
 

@@ -18,7 +18,8 @@ previous iterate (`prev`), MRPO's further references.
 
 Token-level inputs are set on their loss entry (postrain.trainers.token_level): TGDPO's
 `{name: tgdpo, token_reward_model: {name_or_path: ...}}` (run with the reference on every batch), Ra-DPO's
-`{name: ra_dpo, confidence_level: 0.95}` (full-vocabulary forwards of policy and reference).
+`{name: ra_dpo, confidence_level: 0.95}` and GDPO's `{name: gdpo, gamma: 0.1}` (full-vocabulary forwards of policy
+and reference).
 
 `trainer.shared_prefix: true` encodes each prompt once for all its answers (postrain.trainers.shared_prefix_dpo);
 the losses and gradients stay those of the standard batch.

@@ -14,5 +14,6 @@ from postrain.preference import pairwise_variants  # noqa: F401
 from postrain.preference import listwise, reference_free, unpaired  # noqa: F401,E402  (register)
 from postrain.preference import modulated_reference  # noqa: F401,E402  (register)
 from postrain.preference import token_weighted  # noqa: F401,E402  (register)
+from postrain.preference import gflownet  # noqa: F401,E402  (register)
 
 __all__ = ["PREFERENCE", "preference_loss"]

@@ -1,5 +1,5 @@
-"""Token-level inputs of the DPO trainer: TGDPO's token rewards, Ra-DPO's per-token risk ratios and BMC's pair
-difference masks.
+"""Token-level inputs of the DPO trainer: TGDPO's token rewards, Ra-DPO's per-token risk ratios, BMC's pair
+difference masks and GDPO's per-token end-of-sequence log-probs.
 
 Some pairwise losses read, besides the policy's and reference's log-probs, per-token quantities the trainer has to
 compute from further forwards. Their settings sit on the loss entry, next to its hyperparameters, and are split off
@@ -7,6 +7,7 @@ before the entry is called (`split_inputs`, from `parse_losses` at recipe load t
 
     loss: [{name: tgdpo, token_reward_model: {name_or_path: runs/dpo}}]    # TGDPO: r̂_t from a DPO-trained model
     loss: [{name: ra_dpo, confidence_level: 0.95, split_vocab: true}]        # Ra-DPO: CVaR over the vocabulary
+    loss: [{name: gdpo, alpha: 0.1, gamma: 0.1}]                             # GDPO: the reference's EOS at gamma
 
 TGDPO (`chosen_token_rewards`, `rejected_token_rewards`): r̂_t = log π_rm(y_t) − log π_ref(y_t), with π_rm an
 already DPO-trained model and π_ref the trainer's reference. π_rm is loaded with the trainer and run on every batch
@@ -37,6 +38,13 @@ inserted ones are marked, except stopword tokens. Stopwords (`stopwords:` on the
 nltk's stopwords corpus installed, `python -m nltk.downloader stopwords`), or a list of words ([] for none). The
 authors run difflib on the padded rows of their batch; here on each sequence's real tokens (prompt and completion),
 so a pair's mask does not depend on what else the batch holds. No model forward: the masks come from the ids.
+
+GDPO (`chosen_token_eos_logps`, `rejected_token_eos_logps`, `ref_chosen_token_eos_logps`,
+`ref_rejected_token_eos_logps`): at every completion token t, log π(EOS | y_<t) of the policy (with its gradient) and
+log softmax(z_ref / γ)[EOS] of the reference (its logits at temperature γ, `gamma:` on the entry, default 0.1 as the
+authors' GDPOConfig), as ggoggam/gdpo src/algo/offline/gdpo.py GDPOTrainer.loss computes `eos_logps` and the EOS
+term of `log_rewards`; EOS is the tokenizer's eos_token_id. Like Ra-DPO's, these need the full distributions, so
+the policy and reference forwards are the unfused ones above; only the EOS column is kept past the batch's loss.
 """
 
 from __future__ import annotations
@@ -53,8 +61,10 @@ from postrain.errors import RecipeError
 TOKEN_REWARDS = ("chosen_token_rewards", "rejected_token_rewards")
 RISK_RATIOS = ("chosen_token_risk_ratios", "rejected_token_risk_ratios")
 DIFF_MASKS = ("chosen_diff_mask", "rejected_diff_mask")
+EOS_LOGPS = ("chosen_token_eos_logps", "rejected_token_eos_logps", "ref_chosen_token_eos_logps",
+             "ref_rejected_token_eos_logps")
 # Registry data this module computes from a pair batch; the losses reading it also read the reference's log-probs.
-TOKEN_LEVEL_DATA = frozenset({*TOKEN_REWARDS, *RISK_RATIOS, *DIFF_MASKS})
+TOKEN_LEVEL_DATA = frozenset({*TOKEN_REWARDS, *RISK_RATIOS, *DIFF_MASKS, *EOS_LOGPS})
 
 REQUIRED = object()
 # Per loss: the entry keys that are inputs the trainer computes (not loss hyperparameters), with their defaults.
@@ -63,6 +73,7 @@ INPUT_KEYS: dict[str, dict[str, Any]] = {
     "tgdpo": {"token_reward_model": REQUIRED},
     "ra_dpo": {"confidence_level": 0.95, "split_vocab": True},
     "bmc": {"stopwords": "nltk"},
+    "gdpo": {"gamma": 0.1},  # the authors' GDPOConfig.gamma: the reference's temperature for its EOS log-prob
 }
 
 
@@ -100,6 +111,11 @@ def split_inputs(name: Any, params: dict, trainer: dict, where: str, origins: di
                               f"does not keep; set it to false")
     if "stopwords" in inputs:
         stopword_list(inputs["stopwords"], f"{where}.stopwords")  # refused now, not at the first batch
+    if "gamma" in inputs:
+        gamma = inputs["gamma"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < float("inf"):
+            raise RecipeError(f"{where}.gamma must be a positive number (the temperature of the reference's EOS "
+                              f"log-prob in GDPO's log-reward; the authors use 0.1), got {gamma!r}")
     return rest, inputs
 
 
@@ -172,9 +188,10 @@ def _check_model_spec(spec: Any, where: str, origins: dict) -> None:
 
 
 def check_terms(terms: list) -> None:
-    """One token reward model and one Ra-DPO setting per recipe: the trainer computes each input once per batch."""
+    """One token reward model, Ra-DPO setting, stopword list and GDPO temperature per recipe: the trainer computes
+    each input once per batch."""
     for key, what in (("token_reward_model", "token reward model"), ("confidence_level", "risk setting"),
-                      ("stopwords", "stopword list")):
+                      ("stopwords", "stopword list"), ("gamma", "reference EOS temperature")):
         values = [(t.name, t.inputs) for t in terms if key in t.inputs]
         if len({repr(sorted(i.items())) for _, i in values}) > 1:
             raise RecipeError(f"`loss:` gives {len(values)} {values[0][0]!r} entries different inputs "
@@ -241,8 +258,10 @@ class TokenLevelInputs:
     reward_model: Any = None  # TGDPO's π_rm, prepared for inference
     risk: dict | None = None  # Ra-DPO's {confidence_level, split_vocab}
     stopword_ids: set | None = None  # BMC's stopword token ids (None: no BMC term)
+    eos: dict | None = None  # GDPO's {token_id, gamma} (None: no GDPO term)
     _policy_full: torch.Tensor | None = None  # this batch's policy log-softmax (N, T, V), with its graph
     _reference_full: torch.Tensor | None = None
+    _reference_eos: torch.Tensor | None = None  # this batch's reference log softmax(z / γ)[EOS] (N, T)
 
     @classmethod
     def for_trainer(cls, trainer) -> "TokenLevelInputs | None":
@@ -259,12 +278,19 @@ class TokenLevelInputs:
             if "stopwords" in term.inputs:
                 tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
                 out.stopword_ids = stopword_ids(tokenizer, stopword_list(term.inputs["stopwords"], "stopwords"))
+            if "gamma" in term.inputs:
+                tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+                if tokenizer.eos_token_id is None:
+                    raise RecipeError(f"preference loss {term.name!r} reads the policy's end-of-sequence "
+                                      f"probability at every completion token, but the model's tokenizer has no "
+                                      f"eos_token_id; use a model whose tokenizer defines one")
+                out.eos = {"token_id": int(tokenizer.eos_token_id), "gamma": float(term.inputs["gamma"])}
         return out
 
     @property
     def full_vocab(self) -> bool:
-        """Whether the policy and reference forwards return full distributions (Ra-DPO)."""
-        return self.risk is not None
+        """Whether the policy and reference forwards return full distributions (Ra-DPO, GDPO)."""
+        return self.risk is not None or self.eos is not None
 
     def policy_forward(self, model, inputs: dict):
         """The policy forward, unfused: as PostrainDPOTrainer._policy_forward (TRL 1.16's, same model keyword
@@ -294,8 +320,11 @@ class TokenLevelInputs:
         shift_mask = inputs["completion_mask"][..., 1:]
 
         def unfused(labels=None, fused_lm_head=False, **kwargs):
-            full = _shifted_log_softmax(reference(**kwargs).logits, seq_len)
+            logits = reference(**kwargs).logits
+            full = _shifted_log_softmax(logits, seq_len)
             self._reference_full = full
+            if self.eos is not None:  # GDPO: log softmax(z / γ)[EOS] (full / γ differs from z / γ by a constant)
+                self._reference_eos = (full / self.eos["gamma"]).log_softmax(-1)[..., self.eos["token_id"]]
             return SimpleNamespace(log_probs=_gather(full, kwargs["input_ids"], shift_mask))
 
         trainer.compute_ref_log_probs(unfused, inputs)
@@ -325,10 +354,18 @@ class TokenLevelInputs:
                 raise RuntimeError("Ra-DPO's risk ratios need this batch's full policy and reference distributions")
             risk = token_risk_ratios(self._reference_full, self._policy_full, **self.risk)
             out["chosen_token_risk_ratios"], out["rejected_token_risk_ratios"] = risk.chunk(2, dim=0)
-            self._policy_full = self._reference_full = None  # free the (N, T, V) tensors the loss no longer needs
         if self.stopword_ids is not None:  # BMC: aligned with the per-token log-probs (positions 1.. of each row)
             masks = pair_difference_masks(inputs["input_ids"], inputs["attention_mask"], self.stopword_ids)
             out["chosen_diff_mask"], out["rejected_diff_mask"] = masks[:, 1:][:, -seq_len:].chunk(2, dim=0)
+        if self.eos is not None:  # GDPO: log π(EOS | y_<t) at the position predicting token t, as the log-probs
+            if self._policy_full is None or self._reference_eos is None:
+                raise RuntimeError("GDPO's EOS log-probs need this batch's full policy and reference distributions")
+            shift_mask = inputs["completion_mask"][..., 1:]
+            policy_eos = self._policy_full[..., self.eos["token_id"]] * shift_mask
+            reference_eos = (self._reference_eos * shift_mask).detach()
+            out["chosen_token_eos_logps"], out["rejected_token_eos_logps"] = policy_eos.chunk(2, dim=0)
+            out["ref_chosen_token_eos_logps"], out["ref_rejected_token_eos_logps"] = reference_eos.chunk(2, dim=0)
+        self._policy_full = self._reference_full = self._reference_eos = None  # the (N, T, V) tensors, freed
         return out
 
 
