@@ -136,13 +136,13 @@ def test_check_fails_on_a_stale_document(tmp_path, built, capsys):
 
 def test_a_not_reproducible_row_must_name_its_searches(tmp_path):
     def edit(data):
-        del data["preference"][23]["searched"]  # SGDPO: the claim without the look-ups behind it
+        del data["preference"][35]["searched"]  # BVPO: the claim without the look-ups behind it
         data["rl"][24]["searched"] = "one string, not a list"
         data["rl"][30]["searched"] = ["find_string: 'x'", ""]
 
     problems = coverage.build(CATALOG_DIR, _exclusions(tmp_path, edit)).problems
     text = "\n".join(problems)
-    assert "preference row 23 (SGDPO) is not_reproducible without the searches that support it" in text
+    assert "preference row 35 (BVPO) is not_reproducible without the searches that support it" in text
     assert "rl row 24 (SEED-GRPO): `searched` must be a list" in text
     assert "rl row 30" in text and len(problems) == 3
     # a not_yet row needs no searches (it may still carry them)
@@ -164,6 +164,11 @@ def test_every_not_reproducible_row_shows_its_searches_in_the_document(built):
     assert by_row["rl", 31].entries == ["shaping:hapo_length"]
     assert by_row["rl", 87].entries == ["policy_loss:discovered_po"]
     assert by_row["rl", 15].entries == by_row["preference", 104].entries == ["policy_loss:trpa"]
+    assert by_row["preference", 23].entries == ["preference:sgdpo"]
+    assert by_row["preference", 67].entries == ["preference:selm"]
+    assert by_row["preference", 87].entries == ["preference:sdpo_segment"]
+    for number, recipe in ((23, "sgdpo"), (67, "selm"), (87, "sdpo_segment")):
+        assert by_row["preference", number].recipes == [f"recipes/papers/{recipe}.yaml"]
 
 
 def test_an_efficiency_row_is_composed_by_a_recipe_that_turns_the_trainer_option_on(built):

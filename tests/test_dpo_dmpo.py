@@ -1,9 +1,10 @@
-"""DMPO in the DPO trainer (postrain.trainers.turns): agent-turn spans of multi-turn conversations, per-turn sums of
+"""DMPO and SDPO in the DPO trainer (postrain.trainers.turns): agent-turn spans of multi-turn conversations, per-turn sums of
 policy and reference log-probs, the loss against a plain forward pass, truncation, refusals, TRL's source pinned."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,26 @@ def test_the_loss_is_dmpo_of_per_turn_sums_of_a_plain_forward(max_length):
     assert loss.requires_grad
 
 
+def test_sdpo_segment_is_dpo_on_the_agent_tokens_of_a_plain_forward():
+    """SDPO on the same conversations: -log sigmoid(beta (sum of the chosen's agent-turn log-ratios - the rejected's)),
+    the sums taken over the hand-written agent spans of a plain forward; the observation (partner) tokens, which
+    TRL's summed completion log-probs count, are left out, as the authors' labels leave the partner's turns out."""
+    trainer = make_trainer(losses=[{"name": "sdpo_segment", "beta": 0.5}])
+    tokenizer = trainer.processing_class
+    loss, data = recorded_loss_data(trainer, batch_in_order(trainer))
+    expected, with_observations = [], []
+    for i, row in enumerate(ROWS):
+        h = {side: sum(plain_turn_logps(trainer.model, tokenizer, row, side))
+             - sum(plain_turn_logps(trainer.ref_model, tokenizer, row, side)) for side in ("chosen", "rejected")}
+        expected.append(-math.log(1 / (1 + math.exp(-0.5 * (h["chosen"] - h["rejected"])))))
+        margin = ((data["chosen_logps"][i] - data["ref_chosen_logps"][i])
+                  - (data["rejected_logps"][i] - data["ref_rejected_logps"][i])).item()
+        with_observations.append(-math.log(1 / (1 + math.exp(-0.5 * margin))))
+    assert loss.item() == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+    assert abs(loss.item() - sum(with_observations) / len(with_observations)) > 1e-3  # not DPO on TRL's completion
+    assert loss.requires_grad
+
+
 def test_observation_tokens_change_nothing_but_their_turns_context():
     """The per-turn sums read agent tokens only: a rejected trajectory's last observation, made longer, changes the
     log-probs of no earlier turn (TRL's summed completion log-prob, which counts it, does change)."""
@@ -235,8 +256,8 @@ def test_a_short_training_run_updates_the_policy_and_logs_dmpo(tmp_path):
 
 def test_non_conversational_pairs_fail_when_the_trainer_is_built():
     rows = [{"prompt": "2+3=", "chosen": "5", "rejected": "6"}] * 2
-    with pytest.raises(DataError, match=r"train_dataset, row 0: per-turn preference losses \(dmpo\) read multi-turn "
-                                        r"conversations: `prompt` must be a list of messages"):
+    with pytest.raises(DataError, match=r"train_dataset, row 0: per-turn preference losses \(dmpo, sdpo_segment\) "
+                                        r"read multi-turn conversations: `prompt` must be a list of messages"):
         make_trainer(rows)
 
 
@@ -255,7 +276,8 @@ def test_postrain_dpo_refuses_string_pairs_for_dmpo_when_the_data_loads(tmp_path
                                   "loss: [{name: dmpo}]")
     result = runner.invoke(app, ["dpo", str(recipe), f"output_dir={tmp_path / 'run'}"])
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "data.train, row 0: per-turn preference losses (dmpo) read multi-turn conversations" in result.output
+    assert "data.train, row 0: per-turn preference losses (dmpo, sdpo_segment) read multi-turn conversations" \
+        in result.output
     assert not (tmp_path / "run").exists()
 
 

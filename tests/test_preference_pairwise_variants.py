@@ -622,7 +622,8 @@ def test_dmpo(turns):
 # ---------------------------------------------------------------- registry, dtypes
 
 NAMES = ["odpo", "odpo_log_ratio", "r_dpo", "h_dpo", "mappo", "tgdpo", "omni_dpo", "gamma_po", "dr_dpo",
-         "beta_dpo", "ra_dpo", "modpo", "inpo", "rebel", "reward_aware_po", "dmpo", "implicit_prm_ce"]
+         "beta_dpo", "ra_dpo", "modpo", "inpo", "rebel", "reward_aware_po", "dmpo", "sdpo_segment",
+         "implicit_prm_ce"]
 
 
 def test_registered_with_metadata():

@@ -108,6 +108,34 @@ def exo_k(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: floa
 
 
 @PREFERENCE.register(
+    "selm", paper="Self-Exploring Language Models: Active Preference Elicitation for Online Alignment",
+    arxiv="2405.19332",
+    catalog="preference:67",
+    ranges={"alpha": ">= 0"},  # the optimism term's weight: below 0 it would pull toward the model's own answers
+    notes="checked against shenao-zhang/SELM scripts/selm_trainer.py::optimistic_dpo_loss (summed log-probs of "
+          "chosen, rejected and reference_response), scripts/online_feedback.py (candidates [the round's greedy "
+          "response, the data's chosen, its rejected] ranked by PairRM: chosen the best-ranked, rejected the "
+          "worst, reference_response the greedy one) and recipes/zephyr-selm/selm_config_full.yaml (beta 0.01, "
+          "alpha 0.001)")
+def selm(list_logps, list_ref_logps, list_scores, list_mask=None, *, beta: float = 0.01, alpha: float = 0.001):
+    """SELM: −log σ(β(h_c − h_r)) + α·β·h_0 over a list whose slot 0 is the model's own response.
+
+    A row is the authors' candidate list: slot 0 the response the round's starting model (the reference) generated
+    for the prompt, the other slots the data's responses; c is the best-scored slot and r the worst (the first of
+    equals, as numpy's argmax / argmin over the authors' ranks), and may be slot 0 itself. h = ℓ − ℓ_ref. The
+    second term is the optimism bonus as the authors' code adds it: minimising it lowers the policy's
+    log-ratio on its reference's own response, so the policy moves away from what it already generates. Defaults
+    β=0.01, α=0.001 from the authors' Zephyr config.
+    """
+    h, scores, valid = _lists(list_logps, list_ref_logps, list_scores, list_mask)
+    # Masked slots can never be the best or the worst response.
+    chosen = torch.where(valid, scores, float("-inf")).argmax(dim=-1, keepdim=True)
+    rejected = torch.where(valid, scores, float("inf")).argmin(dim=-1, keepdim=True)
+    margin = h.gather(-1, chosen)[:, 0] - h.gather(-1, rejected)[:, 0]
+    return -F.logsigmoid(beta * margin) + alpha * beta * h[:, 0]
+
+
+@PREFERENCE.register(
     "relative_po",
     requires=(Requirement("rows_per_batch", "the contrasts with the rejected responses of the batch's other "
                                             "prompts", amount=2, scope="process"),),

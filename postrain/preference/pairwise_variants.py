@@ -471,6 +471,32 @@ def dmpo(chosen_turn_logps, rejected_turn_logps, ref_chosen_turn_logps, ref_reje
     return -F.logsigmoid(beta * (chosen - rejected))
 
 
+@PREFERENCE.register("sdpo_segment", paper="SDPO: Segment-Level Direct Preference Optimization for Social Agents",
+                     catalog="preference:87",
+                     arxiv="2501.01821",
+                     notes="checked against AlibabaResearch/DAMO-ConvAI SDPO/LLaMA-Factory: train/dpo/workflow.py::"
+                           "sft_2_dialogue_dpo (the pairs tokenized as SFT conversations, labels on the agent's turns "
+                           "only; every label before the first differing agent turn set to -100 in both) and "
+                           "train/dpo/trainer.py (CustomDPOTrainer: TRL's sigmoid dpo_loss on log-probs summed over "
+                           "the labelled tokens); examples/train_full/dpo.yaml and dpo_m.yaml (pref_beta 0.1)")
+def sdpo_segment(chosen_turn_logps, rejected_turn_logps, ref_chosen_turn_logps, ref_rejected_turn_logps,
+                 chosen_turn_mask, rejected_turn_mask, *, beta: float = 0.1):
+    """SDPO: −LS(β[Σ_j h_w^{(j)} − Σ_j h_l^{(j)}]) over the agent turns of two dialogue segments.
+
+    The two segments share the dialogue before them (the `prompt`, which is context only) and start at the agent
+    turn where they first differ; they hold the agent's turns and the partner's in between. Only the agent's turns
+    count, each with weight 1 (the partner's turns are context, as the authors' labels leave them out): this is
+    DPO on the segments' agent tokens, where `dmpo` weighs turn j by a discount. Inputs are per-turn summed
+    log-probs (B, J) of the agent's turns, left-aligned, with `*_turn_mask` marking real turns (padding turns may
+    hold anything). beta=0.1 from the authors' configs."""
+    def side(logps, ref, mask):
+        return (masked(logps, mask) - masked(ref, mask)).sum(-1)
+
+    chosen = side(chosen_turn_logps, ref_chosen_turn_logps, chosen_turn_mask)
+    rejected = side(rejected_turn_logps, ref_rejected_turn_logps, rejected_turn_mask)
+    return -F.logsigmoid(beta * (chosen - rejected))
+
+
 @PREFERENCE.register("implicit_prm_ce", paper="Free Process Rewards without Process Labels", arxiv="2412.01981",
                      catalog="preference:101",
                      notes="checked against PRIME's compute_ce_dpo_loss_rm (verl recipe/prime/prime_core_algos.py): "

@@ -1,4 +1,4 @@
-"""K-response lists in `postrain dpo`: list-wise registry losses (LiPO-λ, DPO's Plackett-Luce form, EXO-K).
+"""K-response lists in `postrain dpo`: list-wise registry losses (LiPO-λ, DPO's Plackett-Luce form, EXO-K, SELM).
 
 A row is `{prompt, completions: [K texts], scores: [K numbers]}` (higher is better) or, instead of `scores`,
 `ranks: [K integers]` (1 = best), which become scores ψ = K − rank (`postrain.trainers.dpo.list_scores`). Rows may

@@ -1,4 +1,4 @@
-"""Per-turn log-probs of multi-turn trajectories in the DPO trainer: DMPO's inputs.
+"""Per-turn log-probs of multi-turn trajectories in the DPO trainer: the inputs of DMPO and SDPO.
 
 DMPO (`dmpo`, "Direct Multi-Turn Preference Optimization for Language Agents", arXiv 2406.14868) weighs each agent
 turn of a trajectory by its own coefficient, so it reads per-turn summed log-probs (B, J) of the agent (assistant)
@@ -6,6 +6,9 @@ turns of chosen and rejected, with turn masks:
 
     chosen_turn_logps, rejected_turn_logps, ref_chosen_turn_logps, ref_rejected_turn_logps, chosen_turn_mask,
     rejected_turn_mask
+
+SDPO (`sdpo_segment`, arXiv 2501.01821) reads the same inputs and sums them with weight 1: DPO on the agent turns of
+two dialogue segments, the dialogue before the segments being the `prompt`.
 
 The data are conversational pairs, as the authors' (swt-user/DMPO construct_preference_nocut.py): `prompt` the
 instruction messages ending with the task (a user turn), `chosen` / `rejected` the two trajectories that follow,
@@ -64,6 +67,13 @@ SPAN_COLUMNS = ("chosen_turn_spans", "rejected_turn_spans")  # dataset columns: 
 TURN_IDS = "turn_ids"  # batch key: (2B, L) turn id per position (0: no assistant turn, j + 1: turn j)
 
 
+def per_turn_losses() -> str:
+    """The registered preference losses that read per-turn data, for messages: "dmpo, sdpo_segment"."""
+    from postrain.preference import PREFERENCE
+
+    return ", ".join(sorted(v.name for v in PREFERENCE if TURN_DATA & set(v.data)))
+
+
 def reads_turns(terms: list) -> bool:
     """Whether some loss term reads per-turn data."""
     return any(TURN_DATA & t.reads for t in terms)
@@ -95,9 +105,9 @@ def check_options(terms: list, trainer: dict, defaults: dict) -> None:
                           f"set it to false")
     if option("truncation_mode") not in (None, "keep_start"):
         raise RecipeError(f"trainer.truncation_mode={option('truncation_mode')!r} with {users[0]!r}: keep_end cuts "
-                          f"a trajectory's first turns, which {users[0]!r} weighs most, and would number the rest "
-                          f"from turn 0. Set truncation_mode: keep_start (turns past max_length are dropped), or "
-                          f"raise max_length")
+                          f"a trajectory's first turns (dmpo weighs them most; an sdpo_segment pair first differs "
+                          f"there) and would number the rest from turn 0. Set truncation_mode: keep_start (turns past "
+                          f"max_length are dropped), or raise max_length")
 
 
 def _is_messages(value: Any) -> bool:
@@ -110,7 +120,8 @@ def check_turn_row(example: dict, where: str) -> None:
     for key in ("prompt", "chosen", "rejected"):
         value = example.get(key)
         if not _is_messages(value):
-            raise DataError(f"{where}: per-turn preference losses (dmpo) read multi-turn conversations: `{key}` must "
+            raise DataError(f"{where}: per-turn preference losses ({per_turn_losses()}) read multi-turn "
+                            f"conversations: `{key}` must "
                             f"be a list of messages {{role, content}} (prompt: the task's messages; chosen / "
                             f"rejected: the agent's trajectory, assistant turns alternating with user / environment "
                             f"turns), got {value!r:.120}")
@@ -155,9 +166,9 @@ def assistant_turn_spans(processing_class, prompt: list, continuation: list, pro
             raise DataError(
                 f"{where}: the chat template is not prefix-stable, so the agent turns' tokens cannot be found: "
                 f"the conversation up to {what}, rendered alone, is not a prefix of the whole conversation "
-                f"rendered (they differ from token {_first_difference(full, ids)}). Per-turn losses (dmpo) need a "
-                f"template that renders earlier turns the same whatever follows them (ChatML, Llama, ...); pass "
-                f"another one with the model's tokenizer")
+                f"rendered (they differ from token {_first_difference(full, ids)}). Per-turn losses "
+                f"({per_turn_losses()}) need a template that renders earlier turns the same whatever follows them "
+                f"(ChatML, Llama, ...); pass another one with the model's tokenizer")
         return len(ids) - offset
 
     spans = []
@@ -180,8 +191,8 @@ def add_turn_spans(trainer) -> None:
     """After TRL tokenized the datasets (its columns prompt_ids / chosen_ids / rejected_ids beside the raw
     messages): add the span columns to the train and eval datasets."""
     if getattr(trainer, "_is_vision_dataset", False):
-        raise RecipeError("per-turn preference losses (dmpo) read text conversations; TRL prepares vision data in "
-                          "the collator, where no turn spans are computed")
+        raise RecipeError(f"per-turn preference losses ({per_turn_losses()}) read text conversations; TRL "
+                          f"prepares vision data in the collator, where no turn spans are computed")
     processing_class = trainer.processing_class
 
     def spans(example: dict, index: int, name: str) -> dict:
