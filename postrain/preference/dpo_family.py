@@ -126,8 +126,8 @@ def robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
 def hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float = 0.05):
     """RSO hinge-norm: max(0, 1 − γ·Δ), γ is `beta`; zero loss and gradient once γΔ ≥ 1.
 
-    Equivalently a hinge with margin 1/γ on Δ. Default γ=0.05 is RSO's reported loss temperature as recalled
-    in the methods catalog (not re-read in the paper); TRL's DPOConfig default is 0.1.
+    Equivalently a hinge with margin 1/γ on Δ. Default γ=0.05 is RSO's (the paper's Sec. 5 "Method", with its
+    Eq. 10; re-read with recipes/papers/rso.yaml); TRL's DPOConfig default is 0.1.
     """
     hw, hl = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return torch.relu(1.0 - beta * (hw - hl))

@@ -45,8 +45,9 @@ def kl_k1(logps, ref_logps, mask, *, beta: float = 0.04):
 @REGULARIZERS.register(
     "kl_k2", paper="On the Design of KL-Regularized Policy Gradient Algorithms for LLM Reasoning", arxiv="2505.17508",
     catalog="rl:extra",
-    notes="k2 from Schulman's KL-approximation note; RPG (2505.17508) shows its gradient is the reverse-KL "
-          "gradient on-policy. beta default is DeepSeekMath's 0.04.")
+    notes="k2 from Schulman's KL-approximation note; RPG (2505.17508, ICLR 2026 version in complex-reasoning/RPG) "
+          "names it only as REINFORCE++'s estimator (App. A) and analyses k3; its own KL terms act against "
+          "pi_old, not a reference model, and use beta 1e-4 (App. H). beta default is DeepSeekMath's 0.04.")
 def kl_k2(logps, ref_logps, mask, *, beta: float = 0.04):
     """beta * k2, k2 = (log(pi / pi_ref))^2 / 2: biased, low variance, always >= 0."""
     return beta * kl_penalty("k2", logps, ref_logps, mask)
