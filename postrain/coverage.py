@@ -129,7 +129,7 @@ def entry_tags(variant) -> list[str]:
     return [tags] if isinstance(tags, str) else list(tags)
 
 
-def _arxiv(value) -> str:
+def arxiv_id(value) -> str:
     """'arXiv:2305.18290v3' -> '2305.18290', so recipes and entries compare equal however they write it."""
     text = str(value or "").strip()
     text = re.sub(r"^(arxiv:|https?://arxiv\.org/abs/)", "", text, flags=re.I)
@@ -140,7 +140,7 @@ def recipe_papers(root: Path | None = None) -> dict[str, str]:
     """recipe path -> the arXiv id its `paper:` declares (directly or through its `defaults:`)."""
     from postrain.recipes.catalog import list_recipes
 
-    return {r["path"]: _arxiv(r["arxiv"]) for r in list_recipes(root) if r.get("arxiv")}
+    return {r["path"]: arxiv_id(r["arxiv"]) for r in list_recipes(root) if r.get("arxiv")}
 
 
 # --- the table ------------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def build(catalog_dir: Path, exclusions_path: Path = EXCLUSIONS, recipes_root: P
             for key in set(excl) - EXCLUSION_KEYS:
                 problems.append(f"{where}: unknown key {key!r}; valid: {', '.join(sorted(EXCLUSION_KEYS))}")
             implemented = entries.get((catalog, row.number), [])
-            arxivs = {_arxiv(v.arxiv) for v in implemented} | ({_arxiv(excl["arxiv"])} if excl.get("arxiv") else set())
+            arxivs = {arxiv_id(v.arxiv) for v in implemented} | ({arxiv_id(excl["arxiv"])} if excl.get("arxiv") else set())
             recipes = sorted(path for path, arxiv in papers.items() if arxiv in arxivs)
             searched = excl.get("searched") or []
             malformed = not isinstance(searched, list) or not all(isinstance(q, str) and q.strip() for q in searched)

@@ -79,7 +79,7 @@ def expansion(variant) -> str | None:
 
 
 def render_family(family: str, variants: list, recipes: dict[str, str]) -> str:
-    from postrain.coverage import _arxiv
+    from postrain.coverage import arxiv_id
     from postrain.registry import FAMILIES, REQUIREMENT_KINDS
 
     what = FAMILIES[family].what
@@ -113,7 +113,7 @@ def render_family(family: str, variants: list, recipes: dict[str, str]) -> str:
         if v.extra.get("catalog"):
             tags = v.extra["catalog"]
             rows.append(("catalog rows", ", ".join(f"`{t}`" for t in ([tags] if isinstance(tags, str) else tags))))
-        same_paper = sorted(path for path, arxiv in recipes.items() if arxiv == _arxiv(v.arxiv))
+        same_paper = sorted(path for path, arxiv in recipes.items() if arxiv == arxiv_id(v.arxiv))
         if same_paper:
             rows.append(("recipes (same paper)", ", ".join(f"[`{p}`](../../{p})" for p in same_paper)))
         if v.notes:

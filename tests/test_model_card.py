@@ -18,7 +18,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from postrain.reports.model_card import build_card, finish_model, method_papers
-from postrain.reports.report import _num
+from postrain.reports.report import num
 from tests.conftest import REPO, TINY, postrain, write_recipe
 
 TINY_MODEL = "model: {name_or_path: tiny, dtype: float32, tiny: %s}" % json.dumps(TINY)
@@ -87,9 +87,9 @@ def test_sft_card_front_matter_lineage_metrics_and_the_recipe_that_reproduces_it
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
-    assert f"| `loss` | {_num(float(last['loss']))} | {last['step']} |" in card
+    assert f"| `loss` | {num(float(last['loss']))} | {last['step']} |" in card
     summary = rows[-1]
-    assert f"Trained to step {summary['step']} " in card and f"mean training loss {_num(summary['train_loss'])}." in card
+    assert f"Trained to step {summary['step']} " in card and f"mean training loss {num(summary['train_loss'])}." in card
 
     env = json.loads((run / "env.json").read_text())
     assert recipe_block(card) == (run / "recipe.yaml").read_text().rstrip()
@@ -124,7 +124,7 @@ def test_grpo_method_card_names_the_method_its_papers_its_input_stage_and_the_ev
     points = [(r["step"], r["eval/heldout/accuracy"]) for r in logged if "eval/heldout/accuracy" in r]
     assert len(points) >= 2  # at the start and after the steps
     (s0, v0), (s1, v1) = points[0], points[-1]
-    assert f"| `eval/heldout/accuracy` | {_num(v0)} | {s0} | {_num(v1)} | {s1} |" in card
+    assert f"| `eval/heldout/accuracy` | {num(v0)} | {s0} | {num(v1)} | {s1} |" in card
     assert "evaluated during training: heldout" in card
 
 

@@ -224,7 +224,7 @@ def implicit_reward_pairs(rows: list[dict], spec, where: str) -> list[dict]:
     """Score each (prompt, completion) row with the policy and reference of `spec.implicit_reward`, pair each
     prompt's best against its worst. The models see the prompt and completion as the DPO job will train on them
     (the source's chat / system_prompt / prompt_template applied, as load_source applies them to the pairs)."""
-    from postrain.data.sources import _format_row
+    from postrain.data.sources import format_row
 
     settings = spec.implicit_reward
     settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
@@ -234,7 +234,7 @@ def implicit_reward_pairs(rows: list[dict], spec, where: str) -> list[dict]:
                             f"present: {', '.join(rows[0])}")
     views = []
     for row in rows:
-        view = _format_row({"prompt": row["prompt"], "completion": row["completion"]}, spec) \
+        view = format_row({"prompt": row["prompt"], "completion": row["completion"]}, spec) \
             if spec.chat or spec.system_prompt or spec.prompt_template else row
         prompt, completion = view["prompt"], view["completion"]
         if isinstance(prompt, list) and isinstance(completion, str):  # chat samples: the answer is the next turn

@@ -161,10 +161,10 @@ def split_steps(solution: str, separator: str) -> list[str]:
 
 def _first_correct(rows: list[dict], where: str, transform: str, settings: dict) -> list[dict]:
     """Each prompt's first sample scoring at least `correct_score` (the SCDPO authors take correct_solutions[0])."""
-    from postrain.data.sources import _scored_groups
+    from postrain.data.sources import scored_groups
 
     chosen = []
-    for group in _scored_groups(rows, where, transform, settings["score"]):
+    for group in scored_groups(rows, where, transform, settings["score"]):
         correct = [row for score, row in group if score >= settings["correct_score"]]
         if correct:
             chosen.append(correct[0])
@@ -195,10 +195,10 @@ def step_prefixes(rows: list[dict], where: str, steps: Any = None) -> list[dict]
 
 
 def read_solutions(path: str) -> list[dict]:
-    from postrain.data.sources import _read_rows
+    from postrain.data.sources import read_rows
     from postrain.recipes.schema import SourceSpec
 
-    return _read_rows(SourceSpec(source=path))
+    return read_rows(SourceSpec(source=path))
 
 
 def step_controlled_pairs(rows: list[dict], where: str, steps: Any, solutions: list[dict]) -> list[dict]:
@@ -212,9 +212,9 @@ def step_controlled_pairs(rows: list[dict], where: str, steps: Any, solutions: l
     for solution in _first_correct(solutions, f"{where}.steps.solutions", "step_controlled_pairs", settings):
         for prompt, k, rest in _prefixes(solution, where, "step_controlled_pairs", settings["separator"]):
             cut[prompt] = (solution, k, rest)
-    from postrain.data.sources import _scored_groups
+    from postrain.data.sources import scored_groups
 
-    groups = _scored_groups(rows, where, "step_controlled_pairs", settings["score"])
+    groups = scored_groups(rows, where, "step_controlled_pairs", settings["score"])
     unknown = [group[0][1]["prompt"] for group in groups if group[0][1]["prompt"] not in cut]
     if unknown:
         raise DataError(f"{where}: {len(unknown)} continuation prompt(s) are no prefix of a correct solution in "
@@ -245,11 +245,11 @@ def best_of_k(rows: list[dict], where: str, section: Any = None) -> list[dict]:
     """RAFT's SFT data (arXiv 2304.06767 Sec. 3, "local ranking"; LMFlow RaftAligner._get_batch_dataset_local): per
     prompt, the `keep` highest-scored samples (ties: the first sampled, as numpy's argmax), of those the ones scoring at
     least `min_score`; rows {prompt, completion, score} (+ answer where the samples have it)."""
-    from postrain.data.sources import _scored_groups
+    from postrain.data.sources import scored_groups
 
     settings = _settings(section, BestOfKSpec)
     out = []
-    for group in _scored_groups(rows, where, "best_of_k", settings["score"]):
+    for group in scored_groups(rows, where, "best_of_k", settings["score"]):
         ranked = sorted(group, key=lambda g: -g[0])  # stable: equal scores keep their sampled order
         for score, row in ranked[: settings["keep"]]:
             if settings["min_score"] is None or score >= settings["min_score"]:

@@ -45,7 +45,7 @@ def describe(spec: SourceSpec) -> str:
     return f"{spec.source}{extra} [{spec.split}]"
 
 
-def _read_rows(spec: SourceSpec) -> list[dict] | Any:
+def read_rows(spec: SourceSpec) -> list[dict] | Any:
     return _read_labelled_rows(spec)[0]
 
 
@@ -112,7 +112,7 @@ def check_pairing(spec: dict, where: str) -> None:
                           f"got {settings['min_margin']!r}")
 
 
-def _scored_groups(rows: list[dict], where: str, transform: str, score_key: str) -> list[list[tuple[float, dict]]]:
+def scored_groups(rows: list[dict], where: str, transform: str, score_key: str) -> list[list[tuple[float, dict]]]:
     """(score, row) per row, grouped by prompt in the order prompts first appear. `score_key` is a column or
     `rewards.<name>` (that reward's own score in the row's `rewards` mapping). A row whose score is None (a judge
     that gave no parsable score) is left out: no score is not a score of 0."""
@@ -140,7 +140,7 @@ def _score_pairs(rows: list[dict], where: str, pairing: dict | PairingSpec | Non
     row's other columns are kept; `score_chosen` / `score_rejected` are the two scores."""
     settings = pairing_settings(pairing)
     pairs = []
-    for group in _scored_groups(rows, where, "score_pairs", settings["score"]):
+    for group in scored_groups(rows, where, "score_pairs", settings["score"]):
         if settings["all_pairs"]:
             candidates = [(high, low) for high in group for low in group if high[0] > low[0]]
         else:
@@ -175,7 +175,7 @@ def _win_rate_pairs(rows: list[dict], where: str, pairing: dict | PairingSpec | 
     prefer = functools.partial(_preference_probability, win_rate=settings["win_rate"],
                                temperature=settings["temperature"])
     pairs = []
-    for group in _scored_groups(rows, where, "win_rate_pairs", settings["score"]):
+    for group in scored_groups(rows, where, "win_rate_pairs", settings["score"]):
         scores = [score for score, _ in group]
         opponents = len(scores) if settings["include_self"] else len(scores) - 1
         if opponents < 1:
@@ -380,7 +380,7 @@ def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "d
     if first_list and _repeats_prompt(first_list[0]):
         ds = ds.map(lambda row: {"completions": [_answer_turns(c) for c in row["completions"]]}, desc=None)
     if spec.prompt_template or spec.chat or spec.system_prompt:
-        ds = ds.map(lambda row: _format_row(row, spec), desc=None)
+        ds = ds.map(lambda row: format_row(row, spec), desc=None)
     if spec.mix is not None:  # DICE's experience replay: a second source's rows joined to these
         from postrain.data.implicit_rewards import apply_mix
 
@@ -450,7 +450,7 @@ def check_columns(present: list[str], job: str, spec: SourceSpec, where: str) ->
     )
 
 
-def _format_row(row: dict, spec: SourceSpec) -> dict:
+def format_row(row: dict, spec: SourceSpec) -> dict:
     out = dict(row)
     if "prompt" in out and isinstance(out["prompt"], str):
         prompt = out["prompt"]
@@ -492,7 +492,7 @@ def source_size(spec: dict | SourceSpec) -> int | None:
                           "step_controlled_pairs", "best_of_k", "implicit_reward_pairs"):  # known once scored
         return None
     if is_local(spec):
-        n = len(_read_rows(spec)) * (2 if spec.transform == "unpair" else 1)
+        n = len(read_rows(spec)) * (2 if spec.transform == "unpair" else 1)
         if spec.chunk is not None:
             n = len(chunk_rows(n, *_chunk_of(spec)))
         return min(n, spec.limit) if spec.limit is not None else n

@@ -41,7 +41,7 @@ def recipe_relative(value: str, key: str, origins: dict[str, str]) -> Path:
     return (base / path).resolve()
 
 
-def _is_task_file(task: str) -> bool:
+def is_task_file(task: str) -> bool:
     return task.endswith((".yaml", ".yml"))
 
 
@@ -54,7 +54,7 @@ def resolved_settings(cfg: dict, origins: dict[str, str]) -> dict[str, Any]:
     section = {**asdict(LMEvalSpec()), **cfg["lm_eval"]}  # an optional section: its defaults are not in cfg
     if section.get("include_path"):
         section["include_path"] = str(recipe_relative(section["include_path"], "lm_eval.include_path", origins))
-    section["tasks"] = [str(recipe_relative(t, "lm_eval.tasks", origins)) if _is_task_file(t) else t
+    section["tasks"] = [str(recipe_relative(t, "lm_eval.tasks", origins)) if is_task_file(t) else t
                         for t in section["tasks"]]
     return section
 
@@ -86,7 +86,7 @@ def check_lm_eval_section(command: str, cfg: dict, origins: dict[str, str]) -> N
                               f"{section['include_path']!r}, which is not a folder ({path}); it is read relative "
                               f"to the recipe file")
     for task in section["tasks"]:
-        if _is_task_file(task) and not recipe_relative(task, "lm_eval.tasks", origins).is_file():
+        if is_task_file(task) and not recipe_relative(task, "lm_eval.tasks", origins).is_file():
             raise RecipeError(f"lm_eval.tasks (from {origin_of(origins, 'lm_eval.tasks')}): task file {task!r} "
                               f"does not exist ({recipe_relative(task, 'lm_eval.tasks', origins)}); a task ending in "
                               f".yaml is a path, read relative to the recipe file")
@@ -110,14 +110,14 @@ def task_manager_for(settings: dict):
 
     include = settings.get("include_path")
     local = TaskManager(include_path=include, include_defaults=False) if include else None
-    if all(_is_task_file(t) or (local is not None and t in local.all_tasks) for t in settings["tasks"]):
+    if all(is_task_file(t) or (local is not None and t in local.all_tasks) for t in settings["tasks"]):
         manager = local if local is not None else TaskManager(include_defaults=False)
         try:
             return manager, manager.load(list(settings["tasks"]))
         except KeyError:
             pass
     manager = TaskManager(include_path=include)
-    unknown = [t for t in settings["tasks"] if not _is_task_file(t) and t not in manager.all_tasks]
+    unknown = [t for t in settings["tasks"] if not is_task_file(t) and t not in manager.all_tasks]
     if unknown:
         hint = did_you_mean(unknown[0], manager.all_tasks) or "`lm-eval ls tasks` lists them"
         where = f" or in {include}" if include else ""

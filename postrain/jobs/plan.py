@@ -218,7 +218,7 @@ def _lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
     not indexed, so a registered name is checked when the run starts, before its directory is made. No dataset is
     loaded (that needs the hub for registered tasks)."""
     from postrain.errors import did_you_mean
-    from postrain.evaluation.lm_eval_backend import _is_task_file, resolved_settings
+    from postrain.evaluation.lm_eval_backend import is_task_file, resolved_settings
 
     settings = resolved_settings(recipe.cfg, recipe.origins)
     include = settings.get("include_path")
@@ -229,7 +229,7 @@ def _lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
         local = list(TaskManager(include_path=include, include_defaults=False).all_tasks)
     out: dict[str, Any] = {}
     for task in settings["tasks"]:
-        if _is_task_file(task):
+        if is_task_file(task):
             kind = "task file"
         elif task in local:
             kind = f"task in {include}"

@@ -31,7 +31,7 @@ class MergeConfigError(RecipeError, ValueError):
         self.key = key
 
 
-def _kp(base: str, key: Any) -> str:
+def key_path(base: str, key: Any) -> str:
     if isinstance(key, int):
         return f"{base}[{key}]"
     if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -48,43 +48,43 @@ def reference_slots(cfg: Mapping) -> Iterator[tuple[str, Any, Any, bool]]:
     def models(container: Any, kp: str):
         for i, m in enumerate(container if isinstance(container, list) else []):
             if isinstance(m, dict) and "model" in m:
-                yield _kp(_kp(kp, i), "model"), m, "model", False
+                yield key_path(key_path(kp, i), "model"), m, "model", False
 
     def slices(container: Any, kp: str):
         for i, s in enumerate(container if isinstance(container, list) else []):
             if not isinstance(s, dict):
                 continue
-            skp = _kp(kp, i)
+            skp = key_path(kp, i)
             if s.get("base_model") is not None:
-                yield _kp(skp, "base_model"), s, "base_model", False
+                yield key_path(skp, "base_model"), s, "base_model", False
             for j, src in enumerate(s.get("sources") if isinstance(s.get("sources"), list) else []):
                 if isinstance(src, dict) and "model" in src:
-                    yield _kp(_kp(_kp(skp, "sources"), j), "model"), src, "model", False
+                    yield key_path(key_path(key_path(skp, "sources"), j), "model"), src, "model", False
 
     if cfg.get("base_model") is not None:
-        yield _kp(root, "base_model"), cfg, "base_model", False
-    yield from models(cfg.get("models"), _kp(root, "models"))
-    yield from slices(cfg.get("slices"), _kp(root, "slices"))
+        yield key_path(root, "base_model"), cfg, "base_model", False
+    yield from models(cfg.get("models"), key_path(root, "models"))
+    yield from slices(cfg.get("slices"), key_path(root, "slices"))
     for name, mod in (cfg.get("modules") or {}).items() if isinstance(cfg.get("modules"), dict) else []:
         if isinstance(mod, dict):
-            mkp = _kp(_kp(root, "modules"), name)
-            yield from models(mod.get("models"), _kp(mkp, "models"))
-            yield from slices(mod.get("slices"), _kp(mkp, "slices"))
+            mkp = key_path(key_path(root, "modules"), name)
+            yield from models(mod.get("models"), key_path(mkp, "models"))
+            yield from slices(mod.get("slices"), key_path(mkp, "slices"))
     if "tokenizer_source" in cfg:
-        yield _kp(root, "tokenizer_source"), cfg, "tokenizer_source", True
+        yield key_path(root, "tokenizer_source"), cfg, "tokenizer_source", True
     tok = cfg.get("tokenizer")
     if isinstance(tok, dict):
-        tkp = _kp(root, "tokenizer")
+        tkp = key_path(root, "tokenizer")
         if "source" in tok:
-            yield _kp(tkp, "source"), tok, "source", True
+            yield key_path(tkp, "source"), tok, "source", True
         for name, emb in (tok.get("tokens") or {}).items() if isinstance(tok.get("tokens"), dict) else []:
             if not isinstance(emb, dict) or emb.get("source") is None:
                 continue
-            skp = _kp(_kp(_kp(tkp, "tokens"), name), "source")
+            skp = key_path(key_path(key_path(tkp, "tokens"), name), "source")
             src = emb["source"]
             if isinstance(src, dict) and "kind" in src:
                 if src.get("kind") == "model_token" and "model" in src:
-                    yield _kp(skp, "model"), src, "model", False
+                    yield key_path(skp, "model"), src, "model", False
             else:
                 yield skp, emb, "source", False
 
@@ -107,7 +107,7 @@ _MARKERS = {
 }
 
 
-class _Resolver:
+class Resolver:
     def __init__(self, resolve_model: Callable[[str], str] | None):
         self.resolve_model = resolve_model
 
@@ -143,7 +143,7 @@ class _Resolver:
         if isinstance(value, Mapping):
             out = dict(value)
             if "path" in out:
-                out["path"] = self.path(out["path"], _kp(kp, "path"), what)
+                out["path"] = self.path(out["path"], key_path(kp, "path"), what)
             return out
         if not isinstance(value, (str, os.PathLike)):
             return value  # let pydantic report the type error
@@ -160,9 +160,9 @@ class _Resolver:
         if isinstance(value, Mapping):
             out = dict(value)
             if "model" in out:
-                out["model"] = self.model_path(out["model"], _kp(kp, "model"), "model")
+                out["model"] = self.model_path(out["model"], key_path(kp, "model"), "model")
             if out.get("lora") is not None:
-                out["lora"] = self.model_path(out["lora"], _kp(kp, "lora"), "LoRA adapter")
+                out["lora"] = self.model_path(out["lora"], key_path(kp, "lora"), "LoRA adapter")
             return out
         if not isinstance(value, (str, os.PathLike)):
             return value
@@ -198,7 +198,7 @@ def _reference_value(model: dict, lora: dict | None) -> Any:
     return m + (f"+{lo}" if lo else "")
 
 
-def resolve_references(cfg: dict, res: _Resolver) -> None:
+def resolve_references(cfg: dict, res: Resolver) -> None:
     """Rewrite, in place, every model reference of a (deep-copied) raw merge config."""
     for kp, container, key, optional in list(reference_slots(cfg)):
         resolve = res.maybe_reference if optional else res.reference

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from postrain.merging.references import CONFIG_ROOT, MergeConfigError, _kp
+from postrain.merging.references import CONFIG_ROOT, MergeConfigError, key_path
 from postrain.merging.validation import validate_merge_config
 
 
@@ -101,7 +101,7 @@ def run_mergekit(
         if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
             raise MergeConfigError(
                 f"{CONFIG_ROOT}: no tokenizer to give the merged model: {str(donor)!r} has no tokenizer files; "
-                f"set {_kp(CONFIG_ROOT, 'tokenizer_source')} to a model that has one",
+                f"set {key_path(CONFIG_ROOT, 'tokenizer_source')} to a model that has one",
                 key=CONFIG_ROOT,
             )
 
@@ -127,7 +127,7 @@ def run_mergekit(
             cache.loaders.clear()
 
     if not builds_tokenizer:
-        kp = _kp(CONFIG_ROOT, "base_model" if conf.base_model is not None else "models")
+        kp = key_path(CONFIG_ROOT, "base_model" if conf.base_model is not None else "models")
         _write_tokenizer(donor.model.path, donor.model.revision, out, conf, kp=kp)
     donor_dir = Path(donor.model.path)
     if not (out / "generation_config.json").exists() and (donor_dir / "generation_config.json").is_file():

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from postrain.errors import did_you_mean
-from postrain.merging.references import CONFIG_ROOT, MergeConfigError, _kp, _Resolver, resolve_references
+from postrain.merging.references import CONFIG_ROOT, MergeConfigError, key_path, Resolver, resolve_references
 
 
 def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
@@ -56,7 +56,7 @@ def _check_unknown_keys(ann: Any, value: Any, kp: str) -> None:
     if isinstance(value, Mapping):
         if origin in (dict, Mapping, typing.Dict) and len(args) == 2:
             for k, v in value.items():
-                _check_unknown_keys(args[1], v, _kp(kp, k))
+                _check_unknown_keys(args[1], v, key_path(kp, k))
             return
         if origin in _UNION:
             dict_types = [a for a in args if typing.get_origin(a) in (dict, Mapping)]
@@ -82,12 +82,12 @@ def _check_unknown_keys(ann: Any, value: Any, kp: str) -> None:
                 known = set(cls.model_fields)
             bad = sorted(str(k) for k in keys - known)
             raise MergeConfigError(
-                f"{_kp(kp, bad[0])}: unknown key{_did_you_mean(bad[0], known)}; "
+                f"{key_path(kp, bad[0])}: unknown key{_did_you_mean(bad[0], known)}; "
                 f"valid keys here: {', '.join(sorted(known))}",
-                key=_kp(kp, bad[0]),
+                key=key_path(kp, bad[0]),
             )
         for k, v in value.items():
-            _check_unknown_keys(cls.model_fields[k].annotation, v, _kp(kp, k))
+            _check_unknown_keys(cls.model_fields[k].annotation, v, key_path(kp, k))
     elif isinstance(value, list):
         if origin in _UNION:
             inner = [typing.get_args(a)[0] for a in args if typing.get_origin(a) in (list, typing.List)]
@@ -99,7 +99,7 @@ def _check_unknown_keys(ann: Any, value: Any, kp: str) -> None:
         else:
             return
         for i, v in enumerate(value):
-            _check_unknown_keys(elem_ann, v, _kp(kp, i))
+            _check_unknown_keys(elem_ann, v, key_path(kp, i))
 
 
 def _clean_tag(tag: str) -> str:
@@ -115,11 +115,11 @@ def _format_validation_error(err: Any, data: Any) -> MergeConfigError:
         loc = list(e.get("loc", ()))
         for i, part in enumerate(loc):
             if isinstance(node, Mapping) and part in node:
-                node, kp = node[part], _kp(kp, part)
+                node, kp = node[part], key_path(kp, part)
             elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-                node, kp = node[part], _kp(kp, part)
+                node, kp = node[part], key_path(kp, part)
             elif e["type"] == "missing" and i == len(loc) - 1:
-                kp = _kp(kp, part)
+                kp = key_path(kp, part)
             elif isinstance(part, str):
                 tags.append(_clean_tag(part))
         g = groups.setdefault(kp, {"msgs": [], "tags": [], "input": e.get("input"), "missing": False})
@@ -157,28 +157,28 @@ def _parameter_blocks(cfg: dict) -> Iterator[tuple[str, dict, bool]]:
 
     def inputs(container: dict, kp: str) -> Iterator[tuple[str, dict, bool]]:
         if isinstance(container.get("parameters"), dict):
-            yield _kp(kp, "parameters"), container["parameters"], False
+            yield key_path(kp, "parameters"), container["parameters"], False
         for i, m in enumerate(container.get("models") or []):
             if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
-                yield _kp(_kp(_kp(kp, "models"), i), "parameters"), m["parameters"], True
+                yield key_path(key_path(key_path(kp, "models"), i), "parameters"), m["parameters"], True
         for i, s in enumerate(container.get("slices") or []):
             if not isinstance(s, dict):
                 continue
-            skp = _kp(_kp(kp, "slices"), i)
+            skp = key_path(key_path(kp, "slices"), i)
             if isinstance(s.get("parameters"), dict):
-                yield _kp(skp, "parameters"), s["parameters"], False
+                yield key_path(skp, "parameters"), s["parameters"], False
             for j, src in enumerate(s.get("sources") or []):
                 if isinstance(src, dict) and isinstance(src.get("parameters"), dict):
-                    yield _kp(_kp(_kp(skp, "sources"), j), "parameters"), src["parameters"], True
+                    yield key_path(key_path(key_path(skp, "sources"), j), "parameters"), src["parameters"], True
 
     yield from inputs(cfg, root)
     for name, mod in (cfg.get("modules") or {}).items():
         if isinstance(mod, dict):
-            yield from inputs(mod, _kp(_kp(root, "modules"), name))
+            yield from inputs(mod, key_path(key_path(root, "modules"), name))
 
 
 def _check_method(cfg: dict) -> Any:
-    kp = _kp(CONFIG_ROOT, "merge_method")
+    kp = key_path(CONFIG_ROOT, "merge_method")
     name = cfg.get("merge_method")
     if name is None:
         raise MergeConfigError(f"{kp}: required key is missing; available methods: {', '.join(merge_methods())}", key=kp)
@@ -201,7 +201,7 @@ def _check_semantics(raw: dict, conf: Any, method: Any) -> None:
     seen: set[str] = set()
     for kp, block, per_model in _parameter_blocks(raw):
         for pname in block:
-            pkp = _kp(kp, pname)
+            pkp = key_path(kp, pname)
             if pname not in params:
                 valid = ", ".join(sorted(params)) or "none"
                 raise MergeConfigError(
@@ -212,14 +212,14 @@ def _check_semantics(raw: dict, conf: Any, method: Any) -> None:
             if per_model and params[pname].scope == ParameterScope.SHARED:
                 raise MergeConfigError(
                     f"{pkp}: {pname!r} is a shared parameter of merge method {name!r}; mergekit ignores it per "
-                    f"model: set it under {_kp(CONFIG_ROOT, 'parameters')} (or a slice's parameters)",
+                    f"model: set it under {key_path(CONFIG_ROOT, 'parameters')} (or a slice's parameters)",
                     key=pkp,
                 )
             seen.add(pname)
     for p in spec.parameters:
         if p.required and p.name not in seen:
             where = "" if p.scope == ParameterScope.SHARED else " or in each model's parameters"
-            kp = _kp(CONFIG_ROOT, "parameters")
+            kp = key_path(CONFIG_ROOT, "parameters")
             raise MergeConfigError(
                 f"{kp}: merge method {name!r} requires parameter {p.name!r}; set it under {kp}{where}", key=kp
             )
@@ -234,16 +234,16 @@ def _check_semantics(raw: dict, conf: Any, method: Any) -> None:
             refs = [m.model for m in models]
             if root_base is not None and root_base not in refs:
                 refs.append(root_base)  # mergekit adds the base model as an input
-            groups.append((_kp(kp, "models"), refs, root_base))
+            groups.append((key_path(kp, "models"), refs, root_base))
         for i, s in enumerate(slices or []):
-            groups.append((_kp(_kp(kp, "slices"), i), [src.model for src in s.sources], s.base_model or root_base))
+            groups.append((key_path(key_path(kp, "slices"), i), [src.model for src in s.sources], s.base_model or root_base))
 
     add_container(CONFIG_ROOT, conf.models, conf.slices)
     for mname, mod in (conf.modules or {}).items():
-        add_container(_kp(_kp(CONFIG_ROOT, "modules"), mname), mod.models, mod.slices)
+        add_container(key_path(key_path(CONFIG_ROOT, "modules"), mname), mod.models, mod.slices)
     for kp, refs, base in groups:
         if contract.base == BasePolicy.REQUIRED and base is None:
-            bkp = _kp(CONFIG_ROOT, "base_model")
+            bkp = key_path(CONFIG_ROOT, "base_model")
             raise MergeConfigError(
                 f"{bkp}: merge method {name!r} requires a base_model (the model the others are merged onto)", key=bkp
             )
@@ -271,7 +271,7 @@ def validate_merge_config(
     raw = copy.deepcopy(dict(merge_config))
     _check_unknown_keys(MergeConfiguration, raw, CONFIG_ROOT)
     method = _check_method(raw)
-    resolve_references(raw, _Resolver(resolve_model))
+    resolve_references(raw, Resolver(resolve_model))
     try:
         conf = MergeConfiguration.model_validate(raw)
     except ValidationError as e:

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from postrain.errors import RecipeError
-from postrain.recipes.loader import _YamlLoader, find_recipe, recipes_root
+from postrain.recipes.loader import YamlLoader, find_recipe, recipes_root
 
 
 def _declared(path: Path, key: str, parsed: dict[Path, dict], seen: int = 0):
@@ -17,7 +17,7 @@ def _declared(path: Path, key: str, parsed: dict[Path, dict], seen: int = 0):
     declares it. `parsed` holds the files read so far (a listing reads each base recipe many times)."""
     if path not in parsed:
         try:
-            data = yaml.load(path.read_text(), Loader=_YamlLoader)
+            data = yaml.load(path.read_text(), Loader=YamlLoader)
         except (OSError, yaml.YAMLError):
             data = None
         parsed[path] = data if isinstance(data, dict) else {}
@@ -45,7 +45,7 @@ def _lookup(data: Any, dotted: str):
     return data
 
 
-def _entry_name(entry: Any) -> str:
+def entry_name(entry: Any) -> str:
     """`simpo` or `{name: simpo, ...}` -> `simpo`."""
     return str(entry.get("name")) if isinstance(entry, dict) else str(entry)
 
@@ -57,7 +57,7 @@ def describe_method(command: str | None, method: Any = None, rl: Any = None, los
     trainer = trainer or {}
     parts = []
     if method:
-        parts.append(_entry_name(method))
+        parts.append(entry_name(method))
     if isinstance(rl, dict) and rl:
         names = []
         for key, value in rl.items():
@@ -65,10 +65,10 @@ def describe_method(command: str | None, method: Any = None, rl: Any = None, los
                 names += [f"{key}.{k}={v}" for k, v in value.items()]
             elif value not in (None, []):
                 values = value if isinstance(value, list) else [value]
-                names.append(f"{key}={'+'.join(_entry_name(v) for v in values)}")
+                names.append(f"{key}={'+'.join(entry_name(v) for v in values)}")
         parts.append("rl: " + ", ".join(names) if names else "rl: TRL defaults")
     if isinstance(loss, list) and loss:
-        parts.append(" + ".join(_entry_name(e) + ("" if not isinstance(e, dict) or e.get("weight", 1) == 1
+        parts.append(" + ".join(entry_name(e) + ("" if not isinstance(e, dict) or e.get("weight", 1) == 1
                                                   else f" x{e['weight']}") for e in loss))
     if parts:
         return "; ".join(parts)

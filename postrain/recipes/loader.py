@@ -32,7 +32,7 @@ from postrain.recipes.validate import validate_recipe
 BUILTIN = "built-in defaults"
 
 
-class _YamlLoader(yaml.SafeLoader):
+class YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads `1e-6` as a float, as YAML 1.2 and users do (YAML 1.1 wants `1.0e-6`), and refuses a
     key given twice in one mapping (PyYAML keeps the last one silently: a second `trainer:` would drop the first)."""
 
@@ -55,7 +55,7 @@ class _YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_YamlLoader.add_implicit_resolver(
+YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -193,7 +193,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if "\x00" in text:
         raise RecipeError(f"{path} is not a text file (it holds NUL bytes); a recipe is a YAML file")
     try:
-        data = yaml.load(text, Loader=_YamlLoader)
+        data = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as e:
         raise RecipeError(yaml_error_message(path, e)) from None
     if data is None:

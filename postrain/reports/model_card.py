@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from postrain.recipes.catalog import _entry_name  # `simpo` or `{name: simpo, ...}` -> `simpo`
+from postrain.recipes.catalog import entry_name  # `simpo` or `{name: simpo, ...}` -> `simpo`
 from postrain.reports.rundir import number, read_json, read_metrics, read_recipe, run_lineage
 
 CARD_FILE = "README.md"
@@ -131,12 +131,12 @@ def tags(recipe: dict) -> list[str]:
         out += ["merge", str((recipe.get("merge") or {}).get("merge_method") or "")]
     method = recipe.get("method")
     if method:
-        out.append(_entry_name(method))
+        out.append(entry_name(method))
     elif command == "grpo" and isinstance(recipe.get("rl"), dict):
-        out += [_entry_name(recipe["rl"][k]) for k in ("advantage", "policy_loss") if recipe["rl"].get(k)]
+        out += [entry_name(recipe["rl"][k]) for k in ("advantage", "policy_loss") if recipe["rl"].get(k)]
     if command == "dpo":
         losses = recipe.get("loss") or []
-        out += [_entry_name(e) for e in losses] if losses else _loss_types(recipe)
+        out += [entry_name(e) for e in losses] if losses else _loss_types(recipe)
     return list(dict.fromkeys(t.lower() for t in out if t))
 
 
@@ -289,14 +289,14 @@ def method_papers(recipe: dict) -> list[dict[str, Any]]:
     command = recipe.get("command")
     if command == "grpo":
         if recipe.get("method"):
-            name = _entry_name(recipe["method"])
+            name = entry_name(recipe["method"])
             add_entry("method", name, f"method `{name}`")
         rl = recipe.get("rl")
         if isinstance(rl, dict):
             for part in RL_PARTS:
                 values = rl.get(part)
                 for value in values if isinstance(values, list) else [values] if values else []:
-                    name = _entry_name(value)
+                    name = entry_name(value)
                     add_entry(PART_FAMILY.get(part, part), name, f"{part.rstrip('s') if part in PART_FAMILY else part} `{name}`")
         else:  # TRL's own GRPO: its loss_type's paper, after GRPO's
             add_entry("method", "grpo", "GRPO, the algorithm of TRL's GRPOTrainer")
@@ -306,7 +306,7 @@ def method_papers(recipe: dict) -> list[dict[str, Any]]:
     elif command == "dpo":
         losses = recipe.get("loss") or []
         for e in losses:
-            add_entry("preference", _entry_name(e), f"loss `{_entry_name(e)}`")
+            add_entry("preference", entry_name(e), f"loss `{entry_name(e)}`")
         if not losses:
             for lt in _loss_types(recipe):
                 for entry in _trl_entries(all_variants("preference"), lt):
@@ -351,8 +351,8 @@ def method_section(recipe: dict, papers: list[dict]) -> list[str]:
         lines += ["| paper | arXiv | what it gives this model |", "|---|---|---|"]
         for p in papers:
             arxiv = f"[{p['arxiv']}](https://arxiv.org/abs/{p['arxiv']})" if p["arxiv"] else "-"
-            title = f"[{_cell(p['title'])}]({p['url']})" if p.get("url") else _cell(p["title"])
-            lines.append(f"| {title} | {arxiv} | {_cell('; '.join(p['used_for']))} |")
+            title = f"[{table_cell(p['title'])}]({p['url']})" if p.get("url") else table_cell(p["title"])
+            lines.append(f"| {title} | {arxiv} | {table_cell('; '.join(p['used_for']))} |")
         lines.append("")
         notes = [p for p in papers if p.get("notes")]
         for p in notes:
@@ -361,12 +361,12 @@ def method_section(recipe: dict, papers: list[dict]) -> list[str]:
 
 
 def data_section(recipe: dict) -> list[str]:
-    from postrain.reports.report import _source  # the report's description of a data source
+    from postrain.reports.report import source_label  # the report's description of a data source
 
     data = recipe.get("data") or {}
-    rows = [(f"data.{split}", _source(data[split])) for split in ("train", "eval") if isinstance(data.get(split), dict)]
+    rows = [(f"data.{split}", source_label(data[split])) for split in ("train", "eval") if isinstance(data.get(split), dict)]
     sets = ((recipe.get("eval_during_training") or {}).get("sets") or {})
-    rows += [(f"evaluated during training: {name}", _source(spec)) for name, spec in sets.items() if isinstance(spec, dict)]
+    rows += [(f"evaluated during training: {name}", source_label(spec)) for name, spec in sets.items() if isinstance(spec, dict)]
     if not rows:
         return []
     return ["## Data", "", *(f"- {label}: {text}" for label, text in rows), ""]
@@ -395,7 +395,7 @@ def final_metrics(rows: list[dict]) -> tuple[dict | None, dict[str, tuple[float,
 
 
 def results_section(command: str, rows: list[dict]) -> list[str]:
-    from postrain.reports.report import _num  # the report's number format
+    from postrain.reports.report import num  # the report's number format
 
     lines = ["## Results", ""]
     if command == "merge":
@@ -405,19 +405,19 @@ def results_section(command: str, rows: list[dict]) -> list[str]:
         return lines + ["No metrics were logged (metrics.jsonl is empty).", ""]
     if summary is not None:
         loss = number(summary.get("train_loss"))
-        lines += [f"Trained to step {summary.get('step')} (epoch {_num(number(summary.get('epoch')))}) in "
-                  f"{_num(number(summary.get('train_runtime')))} s" +
-                  (f", mean training loss {_num(loss)}." if loss is not None else "."), ""]
+        lines += [f"Trained to step {summary.get('step')} (epoch {num(number(summary.get('epoch')))}) in "
+                  f"{num(number(summary.get('train_runtime')))} s" +
+                  (f", mean training loss {num(loss)}." if loss is not None else "."), ""]
     if last:
         lines += ["Last logged training metrics (metrics.jsonl):", "", "| metric | value | step |", "|---|---|---|"]
-        lines += [f"| `{key}` | {_num(value)} | {_num(step)} |" for key, (value, step) in last.items()]
+        lines += [f"| `{key}` | {num(value)} | {num(step)} |" for key, (value, step) in last.items()]
         lines.append("")
     if evals:
         lines += ["Evaluation during training, first and last logged value:", "",
                   "| metric | first | at step | last | at step |", "|---|---|---|---|---|"]
         for key, points in evals.items():
             (s0, v0), (s1, v1) = points[0], points[-1]
-            lines.append(f"| `{key}` | {_num(v0)} | {_num(s0)} | {_num(v1)} | {_num(s1)} |")
+            lines.append(f"| `{key}` | {num(v0)} | {num(s0)} | {num(v1)} | {num(s1)} |")
         lines.append("")
     return lines
 
@@ -459,7 +459,7 @@ def _header_hash(text: str) -> str | None:
     return first.rsplit(" ", 1)[-1] if first.startswith("#") and "hash" in first else None
 
 
-def _cell(text: Any) -> str:
-    from postrain.reports.report import _cell as cell
+def table_cell(text: Any) -> str:
+    from postrain.reports.report import table_cell as cell
 
     return cell(text)

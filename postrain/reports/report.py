@@ -136,9 +136,9 @@ def settings_table(recipe: dict, lineage: dict | None) -> list[str]:
     data = recipe.get("data") or {}
     for split in ("train", "eval"):
         if isinstance(data.get(split), dict):
-            rows.append((f"data ({split})", _source(data[split])))
+            rows.append((f"data ({split})", source_label(data[split])))
     for name, spec in (recipe.get("sets") or {}).items():
-        rows.append((f"eval set {name}", _source(spec)))
+        rows.append((f"eval set {name}", source_label(spec)))
     if command in ("dpo", "grpo", "merge"):
         rows.append(("method / losses", describe_method(command, recipe.get("method"), recipe.get("rl"),
                                                         recipe.get("loss"), recipe.get("trainer"),
@@ -153,10 +153,10 @@ def settings_table(recipe: dict, lineage: dict | None) -> list[str]:
         rows.append(("trainer", ", ".join(f"{k}={v}" for k, v in chosen.items())))
     if recipe.get("seed") is not None:
         rows.append(("seed", str(recipe["seed"])))
-    return ["| setting | value |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows)]
+    return ["| setting | value |", "|---|---|", *(f"| {k} | {table_cell(v)} |" for k, v in rows)]
 
 
-def _source(spec: dict) -> str:
+def source_label(spec: dict) -> str:
     source = spec.get("source", "?")
     task = spec.get("task")
     extra = [f"split {spec['split']}"] if spec.get("split") else []
@@ -180,8 +180,8 @@ def training_section(run_dir: Path, rows: list[dict], page: Page, h: str) -> lis
     if curves:
         lines += ["| metric | key | first | last | min | max | last step | points |", "|---" * 8 + "|"]
         for c in curves:
-            lines.append(f"| {c.panel} | `{c.key}` | {_num(c.values[0])} | {_num(c.values[-1])} | "
-                         f"{_num(min(c.values))} | {_num(max(c.values))} | {_num(c.steps[-1])} | {len(c.values)} |")
+            lines.append(f"| {c.panel} | `{c.key}` | {num(c.values[0])} | {num(c.values[-1])} | "
+                         f"{num(min(c.values))} | {num(max(c.values))} | {num(c.steps[-1])} | {len(c.values)} |")
         lines.append("")
         png = page.assets / f"{label}.png"
         plotted = plotting.plot([run_dir], png, overwrite=True)  # the page's own folder, checked by write_report
@@ -239,7 +239,7 @@ def results_table(results: Any) -> list[str]:
         return ["results.json has no eval sets with scores."]
     keys = list(dict.fromkeys(k for scores in columns.values() for k in scores))
     lines = ["| measure | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {k} | " + " | ".join(_num(columns[c].get(k)) for c in columns) + " |" for k in keys]
+    lines += [f"| {k} | " + " | ".join(num(columns[c].get(k)) for c in columns) + " |" for k in keys]
     return lines
 
 
@@ -266,7 +266,7 @@ def samples_section(run_dir: Path, page: Page, h: str) -> list[str]:
         lines += [f"**{name}** (the first {len(samples)} of {total[name]})", "",
                   "| prompt | completion | answer | score |", "|---|---|---|---|"]
         lines += [f"| {_code(_prompt_text(s.get('prompt')))} | {_code(s.get('completion'))} | "
-                  f"{_code(s.get('answer'))} | {_num(number(s.get('score')))} |" for s in samples]
+                  f"{_code(s.get('answer'))} | {num(number(s.get('score')))} |" for s in samples]
         lines.append("")
     return lines
 
@@ -300,8 +300,8 @@ def eval_samples_section(run_dir: Path, page: Page, h: str) -> list[str]:
             lines += [f"**{name}**, step {step}", "", "| prompt | completion | answer | score | tokens |",
                       "|---|---|---|---|---|"]
             lines += [f"| {_code(_prompt_text(s.get('prompt')))} | {_code(s.get('completion'))} | "
-                      f"{_code(s.get('answer'))} | {_num(number(s.get('score')))} | "
-                      f"{_num(number(s.get('completion_tokens')))} |" for s in samples]
+                      f"{_code(s.get('answer'))} | {num(number(s.get('score')))} | "
+                      f"{num(number(s.get('completion_tokens')))} |" for s in samples]
             lines.append("")
     return lines
 
@@ -319,9 +319,9 @@ def pipeline_report(pipe_dir: Path, page: Page) -> list[str]:
     for s in stages:
         wall = (read_json(Path(s["dir"]) / "status.json") or {}).get("wall_time_s", s.get("wall_time_s"))
         lines.append(f"| [{s['stage']}](#stage-{_anchor(s['stage'])}) | {s.get('command') or '?'} | "
-                     f"{s.get('status', '?')} | {_cell(', '.join(map(str, s.get('inputs') or [])) or '-')} | "
+                     f"{s.get('status', '?')} | {table_cell(', '.join(map(str, s.get('inputs') or [])) or '-')} | "
                      f"{', '.join(s.get('upstream') or []) or '-'} | {s.get('recipe_hash') or '-'} | "
-                     f"{_num(number(wall))} |")
+                     f"{num(number(wall))} |")
     lines += ["", "## Metrics across stages", "", *evaluations_across(stages), "", *training_across(stages), ""]
     if recipe:
         lines += ["<details><summary>pipeline recipe (recipe.yaml)</summary>", "", "```yaml",
@@ -354,7 +354,7 @@ def evaluations_across(stages: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for *_, top in rows for k in top))
     lines = ["Evaluations (results.json of each eval stage):", "",
              "| eval stage | model | set | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
-    lines += [f"| {stage} | {_cell(model)} | {set_name} | " + " | ".join(_num(top.get(k)) for k in keys) + " |"
+    lines += [f"| {stage} | {table_cell(model)} | {set_name} | " + " | ".join(num(top.get(k)) for k in keys) + " |"
               for stage, model, set_name, top in rows]
     return lines
 
@@ -372,23 +372,23 @@ def training_across(stages: list[dict]) -> list[str]:
     columns = sorted(dict.fromkeys(k for f in finals.values() for k in f), key=lambda k: order.index(k.split(" (")[0]))
     return ["Training (last logged value; - where a stage does not log it):", "",
             "| stage | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
-            *(f"| {stage} | " + " | ".join(_num(f.get(k)) for k in columns) + " |" for stage, f in finals.items())]
+            *(f"| {stage} | " + " | ".join(num(f.get(k)) for k in columns) + " |" for stage, f in finals.items())]
 
 
 # --- formatting -------------------------------------------------------------------------------------------------
 
-def _num(value: Any) -> str:
+def num(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, tuple):  # (value, confidence interval or None)
         shown, ci = value
-        return _num(shown) + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else "")
+        return num(shown) + (f" [{num(ci[0])}, {num(ci[1])}]" if ci else "")
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _cell(text: Any) -> str:
+def table_cell(text: Any) -> str:
     """Text for a table cell: no line breaks, no column separators."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 

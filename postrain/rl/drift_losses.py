@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.errors import RecipeError
-from postrain.rl.losses import _adv, _log_ratio, _masked_mean, _ratio_metrics
+from postrain.rl.losses import advantages_2d, masked_log_ratio, masked_mean, ratio_metrics
 from postrain.rl.registry import POLICY_LOSSES
 from postrain.tensors import masked
 
@@ -36,14 +36,14 @@ def discovered_po(logps, old_logps, advantages, mask, *, alpha: float = 2.0, bet
     if alpha <= 0 or beta <= 0:
         raise RecipeError(f"discovered_po: alpha and beta are the drift's tanh scales and must be > 0, got "
                           f"alpha={alpha!r}, beta={beta!r}")
-    log_ratio = _log_ratio(logps, old_logps, mask)
+    log_ratio = masked_log_ratio(logps, old_logps, mask)
     ratio = torch.exp(log_ratio)
-    adv = _adv(advantages, mask).expand_as(ratio)
+    adv = advantages_2d(advantages, mask).expand_as(ratio)
     pos = (ratio - 1) * adv
     neg = log_ratio * adv
     drift = torch.where(adv >= 0, F.relu(pos - alpha * torch.tanh(pos / alpha)),
                         F.relu(neg - beta * torch.tanh(neg / beta)))
     loss = -(ratio * adv - drift)
-    metrics = _ratio_metrics(ratio, mask)
-    metrics["drift/mean"] = _masked_mean(drift.detach(), mask)
+    metrics = ratio_metrics(ratio, mask)
+    metrics["drift/mean"] = masked_mean(drift.detach(), mask)
     return masked(loss, mask), metrics

@@ -33,21 +33,21 @@ from postrain.tensors import grouped, masked, token_counts
 # what the losses need to act, and the conventions of their hyperparameters
 # ---------------------------------------------------------------------------------------------------------------
 
-def _off_policy(step: str) -> Requirement:
+def off_policy_requirement(step: str) -> Requirement:
     """A step acting on the ratio pi / pi_old, which is 1 on every token until an optimizer step moves the policy
     away from the one that generated the batch (postrain.recipes.liveness)."""
     return Requirement("off_policy", step)
 
 
-_GROUP = Requirement("group_size", "the comparison of the completions of a group")
+GROUP = Requirement("group_size", "the comparison of the completions of a group")
 
 # A clip range is a distance from 1: the ratio is clipped to [1 - epsilon, 1 + epsilon_high].
-_CLIP_LOW = Convention(
+CLIP_LOW = Convention(
     "epsilon", lambda v, p: 0 < v < 1,
     "epsilon is the clip range's distance below 1 (the ratio is clipped to [1 - epsilon, 1 + epsilon_high]), so it "
     "lies in (0, 1): from 1 on there is no lower bound (1 - epsilon <= 0). A bound written as a ratio (1.2 for the "
     "range 0.2) belongs here as 0.2")
-_CLIP_HIGH = Convention(
+CLIP_HIGH = Convention(
     "epsilon_high", lambda v, p: 0 < v <= 1,
     "epsilon_high is the clip range's distance above 1 (the ratio is clipped at 1 + epsilon_high: DAPO's "
     "clip-higher 0.28 bounds it at 1.28), so it lies in (0, 1]. A bound written as a ratio (1.28) belongs here as "
@@ -68,13 +68,13 @@ def _valid(mask: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
-def _log_ratio(logps, old_logps, mask):
+def masked_log_ratio(logps, old_logps, mask):
     # on-policy call without old_logps: ratio 1 with the gradient of logps (TRL's per_token_logps.detach())
     old = logps.detach() if old_logps is None else old_logps
     return masked(logps, mask) - masked(old, mask)
 
 
-def _adv(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def advantages_2d(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Advantages as (N, 1) or (N, T) float32; padding of (N, T) advantages zeroed."""
     a = advantages.float()
     if a.dim() == 1:
@@ -82,7 +82,7 @@ def _adv(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked(a, mask)
 
 
-def _seq_adv(advantages: torch.Tensor) -> torch.Tensor:
+def seq_adv(advantages: torch.Tensor) -> torch.Tensor:
     a = advantages.float()
     if a.dim() == 2 and a.shape[1] == 1:
         a = a.squeeze(1)
@@ -91,39 +91,39 @@ def _seq_adv(advantages: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def _seq_mean(x, mask):
+def seq_mean(x, mask):
     """Per-row mean over valid tokens of an already-cleaned (N, T) tensor; empty rows give 0."""
     return x.sum(-1) / token_counts(mask).clamp(min=1.0)
 
 
-def _spread(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def spread_over_tokens(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Put a per-sequence loss (N,) on every valid token of its row (0 at padding)."""
     return torch.where(_valid(mask), per_seq.unsqueeze(1).expand(mask.shape), torch.zeros((), device=mask.device))
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
     m = mask.float()
     return ((x.float() * m).sum() / m.sum().clamp(min=1.0)).detach()
 
 
-def _ratio_metrics(ratio, mask, **fractions):
+def ratio_metrics(ratio, mask, **fractions):
     valid = _valid(mask) & torch.ones_like(ratio, dtype=torch.bool)
     r = ratio.detach()
-    out = {"ratio/mean": _masked_mean(r, valid),
+    out = {"ratio/mean": masked_mean(r, valid),
            "ratio/max": r[valid].max() if valid.any() else torch.tensor(1.0),
            "ratio/min": r[valid].min() if valid.any() else torch.tensor(1.0)}
     for key, flags in fractions.items():
-        out[key] = _masked_mean(flags.float(), valid)
+        out[key] = masked_mean(flags.float(), valid)
     return out
 
 
-def _clip_metrics(ratio, mask, low, high):
+def clip_metrics(ratio, mask, low, high):
     """Ratio statistics and TRL's clip fractions (low, high, either) from the clip flags."""
-    return _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+    return ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                           "clip_ratio/region_mean": low | high})
 
 
-def _ppo_terms(ratio, adv, low, high):
+def ppo_terms(ratio, adv, low, high):
     """-min(r A, clip(r, low, high) A) and the TRL-style clip flags."""
     clipped = torch.clamp(ratio, low, high)
     loss = -torch.min(ratio * adv, clipped * adv)
@@ -140,8 +140,8 @@ def _ppo_terms(ratio, adv, low, high):
 
 @POLICY_LOSSES.register(
     "ppo_clip", paper="DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
-    requires=(_off_policy("the clip of the ratio pi / pi_old to [1 - epsilon, 1 + epsilon_high]"),),
-    conventions=(_CLIP_LOW, _CLIP_HIGH),
+    requires=(off_policy_requirement("the clip of the ratio pi / pi_old to [1 - epsilon, 1 + epsilon_high]"),),
+    conventions=(CLIP_LOW, CLIP_HIGH),
     catalog="rl:1",
     arxiv="2402.03300", trl="importance_sampling_level=token (per-token loss of loss_type grpo/dapo/dr_grpo/bnpo)",
     notes="GRPO's token-level PPO clip; epsilon_high = DAPO clip-higher (2503.14476, recommends 0.28). "
@@ -152,18 +152,18 @@ def ppo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilo
     epsilon = 0.2 (DeepSeekMath); epsilon_high defaults to epsilon (DAPO's clip-higher uses 0.28). Advantages (N,)
     or (N, T). Identical to TRL's per-token loss for importance_sampling_level="token" without `delta`."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
-    adv = _adv(advantages, mask)
-    loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
-    metrics = _clip_metrics(ratio, mask, low, high)
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
+    adv = advantages_2d(advantages, mask)
+    loss, low, high = ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
+    metrics = clip_metrics(ratio, mask, low, high)
     return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "dual_clip", paper="Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
-    requires=(_off_policy("the clip and the dual clip (the cap -c A of negative-advantage tokens whose ratio "
+    requires=(off_policy_requirement("the clip and the dual clip (the cap -c A of negative-advantage tokens whose ratio "
                           "passes c)"),),
-    conventions=(_CLIP_LOW, _CLIP_HIGH, _DUAL_CLIP),
+    conventions=(CLIP_LOW, CLIP_HIGH, _DUAL_CLIP),
     catalog="rl:extra",
     arxiv="1912.09729",
     notes="Dual-clip PPO as in verl compute_policy_loss_vanilla (clip_ratio_c=3). Not TRL's `delta`, which caps "
@@ -177,19 +177,19 @@ def dual_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
     if dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
-    adv = _adv(advantages, mask)
-    loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
+    adv = advantages_2d(advantages, mask)
+    loss, low, high = ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
     capped = (adv < 0) & (loss > -dual_clip_c * adv)
     loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
-    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
+    metrics = ratio_metrics(ratio, mask, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
                                               "clip_ratio/dual_mean": capped})
     return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "simple_po", paper="Simple Policy Optimization", arxiv="2401.16025",
-    requires=(_off_policy("the quadratic penalty on the ratio's distance from 1 (its gradient is 0 at ratio 1, "
+    requires=(off_policy_requirement("the quadratic penalty on the ratio's distance from 1 (its gradient is 0 at ratio 1, "
                           "where the loss is the plain policy gradient)"),),
     conventions=(Convention(
         "epsilon", lambda v, p: 0 < v < 1,
@@ -204,18 +204,18 @@ def simple_po(logps, old_logps, advantages, mask, *, epsilon: float = 0.2):
 
     Its optimum in r sits exactly at the clip boundary r = 1 + sign(A) epsilon, and the gradient pulls r back
     beyond it instead of vanishing. epsilon = 0.2 (authors' code)."""
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
-    adv = _adv(advantages, mask)
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
+    adv = advantages_2d(advantages, mask)
     loss = -(ratio * adv - adv.abs() * (ratio - 1) ** 2 / (2 * epsilon))
     outside = (ratio - 1).abs() > epsilon
-    return masked(loss, mask), _ratio_metrics(ratio, mask, **{"ratio/outside_epsilon": outside})
+    return masked(loss, mask), ratio_metrics(ratio, mask, **{"ratio/outside_epsilon": outside})
 
 
 @POLICY_LOSSES.register(
     "ce_gppo", paper="CE-GPPO: Controlling Entropy via Gradient-Preserving Clipping Policy Optimization in "
                      "Reinforcement Learning", arxiv="2509.20712",
-    requires=(_off_policy("the bounded gradients of clipped tokens (beta1, beta2) and the dual clip"),),
-    conventions=(_CLIP_LOW, _CLIP_HIGH, _DUAL_CLIP),
+    requires=(off_policy_requirement("the bounded gradients of clipped tokens (beta1, beta2) and the dual clip"),),
+    conventions=(CLIP_LOW, CLIP_HIGH, _DUAL_CLIP),
     catalog="rl:16",
     notes="checked against Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py compute_gppo_loss_general_beta and "
           "recipe/dapo/1_5B_perf_run_gppo_v1_beta1_05_beta2_1_ours_math.sh (beta1=0.5, beta2=1, eps 0.2/0.2, "
@@ -229,8 +229,8 @@ def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon
     grad log pi instead of PPO's zero. beta1 = beta2 = 1 is GPPO (Klear-Reasoner). Defaults: the authors'
     1.5B recipe; dual_clip_c=None disables the dual clip (verl applies it by default)."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
-    adv = _adv(advantages, mask)
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
+    adv = advantages_2d(advantages, mask)
     kept = ratio / ratio.detach()  # value 1, gradient of r
     low = (ratio < 1 - epsilon) & (adv < 0)
     high = (ratio > 1 + eps_high) & (adv > 0)
@@ -238,14 +238,14 @@ def ce_gppo(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsilon
                        torch.where(high, -beta2 * (1 + eps_high) * kept * adv, -ratio * adv))
     if dual_clip_c is not None:
         loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
-    metrics = _clip_metrics(ratio, mask, low, high)
+    metrics = clip_metrics(ratio, mask, low, high)
     return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "dcpo_clip", paper="DCPO: Dynamic Clipping Policy Optimization", arxiv="2509.02333",
-    requires=(_off_policy("the clip of the ratio to bounds that widen for unlikely tokens, and the dual clip"),),
-    conventions=(_CLIP_LOW, _CLIP_HIGH, _DUAL_CLIP),
+    requires=(off_policy_requirement("the clip of the ratio to bounds that widen for unlikely tokens, and the dual clip"),),
+    conventions=(CLIP_LOW, CLIP_HIGH, _DUAL_CLIP),
     catalog="rl:17",
     notes="checked against lime-RL/DCPO verl/trainer/ppo/core_algos.py get_clip_low_high + "
           "compute_policy_loss_dcpo (clip_type=dynamic) and recipe/dcpo/run_dcpo.sh (eps_high 0.28, "
@@ -261,17 +261,17 @@ def dcpo_clip(logps, old_logps, advantages, mask, *, epsilon: float = 0.2, epsil
     q = torch.exp(masked(old, mask)).clamp(min=torch.finfo(torch.float32).tiny)
     low = (1 + torch.sqrt(torch.clamp(1 - 4 * epsilon / q, min=0.0))) / 2
     high = torch.clamp((1 + torch.sqrt(1 + 4 * epsilon_high / q)) / 2, max=max(dual_clip_c, 10.0))
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
-    adv = _adv(advantages, mask)
-    loss, low_c, high_c = _ppo_terms(ratio, adv, low, high)
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
+    adv = advantages_2d(advantages, mask)
+    loss, low_c, high_c = ppo_terms(ratio, adv, low, high)
     loss = torch.where(adv < 0, torch.min(loss, -dual_clip_c * adv), loss)
-    metrics = _clip_metrics(ratio, mask, low_c, high_c)
+    metrics = clip_metrics(ratio, mask, low_c, high_c)
     return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "cispo", paper="MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention",
-    requires=(_off_policy("the cap of the importance weight pi / pi_old at epsilon_high (with the ratio 1 on every "
+    requires=(off_policy_requirement("the cap of the importance weight pi / pi_old at epsilon_high (with the ratio 1 on every "
                           "token it is on-policy REINFORCE with a token mean)"),),
     conventions=(Convention(
         "epsilon_high", lambda v, p: v >= 1,
@@ -289,10 +289,10 @@ def cispo(logps, old_logps, advantages, mask, *, epsilon_high: float = 5.0):
 
     Every token keeps a gradient (only its weight is capped). epsilon_high is the cap on r itself (TRL's meaning,
     default 5.0 from ScaleRL as TRL recommends). The paper aggregates with token_mean."""
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
     weight = torch.clamp(ratio, max=epsilon_high).detach()
-    loss = -weight * _adv(advantages, mask) * masked(logps, mask)
-    return masked(loss, mask), _ratio_metrics(ratio, mask, **{"clip_ratio/high_mean": ratio > epsilon_high})
+    loss = -weight * advantages_2d(advantages, mask) * masked(logps, mask)
+    return masked(loss, mask), ratio_metrics(ratio, mask, **{"clip_ratio/high_mean": ratio > epsilon_high})
 
 
 @POLICY_LOSSES.register(
@@ -305,7 +305,7 @@ def gpg_pg(logps, advantages, mask):
     """Plain policy gradient: l = -A log pi (no ratio, no clip, no KL).
 
     Same gradient as ppo_clip on-policy; the loss value differs (A log pi instead of A)."""
-    loss = -_adv(advantages, mask) * masked(logps, mask)
+    loss = -advantages_2d(advantages, mask) * masked(logps, mask)
     return masked(loss, mask), {}
 
 
@@ -315,8 +315,8 @@ def gpg_pg(logps, advantages, mask):
 
 @POLICY_LOSSES.register(
     "gspo", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
-    requires=(_off_policy("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
-    conventions=(_CLIP_LOW, _CLIP_HIGH),
+    requires=(off_policy_requirement("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
+    conventions=(CLIP_LOW, CLIP_HIGH),
     advantages="per_sequence",
     catalog="rl:3",
     trl="importance_sampling_level=sequence",
@@ -328,17 +328,17 @@ def gspo(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, epsilon_h
     The per-sequence loss sits on every valid token of its row (as TRL broadcasts it); with (N, T) advantages
     each token uses its own A with the shared s, as TRL does."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    s = torch.exp(_seq_mean(_log_ratio(logps, old_logps, mask), mask)).unsqueeze(1)
-    adv = _adv(advantages, mask)
-    loss, low, high = _ppo_terms(s.expand(mask.shape), adv, 1 - epsilon, 1 + eps_high)
-    metrics = _clip_metrics(s.expand(mask.shape), mask, low, high)
+    s = torch.exp(seq_mean(masked_log_ratio(logps, old_logps, mask), mask)).unsqueeze(1)
+    adv = advantages_2d(advantages, mask)
+    loss, low, high = ppo_terms(s.expand(mask.shape), adv, 1 - epsilon, 1 + eps_high)
+    metrics = clip_metrics(s.expand(mask.shape), mask, low, high)
     return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "gspo_token", paper="Group Sequence Policy Optimization", arxiv="2507.18071",
-    requires=(_off_policy("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
-    conventions=(_CLIP_LOW, _CLIP_HIGH),
+    requires=(off_policy_requirement("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
+    conventions=(CLIP_LOW, CLIP_HIGH),
     catalog="rl:3",
     notes="GSPO-token (paper sec. 4.3): s_it = sg[s_i] pi/sg[pi]; checked against TRL's "
           "trl.experimental.gspo_token (importance_sampling_level='sequence_token'), not shipped in TRL 1.16.")
@@ -349,17 +349,17 @@ def gspo_token(logps, old_logps, advantages, mask, *, epsilon: float = 3e-4, eps
     along the sequence; with one advantage per sequence its gradient equals GSPO's."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
     lp = masked(logps, mask)
-    seq_log = _seq_mean(_log_ratio(logps, old_logps, mask), mask).detach().unsqueeze(1)
+    seq_log = seq_mean(masked_log_ratio(logps, old_logps, mask), mask).detach().unsqueeze(1)
     ratio = torch.exp(lp - lp.detach() + seq_log)
-    adv = _adv(advantages, mask)
-    loss, low, high = _ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
-    metrics = _clip_metrics(ratio, mask, low, high)
+    adv = advantages_2d(advantages, mask)
+    loss, low, high = ppo_terms(ratio, adv, 1 - epsilon, 1 + eps_high)
+    metrics = clip_metrics(ratio, mask, low, high)
     return masked(loss, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "gmpo", paper="Geometric-Mean Policy Optimization", arxiv="2507.20673",
-    requires=(_off_policy("the geometric mean of the log-space clipped token ratios (with every ratio 1 its "
+    requires=(off_policy_requirement("the geometric mean of the log-space clipped token ratios (with every ratio 1 its "
                           "gradient is GRPO's sequence-mean policy gradient)"),),
     advantages="per_sequence",
     catalog="rl:4",
@@ -373,20 +373,20 @@ def gmpo(logps, old_logps, advantages, mask, *, epsilon: float = 0.4, epsilon_hi
     (min for A > 0, max for A < 0), i.e. ratio range (e^-0.4, e^0.4) by default. Needs one advantage per
     sequence; the per-sequence loss is spread over the row's tokens (use seq_mean_token_mean)."""
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    adv = _seq_adv(advantages)
-    lr = _log_ratio(logps, old_logps, mask)
+    adv = seq_adv(advantages)
+    lr = masked_log_ratio(logps, old_logps, mask)
     clamped = torch.clamp(lr, -epsilon, eps_high)
     clipped = torch.where(adv.unsqueeze(1) > 0, torch.min(lr, clamped), torch.max(lr, clamped))
-    rho = torch.exp(_seq_mean(masked(clipped, mask), mask))
+    rho = torch.exp(seq_mean(masked(clipped, mask), mask))
     ratio = torch.exp(lr)
-    metrics = _ratio_metrics(ratio, mask, **{"clip_ratio/region_mean": clipped != lr})
+    metrics = ratio_metrics(ratio, mask, **{"clip_ratio/region_mean": clipped != lr})
     metrics["ratio/geo_mean"] = rho.detach().mean()
-    return _spread(-adv * rho, mask), metrics
+    return spread_over_tokens(-adv * rho, mask), metrics
 
 
 @POLICY_LOSSES.register(
     "gvpo", paper="GVPO: Group Variance Policy Optimization for Large Language Model Post-Training",
-    requires=(_GROUP, _off_policy("the implicit reward beta sum log(pi / pi_old) regressed onto the centred "
+    requires=(GROUP, off_policy_requirement("the implicit reward beta sum log(pi / pi_old) regressed onto the centred "
                                   "rewards (0 on-policy: the gradient is Dr. GRPO's, on centred rewards)")),
     catalog="rl:13",
     arxiv="2504.19599",
@@ -399,12 +399,12 @@ def gvpo(logps, old_logps, rewards, mask, group_size: int, *, beta: float = 0.1)
     A regression of centred implicit rewards onto centred rewards (no IS weight, no clip); its gradient is
     -beta/(G-1) sum_i w_i grad log pi(y_i), w_i = (R_i - R_bar) - (rho_i - rho_bar). Reads raw `rewards` (N,)
     and centres them per group itself. Rows must be whole groups; a group of one gives 0."""
-    lr = _log_ratio(logps, old_logps, mask)
+    lr = masked_log_ratio(logps, old_logps, mask)
     rho = grouped(beta * lr.sum(-1), group_size)
     r = grouped(rewards.float(), group_size)
     resid = (rho - rho.detach().mean(1, keepdim=True)) - (r - r.mean(1, keepdim=True))
     per_seq = 0.5 * resid**2 / max(group_size - 1, 1)
-    return _spread(per_seq.reshape(-1), mask), {"gvpo/implicit_reward_mean": rho.detach().mean()}
+    return spread_over_tokens(per_seq.reshape(-1), mask), {"gvpo/implicit_reward_mean": rho.detach().mean()}
 
 
 @POLICY_LOSSES.register(
@@ -419,13 +419,13 @@ def a_star_po(logps, ref_logps, advantages, mask, *, beta2: float = 1e-3):
 
     Least-squares regression of the implicit reward onto the optimal advantage; no ratio to pi_old, no clip."""
     implicit = beta2 * (masked(logps, mask) - masked(ref_logps, mask)).sum(-1)
-    per_seq = (implicit - _seq_adv(advantages)) ** 2
-    return _spread(per_seq, mask), {"a_star_po/implicit_reward_mean": implicit.detach().mean()}
+    per_seq = (implicit - seq_adv(advantages)) ** 2
+    return spread_over_tokens(per_seq, mask), {"a_star_po/implicit_reward_mean": implicit.detach().mean()}
 
 
 @POLICY_LOSSES.register(
     "disco", paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
-    requires=(_GROUP, _off_policy("the KL constraint (its squared hinge on KL(pi_old || pi) - delta: the KL is 0 "
+    requires=(GROUP, off_policy_requirement("the KL constraint (its squared hinge on KL(pi_old || pi) - delta: the KL is 0 "
                                   "before the policy moves)")),
     catalog="rl:14",
     arxiv="2505.12366",
@@ -448,9 +448,9 @@ def disco(logps, old_logps, rewards, mask, group_size: int, kl_stats=None, *, sc
     authors all-gather the batch). N must then be the aggregation's `num_sequences`."""
     if score not in ("logL", "Lratio"):
         raise ValueError(f"score must be 'logL' or 'Lratio', got {score!r}")
-    lr = _log_ratio(logps, old_logps, mask)
+    lr = masked_log_ratio(logps, old_logps, mask)
     ratio = torch.exp(lr)
-    s = _seq_mean(masked(logps, mask) if score == "logL" else masked(ratio, mask), mask)
+    s = seq_mean(masked(logps, mask) if score == "logL" else masked(ratio, mask), mask)
     sg, rg = grouped(s, group_size), grouped(rewards.float(), group_size)
     pos, neg = rg == 1, rg == 0
     valid = pos.any(1) & neg.any(1)
@@ -473,13 +473,13 @@ def disco(logps, old_logps, rewards, mask, group_size: int, kl_stats=None, *, sc
     per_seq = (-objective.unsqueeze(1) * share).reshape(-1) + coef * kl_tok.sum(-1) * rows / tokens
     metrics = {"disco/kl": kl.detach(), "disco/constraint_coef": coef,
                "disco/valid_group_fraction": valid.float().mean()}
-    return _spread(per_seq, mask), metrics
+    return spread_over_tokens(per_seq, mask), metrics
 
 
 def disco_kl_stats(logps, old_logps, mask) -> torch.Tensor:
     """This process' (sum of k3(pi_old || pi) over valid tokens, valid tokens, rows), detached: all-reduce it
     (sum) and pass it to `disco` as `kl_stats` when a batch is split over processes."""
-    lr = _log_ratio(logps, old_logps, mask).detach()
+    lr = masked_log_ratio(logps, old_logps, mask).detach()
     kl_sum = masked(torch.exp(lr) - lr - 1, mask).sum()
     return torch.stack([kl_sum, mask.float().sum().to(kl_sum.dtype), kl_sum.new_tensor(float(mask.shape[0]))])
 
@@ -502,7 +502,7 @@ def _clamp_min_keep_grad(x, low):
 
 @POLICY_LOSSES.register(
     "nft", paper="Bridging Supervised Learning and Reinforcement Learning in Math Reasoning", arxiv="2505.18116",
-    requires=(_off_policy("the implicit negative policy's ratio (1 - r_q R) / (1 - r_q) (with R = 1 the gradient "
+    requires=(off_policy_requirement("the implicit negative policy's ratio (1 - r_q R) / (1 - r_q) (with R = 1 the gradient "
                           "is ppo_clip's on Dr. GRPO's advantage)"),),
     advantages="per_sequence",
     catalog="rl:79",
@@ -552,13 +552,13 @@ def nft(logps, old_logps, advantages, mask, rewards, *, negative_weight: float =
     r = rewards.float().to(mask.device)
     if not bool(((r == 0) | (r == 1)).all()):
         raise ValueError(f"nft needs binary rewards 0 / 1 (correct / wrong), got values {sorted(set(r.tolist()))[:6]}")
-    rate = r - _seq_adv(advantages).to(r.device)
+    rate = r - seq_adv(advantages).to(r.device)
     if bool(((rate < -_NFT_RATE_TOL) | (rate > 1 + _NFT_RATE_TOL)).any()):
         raise ValueError("nft reads the prompt's accuracy as rewards - advantages, which must lie in [0, 1]: the "
                          "advantages must be dr_grpo's r - group mean (rl.advantage: dr_grpo)")
     mixed = ((rate > _NFT_RATE_TOL) & (rate < 1 - _NFT_RATE_TOL)).unsqueeze(1)
     q = rate.clamp(accuracy_clamp, 1 - accuracy_clamp).unsqueeze(1)
-    lr = torch.clamp(_log_ratio(logps, old_logps, mask), max=log_ratio_max)
+    lr = torch.clamp(masked_log_ratio(logps, old_logps, mask), max=log_ratio_max)
     ratio = torch.exp(lr)
     # l+ = -log(max(R, c+)) with gradient -(R / max(R, c+)) grad log R, written with m = sg(max(log R, log c+))
     m = lr.detach() if positive_clamp <= 0 else torch.clamp(lr.detach(), min=math.log(positive_clamp))
@@ -570,7 +570,7 @@ def nft(logps, old_logps, advantages, mask, rewards, *, negative_weight: float =
     loss = weight * (correct * positive + (1 - correct) * negative_weight * negative)
     loss = torch.where(mixed, loss, torch.zeros((), device=loss.device))
     wrong = mixed & (correct == 0)
-    metrics = _ratio_metrics(ratio, mask, **{"nft/negative_clamped": wrong & (proxy < negative_clamp),
+    metrics = ratio_metrics(ratio, mask, **{"nft/negative_clamped": wrong & (proxy < negative_clamp),
                                              "nft/ratio_capped": lr.detach() >= log_ratio_max})
     metrics["nft/mixed_group_fraction"] = mixed.float().mean().detach()
     return masked(loss, mask), metrics
@@ -604,7 +604,7 @@ def seq_mean_token_mean(per_token_loss, mask, num_sequences=None):
     Empty completions count in N and add 0 (TRL clamps |o_i| >= 1). Pass `num_sequences` (rows over all
     processes) when rows are split over processes."""
     n = mask.shape[0] if num_sequences is None else num_sequences
-    return _seq_mean(masked(per_token_loss, mask), mask).sum() / max(float(n), 1.0)
+    return seq_mean(masked(per_token_loss, mask), mask).sum() / max(float(n), 1.0)
 
 
 @AGGREGATIONS.register(

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.errors import RecipeError
-from postrain.rl.losses import _spread
+from postrain.rl.losses import spread_over_tokens
 from postrain.rl.registry import POLICY_LOSSES
 from postrain.rl.regularizers import kl_penalty
 from postrain.tensors import grouped, masked, masked_row_mean, token_counts
@@ -69,4 +69,4 @@ def trpa(logps, old_logps, ref_logps, rewards, mask, group_size: int, *, beta: f
     metrics = {"trpa/pairs": pairs.float().detach(),
                "trpa/tr_kl": (kl_total / token_counts(mask).sum().clamp(min=1.0)).detach(),
                "trpa/log_ratio_mean": rho.detach().mean()}
-    return _spread(per_row, mask), metrics
+    return spread_over_tokens(per_row, mask), metrics

@@ -16,8 +16,8 @@ import math
 import torch
 
 from postrain.errors import RecipeError
-from postrain.rl.losses import _CLIP_HIGH, _CLIP_LOW, _GROUP, _adv, _clip_metrics, _log_ratio, _off_policy, \
-    _ppo_terms, _seq_adv, _seq_mean
+from postrain.rl.losses import CLIP_HIGH, CLIP_LOW, GROUP, advantages_2d, clip_metrics, masked_log_ratio, off_policy_requirement, \
+    ppo_terms, seq_adv, seq_mean
 from postrain.rl.registry import POLICY_LOSSES
 from postrain.tensors import grouped, masked, token_counts
 
@@ -54,8 +54,8 @@ def tw_grpo_token_weights(vocab_logps: torch.Tensor, mask: torch.Tensor, group_s
 
 @POLICY_LOSSES.register(
     "tw_grpo", paper="Reinforcing Video Reasoning with Focused Thinking", arxiv="2505.24718", catalog="rl:71",
-    requires=(_GROUP, _off_policy("the clip of the ratio pi / pi_old to [1 - epsilon, 1 + epsilon_high]")),
-    conventions=(_CLIP_LOW, _CLIP_HIGH),
+    requires=(GROUP, off_policy_requirement("the clip of the ratio pi / pi_old to [1 - epsilon, 1 + epsilon_high]")),
+    conventions=(CLIP_LOW, CLIP_HIGH),
     notes="checked against the authors' longmalongma/TW-GRPO src/open_r1/trainer/grpo_trainer.py: "
           "compute_token_importance_kl_logs_uniform (the weights, from the full log-softmax of every completion "
           "position, not detached: the gradient also flows through the weights, as there) and compute_loss "
@@ -83,9 +83,9 @@ def tw_grpo(logps, old_logps, advantages, mask, vocab_logps, group_size: int, *,
         raise ValueError(f"tw_grpo: vocab_logps must be (N, T, V) matching mask {tuple(mask.shape)}, got "
                          f"{tuple(vocab_logps.shape)}")
     weights = tw_grpo_token_weights(vocab_logps, mask, group_size, alpha)
-    ratio = torch.exp(_log_ratio(logps, old_logps, mask))
-    loss, low, high = _ppo_terms(ratio, _adv(advantages, mask), 1 - epsilon, 1 + epsilon_high)
-    metrics = _clip_metrics(ratio, mask, low, high)
+    ratio = torch.exp(masked_log_ratio(logps, old_logps, mask))
+    loss, low, high = ppo_terms(ratio, advantages_2d(advantages, mask), 1 - epsilon, 1 + epsilon_high)
+    metrics = clip_metrics(ratio, mask, low, high)
     valid = mask.bool()
     metrics["tw_grpo/weight_mean"] = weights.detach()[valid].mean() if valid.any() else torch.tensor(1.0)
     return masked(loss * weights, mask), metrics
@@ -121,7 +121,7 @@ def gtpo_token_weights(completion_ids: torch.Tensor, mask: torch.Tensor, advanta
     g = int(group_size)
     valid = mask.bool()
     lengths = token_counts(mask).long()
-    adv = _seq_adv(advantages)
+    adv = seq_adv(advantages)
     weights, counts = [], []
     for ids_g, valid_g, len_g, adv_g in zip(grouped(completion_ids, g), grouped(valid, g), grouped(lengths, g),
                                             grouped(adv, g)):
@@ -143,7 +143,7 @@ def gtpo_token_weights(completion_ids: torch.Tensor, mask: torch.Tensor, advanta
 
 @POLICY_LOSSES.register(
     "gtpo", paper="GTPO: Trajectory-Based Policy Optimization in Large Language Models", arxiv="2508.03772",
-    catalog="rl:69", requires=(_GROUP,), advantages="per_sequence",  # its A'_i is one value per completion
+    catalog="rl:69", requires=(GROUP,), advantages="per_sequence",  # its A'_i is one value per completion
     notes="checked against the authors' winstonsmith1897/GTPO gtpo/gtpo_training.py, the path their trainer runs by "
           "default (GTPO_accumulated_loss -> UnslothEfficientGTPO.forward): build_conflict_mask (forward and "
           "reversed initial runs of shared position-token pairs, W_RAW 2.0), the entropy filter and shaping "
@@ -168,8 +168,8 @@ def gtpo(logps, advantages, mask, entropies, completion_ids, group_size: int, *,
         raise RecipeError(f"gtpo: conflict_weight, entropy_scale and entropy_threshold must be >= 0, got "
                           f"{conflict_weight!r}, {entropy_scale!r}, {entropy_threshold!r}")
     delta, counts = gtpo_token_weights(completion_ids, mask, advantages, group_size, conflict_weight)
-    entropy = _seq_mean(masked(entropies.detach(), mask), mask)
-    adv = _seq_adv(advantages)
+    entropy = seq_mean(masked(entropies.detach(), mask), mask)
+    adv = seq_adv(advantages)
     shaped = torch.where(entropy <= entropy_threshold, adv - entropy_scale * entropy, torch.zeros_like(adv))
     ratio = torch.exp(masked(logps, mask) - masked(logps, mask).detach())
     loss = -(ratio * (shaped / counts).unsqueeze(1) * delta)

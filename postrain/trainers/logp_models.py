@@ -114,7 +114,7 @@ def add_logp_columns(trainer, models: dict[str, Any]) -> None:
 
             model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **model})
             _check_same_tokenizer(trainer, name, tokenizer)
-        model = _prepare(trainer, model)
+        model = prepare_scoring_model(trainer, model)
         trainer.train_dataset = _with_columns(trainer, model, name, trainer.train_dataset, "train",
                                               trainer.args.per_device_train_batch_size)
         if isinstance(trainer.eval_dataset, dict):
@@ -138,7 +138,7 @@ def _check_same_tokenizer(trainer, name: str, tokenizer) -> None:
                           f"policy's tokenizer")
 
 
-def _prepare(trainer, model):
+def prepare_scoring_model(trainer, model):
     """As TRL 1.16's DPOTrainer prepares its reference model: dropout off (if the config says so), the fused LM
     head that returns per-token log-probs, placed by accelerate for inference."""
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model

@@ -373,7 +373,7 @@ def _load_reward_model(trainer, spec: dict):
     """TGDPO's π_rm: loaded as a `ref_model:` is, on the policy's tokenizer, prepared as TRL prepares its reference."""
     from postrain.models.loading import load_model
     from postrain.recipes.schema import ModelSpec
-    from postrain.trainers.logp_models import _prepare
+    from postrain.trainers.logp_models import prepare_scoring_model
 
     model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **spec})
     policy = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
@@ -381,4 +381,4 @@ def _load_reward_model(trainer, spec: dict):
         raise RecipeError(f"token_reward_model {spec.get('name_or_path')!r}: its tokenizer differs from the policy's "
                           f"({len(tokenizer)} vs {len(policy)} tokens, or other ids); TGDPO's token rewards are "
                           f"log-ratios on the policy's tokens, so π_rm must share the policy's tokenizer")
-    return _prepare(trainer, model)
+    return prepare_scoring_model(trainer, model)
