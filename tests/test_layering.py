@@ -106,3 +106,14 @@ def test_the_checker_sees_a_function_level_import_and_a_relative_one(tmp_path, m
     (fake / "rl" / "b.py").write_text("from ..jobs import common\nfrom . import a\n")
     monkeypatch.setattr(__import__(__name__, fromlist=["x"]), "POSTRAIN", fake)
     assert arrows_against_the_layers() == {"postrain/rl/a.py": {"jobs"}, "postrain/rl/b.py": {"jobs"}}
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name with a leading underscore is its module's own; another module that needs it gets a public name."""
+    private = []
+    for path in sorted(POSTRAIN.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("postrain")):
+                private += [f"{path.relative_to(POSTRAIN.parent)}: {alias.name} from {node.module}"
+                            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not private, private
