@@ -58,6 +58,11 @@ def test_dry_run_prints_batch_arithmetic():
     assert planned["completions per optimizer step"].endswith("16 per device x 2 accumulation x 1 processes = 32")
     assert planned["prompts per optimizer step"].startswith("8 (groups of 4")
     assert planned["generation batch"].startswith("32 completions = 8 prompts x 4")
+    # TRL regenerates every steps_per_generation x num_iterations micro-steps (GRPOTrainer._prepare_inputs)
+    reused = plan(load_recipe("recipes/demo/grpo.yaml", ["trainer.per_device_train_batch_size=16",
+                                                         "trainer.num_generations=4", "trainer.gradient_accumulation_steps=2",
+                                                         "trainer.num_iterations=3"]))
+    assert "generated every 6 micro-steps (steps_per_generation 2 x num_iterations 3)" in reused["generation batch"]
 
 
 def test_dry_run_catches_impossible_grpo_batch_before_loading(monkeypatch):

@@ -262,7 +262,10 @@ def _grpo_plan(args, rows: int | None, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "completions per optimizer step": f"{per_device} per device x {accum} accumulation x {world} processes = {completions_per_step}",
         "prompts per optimizer step": f"{completions_per_step / num_gen:g} (groups of {num_gen} completions)",
-        "generation batch": f"{gen_batch} completions = {gen_batch // num_gen} prompts x {num_gen}, generated every {args.steps_per_generation} micro-steps",
+        # TRL regenerates every steps_per_generation x num_iterations micro-steps (GRPOTrainer._prepare_inputs)
+        "generation batch": (f"{gen_batch} completions = {gen_batch // num_gen} prompts x {num_gen}, generated every "
+                             f"{args.steps_per_generation * args.num_iterations} micro-steps (steps_per_generation "
+                             f"{args.steps_per_generation} x num_iterations {args.num_iterations})"),
         "max completion length": args.max_completion_length,
     }
     steps_per_epoch = math.ceil(rows * num_gen * args.num_iterations / completions_per_step) if rows else None
