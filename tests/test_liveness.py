@@ -334,7 +334,7 @@ def test_every_paper_recipe_is_live_or_says_why_not():
     explained = {row["path"].split("/")[-1] for row in rows if row["documented"]}
     # each says why its step stays inert
     assert explained == {"bnpo.yaml", "confucius3_math.yaml", "disco.yaml", "grpo_lead.yaml", "gvpo.yaml",
-                         "tw_grpo.yaml"}
+                         "trpa.yaml", "tw_grpo.yaml"}
 
 
 def test_a_header_note_explains_a_finding_and_strict_ignores_only_those(tmp_path):

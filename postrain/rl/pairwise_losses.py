@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from postrain.errors import RecipeError
-from postrain.rl.losses import spread_over_tokens
+from postrain.rl.losses import off_policy_requirement, spread_over_tokens
 from postrain.rl.registry import POLICY_LOSSES
 from postrain.rl.regularizers import kl_penalty
 from postrain.tensors import grouped, masked, masked_row_mean, token_counts
@@ -26,8 +26,13 @@ from postrain.tensors import grouped, masked, masked_row_mean, token_counts
           "KL to the reference is then not added), main_TRPA.sh (trpa_beta 0.1, trpa_anisotropy 2.5, "
           "tr_kl_loss_coef 0.001, use_sqrt_trkl False). Preference levels are the reward's distinct values, higher "
           "better; the authors' levels come from their rule-based reward (kk.py: level 1 = right format and answer, "
-          "score 3), so `top_reward` names the reward of level 1. The authors pair within each micro-batch of whole "
-          "groups; here within each group of the micro-batch, which is the same pairing",
+          "score 3), so `top_reward` names the reward of level 1. The authors pair within each micro-batch, whose "
+          "rows verl reorders by length over processes and splits by token count (ray_trainer.py, dp_actor.py), so "
+          "a group's completions may be scattered; here pairs form within each group of the micro-batch (whole "
+          "groups), the pairing compute_pairwise_policy_loss is written for",
+    # The trust region compares pi with pi_old: with one update per rollout pi_old is pi and the term is 0 (as in
+    # the authors' own run, which recomputes old log-probs with the actor's weights just before its single update).
+    requires=(off_policy_requirement("the trust region tr_kl_coef x KL(pi || pi_old)"),),
     # A fact for the GRPO trainer's checks (postrain.rl.section): the mean over the micro-batch's pairs and the trust
     # region's token mean are this process' own, so a batch split over processes does not train as on one.
     one_process="its loss is a mean over the micro-batch's own pairs and tokens, not the gathered batch's")
