@@ -270,16 +270,15 @@ class TokenLevelInputs:
         if not terms:
             return None
         out = cls(trainer)
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         for term in terms:
             if "token_reward_model" in term.inputs and out.reward_model is None:
                 out.reward_model = _load_reward_model(trainer, term.inputs["token_reward_model"])
             if "confidence_level" in term.inputs:
                 out.risk = {k: term.inputs[k] for k in ("confidence_level", "split_vocab")}
             if "stopwords" in term.inputs:
-                tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
                 out.stopword_ids = stopword_ids(tokenizer, stopword_list(term.inputs["stopwords"], "stopwords"))
             if "gamma" in term.inputs:
-                tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
                 if tokenizer.eos_token_id is None:
                     raise RecipeError(f"preference loss {term.name!r} reads the policy's end-of-sequence "
                                       f"probability at every completion token, but the model's tokenizer has no "
