@@ -35,8 +35,11 @@ from typing import Any, Callable
 from postrain.errors import RecipeError, did_you_mean
 from postrain.value_types import check_value, parse_range
 
-# Every registry, by family: `postrain variants` lists them all.
+# The registries of method parts, by family (entries cite their paper): `postrain variants` lists them all.
 FAMILIES: dict[str, "Registry"] = {}
+# Every registry by family: the method parts above and the building blocks whose entries need no paper (rewards,
+# built-in tasks, data transforms).
+REGISTRIES: dict[str, "Registry"] = {}
 # The data input holding the behaviour policy's per-token log-probs, pi_old of an importance ratio pi / pi_old: the
 # policy that generated the batch, as the training model computes it (under vLLM, TRL's importance-sampling
 # correction weighs the loss by pi_old / pi_vllm on top).
@@ -154,7 +157,7 @@ class Variant:
     def reads(self, name: str) -> bool | None:
         """Whether the entry reads data input `name`: from its own signature, or for an entry that stands for
         entries of other families (a named method) from theirs, as its registry tells (None: it cannot tell)."""
-        registry = FAMILIES.get(self.family)
+        registry = REGISTRIES.get(self.family)
         if registry is None or registry.reads is None:
             return self.needs(name)
         return registry.reads(self, name)
@@ -163,7 +166,7 @@ class Variant:
         """(entry, its hyperparameters, requirement) for each requirement that applies at `params` (the entry's
         defaults where None): the entry's own or, for an entry that stands for entries of other families (a named
         method), those of its parts, as its registry tells."""
-        registry = FAMILIES.get(self.family)
+        registry = REGISTRIES.get(self.family)
         if registry is not None and registry.requirements is not None:
             return registry.requirements(self, params)
         full = {**self.params, **(params or {})}
@@ -225,14 +228,17 @@ class Registry:
     def __init__(self, family: str, *, what: str | None = None,
                  reads: Callable[[Variant, str], bool | None] | None = None,
                  requirements: Callable[[Variant, dict | None], list] | None = None,
-                 ranges: dict[str, str] | None = None):
-        """`reads(variant, data_name)`: for a family whose entries stand for entries of other families (named
+                 ranges: dict[str, str] | None = None, papers: bool = True):
+        """`papers`: whether every entry must cite its paper (title and arXiv id); a family of building blocks
+        (rewards, tasks, data transforms) may allow entries without one, and is not listed as method parts.
+        `reads(variant, data_name)`: for a family whose entries stand for entries of other families (named
         methods), whether an entry reads a data input through them; None: each entry's own signature says.
         `requirements(variant, params)`: likewise, the requirements of the parts an entry stands for.
         `ranges`: parameter -> allowed values for every entry of the family that has the parameter (an entry's
         own `ranges=` overrides them)."""
-        if family in FAMILIES:
+        if family in REGISTRIES:
             raise ValueError(f"registry family {family!r} exists already")
+        self.papers = papers
         self.family = family
         self.what = what or family.replace("_", " ")
         self.reads = reads
@@ -241,16 +247,18 @@ class Registry:
         for spec in self.ranges.values():
             parse_range(spec)
         self.entries: dict[str, Variant] = {}
-        FAMILIES[family] = self
+        REGISTRIES[family] = self
+        if papers:
+            FAMILIES[family] = self
 
-    def register(self, name: str, *, paper: str, arxiv: str, trl: str | None = None, notes: str = "",
+    def register(self, name: str, *, paper: str = "", arxiv: str = "", trl: str | None = None, notes: str = "",
                  requires: tuple[Requirement, ...] | list[Requirement] = (),
                  conventions: tuple[Convention, ...] | list[Convention] = (),
                  ranges: dict[str, str] | None = None, **extra: Any) -> Callable[[Callable], Callable]:
         def decorator(fn: Callable) -> Callable:
             if name in self.entries:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
-            if not paper or not arxiv:
+            if self.papers and (not paper or not arxiv):
                 raise ValueError(f"{self.what} {name!r} needs its paper title and arXiv id")
             params = [p.name for p in inspect.signature(fn).parameters.values()
                       if p.kind is inspect.Parameter.KEYWORD_ONLY]

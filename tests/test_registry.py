@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import RecipeError
-from postrain.registry import FAMILIES, Registry, all_variants
+from postrain.registry import FAMILIES, REGISTRIES, Registry, all_variants
 
 runner = CliRunner()
 
@@ -62,7 +62,24 @@ def test_params_and_data_come_from_the_signature():
         with pytest.raises(ValueError, match="paper title and arXiv id"):
             reg.register("nometa", paper="", arxiv="")(toy)
     finally:
-        del FAMILIES["test-only-family"]
+        del FAMILIES["test-only-family"], REGISTRIES["test-only-family"]
+
+
+def test_a_family_of_building_blocks_allows_entries_without_a_paper_and_is_not_a_method_part():
+    reg = Registry("test-block-family", papers=False)
+    try:
+        @reg.register("block")
+        def block(rows, *, k: int = 2):
+            """Keeps k rows."""
+            return rows[:k]
+
+        assert reg.get("block").paper == "" and reg.call("block", {"rows": [1, 2, 3]}, {}) == [1, 2]
+        assert "test-block-family" in REGISTRIES and "test-block-family" not in FAMILIES
+        assert all(v.family != "test-block-family" for v in all_variants())
+        with pytest.raises(RecipeError, match="parameter 'k'"):
+            reg.check_params("block", {"k": "two"})
+    finally:
+        del REGISTRIES["test-block-family"]
 
 
 def test_reference_free_preference_losses_take_no_reference_inputs():
@@ -100,7 +117,7 @@ def test_parameters_are_typed_by_their_annotations_and_ranged_by_declarations():
         with pytest.raises(ValueError, match="is not of the form"):
             reg.register("bad2", paper="p", arxiv="a", ranges={"p": "positive"})(toy)
     finally:
-        del FAMILIES["test-ranged-family"]
+        del FAMILIES["test-ranged-family"], REGISTRIES["test-ranged-family"]
 
 
 def test_every_entry_default_fits_its_own_types_and_ranges():
