@@ -251,3 +251,22 @@ def test_a_lock_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match=r"cannot write beside the run directory .*run \(its lock file .*\.run\.lock\): "
                                           r"Read-only file system; choose another output_dir"):
         RunLock.acquire(tmp_path / "run")
+
+
+def test_publishing_a_run_flushes_what_was_not_published_already(tmp_path, monkeypatch):
+    """replace_with_attempt flushes the run's own files (metrics, status) but not the final model and checkpoints,
+    each fsynced when it was published; the directories holding them are flushed, so the renames are durable."""
+    from postrain.jobs import rundir
+
+    attempt, final = tmp_path / "run.new", tmp_path / "run"
+    for rel in ("metrics.jsonl", "model/model.safetensors", "checkpoints/checkpoint-2/trainer_state.json",
+                "samples/step-2.jsonl"):
+        (attempt / rel).parent.mkdir(parents=True, exist_ok=True)
+        (attempt / rel).write_text("{}\n")
+    flushed = []
+    monkeypatch.setattr(rundir, "fsync_path", lambda path: flushed.append(Path(path)))
+    rundir.replace_with_attempt(attempt, final)
+    files = {str(p.relative_to(attempt)) for p in flushed if p.is_relative_to(attempt) and p != attempt and p.suffix}
+    assert files == {"metrics.jsonl", "samples/step-2.jsonl"}
+    assert {attempt, attempt / "checkpoints", attempt / "samples", tmp_path} <= set(flushed)
+    assert attempt / "model" not in flushed and (final / "model" / "model.safetensors").is_file()

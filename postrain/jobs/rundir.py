@@ -28,6 +28,7 @@ import zipfile
 from pathlib import Path
 
 from postrain.errors import RunDirError
+from postrain.models.loading import MODEL_SUBDIR
 
 ATTEMPT_SUFFIX = ".new"  # `--overwrite`: the new run is written to `<name>.new` until it has finished
 PARTIAL_SUFFIX = ".partial"  # a folder being written, renamed into place when whole
@@ -58,13 +59,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file under `root`, then every directory (children before parents)."""
-    root = Path(root)
-    for folder, _dirs, files in os.walk(root, topdown=False):
+def fsync_tree(root: Path, durable: tuple[Path, ...] = ()) -> None:
+    """fsync every file under `root`, then every directory (children before parents), except the folders in
+    `durable`: each was made durable when it was published and not written since."""
+    root, durable = Path(root), {Path(d) for d in durable}
+    for folder, dirs, files in os.walk(root, topdown=True):
+        dirs[:] = [d for d in dirs if Path(folder) / d not in durable]
         for name in files:
             fsync_path(Path(folder) / name)
-        fsync_path(Path(folder))
+    for folder, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(Path(w[0]).parts)):
+        if not any(Path(folder) == d or d in Path(folder).parents for d in durable):
+            fsync_path(Path(folder))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -92,11 +97,12 @@ def partial_dir(final: Path) -> Path:
     return staging
 
 
-def publish(staging: Path, final: Path) -> Path:
+def publish(staging: Path, final: Path, durable: tuple[Path, ...] = ()) -> Path:
     """Make the folder `staging` (whole, written by this process) `final`: fsync its files, rename it. An existing
-    `final` is renamed aside first and removed once the new one is in place."""
+    `final` is renamed aside first and removed once the new one is in place. `durable`: folders inside `staging`
+    that were published themselves (fsynced) and not written since, so not flushed again."""
     staging, final = Path(staging), Path(final)
-    fsync_tree(staging)
+    fsync_tree(staging, durable)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
@@ -128,8 +134,11 @@ def replace_with_attempt(attempt: Path, final: Path) -> None:
     rewritten to the final place."""
     attempt, final = Path(attempt), Path(final)
     for state_file in attempt.glob(f"checkpoints/{CHECKPOINT_PREFIX}*/trainer_state.json"):
-        _repoint(state_file, attempt, final)
-    publish(attempt, final)
+        _repoint(state_file, attempt, final)  # rewritten atomically (fsynced) where it changes
+    # The final model and the checkpoints were each published (fsynced, renamed into place) when written; the
+    # rest (metrics, logs, status) is flushed here. A run directory holds a few GB of weights at real sizes.
+    durable = tuple(p for p in [attempt / MODEL_SUBDIR, *attempt.glob(f"checkpoints/{CHECKPOINT_PREFIX}*")] if p.is_dir())
+    publish(attempt, final, durable)
 
 
 def _repoint(state_file: Path, attempt: Path, final: Path) -> None:
