@@ -108,17 +108,17 @@ def test_hub_name_is_passed_through(monkeypatch):
 def test_label_noise_replaces_only_the_sft_target_by_the_wrong_answer(task):
     from postrain.data.tasks import TASKS
 
-    clean = TASKS[task](n=400)
-    noisy = TASKS[task](n=400, label_noise=0.3)
+    clean = TASKS.get(task).fn(n=400)
+    noisy = TASKS.get(task).fn(n=400, label_noise=0.3)
     assert [r["prompt"] for r in clean] == [r["prompt"] for r in noisy]
     flipped = [n for c, n in zip(clean, noisy) if n["completion"] != c["completion"]]
     assert 0.2 < len(flipped) / len(noisy) < 0.4  # about the asked fraction
     for row in noisy:
         assert row["answer"] == row["chosen"] and row["completion"] in (row["answer"], row["rejected"])
     assert all(r["completion"] == r["rejected"] != r["answer"] for r in flipped)
-    assert TASKS[task](n=400, label_noise=0.3) == noisy  # deterministic
+    assert TASKS.get(task).fn(n=400, label_noise=0.3) == noisy  # deterministic
     with pytest.raises(DataError, match="label_noise must be in"):
-        TASKS[task](n=4, label_noise=1.0)
+        TASKS.get(task).fn(n=4, label_noise=1.0)
 
 
 def test_answers_that_repeat_the_prompt_turns_keep_only_the_answer(tmp_path):

@@ -21,9 +21,9 @@ def assistant(text):
 
 
 def test_registry_has_the_builtins_with_descriptions():
-    assert {"exact_match", "math_verify", "format", "length"} <= set(REWARDS)
-    for factory in REWARDS.values():
-        assert factory.description
+    assert {"exact_match", "math_verify", "format", "length"} <= set(REWARDS.entries)
+    for variant in REWARDS:
+        assert variant.description
 
 
 # -- exact_match --------------------------------------------------------------------------------------------------
