@@ -375,7 +375,8 @@ def _build_builtin(name: Any, args: dict, where: str) -> RewardFunction:
     """The built-in reward `name` built with `args`: the names, the required args and the args' types (from the
     keyword-only parameters of its class' __init__, REWARDS.check_params) are checked before it is built."""
     if not isinstance(name, str) or name not in REWARDS:
-        raise RewardSpecError(f"unknown reward {name!r} ({where}){_suggest(name, sorted(REWARDS.entries), 'available')}")
+        raise RewardSpecError(f"unknown reward {name!r} ({where})"
+                              f"{_suggest(name, sorted(REWARDS.entries), 'available')}")
     variant = REWARDS.get(name)
     parameters = list(variant.params)
     for arg in args:

@@ -1,8 +1,8 @@
 """The built-in rewards: exact_match, math_verify, format, length (code_exec: postrain.rewards.code_exec).
 
 Each is a RewardFunction class registered under its recipe name with ``@REWARDS.register``; the keyword-only
-parameters of its constructor are the recipe's ``args``, typed by their annotations. Built-ins do not raise on odd completions (they score them 0.0); they raise only on misuse, such as a
-missing answer column.
+parameters of its constructor are the recipe's ``args``, typed by their annotations. Built-ins do not raise on odd
+completions (they score them 0.0); they raise only on misuse, such as a missing answer column.
 """
 
 from __future__ import annotations
