@@ -207,8 +207,10 @@ class Variant:
 
 @functools.lru_cache(maxsize=None)
 def _param_types(fn: Callable) -> dict[str, Any]:
+    # An entry that is a class (a reward) takes its hyperparameters in __init__: their annotations are there, and
+    # the class's own are its attributes'.
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
     except Exception:  # an annotation that does not resolve: that parameter's type is not checked
         hints = {}
     return {p.name: hints.get(p.name, Any) for p in inspect.signature(fn).parameters.values()

@@ -107,3 +107,13 @@ def source_digest(reference: str) -> str:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+
+
+def readme_example(heading: str) -> str:
+    """The first ```python block of the README section `heading` (e.g. "### Adding a reward"): tests run the
+    README's own examples, so that the documented way stays the working one."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)

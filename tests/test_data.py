@@ -35,6 +35,46 @@ def test_unknown_task_parameter_is_named():
         build_task("arithmetic", "train", {"digit": 2})
 
 
+def test_task_keys_are_typed_and_an_unknown_task_is_named():
+    with pytest.raises(DataError, match=r"^parameter 'n' of built-in task 'arithmetic' \(source 'builtin:arithmetic', "
+                                        r"task:\) must be int, got str 'ten'$"):
+        build_task("arithmetic", "train", {"n": "ten"})
+    with pytest.raises(DataError, match=r"'ops' of built-in task 'arithmetic_code'.*must be str"):
+        build_task("arithmetic_code", "train", {"ops": 3})
+    with pytest.raises(DataError, match=r"^unknown built-in task 'revrse' \(source 'builtin:revrse'\): "
+                                        r"did you mean 'reverse'\? valid: arithmetic, .*reverse"):
+        build_task("revrse", "train", {})
+
+
+def test_every_task_takes_the_split_and_its_defaults_fit_its_types():
+    from postrain.data.tasks import TASKS
+    from postrain.value_types import check_value
+
+    for variant in TASKS:
+        assert variant.data == {"split": False}, variant.name  # the split, then the task: keys (keyword-only)
+        types = variant.param_types
+        for name, default in variant.params.items():
+            check_value(default, types[name], variant.ranges.get(name), f"task {variant.name} {name}")
+
+
+def test_a_task_added_with_one_decorator_is_read_by_a_recipe(monkeypatch):
+    """The README's "Adding a built-in task" example, as written there: registered, then read through a recipe's
+    data source (load_source, the jobs' path), nothing else edited."""
+    from postrain.data.tasks import TASKS
+    from tests.conftest import readme_example
+
+    monkeypatch.setattr(TASKS, "entries", dict(TASKS.entries))  # the registration is undone after the test
+    exec(readme_example("### Adding a built-in task"), {"TASKS": TASKS})
+    train = load_source({"source": "builtin:countdown", "task": {"n": 3, "start": 20}}, "sft", where="data.train")
+    assert train["prompt"] == ["20-1=", "22-1=", "24-1="] and train["completion"] == ["19", "21", "23"]
+    test = load_source({"source": "builtin:countdown", "split": "test", "task": {"n": 2}}, "grpo")
+    assert test["prompt"] == ["11-1=", "13-1="] and test["answer"] == ["10", "12"]
+    for task, message in [({"nn": 3}, "no parameter 'nn'.*did you mean 'n'"),
+                          ({"n": "fifty"}, "parameter 'n' of built-in task 'countdown'.*must be int")]:
+        with pytest.raises(DataError, match=message):
+            load_source({"source": "builtin:countdown", "task": task}, "sft")
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_file_sources_with_column_mapping(tmp_path, suffix):
     rows = [{"question": f"q{i}", "gold": str(i)} for i in range(5)]
@@ -108,17 +148,17 @@ def test_hub_name_is_passed_through(monkeypatch):
 def test_label_noise_replaces_only_the_sft_target_by_the_wrong_answer(task):
     from postrain.data.tasks import TASKS
 
-    clean = TASKS[task](n=400)
-    noisy = TASKS[task](n=400, label_noise=0.3)
+    clean = TASKS.get(task).fn(n=400)
+    noisy = TASKS.get(task).fn(n=400, label_noise=0.3)
     assert [r["prompt"] for r in clean] == [r["prompt"] for r in noisy]
     flipped = [n for c, n in zip(clean, noisy) if n["completion"] != c["completion"]]
     assert 0.2 < len(flipped) / len(noisy) < 0.4  # about the asked fraction
     for row in noisy:
         assert row["answer"] == row["chosen"] and row["completion"] in (row["answer"], row["rejected"])
     assert all(r["completion"] == r["rejected"] != r["answer"] for r in flipped)
-    assert TASKS[task](n=400, label_noise=0.3) == noisy  # deterministic
+    assert TASKS.get(task).fn(n=400, label_noise=0.3) == noisy  # deterministic
     with pytest.raises(DataError, match="label_noise must be in"):
-        TASKS[task](n=4, label_noise=1.0)
+        TASKS.get(task).fn(n=4, label_noise=1.0)
 
 
 def test_answers_that_repeat_the_prompt_turns_keep_only_the_answer(tmp_path):

@@ -130,3 +130,39 @@ def test_every_entry_default_fits_its_own_types_and_ranges():
                 continue
             value = list(default) if isinstance(default, tuple) else default  # a recipe writes a list
             check_value(value, types[name], variant.ranges.get(name), f"{variant.family} {variant.name} {name}")
+
+
+def test_a_class_entry_takes_its_hyperparameters_from_its_init():
+    """Rewards register classes: the keyword-only parameters of __init__ are the entry's hyperparameters, typed by
+    their annotations there (the class's own annotations are its attributes')."""
+    reg = Registry("test-class-family", papers=False)
+    try:
+        @reg.register("counter")
+        class Counter:
+            """Counts to k."""
+
+            label: str = "x"
+
+            def __init__(self, *, k: int = 2, step: float | None = None):
+                self.k, self.step = k, step
+
+        variant = reg.get("counter")
+        assert variant.params == {"k": 2, "step": None} and variant.data == {}
+        assert variant.param_types == {"k": int, "step": float | None}
+        assert variant.description == "Counts to k." and Counter.variant is variant
+        with pytest.raises(RecipeError, match="parameter 'k' of test-class-family 'counter' must be int, got str"):
+            reg.check_params("counter", {"k": "two"})
+        with pytest.raises(RecipeError, match="unknown parameter 'label'"):
+            reg.check_params("counter", {"label": "y"})
+    finally:
+        del REGISTRIES["test-class-family"]
+
+
+def test_rewards_and_tasks_are_building_blocks_not_listed_as_method_parts():
+    import postrain.data.sources  # noqa: F401  (registers the built-in tasks, arithmetic_thoughts included)
+    import postrain.rewards  # noqa: F401  (registers the built-in rewards)
+
+    assert {"reward", "task"} <= set(REGISTRIES) and not {"reward", "task"} & set(FAMILIES)
+    assert len(REGISTRIES["reward"]) >= 6 and len(REGISTRIES["task"]) >= 4
+    rows = json.loads(runner.invoke(app, ["variants", "--json"]).output)
+    assert not {"reward", "task"} & {r["family"] for r in rows}

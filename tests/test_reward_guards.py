@@ -394,6 +394,6 @@ def test_default_time_limits_leave_the_recipe_hash_unchanged():
 def test_code_exec_is_registered_with_its_sources():
     from postrain.rewards import REWARDS
 
-    source = REWARDS["code_exec"].source
+    source = REWARDS.get("code_exec").extra["source"]
     assert "2107.03374" in source and "2108.07732" in source and "2105.09938" in source
-    assert REWARDS["llm_judge"].source and REWARDS["llm_judge"].runs_in_worker is False
+    assert REWARDS.get("llm_judge").extra["source"] and REWARDS.get("llm_judge").fn.runs_in_worker is False

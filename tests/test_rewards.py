@@ -1,6 +1,8 @@
 """Tests of postrain.rewards: the built-ins against hand-worked values, build_rewards, and the error policy."""
 
+import importlib
 import pickle
+import sys
 import textwrap
 
 import pytest
@@ -21,9 +23,9 @@ def assistant(text):
 
 
 def test_registry_has_the_builtins_with_descriptions():
-    assert {"exact_match", "math_verify", "format", "length"} <= set(REWARDS)
-    for factory in REWARDS.values():
-        assert factory.description
+    assert {"exact_match", "math_verify", "format", "length"} <= set(REWARDS.entries)
+    for variant in REWARDS:
+        assert variant.description
 
 
 # -- exact_match --------------------------------------------------------------------------------------------------
@@ -207,6 +209,60 @@ def test_build_rewards_weights_and_aliases():
     assert weights == [2.0, 1.0, -0.5]
     assert all(isinstance(r, RewardFunction) for r in rewards)
     assert hasattr(rewards[0], "parse") and not hasattr(rewards[1], "parse")
+
+
+def test_a_mistyped_arg_is_refused_naming_the_reward_and_the_arg():
+    """The args' types come from the signature of the reward's __init__ (REWARDS.check_params)."""
+    for spec, message in [
+        ({"name": "exact_match", "args": {"answer_column": 3}},
+         r"^parameter 'answer_column' of reward 'exact_match' \(rewards\[0\]\) must be str, got int 3$"),
+        ({"name": "code_exec", "args": {"memory_mb": "lots"}}, r"'memory_mb' of reward 'code_exec'.*must be int"),
+        ({"name": "math_verify", "args": {"extract": 3}}, r"'extract' of reward 'math_verify'.*list of str \| str"),
+        ({"name": "format", "args": {"pattern": "x", "score": "high"}}, r"'score' of reward 'format'.*must be float"),
+        ({"name": "llm_judge", "args": {"model": "tiny", "chat": "yes"}}, r"'chat' of reward 'llm_judge'.*bool"),
+    ]:
+        with pytest.raises(RewardSpecError, match=message):
+            build_rewards([spec])
+
+
+def test_every_builtin_reward_default_fits_its_own_types():
+    from postrain.value_types import check_value
+
+    for variant in REWARDS:
+        assert variant.data == {}, variant.name  # every parameter is an arg: keyword-only
+        types = variant.param_types
+        for name, default in variant.params.items():
+            if default is not None:
+                value = list(default) if isinstance(default, tuple) else default  # a recipe writes a list
+                check_value(value, types[name], variant.ranges.get(name), f"reward {variant.name} {name}")
+
+
+README_REWARD_MODULE = "postrain_readme_reward"
+
+
+def test_a_reward_added_with_one_decorator_is_used_by_a_recipe(tmp_path, monkeypatch):
+    """The README's "Adding a reward" example, as written there, in a module of its own: registered by importing
+    it, then used from a recipe's rewards entry through build_rewards (the jobs' path), nothing else edited."""
+    from tests.conftest import readme_example
+
+    monkeypatch.setattr(REWARDS, "entries", dict(REWARDS.entries))  # the registration is undone after the test
+    (tmp_path / f"{README_REWARD_MODULE}.py").write_text(readme_example("### Adding a reward"))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the worker process gets this sys.path: it unpickles the class
+    importlib.import_module(README_REWARD_MODULE)
+    try:
+        assert "brevity" in REWARDS
+        recipe_rewards = [{"name": "brevity", "args": {"max_chars": 3}, "weight": 0.5}, {"name": "exact_match"}]
+        (brevity, _), weights = build_rewards(recipe_rewards)
+        assert brevity.name == "brevity" and weights == [0.5, 1.0]
+        assert brevity(["abc", "abcd", assistant("ab")], answer=["x"] * 3, **TRL_EXTRAS) == [1.0, 0.0, 1.0]
+        brevity.close()
+        for args, message in [({"max_char": 3}, "unknown arg 'max_char'.*did you mean 'max_chars'"),
+                              ({"max_chars": "short"}, r"'max_chars' of reward 'brevity' \(rewards\[0\]\) must be int"),
+                              ({"max_chars": 0}, r"'max_chars' of reward 'brevity' .* must be > 0, got 0")]:
+            with pytest.raises(RewardSpecError, match=message):
+                build_rewards([{"name": "brevity", "args": args}])
+    finally:
+        sys.modules.pop(README_REWARD_MODULE, None)
 
 
 def test_build_rewards_duplicate_logging_name():

@@ -23,6 +23,10 @@ held-out score is a score on problems never trained on.
              score_chosen, score_rejected (no string `completion`: TRL reads a row as a conversation or not)
 Both are built from the same problems and draw nothing from the task's random stream, so the pairs rows of a
 seed stay the same whatever the shape.
+
+A task is a function registered in TASKS (`@TASKS.register(name)`, read as `source: builtin:<name>`): its one
+parameter before `*` is the split, its keyword-only parameters are the recipe's `task:` keys, typed by their
+annotations; `build_task` checks the keys and calls it.
 """
 
 from __future__ import annotations
@@ -31,17 +35,11 @@ import hashlib
 import random
 from collections.abc import Callable, Iterator
 
-from postrain.errors import DataError, did_you_mean
+from postrain.errors import DataError, RecipeError, did_you_mean
+from postrain.registry import Registry
 
-TASKS: dict[str, Callable[..., list[dict]]] = {}
-
-
-def register_task(name: str):
-    def deco(fn):
-        TASKS[name] = fn
-        return fn
-
-    return deco
+# The built-in tasks by name: building blocks, not method parts (no paper is required).
+TASKS = Registry("task", what="built-in task", papers=False)
 
 
 def _in_split(text: str, split: str, test_fraction: float) -> bool:
@@ -83,9 +81,10 @@ def _with_label_noise(rows: list[dict], label_noise: float, seed: int) -> list[d
     return rows
 
 
-@register_task("arithmetic")
+@TASKS.register("arithmetic")
 def arithmetic(
     split: str = "train",
+    *,
     n: int = 1000,
     digits: int = 2,
     ops: str = "+",
@@ -125,9 +124,9 @@ def arithmetic(
     return _shaped(_with_label_noise(rows, label_noise, seed), shape, list_size, _number_candidates, "arithmetic")
 
 
-@register_task("reverse")
+@TASKS.register("reverse")
 def reverse(
-    split: str = "train", n: int = 1000, length: int = 5, alphabet: str = "abcdefgh", seed: int = 0,
+    split: str = "train", *, n: int = 1000, length: int = 5, alphabet: str = "abcdefgh", seed: int = 0,
     test_fraction: float = 0.1, label_noise: float = 0.0, shape: str = "pairs", list_size: int = 4,
 ) -> list[dict]:
     """`reverse:<word>=`: the answer is the word reversed; the plausible wrong answer is its rotation by one.
@@ -154,8 +153,8 @@ def reverse(
     return _shaped(rows, shape, list_size, _reversal_candidates, "reverse")
 
 
-@register_task("arithmetic_code")
-def arithmetic_code(split: str = "train", n: int = 1000, digits: int = 1, ops: str = "+", seed: int = 0,
+@TASKS.register("arithmetic_code")
+def arithmetic_code(split: str = "train", *, n: int = 1000, digits: int = 1, ops: str = "+", seed: int = 0,
                     test_fraction: float = 0.1) -> list[dict]:
     """Code generation for `code_exec` (postrain.rewards.code_exec): "Write a Python function solve() that returns
     a<op>b", with `tests` the MBPP-style assert statements [`assert solve() == <result>`]; the SFT target and
@@ -223,15 +222,18 @@ def _reversal_candidates(row: dict) -> list[tuple[str, float]]:
 
 
 def build_task(name: str, split: str, params: dict) -> list[dict]:
-    import inspect
-
-    if name not in TASKS:
-        hint = did_you_mean(name, TASKS, n=1)
-        hint = f"; {hint}" if hint else ""
-        raise DataError(f"unknown built-in task {name!r}{hint} (available: {', '.join(TASKS)})")
-    fn = TASKS[name]
-    valid = [p for p in inspect.signature(fn).parameters if p != "split"]
-    bad = [k for k in params if k not in valid]
-    if bad:
-        raise DataError(f"built-in task {name!r} has no parameter {bad[0]!r}; valid: {', '.join(valid)}")
-    return fn(split=split, **params)
+    """The rows of built-in task `name` for `split`, with `params` (a source's `task:`) as its keyword arguments:
+    an unknown task, an unknown key or a value of the wrong type (`n: ten`) is a DataError naming it."""
+    where = f"source 'builtin:{name}'"
+    try:
+        variant = TASKS.get(name, where)
+        valid = list(variant.params)
+        unknown = [key for key in params if key not in valid]
+        if unknown:
+            hint = did_you_mean(unknown[0], valid, n=1)
+            raise DataError(f"built-in task {name!r} ({where}) has no parameter {unknown[0]!r} under task:; "
+                            f"{hint + ' ' if hint else ''}valid: {', '.join(valid)}")
+        TASKS.check_params(name, params, f"{where}, task:")
+    except RecipeError as error:  # the registry's: an unknown task, a value of the wrong type
+        raise DataError(str(error)) from None
+    return TASKS.call(name, {"split": split}, params)

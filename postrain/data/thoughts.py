@@ -18,7 +18,7 @@ import dataclasses
 import random
 from typing import Any
 
-from postrain.data.tasks import arithmetic, register_task
+from postrain.data.tasks import TASKS, arithmetic
 from postrain.errors import DataError, RecipeError
 from postrain.recipes.schema import ThoughtDropoutSpec
 
@@ -104,8 +104,8 @@ def drop_thoughts(rows: list[dict], settings: dict | ThoughtDropoutSpec | None, 
     return out
 
 
-@register_task("arithmetic_thoughts")
-def arithmetic_thoughts(split: str = "train", n: int = 1000, digits: int = 2, ops: str = "+", seed: int = 0,
+@TASKS.register("arithmetic_thoughts")
+def arithmetic_thoughts(split: str = "train", *, n: int = 1000, digits: int = 2, ops: str = "+", seed: int = 0,
                         test_fraction: float = 0.1) -> list[dict]:
     """The arithmetic task with SFT targets in TON's think / answer format: `<think>a+b=c</think><answer>c</answer>`
     (`answer` stays the bare number, so verifiers read it as before; chosen / rejected likewise)."""

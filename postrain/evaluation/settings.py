@@ -98,9 +98,9 @@ def _check_verifier_votes(cfg: dict, where: str) -> None:
         return
     from postrain.rewards import REWARDS
 
-    factory = REWARDS.get(rewards[0]["name"])
-    if factory is not None and not hasattr(factory, "parse"):
-        voters = sorted(n for n, f in REWARDS.items() if hasattr(f, "parse"))
+    name = rewards[0]["name"]
+    if name in REWARDS and not hasattr(REWARDS.get(name).fn, "parse"):
+        voters = sorted(v.name for v in REWARDS if hasattr(v.fn, "parse"))
         raise RecipeError(
             f"{where} needs a verifier that extracts answers to vote with, but the first reward, "
             f"{rewards[0]['name']!r}, extracts none; put one of {', '.join(voters)} first under rewards:"

@@ -4,9 +4,9 @@
     rewards, weights = build_rewards([{"name": "exact_match"}, {"fn": "my_rewards.py:brevity", "weight": 0.1}])
 
 Built-ins live in :mod:`postrain.rewards.builtin` (and :mod:`~postrain.rewards.code_exec`,
-:mod:`~postrain.rewards.judge`) and register themselves in :data:`REWARDS` on import. Every reward comes back
-wrapped by the error policy and run in a worker process with wall-clock limits (:mod:`~postrain.rewards.build`,
-:mod:`~postrain.rewards.worker`).
+:mod:`~postrain.rewards.judge`) and register themselves in :data:`REWARDS` (a postrain.registry.Registry) on
+import. Every reward comes back wrapped by the error policy and run in a worker process with wall-clock limits
+(:mod:`~postrain.rewards.build`, :mod:`~postrain.rewards.worker`).
 """
 
 from postrain.rewards import builtin  # noqa: F401  (registers the built-in rewards)
@@ -18,7 +18,6 @@ from postrain.rewards.registry import (
     RewardSpecError,
     check_reward_columns,
     completion_text,
-    register_reward,
 )
 
 __all__ = [
@@ -32,5 +31,4 @@ __all__ = [
     "completion_text",
     "load_function",
     "policy_options",
-    "register_reward",
 ]

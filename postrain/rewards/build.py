@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from postrain.errors import did_you_mean
+from postrain.errors import RecipeError, did_you_mean
 from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError, completion_text
 from postrain.rewards.worker import RewardCallError, RewardTimeout, WorkerDied
 from postrain.rewards import judge  # noqa: F401,E402  (registers llm_judge, the model-backed reward)
@@ -312,7 +312,7 @@ def build_rewards(
 ) -> tuple[list[RewardFunction], list[float]]:
     """Build the reward callables and their weights from a recipe's ``rewards`` entries.
 
-    Each entry is a dict (or a RewardSpec dataclass) with either ``name`` (a built-in, a key of REWARDS) or
+    Each entry is a dict (or a RewardSpec dataclass) with either ``name`` (a built-in, an entry of REWARDS) or
     ``fn`` (``"package.module:function"`` or ``"path/to/file.py:function"``; relative paths resolve against
     ``base_dir``, default the working directory), plus optional ``weight`` (default 1.0), ``args`` (keyword
     params of a built-in) and ``alias`` (the logging name; default the built-in's or the function's name).
@@ -372,20 +372,29 @@ def _build_one(spec: Any, where: str, base_dir) -> tuple[Callable, str, str | No
 
 
 def _build_builtin(name: Any, args: dict, where: str) -> RewardFunction:
+    """The built-in reward `name` built with `args`: the names, the required args and the args' types (from the
+    keyword-only parameters of its class' __init__, REWARDS.check_params) are checked before it is built."""
     if not isinstance(name, str) or name not in REWARDS:
-        raise RewardSpecError(f"unknown reward {name!r} ({where}){_suggest(name, sorted(REWARDS), 'available')}")
-    factory = REWARDS[name]
-    parameters = inspect.signature(factory).parameters
+        raise RewardSpecError(f"unknown reward {name!r} ({where})"
+                              f"{_suggest(name, sorted(REWARDS.entries), 'available')}")
+    variant = REWARDS.get(name)
+    parameters = list(variant.params)
     for arg in args:
         if arg not in parameters:
             raise RewardSpecError(f"unknown arg {arg!r} for reward {name!r} ({where})"
-                                  f"{_suggest(arg, list(parameters), 'valid args')}")
-    missing = [p.name for p in parameters.values() if p.default is inspect.Parameter.empty and p.name not in args]
+                                  f"{_suggest(arg, parameters, 'valid args')}")
+    required = [p.name for p in variant.signature.parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty]
+    missing = [key for key in required if key not in args]
     if missing:
         raise RewardSpecError(f"reward {name!r} ({where}) needs arg {missing[0]!r}; "
                               f"valid args: {', '.join(parameters)}")
     try:
-        return factory(**args)
+        REWARDS.check_params(name, args, where)
+    except RecipeError as error:  # an arg of the wrong type: `answer_column: 3`
+        raise RewardSpecError(str(error)) from None
+    try:
+        return variant.fn(**args)
     except (ValueError, TypeError) as error:
         raise RewardSpecError(f"bad args for reward {name!r} ({where}): {error}") from error
 

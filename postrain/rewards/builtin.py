@@ -1,8 +1,8 @@
 """The built-in rewards: exact_match, math_verify, format, length (code_exec: postrain.rewards.code_exec).
 
-Each is a RewardFunction class registered under its recipe name; its constructor parameters are the recipe's
-``args``. Built-ins do not raise on odd completions (they score them 0.0); they raise only on misuse, such as a
-missing answer column.
+Each is a RewardFunction class registered under its recipe name with ``@REWARDS.register``; the keyword-only
+parameters of its constructor are the recipe's ``args``, typed by their annotations. Built-ins do not raise on odd
+completions (they score them 0.0); they raise only on misuse, such as a missing answer column.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from decimal import Decimal
 from typing import Any
 
 from postrain.rewards.registry import (
+    REWARDS,
     RewardFunction,
     RewardSpecError,
     completion_text,
     missing_column_message,
-    register_reward,
 )
 
 # -- answer extraction (exact_match) ----------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def _reference_column(columns: dict[str, Any], column: str, reward_name: str, co
     return list(references)
 
 
-@register_reward("exact_match", description="1.0 when the answer extracted from the completion equals the reference")
+@REWARDS.register("exact_match")
 class ExactMatch(RewardFunction):
     """Scores 1.0 when the answer extracted from the completion equals the reference answer, else 0.0.
 
@@ -143,7 +143,7 @@ class ExactMatch(RewardFunction):
     """
 
     def __init__(
-        self, answer_column: str = "answer", extract: str = "auto", strip: bool = True, case_sensitive: bool = False
+        self, *, answer_column: str = "answer", extract: str = "auto", strip: bool = True, case_sensitive: bool = False
     ):
         super().__init__()
         if not isinstance(extract, str):
@@ -271,8 +271,8 @@ def _verify_parsed(gold: tuple, target: tuple) -> bool:
     return verify(list(gold), list(target), timeout_seconds=_math_verify_timeout())
 
 
-@register_reward("math_verify", description="1.0 when the completion's final answer is mathematically equivalent",
-                 source="huggingface/Math-Verify (the math_verify package), as TRL's accuracy_reward uses it")
+@REWARDS.register("math_verify",
+                  source="huggingface/Math-Verify (the math_verify package), as TRL's accuracy_reward uses it")
 class MathVerify(RewardFunction):
     """Scores 1.0 when the completion's final answer is mathematically equivalent to the gold answer, else 0.0.
 
@@ -296,6 +296,7 @@ class MathVerify(RewardFunction):
 
     def __init__(
         self,
+        *,
         answer_column: str = "answer",
         extract: list[str] | str = ("latex", "expr"),
         require_anchor: bool = False,
@@ -356,7 +357,7 @@ class MathVerify(RewardFunction):
 _FORMAT_MODES = ("search", "fullmatch")
 
 
-@register_reward("format", description="`score` when the completion matches a regex, else 0.0")
+@REWARDS.register("format")
 class Format(RewardFunction):
     """Scores ``score`` when the completion matches the regex ``pattern``, else 0.0.
 
@@ -364,7 +365,7 @@ class Format(RewardFunction):
     compiled with DOTALL: ``.`` also matches newlines (use ``[^\\n]`` to stay on one line).
     """
 
-    def __init__(self, pattern: str, score: float = 1.0, mode: str = "search"):
+    def __init__(self, *, pattern: str, score: float = 1.0, mode: str = "search"):
         super().__init__()
         if mode not in _FORMAT_MODES:
             raise RewardSpecError(f"unknown mode {mode!r}; use one of {', '.join(_FORMAT_MODES)}")
@@ -384,7 +385,7 @@ class Format(RewardFunction):
 # -- length -------------------------------------------------------------------------------------------------------
 
 
-@register_reward("length", description="a penalty for completions longer than max_length or away from target")
+@REWARDS.register("length")
 class Length(RewardFunction):
     """A length-shaping penalty (<= 0) on the completion's length in characters.
 
@@ -394,7 +395,7 @@ class Length(RewardFunction):
     """
 
     def __init__(
-        self, target: int | None = None, max_length: int | None = None, scale: float = 1.0, unit: str = "chars"
+        self, *, target: int | None = None, max_length: int | None = None, scale: float = 1.0, unit: str = "chars"
     ):
         super().__init__()
         if (target is None) == (max_length is None):

@@ -62,8 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from postrain.rewards.registry import RewardFunction, RewardSpecError, completion_text, missing_column_message, \
-    register_reward
+from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text, missing_column_message
 
 HARNESS = Path(__file__).with_name("code_sandbox.py")
 BLOCKED_EXIT, MEMORY_EXIT = 86, 87  # the harness' exit codes (postrain.rewards.code_sandbox)
@@ -133,17 +132,16 @@ def same_output(actual: str, expected: str) -> bool:
     return lines(actual) == lines(expected)
 
 
-@register_reward("code_exec", description="runs the completion's program against the row's tests (asserts or "
-                 "stdin/stdout pairs) in a limited subprocess: 1.0 when all pass (or the fraction passed)",
-                 source="human-eval execution.py reliability_guard (arXiv 2107.03374), as verl's prime_code runs "
-                        "it; tests as MBPP's test_list (arXiv 2108.07732) or APPS' input_output (arXiv 2105.09938)")
+@REWARDS.register("code_exec", paper="Evaluating Large Language Models Trained on Code", arxiv="2107.03374",
+                  source="human-eval execution.py reliability_guard (arXiv 2107.03374), as verl's prime_code runs "
+                         "it; tests as MBPP's test_list (arXiv 2108.07732) or APPS' input_output (arXiv 2105.09938)")
 class CodeExec(RewardFunction):
     """Scores the program of each completion by running it against its row's tests (see the module docstring for
     the conventions, limits and what is and is not isolated)."""
 
     count_names = OUTCOMES
 
-    def __init__(self, tests_column: str = "tests", setup_column: str | None = None, score: str = "all",
+    def __init__(self, *, tests_column: str = "tests", setup_column: str | None = None, score: str = "all",
                  timeout_s: float = 10.0, cpu_time_s: float | None = None, memory_mb: int = 1024,
                  file_size_mb: int = 16, parallel: int = 4, python: str | None = None):
         super().__init__()

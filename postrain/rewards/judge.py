@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from postrain.rewards.registry import RewardFunction, RewardSpecError, completion_text, register_reward
+from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text
 
 # Yuan et al. 2024 (arXiv 2401.10020), Figure 2, verbatim but for the placeholders {prompt} and {response}.
 SELF_REWARDING_PROMPT = """Review the user's question and the corresponding response using the additive 5-point \
@@ -61,9 +61,8 @@ def parse_judge_score(judgment: str, max_score: float = 5.0) -> float | None:
     return score if 0.0 <= score <= max_score else None
 
 
-@register_reward("llm_judge", description="a language model's score of the response on an LLM-as-a-judge rubric "
-                                          "(Self-Rewarding LMs' additive 5-point prompt); None when unparsable",
-                 source="Self-Rewarding Language Models, arXiv 2401.10020, Figure 2")
+@REWARDS.register("llm_judge", paper="Self-Rewarding Language Models", arxiv="2401.10020",
+                  source="Self-Rewarding Language Models, arXiv 2401.10020, Figure 2")
 class LLMJudge(RewardFunction):
     """Score = the judge model's "Score: N" for the (prompt, response), None when it gives none in [0, max_score].
 
@@ -77,7 +76,7 @@ class LLMJudge(RewardFunction):
 
     runs_in_worker = False
 
-    def __init__(self, model: str | dict, prompt: str = SELF_REWARDING_PROMPT, max_score: float = 5.0,
+    def __init__(self, *, model: str | dict, prompt: str = SELF_REWARDING_PROMPT, max_score: float = 5.0,
                  max_new_tokens: int = 256, batch_size: int = 8, chat: bool = True):
         super().__init__()
         if isinstance(model, str):

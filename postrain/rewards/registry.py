@@ -1,4 +1,4 @@
-"""The reward function base class, the registry of built-in rewards, and the spec error.
+"""The reward function base class, the registry of built-in rewards (REWARDS), and the spec error.
 
 A reward function follows TRL's calling convention: ``reward(completions, **columns) -> list[float]``, where
 ``completions`` is a list of strings or (conversational) a list of message lists, and ``columns`` holds the
@@ -8,9 +8,16 @@ dataset columns aligned with the completions plus whatever else TRL passes (``pr
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from postrain.errors import PostrainError
+from postrain.registry import Registry, Variant
+
+# The built-in rewards, by recipe name: each a RewardFunction class registered with `@REWARDS.register(name)`; the
+# keyword-only parameters of its __init__ are the recipe's `args`, typed by their annotations (checked by
+# REWARDS.check_params when the rewards are built). Building blocks, not method parts: no paper is required, and
+# one a reward follows may be cited (`paper=`, `arxiv=`, or `source=` in words).
+REWARDS = Registry("reward", what="reward", papers=False)
 
 
 class RewardError(PostrainError, RuntimeError):
@@ -31,7 +38,8 @@ class RewardFunction:
     (without it, equal parsed strings vote together).
     """
 
-    reward_name: str = ""  # the registry name, set by @register_reward on built-in classes
+    # The registry entry of a built-in reward class (set by @REWARDS.register): its name is the default logging name.
+    variant: Variant | None = None
     # Whether the reward runs in its own worker process, with a wall-clock limit (postrain.rewards.worker); a
     # reward that holds a model (llm_judge) runs in the training process instead.
     runs_in_worker: bool = True
@@ -39,7 +47,7 @@ class RewardFunction:
     columns: tuple[str, ...] = ()
 
     def __init__(self, name: str | None = None):
-        self.rename(name or self.reward_name or type(self).__name__)
+        self.rename(name or (self.variant.name if self.variant is not None else type(self).__name__))
 
     def rename(self, name: str) -> None:
         self.name = name
@@ -72,30 +80,6 @@ def check_reward_columns(rewards: list[RewardFunction], present: Any, where: str
         check = getattr(reward, "check_values", None)
         if dataset is not None and callable(check):
             check(dataset, where)
-
-
-# name -> factory (a callable taking the recipe's `args` as keyword params and returning a RewardFunction)
-REWARDS: dict[str, Callable[..., RewardFunction]] = {}
-
-
-def register_reward(name: str, *, description: str | None = None, source: str | None = None):
-    """Class/function decorator adding a reward factory to :data:`REWARDS` under ``name``.
-
-    The factory gets ``reward_name``, ``description`` (default: the first line of its docstring) and ``source``
-    (the paper or code the reward follows, where there is one) attributes, which ``postrain`` uses to list the
-    built-ins.
-    """
-
-    def decorator(factory):
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name]!r})")
-        factory.reward_name = name
-        factory.description = description or (factory.__doc__ or "").strip().split("\n")[0]
-        factory.source = source
-        REWARDS[name] = factory
-        return factory
-
-    return decorator
 
 
 def completion_text(completion: Any) -> str:
