@@ -1,0 +1,100 @@
+"""The data transforms' registry (postrain.data.transforms): a transform is one registered function, found by
+`transform: <name>`, its settings checked against its signature when the recipe loads, its facts on its entry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from postrain.data.source_spec import SourceSpec
+from postrain.data.sources import check_source_options, load_source, source_size
+from postrain.data.transforms import TRANSFORMS
+from postrain.errors import DataError, RecipeError
+from postrain.recipes import load_recipe
+from tests.conftest import write_recipe
+
+SFT = "defaults: [base/sft]\nmodel: {name_or_path: tiny}\n"
+ARITHMETIC = {"source": "builtin:arithmetic", "task": {"n": 12, "digits": 1}}
+
+
+@pytest.fixture
+def toy_transform():
+    """A transform registered for one test, as README's "Adding a data transform" writes one, then removed."""
+
+    @TRANSFORMS.register("toy_reverse", section="best_of_k", rows_per_row=1, empty="every row was dropped")
+    def toy_reverse(rows: list[dict], where: str, *, keep: int = 100) -> list[dict]:
+        """Each completion reversed; only the first `keep` rows."""
+        return [{**row, "completion": row["completion"][::-1]} for row in rows[:keep]]
+
+    try:
+        yield toy_reverse
+    finally:
+        del TRANSFORMS.entries["toy_reverse"]
+
+
+def test_a_registered_transform_loads_with_no_other_edit(tmp_path, toy_transform):
+    plain = load_source(ARITHMETIC, "sft", where="data.train")
+    spec = {**ARITHMETIC, "transform": "toy_reverse"}
+    reversed_rows = load_source(spec, "sft", where="data.train")
+    assert reversed_rows["completion"] == [c[::-1] for c in plain["completion"]]
+    assert reversed_rows["prompt"] == plain["prompt"]
+    assert source_size(spec) == len(plain)  # rows_per_row=1: the size is known before it runs
+    # its settings, under the section it names, are its keyword parameters
+    assert len(load_source({**spec, "best_of_k": {"keep": 3}}, "sft")) == 3
+    with pytest.raises(DataError, match=r"transform 'toy_reverse' made no rows: every row was dropped"):
+        load_source({**spec, "best_of_k": {"keep": 0}}, "sft")
+    # and a recipe naming it loads, its keys checked against its signature
+    recipe = write_recipe(tmp_path / "toy.yaml", SFT + "data: {train: {source: builtin:arithmetic, "
+                                                       "transform: toy_reverse, best_of_k: {keep: 5}}}\n")
+    assert load_recipe(recipe, [], "sft").cfg["data"]["train"]["transform"] == "toy_reverse"
+    with pytest.raises(RecipeError, match=r"data\.train\.best_of_k\.keep: must be int, got str"):
+        load_recipe(recipe, ["data.train.best_of_k.keep=many"], "sft")
+    with pytest.raises(RecipeError, match=r"unknown key 'data\.train\.best_of_k\.kep': did you mean 'keep'"):
+        load_recipe(recipe, ["data.train.best_of_k.kep=1"], "sft")
+    with pytest.raises(RecipeError, match=r"best_of_k\.min_score: read by transform best_of_k only, not by 'toy_rev"):
+        load_recipe(recipe, ["data.train.best_of_k.min_score=1"], "sft")
+
+
+def test_an_unknown_transform_is_refused_with_the_closest_names(tmp_path):
+    recipe = write_recipe(tmp_path / "bad.yaml", SFT + "data: {train: {source: x.jsonl, transform: best_of_kk}}\n")
+    with pytest.raises(RecipeError, match=r"unknown data transform 'best_of_kk' \(data\.train\.transform\): "
+                                          r"did you mean 'best_of_k'"):
+        load_recipe(recipe, [], "sft")
+
+
+@pytest.mark.parametrize("spec, message", [
+    # a key the transform does not read, read by another transform of the same section
+    ({"transform": "step_prefixes", "steps": {"prefix_column": "a"}},
+     r"data\.train\.steps\.prefix_column: read by transform step_pairs only, not by 'step_prefixes'"),
+    # types from the annotation, ranges from the entry
+    ({"transform": "score_pairs", "pairing": {"all_pairs": "yes"}}, r"data\.train\.pairing\.all_pairs: must be bool"),
+    ({"transform": "score_pairs", "pairing": {"min_margin": -1}}, r"data\.train\.pairing\.min_margin: must be >= 0"),
+    ({"transform": "thought_dropout", "thought_dropout": {"seed": 1.5}}, r"data\.train\.thought_dropout\.seed: must be int"),
+    # a section read by no transform of the source
+    ({"transform": "score_lists", "pairing": {"score": "s"}},
+     r"data\.train\.pairing: set only with transform: score_pairs or win_rate_pairs \(transform is 'score_lists'\)"),
+])
+def test_settings_are_checked_against_the_signature(spec, message):
+    with pytest.raises(RecipeError, match=message):
+        check_source_options({"source": "x.jsonl", **spec}, "data.train")
+
+
+def test_every_entry_states_its_facts_and_keys_a_source_has():
+    source_keys = {f.name for f in dataclasses.fields(SourceSpec)}
+    for variant in TRANSFORMS:
+        assert "rows_per_row" in variant.extra, f"{variant.name}: say whether its size is known before it runs"
+        owned = variant.extra.get("section") or None
+        keys = [owned] if owned else list(variant.params)
+        assert set(keys) <= source_keys, f"{variant.name} reads {keys}, not all of them source keys"
+        assert set(variant.data) <= {"rows", "dataset", "where", "source", "prompt_template", "solution_rows"}
+        for model_key in variant.extra.get("models", ()):
+            assert model_key in variant.params
+
+
+def test_source_size_follows_the_entry(tmp_path):
+    pairs = {"source": "builtin:arithmetic", "task": {"n": 12, "digits": 1}}
+    n = len(load_source(pairs, "dpo"))
+    assert source_size({**pairs, "transform": "unpair"}) == 2 * n == len(load_source({**pairs, "transform": "unpair"},
+                                                                                      "dpo"))
+    assert source_size({**pairs, "transform": "score_pairs"}) is None  # known once scored
