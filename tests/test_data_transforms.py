@@ -19,41 +19,54 @@ ARITHMETIC = {"source": "builtin:arithmetic", "task": {"n": 12, "digits": 1}}
 
 
 @pytest.fixture
-def toy_transform():
-    """A transform registered for one test, as README's "Adding a data transform" writes one, then removed."""
+def truncate():
+    """README's "Adding a data transform" example, registered for one test, then removed."""
 
-    @TRANSFORMS.register("toy_reverse", section="best_of_k", rows_per_row=1, empty="every row was dropped")
-    def toy_reverse(rows: list[dict], where: str, *, keep: int = 100) -> list[dict]:
-        """Each completion reversed; only the first `keep` rows."""
-        return [{**row, "completion": row["completion"][::-1]} for row in rows[:keep]]
+    @TRANSFORMS.register("truncate", section="pairing", rows_per_row=1, ranges={"max_chars": ">= 1"})
+    def truncate(rows: list[dict], where: str, *, max_chars: int = 100) -> list[dict]:
+        """Each completion cut to its first `max_chars` characters."""
+        return [{**row, "completion": row["completion"][:max_chars]} for row in rows]
 
     try:
-        yield toy_reverse
+        yield truncate
     finally:
-        del TRANSFORMS.entries["toy_reverse"]
+        del TRANSFORMS.entries["truncate"]
 
 
-def test_a_registered_transform_loads_with_no_other_edit(tmp_path, toy_transform):
+def test_a_registered_transform_loads_with_no_other_edit(tmp_path, truncate):
     plain = load_source(ARITHMETIC, "sft", where="data.train")
-    spec = {**ARITHMETIC, "transform": "toy_reverse"}
-    reversed_rows = load_source(spec, "sft", where="data.train")
-    assert reversed_rows["completion"] == [c[::-1] for c in plain["completion"]]
-    assert reversed_rows["prompt"] == plain["prompt"]
+    spec = {**ARITHMETIC, "transform": "truncate", "pairing": {"max_chars": 1}}
+    cut = load_source(spec, "sft", where="data.train")
+    assert cut["completion"] == [c[:1] for c in plain["completion"]]
+    assert any(len(c) > 1 for c in plain["completion"])  # the cut cuts something
+    assert cut["prompt"] == plain["prompt"]
     assert source_size(spec) == len(plain)  # rows_per_row=1: the size is known before it runs
-    # its settings, under the section it names, are its keyword parameters
-    assert len(load_source({**spec, "best_of_k": {"keep": 3}}, "sft")) == 3
-    with pytest.raises(DataError, match=r"transform 'toy_reverse' made no rows: every row was dropped"):
-        load_source({**spec, "best_of_k": {"keep": 0}}, "sft")
-    # and a recipe naming it loads, its keys checked against its signature
+    assert load_source({**spec, "pairing": None}, "sft")["completion"] == plain["completion"]  # its default, 100
+    # a recipe naming it loads, its keys checked against its signature
     recipe = write_recipe(tmp_path / "toy.yaml", SFT + "data: {train: {source: builtin:arithmetic, "
-                                                       "transform: toy_reverse, best_of_k: {keep: 5}}}\n")
-    assert load_recipe(recipe, [], "sft").cfg["data"]["train"]["transform"] == "toy_reverse"
-    with pytest.raises(RecipeError, match=r"data\.train\.best_of_k\.keep: must be int, got str"):
-        load_recipe(recipe, ["data.train.best_of_k.keep=many"], "sft")
-    with pytest.raises(RecipeError, match=r"unknown key 'data\.train\.best_of_k\.kep': did you mean 'keep'"):
-        load_recipe(recipe, ["data.train.best_of_k.kep=1"], "sft")
-    with pytest.raises(RecipeError, match=r"best_of_k\.min_score: read by transform best_of_k only, not by 'toy_rev"):
-        load_recipe(recipe, ["data.train.best_of_k.min_score=1"], "sft")
+                                                       "transform: truncate, pairing: {max_chars: 20}}}\n")
+    assert load_recipe(recipe, [], "sft").cfg["data"]["train"]["pairing"] == {"max_chars": 20}
+    with pytest.raises(RecipeError, match=r"data\.train\.pairing\.max_chars: must be int, got str"):
+        load_recipe(recipe, ["data.train.pairing.max_chars=many"], "sft")
+    with pytest.raises(RecipeError, match=r"data\.train\.pairing\.max_chars: must be >= 1, got 0"):
+        load_recipe(recipe, ["data.train.pairing.max_chars=0"], "sft")
+    with pytest.raises(RecipeError, match=r"unknown key 'data\.train\.pairing\.max_char': did you mean 'max_chars'"):
+        load_recipe(recipe, ["data.train.pairing.max_char=1"], "sft")
+    with pytest.raises(RecipeError, match=r"pairing\.min_margin: read by transform score_pairs only, not by 'trunc"):
+        load_recipe(recipe, ["data.train.pairing.min_margin=1"], "sft")
+
+
+def test_an_empty_result_says_why(tmp_path):
+    @TRANSFORMS.register("drop_all", rows_per_row=None, empty="it drops every row")
+    def drop_all(rows: list[dict], where: str) -> list[dict]:
+        return []
+
+    try:
+        with pytest.raises(DataError, match=r"data\.train: transform 'drop_all' made no rows: it drops every row "
+                                            r"\(in builtin:arithmetic \[train\]\)"):
+            load_source({**ARITHMETIC, "transform": "drop_all"}, "sft", where="data.train")
+    finally:
+        del TRANSFORMS.entries["drop_all"]
 
 
 def test_an_unknown_transform_is_refused_with_the_closest_names(tmp_path):
