@@ -111,3 +111,15 @@ def test_source_size_follows_the_entry(tmp_path):
     assert source_size({**pairs, "transform": "unpair"}) == 2 * n == len(load_source({**pairs, "transform": "unpair"},
                                                                                       "dpo"))
     assert source_size({**pairs, "transform": "score_pairs"}) is None  # known once scored
+
+
+def test_model_settings_of_a_transform_are_checked_as_model_is(tmp_path):
+    """implicit_reward_pairs' `models=("policy", "reference")`: their keys and types are ModelSpec's."""
+    recipe = write_recipe(tmp_path / "dice.yaml", "defaults: [base/dpo]\nmodel: {name_or_path: tiny}\ndata: {train: "
+                          "{source: x.jsonl, transform: implicit_reward_pairs, implicit_reward: {policy: "
+                          "{name_or_path: tiny}, reference: {name_or_path: tiny}}}}\n")
+    assert load_recipe(recipe, [], "dpo").cfg["data"]["train"]["implicit_reward"]["policy"] == {"name_or_path": "tiny"}
+    with pytest.raises(RecipeError, match=r"unknown key 'data\.train\.implicit_reward\.policy\.dtyp'.*'dtype'"):
+        load_recipe(recipe, ["data.train.implicit_reward.policy.dtyp=float32"], "dpo")
+    with pytest.raises(RecipeError, match=r"data\.train\.implicit_reward\.reference\.dtype"):
+        load_recipe(recipe, ["data.train.implicit_reward.reference.dtype=float33"], "dpo")
