@@ -17,7 +17,7 @@ Facts about an entry, as keyword metadata on `register` (in `variant.extra`):
   section        the source key whose mapping holds its parameters (`pairing`, `steps`, ...); None: its parameters
                  are keys of the source itself (curriculum_pairs' `curriculum_stage`)
   rows_per_row   rows out per row in, when known before it runs (unpair: 2); None: known only once it has run
-  columns        the columns it reads (documentation, `postrain` error messages name them too)
+  columns        the columns it reads (documentation: the transform itself names a missing one)
   models         parameters that are model specs it loads (DICE's policy and reference): checked as `model:` is
   empty          why it made no rows, for the error (a string, or a function of its parameters)
   template_after whether load_source applies the source's prompt_template to its rows (False: its rows' prompts
