@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from postrain.data.sources import check_source_options, load_source
-from postrain.data.thoughts import drop_thoughts
+from postrain.data.transforms.thought_dropout import drop_thoughts
 from postrain.errors import DataError, RecipeError
 from postrain.recipes import load_recipe
 from tests.conftest import REPO
@@ -27,42 +27,42 @@ def _rows(n: int) -> list[dict]:
 # --- TON: thought dropout --------------------------------------------------------------------------------------
 
 def test_thought_dropout_empties_the_thought_in_the_authors_format():
-    out = drop_thoughts([{"prompt": "15+56=", "completion": THOUGHT}], {"p": 1.0}, "data.train")
+    out = drop_thoughts([{"prompt": "15+56=", "completion": THOUGHT}], "data.train", p=1.0)
     # kokolerk/TON sft_grpo_data.py: f'<think>\n\n</think><action>{solution}</action>'
     assert out[0]["completion"] == "<think>\n\n</think><answer>71</answer>"
     assert out[0]["thought_dropped"] is True
-    kept = drop_thoughts([{"prompt": "15+56=", "completion": THOUGHT}], {"p": 0.0}, "data.train")
+    kept = drop_thoughts([{"prompt": "15+56=", "completion": THOUGHT}], "data.train", p=0.0)
     assert kept[0]["completion"] == THOUGHT and kept[0]["thought_dropped"] is False
 
 
 def test_thought_dropout_fraction_and_seed():
     rows = _rows(2000)
-    out = drop_thoughts(rows, {"p": 0.5, "seed": 3}, "data.train")
+    out = drop_thoughts(rows, "data.train", p=0.5, seed=3)
     dropped = [r["thought_dropped"] for r in out]
     assert 0.46 < sum(dropped) / len(dropped) < 0.54  # binomial(2000, 0.5): sd 0.011
     for row, new in zip(rows, out):  # only the thought changes; the answer and other columns stay
         expected = row["completion"].split("<think>")[0] + "<think>\n\n</think>" + row["completion"].split("</think>")[1]
         assert new["completion"] == (expected if new["thought_dropped"] else row["completion"])
         assert new["prompt"] == row["prompt"]
-    assert drop_thoughts(rows, {"p": 0.5, "seed": 3}, "x") == out  # seeded: the same rows dropped again
-    other = [r["thought_dropped"] for r in drop_thoughts(rows, {"p": 0.5, "seed": 4}, "x")]
+    assert drop_thoughts(rows, "x", p=0.5, seed=3) == out  # seeded: the same rows dropped again
+    other = [r["thought_dropped"] for r in drop_thoughts(rows, "x", p=0.5, seed=4)]
     assert other != dropped
-    low = [r["thought_dropped"] for r in drop_thoughts(rows, {"p": 0.1, "seed": 3}, "x")]
+    low = [r["thought_dropped"] for r in drop_thoughts(rows, "x", p=0.1, seed=3)]
     assert 0.07 < sum(low) / len(low) < 0.13
 
 
 def test_thought_dropout_in_a_conversation_and_with_other_tags():
     row = {"prompt": "q", "completion": [{"role": "assistant", "content": "<reason>long</reason> 4"}]}
-    out = drop_thoughts([row], {"p": 1.0, "open_tag": "<reason>", "close_tag": "</reason>", "empty_thought": ""}, "x")
+    out = drop_thoughts([row], "x", p=1.0, open_tag="<reason>", close_tag="</reason>", empty_thought="")
     assert out[0]["completion"] == [{"role": "assistant", "content": "<reason></reason> 4"}]
     assert row["completion"][0]["content"] == "<reason>long</reason> 4"  # the input row is not modified
 
 
 def test_thought_dropout_refuses_a_target_without_a_thought():
     with pytest.raises(DataError, match=r"row 1: .*thought between '<think>' and '</think>'"):
-        drop_thoughts([{"completion": THOUGHT}, {"completion": "71"}], {"p": 0.5}, "data.train")
+        drop_thoughts([{"completion": THOUGHT}, {"completion": "71"}], "data.train", p=0.5)
     with pytest.raises(DataError, match="needs column 'completion'"):
-        drop_thoughts([{"prompt": "q", "answer": "1"}], {}, "data.train")
+        drop_thoughts([{"prompt": "q", "answer": "1"}], "data.train")
 
 
 def test_thought_dropout_through_load_source():

@@ -14,11 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from postrain.data.implicit_rewards import (
-    completion_ids, implicit_reward_pairs, mix_counts, mix_rows, pair_best_worst, summed_logps,
-    sweep_length_penalty,
+from postrain.data.mix import mix_counts, mix_rows
+from postrain.data.source_spec import as_source
+from postrain.data.sources import load_source
+from postrain.data.transforms.implicit_reward_pairs import (
+    completion_ids, implicit_reward_pairs, pair_best_worst, summed_logps, sweep_length_penalty,
 )
-from postrain.data.sources import as_source, load_source
 from postrain.errors import DataError, RecipeError
 from postrain.models.loading import load_model
 from postrain.recipes import load_recipe
@@ -54,7 +55,7 @@ def test_each_sample_is_scored_beta_log_ratio_minus_length_penalty():
     spec = as_source({"source": "x.jsonl", "transform": "implicit_reward_pairs",
                       "implicit_reward": {"policy": tiny(0), "reference": tiny(1), "beta": beta,
                                           "length_penalty": alpha, "min_samples": 2, "batch_size": 2}})
-    pairs = implicit_reward_pairs(rows, spec, "data.train")
+    pairs = implicit_reward_pairs(rows, "data.train", spec, **spec.implicit_reward)
 
     policy, tokenizer, _ = load_model(tiny(0))
     reference, _, _ = load_model(tiny(1))

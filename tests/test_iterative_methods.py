@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from postrain.data.sources import _score_pairs, _win_rate_pairs, load_source
+from postrain.data.sources import load_source
+from postrain.data.transforms.pairing import score_pairs, win_rate_pairs
 from postrain.errors import DataError, RecipeError
 from postrain.recipes import load_recipe
 from postrain.rewards import build_rewards
@@ -40,7 +41,7 @@ def rows(prompt: str, scores: list, key: str = "score") -> list[dict]:
 
 def test_win_rates_by_hand_with_ties_k1_and_all_equal_prompts():
     data = rows("a", [1.0, 0.0, 0.0]) + rows("single", [3.0]) + rows("flat", [2.0, 2.0, 2.0])
-    pairs = _win_rate_pairs(data, "data.train")
+    pairs = win_rate_pairs(data, "data.train")
     assert [p["prompt"] for p in pairs] == ["a"]  # K = 1 and all-equal prompts give no pair
     (pair,) = pairs
     # j runs over all K samples, the sample itself included at 1/2 (compute_prob.py's row sum / K).
@@ -53,40 +54,40 @@ def test_win_rates_by_hand_with_ties_k1_and_all_equal_prompts():
 
 def test_win_rate_settings_change_the_probabilities():
     data = rows("a", [1.0, 0.0, 0.0])
-    (others,) = _win_rate_pairs(data, "x", {"include_self": False})
+    (others,) = win_rate_pairs(data, "x", include_self=False)
     assert others["chosen_probs"] == pytest.approx(sigmoid(1.0))
     assert others["rejected_probs"] == pytest.approx((sigmoid(-1.0) + 0.5) / 2)
-    (hard,) = _win_rate_pairs(data, "x", {"win_rate": "hard"})
+    (hard,) = win_rate_pairs(data, "x", win_rate="hard")
     assert (hard["chosen_probs"], hard["rejected_probs"]) == pytest.approx((5 / 6, 1 / 3))
-    (warm,) = _win_rate_pairs(data, "x", {"temperature": 2.0})
+    (warm,) = win_rate_pairs(data, "x", temperature=2.0)
     assert warm["chosen_probs"] == pytest.approx((0.5 + 2 * sigmoid(0.5)) / 3)
     # K = 2 without the sample itself still pairs; K = 1 cannot (no opponent).
-    assert len(_win_rate_pairs(rows("b", [1.0, 0.0]), "x", {"include_self": False})) == 1
-    assert _win_rate_pairs(rows("b", [1.0]), "x", {"include_self": False}) == []
+    assert len(win_rate_pairs(rows("b", [1.0, 0.0]), "x", include_self=False)) == 1
+    assert win_rate_pairs(rows("b", [1.0]), "x", include_self=False) == []
 
 
 def test_unscored_samples_are_left_out_not_scored_zero():
     data = rows("a", [3.0, None, 1.0], key="rewards.judge")
-    (pair,) = _win_rate_pairs(data, "x", {"score": "rewards.judge"})
+    (pair,) = win_rate_pairs(data, "x", score="rewards.judge")
     assert (pair["chosen"], pair["rejected"]) == ("a-0", "a-2")  # the unscored a-1 is neither (0 would reject it)
     assert pair["chosen_probs"] == pytest.approx((0.5 + sigmoid(2.0)) / 2)  # K = 2 once a-1 is out
-    (best_worst,) = _score_pairs(data, "x", {"score": "rewards.judge"})
+    (best_worst,) = score_pairs(data, "x", score="rewards.judge")
     assert best_worst["rejected"] == "a-2"
     with pytest.raises(DataError, match="no 'missing'"):
-        _score_pairs(data, "x", {"score": "rewards.missing"})
+        score_pairs(data, "x", score="rewards.missing")
 
 
 # --- score_pairs filters (DNO) -------------------------------------------------------------------------------------
 
 def test_margin_and_chosen_score_filters():
     data = rows("a", [5.0, 4.0, 2.0, 1.0]) + rows("tie", [3.0, 3.0])
-    assert [(p["chosen"], p["rejected"]) for p in _score_pairs(data, "x")] == [("a-0", "a-3")]  # default: best vs worst
-    assert _score_pairs(data, "x", {"min_margin": 4.5}) == []
-    assert len(_score_pairs(data, "x", {"min_margin": 4.0})) == 1  # the margin is inclusive
-    every = _score_pairs(data, "x", {"all_pairs": True, "min_margin": 2.0})
+    assert [(p["chosen"], p["rejected"]) for p in score_pairs(data, "x")] == [("a-0", "a-3")]  # default: best vs worst
+    assert score_pairs(data, "x", min_margin=4.5) == []
+    assert len(score_pairs(data, "x", min_margin=4.0)) == 1  # the margin is inclusive
+    every = score_pairs(data, "x", all_pairs=True, min_margin=2.0)
     assert sorted((p["chosen"], p["rejected"]) for p in every) == [("a-0", "a-2"), ("a-0", "a-3"), ("a-1", "a-2"),
                                                                      ("a-1", "a-3")]
-    strict = _score_pairs(data, "x", {"all_pairs": True, "min_margin": 2.0, "min_chosen_score": 5.0})
+    strict = score_pairs(data, "x", all_pairs=True, min_margin=2.0, min_chosen_score=5.0)
     assert sorted((p["chosen"], p["rejected"]) for p in strict) == [("a-0", "a-2"), ("a-0", "a-3")]
     assert all(p["score_chosen"] - p["score_rejected"] >= 2.0 for p in every)
 

@@ -28,10 +28,6 @@ LAYER = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 
 # module -> the packages it imports against the layering, today (2026-12-07).
 KNOWN_ARROWS = {
-    "postrain/data/implicit_rewards.py": {"recipes"},
-    "postrain/data/sample_transforms.py": {"recipes"},
-    "postrain/data/sources.py": {"recipes"},
-    "postrain/data/thoughts.py": {"recipes"},
     "postrain/evaluation/lm_eval_backend.py": {"jobs", "recipes"},
     "postrain/evaluation/settings.py": {"recipes", "rewards"},
     "postrain/models/loading.py": {"recipes"},

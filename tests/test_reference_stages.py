@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from postrain.data.sources import chunk_rows, curriculum_pairs, load_source
+from postrain.data.sources import chunk_rows, load_source
+from postrain.data.transforms.pairing import curriculum_pairs
 from postrain.errors import DataError, RecipeError
 from postrain.recipes import load_recipe
 from tests.conftest import REPO, postrain, write_recipe
@@ -60,7 +61,8 @@ def test_curriculum_pairs_by_hand():
         # equal gaps keep the list's order: (r, s) before (r, t)
         {"prompt": "p3", "completions": ["s", "r", "t"], "scores": [1, 9, 1], "id": 3},
     ]
-    chosen_rejected = [[(r["prompt"], r["chosen"], r["rejected"]) for r in curriculum_pairs(rows, stage, "t")]
+    chosen_rejected = [[(r["prompt"], r["chosen"], r["rejected"])
+                        for r in curriculum_pairs(rows, "t", curriculum_stage=stage)]
                        for stage in range(4)]
     assert chosen_rejected == [
         [("p1", "b", "c"), ("p2", "x", "z"), ("p3", "r", "s")],
@@ -68,7 +70,7 @@ def test_curriculum_pairs_by_hand():
         [("p1", "b", "d")],
         [],
     ]
-    first = curriculum_pairs(rows, 0, "t")[0]
+    first = curriculum_pairs(rows, "t", curriculum_stage=0)[0]
     assert (first["score_chosen"], first["score_rejected"], first["id"]) == (5.0, 2.0, 1)
     assert "completions" not in first and "scores" not in first
 

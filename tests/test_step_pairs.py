@@ -1,5 +1,5 @@
 """Step-DPO, Step-Controlled DPO, RS-DPO, GSHF and RAFT as data transforms and pipelines: step_pairs, step_prefixes,
-step_controlled_pairs and best_of_k against hand-computed rows (postrain.data.sample_transforms), RS-DPO's pair rule as
+step_controlled_pairs and best_of_k against hand-computed rows (postrain.data.transforms), RS-DPO's pair rule as
 score_pairs' margin, the load-time checks of `steps:` / `best_of_k:`, and RAFT's and SCDPO's stage files run end to end
 on the embedded tiny model."""
 
@@ -12,14 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from postrain.data.sample_transforms import (
-    best_of_k,
-    split_steps,
-    step_controlled_pairs,
-    step_pairs,
-    step_prefixes,
-)
-from postrain.data.sources import _score_pairs, load_source
+from postrain.data.sources import load_source
+from postrain.data.transforms.best_of_k import best_of_k
+from postrain.data.transforms.pairing import score_pairs
+from postrain.data.transforms.steps import split_steps, step_controlled_pairs, step_pairs, step_prefixes
 from postrain.errors import DataError, RecipeError
 from postrain.recipes import load_recipe
 from tests.conftest import REPO, write_recipe
@@ -43,17 +39,17 @@ STEP_ROWS = [
 
 
 def test_step_pairs_put_the_templated_question_and_the_correct_steps_in_the_prompt():
-    pairs = step_pairs(STEP_ROWS, "data.train", {"prefix_separator": "\n"}, prompt_template="Q: {prompt}\nA:")
+    pairs = step_pairs(STEP_ROWS, "data.train", prefix_separator="\n", prompt_template="Q: {prompt}\nA:")
     assert pairs[0]["prompt"] == "Q: 2+3*4?\nA:\nStep 1: 3*4=12.\n"
     assert (pairs[0]["chosen"], pairs[0]["rejected"], pairs[0]["answer"]) == ("Step 2: 2+12=14.", "Step 2: 2+12=15.", "14")
     assert pairs[1]["prompt"] == "Q: 1+1?\nA:"  # no steps yet: no separator either (the authors' len(...) == 0 case)
     # deepseek-math's separator is a space; no template leaves the question as it is.
-    assert step_pairs(STEP_ROWS, "x", {"prefix_separator": " "})[0]["prompt"] == "2+3*4? Step 1: 3*4=12.\n"
+    assert step_pairs(STEP_ROWS, "x", prefix_separator=" ")[0]["prompt"] == "2+3*4? Step 1: 3*4=12.\n"
 
 
 def test_step_pairs_errors_name_the_column():
     with pytest.raises(DataError, match="'steps_so_far' \\(steps.prefix_column\\)"):
-        step_pairs(STEP_ROWS, "x", {"prefix_column": "steps_so_far"})
+        step_pairs(STEP_ROWS, "x", prefix_column="steps_so_far")
     with pytest.raises(DataError, match="column 'missing'"):
         step_pairs(STEP_ROWS, "x", prompt_template="{missing}")
 
@@ -88,7 +84,7 @@ def test_step_prefixes_cut_the_first_correct_solution_after_every_step_but_the_l
                     {"prompt": "Q1:a=2\n", "answer": "5", "prefix_steps": 1},
                     {"prompt": "Q1:a=2\nb=3\n", "answer": "5", "prefix_steps": 2}]
     # correct means score >= correct_score: at 0.0 Q1's first sample and Q2's only one count
-    loose = step_prefixes(SOLUTIONS, "x", {"correct_score": 0.0})
+    loose = step_prefixes(SOLUTIONS, "x", correct_score=0.0)
     assert [r["prompt"] for r in loose] == ["Q1:", "Q1:x=1\n", "Q2:"]
 
 
@@ -108,21 +104,21 @@ CONTINUATIONS = [  # the continue stage's samples.jsonl: prompts are question + 
 
 
 def test_step_controlled_pairs_by_hand():
-    pairs = step_controlled_pairs(CONTINUATIONS, "data.train", {"solutions": "s.jsonl"}, SOLUTIONS)
+    pairs = step_controlled_pairs(CONTINUATIONS, "data.train", SOLUTIONS, solutions="s.jsonl")
     assert [(p["prompt"], p["chosen"], p["rejected"], p["prefix_steps"]) for p in pairs] == [
         ("Q1:a=2\n", "b=3\n5", "b=4\n6", 1),  # chosen: the correct solution's own remaining steps
         ("Q1:a=2\nb=3\n", "5", "4", 2),
     ]
     assert (pairs[0]["score_chosen"], pairs[0]["score_rejected"], pairs[0]["answer"]) == (1.0, 0.0, "5")
-    limited = step_controlled_pairs(CONTINUATIONS, "x", {"solutions": "s", "max_pairs_per_prompt": 1}, SOLUTIONS)
+    limited = step_controlled_pairs(CONTINUATIONS, "x", SOLUTIONS, solutions="s", max_pairs_per_prompt=1)
     assert [p["prefix_steps"] for p in limited] == [1]  # fewest prefix steps first
-    assert step_controlled_pairs(CONTINUATIONS[:2], "x", {"solutions": "s"}, SOLUTIONS) == []  # no wrong step
+    assert step_controlled_pairs(CONTINUATIONS[:2], "x", SOLUTIONS, solutions="s") == []  # no wrong step
 
 
 def test_step_controlled_pairs_refuse_continuations_of_other_solutions():
     stray = CONTINUATIONS + [{"prompt": "Q1:b=3\n", "completion": "1", "score": 0.0}]
     with pytest.raises(DataError, match="1 continuation prompt\\(s\\) are no prefix.*steps.solutions"):
-        step_controlled_pairs(stray, "data.train", {"solutions": "s"}, SOLUTIONS)
+        step_controlled_pairs(stray, "data.train", SOLUTIONS, solutions="s")
 
 
 def test_load_source_reads_the_solutions_file(tmp_path):
@@ -147,15 +143,15 @@ def test_best_of_k_by_hand():
     best = best_of_k(rows, "x")
     assert [(r["prompt"], r["completion"], r["score"]) for r in best] == [("p", "p-1", 0.9), ("single", "single-0", -1.0)]
     assert set(best[0]) == {"prompt", "completion", "score", "answer"}  # SFT rows, no sample bookkeeping
-    assert [r["completion"] for r in best_of_k(rows, "x", {"keep": 3})] == ["p-1", "p-2", "p-0", "single-0"]
-    assert [r["completion"] for r in best_of_k(rows, "x", {"min_score": 0.0})] == ["p-1"]  # single's best is < 0
-    every_positive = best_of_k(rows, "x", {"keep": None, "min_score": 0.2})
+    assert [r["completion"] for r in best_of_k(rows, "x", keep=3)] == ["p-1", "p-2", "p-0", "single-0"]
+    assert [r["completion"] for r in best_of_k(rows, "x", min_score=0.0)] == ["p-1"]  # single's best is < 0
+    every_positive = best_of_k(rows, "x", keep=None, min_score=0.2)
     assert [r["completion"] for r in every_positive] == ["p-1", "p-2", "p-0"]
 
 
 def test_best_of_k_reads_one_reward(tmp_path):
     rows = [{"prompt": "p", "completion": c, "score": 0.0, "rewards": {"judge": j}} for c, j in (("a", 1), ("b", 4))]
-    assert best_of_k(rows, "x", {"score": "rewards.judge"})[0]["completion"] == "b"
+    assert best_of_k(rows, "x", score="rewards.judge")[0]["completion"] == "b"
     data = write_jsonl(tmp_path / "samples.jsonl", rows)
     with pytest.raises(DataError, match="made no rows"):
         load_source({"source": str(data), "transform": "best_of_k", "best_of_k": {"min_score": 9}}, "sft")
@@ -175,7 +171,7 @@ def test_rs_dpo_pairs_are_score_pairs_with_a_margin(eta, tau):
     rewards = [3.1, -0.4, 1.7, 1.7, 0.2, 2.9]
     rows = [{"prompt": "p", "completion": str(i), "score": r} for i, r in enumerate(rewards)]
     margin = tau * math.log(eta / (1 - eta))
-    pairs = _score_pairs(rows, "x", {"all_pairs": True, "min_margin": margin})
+    pairs = score_pairs(rows, "x", all_pairs=True, min_margin=margin)
     assert {(int(p["chosen"]), int(p["rejected"])) for p in pairs} == rs_dpo_pairs(rewards, eta, tau)
     assert pairs  # the example keeps some pairs and drops others
     assert len(pairs) < len(rewards) * (len(rewards) - 1) / 2

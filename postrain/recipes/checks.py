@@ -11,8 +11,11 @@ import dataclasses
 import functools
 import re
 
+from postrain.data.sources import check_source_options
+from postrain.data.transforms import TRANSFORMS, given_params
 from postrain.errors import RecipeError, did_you_mean
-from postrain.recipes.validate import origin_of
+from postrain.recipes.schema import ModelSpec
+from postrain.recipes.validate import origin_of, validate_section
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,16 +146,29 @@ COMMAND_CHECKS.append(check_eval_during_training)
 
 
 def check_data_sources(command: str, cfg: dict, origins: dict[str, str]) -> None:
-    """Each data source's `chunk:` (0 <= index < of) and `curriculum_stage` (with transform curriculum_pairs)."""
-    from postrain.data.sources import check_source_options
+    """Each data source's `chunk:` (0 <= index < of), `transform:` (a registered one) and its settings (the
+    transform's parameters, postrain.data.transforms), and the model specs among them, checked as `model:` is."""
+    def check(spec: dict, where: str) -> None:
+        check_source_options(spec, where)
+        check_transform_models(spec, where)
+
+    def check_transform_models(spec: dict, where: str) -> None:
+        if spec.get("transform") is not None:
+            variant = TRANSFORMS.get(spec["transform"])
+            section = variant.extra.get("section")
+            for key in variant.extra.get("models", ()):
+                path = f"{where}.{section}.{key}" if section else f"{where}.{key}"
+                validate_section(given_params(spec, variant).get(key), ModelSpec | None, path, origins)
+        if isinstance(spec.get("mix"), dict):
+            check_transform_models(spec["mix"], f"{where}.mix")
 
     data = cfg.get("data") or {}
     for split in ("train", "eval"):
         if isinstance(data.get(split), dict):
-            check_source_options(data[split], f"data.{split}")
+            check(data[split], f"data.{split}")
     for name, spec in (cfg.get("sets") or {}).items():  # eval sets are sources too
         if isinstance(spec, dict):
-            check_source_options(spec, f"sets.{name}")
+            check(spec, f"sets.{name}")
 
 
 COMMAND_CHECKS.append(check_data_sources)

@@ -20,18 +20,18 @@ completion tokens' log-probs. Both models read the policy's token ids (a referen
 refused). One model is loaded at a time.
 
 `mix:` (any source) concatenates a second source's rows, as the authors' create_mix_paired_set draws them
-(MixSpec in postrain.recipes.schema).
+(postrain.data.mix).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
-import random
-from typing import Any
+from typing import Any, Literal
 
-from postrain.errors import DataError, RecipeError
+from postrain.data.rows import format_row, require_columns
+from postrain.data.transforms.registry import TRANSFORMS
+from postrain.errors import RecipeError
 
 TRANSFORM = "implicit_reward_pairs"
 # The authors' alpha grid (generate_lc_paired_set.py main: alpha_range=(0.0, 1.0, 0.001)).
@@ -40,57 +40,27 @@ ALPHA_GRID = (0.0, 1.0, 0.001)
 
 # --- load-time checks --------------------------------------------------------------------------------------------
 
-def check_implicit_reward(spec: dict, where: str) -> None:
-    """`implicit_reward:` is set exactly with `transform: implicit_reward_pairs`, names both models, and its numbers
-    are usable."""
-    settings, transform = spec.get("implicit_reward"), spec.get("transform")
-    if transform != TRANSFORM:
-        if settings is not None:
-            raise RecipeError(f"{where}.implicit_reward: set only with transform: {TRANSFORM} (transform is "
-                              f"{transform!r}); remove it or set the transform")
-        return
-    if not isinstance(settings, dict):
+def _check(params: dict, spec: dict, where: str) -> None:
+    """The section names both models, and its numbers are usable."""
+    if not isinstance(spec.get("implicit_reward"), dict):
         raise RecipeError(f"{where}.implicit_reward: transform {TRANSFORM!r} needs the two models that score each "
                           f"sample, e.g. implicit_reward: {{policy: {{name_or_path: runs/dpo}}, reference: "
                           f"{{name_or_path: runs/sft}}}}")
     for key in ("policy", "reference"):
-        model = settings.get(key)
+        model = params[key]
         if not isinstance(model, dict) or not model.get("name_or_path"):
             raise RecipeError(f"{where}.implicit_reward.{key}: a model is needed ({'the DPO-trained policy π' if key == 'policy' else 'the policy’s DPO reference π_ref'}), "
                               f"e.g. {key}: {{name_or_path: ...}}; got {model!r}")
-    beta = settings.get("beta", 1.0)
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
+    if not params["beta"] > 0:
         raise RecipeError(f"{where}.implicit_reward.beta: must be a number > 0 (r = beta·(log π − log π_ref) − "
-                          f"length_penalty·len), got {beta!r}")
-    alpha = settings.get("length_penalty", 0.0)
-    if alpha != "auto" and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0):
+                          f"length_penalty·len), got {params['beta']!r}")
+    alpha = params["length_penalty"]
+    if alpha != "auto" and alpha < 0:
         raise RecipeError(f"{where}.implicit_reward.length_penalty: a number >= 0 (per character) or 'auto' (the "
                           f"authors' sweep), got {alpha!r}")
-    for key, default in (("min_samples", 2), ("batch_size", 8)):
-        value = settings.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "min_samples" else 1):
-            least = 2 if key == "min_samples" else 1
-            raise RecipeError(f"{where}.implicit_reward.{key}: must be an integer >= {least}, got {value!r}")
-
-
-def check_mix(spec: dict, where: str) -> None:
-    """`mix:` names a source, a fraction in (0, 1), and holds no mix of its own."""
-    mix = spec.get("mix")
-    if mix is None:
-        return
-    if not isinstance(mix, dict) or not mix.get("source"):
-        raise RecipeError(f"{where}.mix: a second source to mix in, e.g. mix: {{source: data/offline_pairs.jsonl, "
-                          f"fraction: 0.5}}; got {mix!r}")
-    fraction = mix.get("fraction", 0.5)
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
-        raise RecipeError(f"{where}.mix.fraction: the mixed-in source's share of the result, a number strictly "
-                          f"between 0 and 1 (DICE: 0.5); to use one source alone, remove `mix:`. Got {fraction!r}")
-    if mix.get("mix") is not None:
-        raise RecipeError(f"{where}.mix.mix: a mixed-in source cannot mix in a third; mix two sources")
-    from postrain.data.sources import check_source_options
-
-    check_source_options({k: v for k, v in mix.items() if k not in ("fraction", "seed", "new_prompts_only")},
-                         f"{where}.mix")
+    if params["min_samples"] < 2:
+        raise RecipeError(f"{where}.implicit_reward.min_samples: must be an integer >= 2, got "
+                          f"{params['min_samples']!r}")
 
 
 # --- tokenization and log-probs ----------------------------------------------------------------------------------
@@ -143,10 +113,12 @@ def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size
 
 
 def _load(settings: dict, key: str):
+    # A genuine cycle for now: postrain.models.loading imports postrain.recipes (a KNOWN_ARROWS entry of
+    # tests/test_layering.py), whose checks import this package.
     from postrain.models.loading import load_model
-    from postrain.recipes.schema import ModelSpec
 
-    model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **settings[key]})
+    # load_model fills in ModelSpec's defaults (dtype auto, the tiny model's shape) for the keys a spec leaves out
+    model, tokenizer, _ = load_model(settings[key])
     import torch
 
     if torch.cuda.is_available():
@@ -220,86 +192,36 @@ def sweep_length_penalty(rows: list[dict], log_ratios: list[float], min_samples:
     return min(tried, key=lambda t: t[1])[0] if tried else 0.0
 
 
-def implicit_reward_pairs(rows: list[dict], spec, where: str) -> list[dict]:
-    """Score each (prompt, completion) row with the policy and reference of `spec.implicit_reward`, pair each
-    prompt's best against its worst. The models see the prompt and completion as the DPO job will train on them
-    (the source's chat / system_prompt / prompt_template applied, as load_source applies them to the pairs)."""
-    from postrain.data.sources import format_row
-
-    settings = spec.implicit_reward
-    settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
-    for col in ("prompt", "completion"):
-        if rows and col not in rows[0]:
-            raise DataError(f"{where}: transform {TRANSFORM!r} needs column {col!r} (an eval run's samples.jsonl); "
-                            f"present: {', '.join(rows[0])}")
+@TRANSFORMS.register(TRANSFORM, section="implicit_reward", rows_per_row=None, models=("policy", "reference"),
+                     columns=("prompt", "completion"), check=_check, ranges={"batch_size": ">= 1"},
+                     empty="no prompt has at least implicit_reward.min_samples samples of different implicit rewards",
+                     paper="Bootstrapping Language Models with DPO Implicit Rewards", arxiv="2406.09760")
+def implicit_reward_pairs(rows: list[dict], where: str, source=None, *, policy: dict[str, Any],
+                          reference: dict[str, Any], beta: float = 1.0,
+                          length_penalty: float | Literal["auto"] = 0.0, min_samples: int = 2,
+                          batch_size: int = 8) -> list[dict]:
+    """DICE's pairs: each (prompt, completion) row scored r = beta·(log π(y|x) − log π_ref(y|x)) −
+    length_penalty·len(y) with the `policy` π and its DPO `reference` π_ref (model specs, as `model:`), per prompt
+    the best against the worst. Prompts with fewer than `min_samples` scored samples give no pair (the authors: 8
+    of 16, generate_lc_paired_set n_least_score); `length_penalty: auto` is the authors' sweep; `batch_size` rows
+    per forward. Defaults are the authors' (sail-sg/dice generate_dpo_scores.py: no beta). The models see the
+    prompt and completion as the DPO job will train on them (the `source`'s chat / system_prompt /
+    prompt_template applied, as load_source applies them to the pairs)."""
+    settings = {"policy": policy, "reference": reference, "batch_size": batch_size}
+    require_columns(rows, ("prompt", "completion"), where, TRANSFORM, " (an eval run's samples.jsonl)")
     views = []
     for row in rows:
-        view = format_row({"prompt": row["prompt"], "completion": row["completion"]}, spec) \
-            if spec.chat or spec.system_prompt or spec.prompt_template else row
+        formats = source is not None and (source.chat or source.system_prompt or source.prompt_template)
+        view = format_row({"prompt": row["prompt"], "completion": row["completion"]}, source) if formats else row
         prompt, completion = view["prompt"], view["completion"]
         if isinstance(prompt, list) and isinstance(completion, str):  # chat samples: the answer is the next turn
             completion = [{"role": "assistant", "content": completion}]
         views.append((prompt, completion))
     policy_logps, reference_logps = score_samples(views, settings, where)
-    beta, min_samples = settings.get("beta", 1.0), settings.get("min_samples", 2)
     log_ratios = [beta * (p - r) for p, r in zip(policy_logps, reference_logps)]
-    alpha = settings.get("length_penalty", 0.0)
+    alpha = length_penalty
     if alpha == "auto":
         alpha = sweep_length_penalty(rows, log_ratios, min_samples)
         print(f"[{where}] implicit_reward.length_penalty auto: {alpha:g} per character", flush=True)
     rewards = [s - alpha * len(row["completion"]) for s, row in zip(log_ratios, rows)]
     return [{**pair, "length_penalty": float(alpha)} for pair in pair_best_worst(rows, rewards, min_samples)]
-
-
-# --- the offline mix ----------------------------------------------------------------------------------------------
-
-def mix_counts(n_here: int, n_there: int, fraction: float) -> tuple[int, int]:
-    """Rows drawn from this source and from the mixed-in one (create_mix_paired_set: n_total = len(offline),
-    n_from_gen = min(int(n_total·(1 − γ)), len(gen)), n_from_off = int(γ·n_from_gen / (1 − γ)))."""
-    n_from_here = min(int(n_there * (1 - fraction)), n_here)
-    return n_from_here, int(fraction * n_from_here / (1 - fraction))
-
-
-def mix_rows(here: list[dict], there: list[dict], fraction: float, seed: int, new_prompts_only: bool,
-             where: str) -> list[dict]:
-    """This source's draw (in drawn order), then the mixed-in source's, each without replacement, one
-    random.Random(seed). Only the columns both have are kept."""
-    rng = random.Random(seed)
-    n_here, n_there = mix_counts(len(here), len(there), fraction)
-    if n_here == 0:
-        raise DataError(f"{where}.mix: {len(there)} mixed-in row(s) at fraction {fraction} leave no room for this "
-                        f"source's rows (it takes min(int(M·(1 − fraction)), N)); mix in a larger source")
-    drawn = rng.sample(here, n_here)
-    pool = there
-    if new_prompts_only:
-        seen = {json.dumps(r.get("prompt"), sort_keys=True) for r in drawn}
-        pool = [r for r in there if json.dumps(r.get("prompt"), sort_keys=True) not in seen]
-    if n_there > len(pool):
-        raise DataError(f"{where}.mix: {n_there} mixed-in rows are needed for fraction {fraction}, but only "
-                        f"{len(pool)} of its {len(there)} rows" + (" have a prompt not already drawn here"
-                                                                  if new_prompts_only else "") +
-                        "; lower mix.fraction" + (" or set mix.new_prompts_only: false" if new_prompts_only else ""))
-    mixed_in = rng.sample(pool, n_there)
-    common = [c for c in here[0] if c in there[0]] if here and there else []
-    return [{c: r[c] for c in common} for r in drawn + mixed_in]
-
-
-def apply_mix(ds, spec, job: str, where: str):
-    """`ds` (this source, loaded and formatted) mixed with `spec.mix`'s source, loaded the same way."""
-    import datasets
-
-    from postrain.data.sources import load_source
-    from postrain.recipes.schema import MixSpec, SourceSpec
-
-    mix = spec.mix if isinstance(spec.mix, dict) else dataclasses.asdict(spec.mix)
-    settings = {**{f.name: f.default for f in dataclasses.fields(MixSpec) if f.name in ("fraction", "seed",
-                                                                                         "new_prompts_only")}, **mix}
-    source = {k: v for k, v in mix.items() if k in {f.name for f in dataclasses.fields(SourceSpec)}}
-    there = load_source(source, job, where=f"{where}.mix")
-    rows = mix_rows(ds.to_list(), there.to_list(), settings["fraction"], settings["seed"],
-                    settings["new_prompts_only"], where)
-    try:
-        return datasets.Dataset.from_list(rows)
-    except Exception as e:  # a column of one source is text where the other's is chat turns, ...
-        raise DataError(f"{where}.mix: the two sources' rows do not fit one dataset ({e}); format both alike "
-                        f"(e.g. the same chat / system_prompt)") from None
