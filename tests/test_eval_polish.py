@@ -207,7 +207,8 @@ def test_mean_length_counts_generated_tokens_up_to_and_including_eos():
     import torch
 
     from postrain.data.sources import load_source
-    from postrain.jobs.evaluate import completion_token_ids, generate_with_ids, score_set
+    from postrain.models.generation import completion_token_ids, generate_with_ids
+    from postrain.jobs.evaluate import score_set
     from postrain.models.loading import load_model
     from postrain.rewards import build_rewards
 

@@ -32,7 +32,7 @@ KNOWN_ARROWS = {
     "postrain/data/sample_transforms.py": {"recipes"},
     "postrain/data/sources.py": {"recipes"},
     "postrain/data/thoughts.py": {"recipes"},
-    "postrain/evaluation/lm_eval_backend.py": {"jobs", "recipes"},
+    "postrain/evaluation/lm_eval_backend.py": {"recipes"},
     "postrain/evaluation/settings.py": {"recipes", "rewards"},
     "postrain/models/loading.py": {"recipes"},
     "postrain/recipes/catalog.py": {"trainers"},
@@ -44,7 +44,6 @@ KNOWN_ARROWS = {
     "postrain/reports/model_card.py": {"jobs", "trainers"},
     "postrain/reports/report.py": {"jobs"},
     "postrain/reports/rundir.py": {"jobs"},
-    "postrain/rewards/judge.py": {"jobs"},
     "postrain/rl/section.py": {"recipes", "trainers"},
 }
 
