@@ -177,13 +177,13 @@ TRL_GENERATE_SINGLE_TURN = "e0f02e4fc094cefd"
 
 
 def test_trl_completion_mask_rule_is_the_one_pinned():
-    """postrain.jobs.evaluate.completion_token_ids follows GRPOTrainer._generate_single_turn's EOS mask (trl 1.16):
+    """postrain.models.generation.completion_token_ids follows GRPOTrainer._generate_single_turn's EOS mask (trl 1.16):
     a change there is a reason to re-check it."""
     from trl import GRPOTrainer
 
     digest = hashlib.sha256(inspect.getsource(GRPOTrainer._generate_single_turn).encode()).hexdigest()[:16]
     assert digest == TRL_GENERATE_SINGLE_TURN, "TRL's GRPOTrainer._generate_single_turn changed: re-check " \
-                                               "postrain.jobs.evaluate.completion_token_ids against its EOS mask"
+                                               "postrain.models.generation.completion_token_ids against its EOS mask"
 
 
 def trl_completion_lengths(completion_ids, eos_token_ids: list[int]) -> list[int]:
