@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from postrain.errors import RecipeError
+from postrain.evaluation import lm_eval_backend  # imports lm-eval (optional) only where it runs
 from postrain.evaluation.results import results_table
+from postrain.evaluation.settings import model_entries
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
 from postrain.models.generation import generate_with_ids
+from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
+from postrain.rewards import build_rewards, policy_options
 
 
 def progress_printer(label: str, every_s: float = 5.0) -> Callable[[int, int], None]:
@@ -188,7 +193,7 @@ def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
     """Every set's rows and settings, checked against what scoring needs (reward columns, the subset column, a
     verifier that parses when maj@k votes) before any model loads."""
     from postrain.data.sources import load_source
-    from postrain.errors import DataError, RecipeError
+    from postrain.errors import DataError
     from postrain.evaluation.settings import set_generation, set_metric_settings
     from postrain.rewards import check_reward_columns
 
@@ -239,11 +244,6 @@ def evaluate_model(spec: dict, sets: dict[str, EvalSet], rewards, weights, cfg: 
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from postrain.errors import RecipeError
-    from postrain.evaluation.settings import model_entries
-    from postrain.models.loading import check_model_reference
-    from postrain.rewards import build_rewards, policy_options
-
     cfg = recipe.cfg
     if (cfg.get("eval") or {}).get("backend") == "lm_eval":  # lm-eval's tasks instead of sets: (same results shape)
         return run_lm_eval(recipe, options)
@@ -281,11 +281,6 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
 def run_lm_eval(recipe: Recipe, options: RunOptions) -> dict:
     """`postrain eval` with eval.backend: lm_eval: the tasks and models checked and loaded before the run directory
     is made, then postrain.evaluation.lm_eval_backend evaluates into it."""
-    # lm-eval is an optional dependency: its backend module imports it only where it runs
-    from postrain.evaluation import lm_eval_backend
-    from postrain.evaluation.settings import model_entries
-    from postrain.models.loading import check_model_reference
-
     cfg = recipe.cfg
     settings = lm_eval_backend.resolved_settings(cfg, recipe.origins)
     models = model_entries(cfg)
