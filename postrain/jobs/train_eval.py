@@ -11,8 +11,8 @@
 The sets are generated and scored as `postrain eval` does (postrain.models.generation: `generate_with_ids`;
 postrain.jobs.evaluate: `score_set`) and logged to metrics.jsonl as `eval/<set>/accuracy` (mean of the first
 reward, the verifier), `eval/<set>/mean_reward` (the weighted reward sum) and `eval/<set>/mean_length_tokens`,
-at step 0 (`at_start`), every `every_steps` steps and at the last step. Next to the training reward this shows reward hacking: the
-reward rises, the task metric does not. The first `save_samples` completions of each set are kept per evaluation
+at step 0 (`at_start`), every `every_steps` steps and at the last step. Next to the training reward this shows
+reward hacking: the reward rises, the task metric does not. The first `save_samples` completions of each set are kept per evaluation
 (`eval_samples/step_<N>.jsonl`; `postrain report` shows them), to read what the numbers measured.
 
 A set's prompts are formatted as data.train's are (`chat`, `system_prompt`, `prompt_template`) unless the set names

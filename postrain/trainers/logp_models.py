@@ -14,11 +14,14 @@ tokenizer, chat template, truncation), batched by TRL's own collator (same paddi
 `_precompute_ref_logps` shards the reference precompute, scored by postrain's one completion scorer
 (postrain.models.generation.token_logps: a no-grad forward, log-softmax in float32, summed over the completion
 mask) under the trainer's autocast, as TRL 1.16's `compute_ref_log_probs` runs its reference. So a model identical
-to the policy gives the policy's log-probs at step 0 (tests/test_logp_models.py). A model whose tokenizer differs from the policy's is refused: the policy's
-token ids mean nothing to it. Pairs only (the list-wise and unpaired trainers do not read these columns).
+to the policy gives the policy's log-probs at step 0 (tests/test_logp_models.py). A model whose tokenizer differs
+from the policy's is refused: the policy's token ids mean nothing to it. Pairs only (the list-wise and unpaired
+trainers do not read these columns).
 
 Unlike TRL's reference precompute, the columns are not cached on disk (a rerun scores again), and
-`trainer.evaluate(eval_dataset=...)` with a dataset other than the recipe's lacks them.
+`trainer.evaluate(eval_dataset=...)` with a dataset other than the recipe's lacks them. Unlike TRL's fused LM head,
+the scorer's forward holds one batch's full logits (2 x per-device batch rows x length x vocabulary, in the model's
+dtype) while it scores.
 """
 
 from __future__ import annotations
