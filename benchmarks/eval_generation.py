@@ -26,7 +26,7 @@ def main() -> None:
 
     from postrain.data.tasks import build_task
     from postrain.jobs.common import quiet_libraries
-    from postrain.jobs.evaluate import generate
+    from postrain.models.generation import generate
     from postrain.models.loading import load_model
 
     quiet_libraries()

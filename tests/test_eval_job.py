@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from postrain.jobs.evaluate import generation_of, model_results, score_set
+from postrain.evaluation.results import generation_of, model_results
+from postrain.jobs.evaluate import score_set
 from tests.conftest import TINY, postrain, write_recipe
 
 runner = CliRunner()

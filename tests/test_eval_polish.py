@@ -177,13 +177,13 @@ TRL_GENERATE_SINGLE_TURN = "e0f02e4fc094cefd"
 
 
 def test_trl_completion_mask_rule_is_the_one_pinned():
-    """postrain.jobs.evaluate.completion_token_ids follows GRPOTrainer._generate_single_turn's EOS mask (trl 1.16):
+    """postrain.models.generation.completion_token_ids follows GRPOTrainer._generate_single_turn's EOS mask (trl 1.16):
     a change there is a reason to re-check it."""
     from trl import GRPOTrainer
 
     digest = hashlib.sha256(inspect.getsource(GRPOTrainer._generate_single_turn).encode()).hexdigest()[:16]
     assert digest == TRL_GENERATE_SINGLE_TURN, "TRL's GRPOTrainer._generate_single_turn changed: re-check " \
-                                               "postrain.jobs.evaluate.completion_token_ids against its EOS mask"
+                                               "postrain.models.generation.completion_token_ids against its EOS mask"
 
 
 def trl_completion_lengths(completion_ids, eos_token_ids: list[int]) -> list[int]:
@@ -207,7 +207,8 @@ def test_mean_length_counts_generated_tokens_up_to_and_including_eos():
     import torch
 
     from postrain.data.sources import load_source
-    from postrain.jobs.evaluate import completion_token_ids, generate_with_ids, score_set
+    from postrain.models.generation import completion_token_ids, generate_with_ids
+    from postrain.jobs.evaluate import score_set
     from postrain.models.loading import load_model
     from postrain.rewards import build_rewards
 

@@ -229,8 +229,8 @@ stages:
 # sha256 of the TRL 1.16 methods postrain.trainers.logp_models builds on. A change fails here: re-read the method
 # and re-check logp_models.py (and the step-zero identity test above) before updating the digest.
 TRL_SOURCE = {
-    # called with the further model as the model to run: it must do one no-grad forward of that model on the
-    # collated batch and return the summed completion log-probs (chosen, rejected)
+    # the reference forward the columns must agree with (no grad, autocast, the collator's non-model keys left out,
+    # summed over the completion mask): logp_models.pair_logps does the same with postrain.models.generation
     "compute_ref_log_probs": "90611af9cbadb8ecfe0152f237177bea34072e989937cd6341632cb787dafe0a",
     # its batching is mirrored (in order, the trainer's collator, gather_for_metrics) without its disk cache
     "_precompute_ref_logps": "f2c098c7da6ca701978f476021fbb9482837dee4b83cc04b98ca2a214e856e4d",

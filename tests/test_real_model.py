@@ -330,7 +330,7 @@ def test_sft_with_lora_trains_on_the_answer_and_its_end_token(lora_runs, referen
 def test_linear_merge_of_two_lora_trained_copies(lora_runs, tmp_path, reference):
     from safetensors.torch import load_file
 
-    from postrain.jobs.evaluate import generate
+    from postrain.models.generation import generate
     from postrain.models.loading import load_model
 
     recipe = write_recipe(tmp_path / "merge.yaml", f"""

@@ -1,5 +1,6 @@
-"""Evaluation: the metrics of an eval set (pass@k, maj@k, mean@n with confidence intervals) and an eval recipe's
-per-set settings. The eval job (postrain.jobs.evaluate) generates and scores; these modules hold no I/O.
+"""Evaluation: the metrics of an eval set (pass@k, maj@k, mean@n with confidence intervals), an eval recipe's
+per-set settings, results.json read back (results) and the lm-eval backend. The eval job (postrain.jobs.evaluate)
+owns the run directory; generation itself is postrain.models.generation's.
 
     from postrain.evaluation.metrics import per_prompt_metrics, summarize
     values = per_prompt_metrics(scores, answers, pass_at=[1, 4], maj_at=[4], equivalent=verifier.equivalent)

@@ -12,7 +12,6 @@ documents scored, and the settings once at the top; samples.jsonl has one line p
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from pathlib import Path
 from statistics import NormalDist
@@ -304,46 +303,32 @@ def evaluate_model(spec: dict, settings: dict, tasks, task_manager, confidence: 
     return {"model": spec["name_or_path"], "model_path": path, "sets": sets}
 
 
-def run(recipe, options) -> dict:
-    """`postrain eval` with eval.backend: lm_eval (called by postrain.jobs.evaluate.run)."""
+def evaluate_models(models: dict[str, dict], settings: dict, task_manager, loaded, confidence: float,
+                    write_sample) -> dict:
+    """Every model (label -> model section) on every task: results.json's content. `task_manager` and `loaded` are
+    `load_tasks(settings)`'s; `write_sample(record)` gets each samples.jsonl record (with "model": label when
+    several models are compared). The eval job (postrain.jobs.evaluate) owns the run directory around this."""
     import lm_eval
 
-    from postrain.evaluation.settings import model_entries
-    from postrain.jobs.common import prepare_run_dir, running, write_json
-    from postrain.jobs.evaluate import print_results_table
-    from postrain.models.loading import check_model_reference
-
-    cfg = recipe.cfg
-    settings = resolved_settings(cfg, recipe.origins)
-    models = model_entries(cfg)
     comparing = len(models) > 1
-    for label, spec in models.items():
-        check_model_reference(spec, f"models ({label})" if cfg.get("models") else "model")
-    task_manager, loaded = load_tasks(settings)
-    confidence = cfg["metrics"]["confidence"]
-    run_dir = prepare_run_dir(recipe, options)
-    with running(run_dir, options.started), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
-        per_model = {}
-        for number, (label, spec) in enumerate(models.items(), 1):
-            print(f"model {label} ({number}/{len(models)}): lm-eval on {', '.join(settings['tasks'])}"
-                  if comparing else f"lm-eval on {', '.join(settings['tasks'])}", flush=True)
-            tag = {"model": label} if comparing else {}
+    per_model = {}
+    for number, (label, spec) in enumerate(models.items(), 1):
+        print(f"model {label} ({number}/{len(models)}): lm-eval on {', '.join(settings['tasks'])}"
+              if comparing else f"lm-eval on {', '.join(settings['tasks'])}", flush=True)
+        tag = {"model": label} if comparing else {}
 
-            def write_sample(record: dict, tag=tag) -> None:
-                samples_file.write(json.dumps({**tag, **record}, default=str) + "\n")
+        def write_tagged(record: dict, tag=tag) -> None:
+            write_sample({**tag, **record})
 
-            # the tasks loaded for the checks serve the first model; later models load them afresh, as lm-eval
-            # changes a task's settings (few-shot, generation) when it evaluates it
-            # (groups are passed by name: lm-eval builds a group's aggregation from its own loading)
-            tasks = list(loaded["tasks"].values()) if number == 1 and not loaded["groups"] else list(settings["tasks"])
-            per_model[label] = evaluate_model(spec, settings, tasks, task_manager, confidence, write_sample)
-        shared = {
-            "backend": "lm_eval",
-            "lm_eval": {**settings, "version": getattr(lm_eval, "__version__", None)},
-            "generation": settings.get("gen_kwargs") or {},
-            "metric_settings": {"interval": "normal (lm-eval stderr)", "confidence": confidence},
-        }
-        results = {"models": per_model, **shared} if comparing else {**per_model[next(iter(per_model))], **shared}
-        write_json(Path(run_dir) / "results.json", results)
-    print_results_table(results)
-    return {"run_dir": recipe.cfg["output_dir"], "results": results}  # where the run is now
+        # the tasks loaded for the checks serve the first model; later models load them afresh, as lm-eval
+        # changes a task's settings (few-shot, generation) when it evaluates it
+        # (groups are passed by name: lm-eval builds a group's aggregation from its own loading)
+        tasks = list(loaded["tasks"].values()) if number == 1 and not loaded["groups"] else list(settings["tasks"])
+        per_model[label] = evaluate_model(spec, settings, tasks, task_manager, confidence, write_tagged)
+    shared = {
+        "backend": "lm_eval",
+        "lm_eval": {**settings, "version": getattr(lm_eval, "__version__", None)},
+        "generation": settings.get("gen_kwargs") or {},
+        "metric_settings": {"interval": "normal (lm-eval stderr)", "confidence": confidence},
+    }
+    return {"models": per_model, **shared} if comparing else {**per_model[next(iter(per_model))], **shared}

@@ -5,8 +5,8 @@ fraction of completions the verifier could not parse, mean completion length, an
 (mean@n, pass@k, maj@k, each with a confidence interval over prompts: postrain.evaluation.metrics), also per
 subset when `metrics.subset_column` names a column. Every sample goes to `samples.jsonl`, the summary to
 `results.json`: the shared generation and metric settings once, and per set only what the set changes. With
-`models:` several models are evaluated on the same sets, each under its own name (`model_results` reads both
-shapes), and one table compares them at the end.
+`models:` several models are evaluated on the same sets, each under its own name
+(postrain.evaluation.results.model_results reads both shapes), and one table compares them at the end.
 """
 
 from __future__ import annotations
@@ -17,79 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from postrain.errors import RecipeError
+from postrain.evaluation import lm_eval_backend  # imports lm-eval (optional) only where it runs
+from postrain.evaluation.results import results_table
+from postrain.evaluation.settings import model_entries
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
+from postrain.models.generation import generate_with_ids
+from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
-
-
-def render_prompts(prompts: list[Any], tokenizer) -> list[str]:
-    """Chat prompts go through the chat template (with the generation prompt); plain text is used as is."""
-    return [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-        for p in prompts
-    ]
-
-
-def generate(
-    model, tokenizer, prompts: list[Any], gen: dict, *, on_batch: Callable[[int, int], None] | None = None
-) -> list[list[str]]:
-    """Batched generation with a KV cache; returns `num_samples` completions per prompt.
-    `on_batch(done, total)` is called after each batch (progress)."""
-    return generate_with_ids(model, tokenizer, prompts, gen, on_batch=on_batch)[0]
-
-
-def completion_token_ids(new_ids: list[int], eos_ids: set[int]) -> list[int]:
-    """The generated tokens of one completion up to and including its first EOS, the rest (padding after EOS)
-    dropped: the completion TRL's GRPOTrainer scores and counts (trl 1.16, `_generate_single_turn`: "Mask everything
-    after the first EOS token"; `completions/mean_length` is the length of these ids). Written anew, not copied;
-    tests/test_eval_polish.py pins that TRL method's source."""
-    for i, token in enumerate(new_ids):
-        if token in eos_ids:
-            return new_ids[: i + 1]
-    return new_ids
-
-
-def generate_with_ids(
-    model, tokenizer, prompts: list[Any], gen: dict, *, on_batch: Callable[[int, int], None] | None = None
-) -> tuple[list[list[str]], list[list[list[int]]]]:
-    """`generate`, also returning each completion's generated token ids (up to and including EOS, as TRL counts
-    them: `completion_token_ids`), nested as the texts are: per prompt, `num_samples` lists of ids."""
-    import torch
-
-    texts = render_prompts(prompts, tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only batching: pad on the left so generation continues the prompt
-    model.eval()
-    out: list[list[str]] = []
-    out_ids: list[list[list[int]]] = []
-    eos_ids = {tokenizer.eos_token_id}  # the token generation stops at (below)
-    n = gen["num_samples"]
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": gen["max_new_tokens"],
-        "do_sample": gen["do_sample"],
-        "num_return_sequences": n,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "use_cache": True,
-    }
-    if gen["do_sample"]:
-        kwargs.update(temperature=gen["temperature"], top_p=gen["top_p"], top_k=gen["top_k"] or None)
-    starts = range(0, len(texts), gen["batch_size"])
-    try:
-        for done, start in enumerate(starts, 1):
-            batch = tokenizer(texts[start : start + gen["batch_size"]], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                ids = model.generate(**batch, **kwargs)
-            new = ids[:, batch["input_ids"].shape[1] :]
-            kept = [completion_token_ids(row, eos_ids) for row in new.tolist()]
-            decoded = tokenizer.batch_decode(kept, skip_special_tokens=True)
-            out += [decoded[i : i + n] for i in range(0, len(decoded), n)]
-            out_ids += [kept[i : i + n] for i in range(0, len(kept), n)]
-            if on_batch is not None:
-                on_batch(done, len(starts))
-    finally:
-        tokenizer.padding_side = side
-    return out, out_ids
+from postrain.rewards import build_rewards, policy_options
 
 
 def progress_printer(label: str, every_s: float = 5.0) -> Callable[[int, int], None]:
@@ -244,21 +180,6 @@ def _paper_metrics(rows, completions, verifier_scores, parsed, texts, verifier, 
     return out
 
 
-def model_results(results: dict) -> dict[str, dict]:
-    """Name -> {"model", "model_path", "sets"} for every model of a results.json, whichever shape it has
-    (one model: "sets" at the top; comparison mode: under "models")."""
-    if "models" in results:
-        return results["models"]
-    return {results["model"]: {key: results[key] for key in ("model", "model_path", "sets")}}
-
-
-def generation_of(results: dict, set_name: str, model: str | None = None) -> dict:
-    """A set's full generation settings from a results.json: the shared ones with the set's differences."""
-    runs = model_results(results)
-    one = runs[model] if model is not None else next(iter(runs.values()))
-    return {**results["generation"], **one["sets"][set_name].get("generation", {})}
-
-
 @dataclass
 class EvalSet:
     """One set of an eval recipe, loaded: its rows and its own generation and metric settings."""
@@ -272,7 +193,7 @@ def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
     """Every set's rows and settings, checked against what scoring needs (reward columns, the subset column, a
     verifier that parses when maj@k votes) before any model loads."""
     from postrain.data.sources import load_source
-    from postrain.errors import DataError, RecipeError
+    from postrain.errors import DataError
     from postrain.evaluation.settings import set_generation, set_metric_settings
     from postrain.rewards import check_reward_columns
 
@@ -323,16 +244,9 @@ def evaluate_model(spec: dict, sets: dict[str, EvalSet], rewards, weights, cfg: 
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from postrain.errors import RecipeError
-    from postrain.evaluation.settings import model_entries
-    from postrain.models.loading import check_model_reference
-    from postrain.rewards import build_rewards, policy_options
-
     cfg = recipe.cfg
     if (cfg.get("eval") or {}).get("backend") == "lm_eval":  # lm-eval's tasks instead of sets: (same results shape)
-        from postrain.evaluation import lm_eval_backend
-
-        return lm_eval_backend.run(recipe, options)
+        return run_lm_eval(recipe, options)
     if not cfg["sets"]:
         raise RecipeError("`eval` needs at least one entry under sets: (name: {source: ...})")
     if not cfg["rewards"]:
@@ -364,35 +278,26 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     return {"run_dir": recipe.cfg["output_dir"], "results": results}  # where the run is now
 
 
-def results_table(results: dict) -> tuple[list[str], list[list[list[str]]]]:
-    """The comparison table of a results.json: a column per model, per set a row per metric ("61.0% [55.2, 66.8]":
-    value and interval) and one for the unparsable fraction. Returns the header and each set's rows."""
-    runs = model_results(results)
-    set_names = list(dict.fromkeys(name for run in runs.values() for name in run["sets"]))
-    header = ["set", "metric", *runs]
-    sections = []
-    for set_name in set_names:
-        evaluated = {label: run["sets"].get(set_name) or {} for label, run in runs.items()}
-        prompts = next(one["prompts"] for one in evaluated.values() if one)
-        metric_names = list(dict.fromkeys(m for one in evaluated.values() for m in one.get("metrics", {})))
-        rows = [[_metric_cell(one.get("metrics", {}).get(metric)) for one in evaluated.values()]
-                for metric in metric_names]
-        rows.append(["-" if one.get("unparsable") is None else f"{100 * one['unparsable']:.1f}%"
-                     for one in evaluated.values()])
-        labels = [*metric_names, "unparsable"]
-        sections.append([[f"{set_name} ({prompts} prompts)" if i == 0 else "", label, *cells]
-                         for i, (label, cells) in enumerate(zip(labels, rows))])
-    return header, sections
+def run_lm_eval(recipe: Recipe, options: RunOptions) -> dict:
+    """`postrain eval` with eval.backend: lm_eval: the tasks and models checked and loaded before the run directory
+    is made, then postrain.evaluation.lm_eval_backend evaluates into it."""
+    cfg = recipe.cfg
+    settings = lm_eval_backend.resolved_settings(cfg, recipe.origins)
+    models = model_entries(cfg)
+    for label, spec in models.items():
+        check_model_reference(spec, f"models ({label})" if cfg.get("models") else "model")
+    task_manager, loaded = lm_eval_backend.load_tasks(settings)
+    run_dir = prepare_run_dir(recipe, options)
+    with running(run_dir, options.started), (Path(run_dir) / "samples.jsonl").open("w") as samples_file:
 
+        def write_sample(record: dict) -> None:
+            samples_file.write(json.dumps(record, default=str) + "\n")
 
-def _metric_cell(metric: dict | None) -> str:
-    if metric is None or metric["value"] is None:
-        return "-"
-    cell = f"{100 * metric['value']:.1f}%"
-    if metric.get("ci"):
-        low, high = metric["ci"]
-        cell += f" [{100 * low:.1f}, {100 * high:.1f}]"
-    return cell
+        results = lm_eval_backend.evaluate_models(models, settings, task_manager, loaded,
+                                                  cfg["metrics"]["confidence"], write_sample)
+        write_json(Path(run_dir) / "results.json", results)
+    print_results_table(results)
+    return {"run_dir": recipe.cfg["output_dir"], "results": results}  # where the run is now
 
 
 def print_results_table(results: dict) -> None:

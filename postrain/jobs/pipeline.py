@@ -190,7 +190,7 @@ def run_one_stage(recipe: Recipe, stages: dict[str, Recipe], options: RunOptions
 
 def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:
     """One row per reported eval stage and set: which stage's model, its scores, that stage's training wall time."""
-    from postrain.jobs.evaluate import model_results
+    from postrain.evaluation.results import model_results
 
     by_output = {str(Path(s.cfg["output_dir"]).resolve()): name for name, s in stages.items()}
     rows = []

@@ -8,11 +8,11 @@
       rewards: []                # empty: the job's own rewards (grpo); sft and dpo must name theirs
       save_samples: 4            # completions per set kept per evaluation in eval_samples/step_<N>.jsonl; 0: none
 
-The sets are generated from and scored with `postrain eval`'s own functions (postrain.jobs.evaluate: `generate`,
-`score_set`) and logged to metrics.jsonl as `eval/<set>/accuracy` (mean of the first reward, the verifier),
-`eval/<set>/mean_reward` (the weighted reward sum) and `eval/<set>/mean_length_tokens`, at step 0 (`at_start`),
-every `every_steps` steps and at the last step. Next to the training reward this shows reward hacking: the
-reward rises, the task metric does not. The first `save_samples` completions of each set are kept per evaluation
+The sets are generated and scored as `postrain eval` does (postrain.models.generation: `generate_with_ids`;
+postrain.jobs.evaluate: `score_set`) and logged to metrics.jsonl as `eval/<set>/accuracy` (mean of the first
+reward, the verifier), `eval/<set>/mean_reward` (the weighted reward sum) and `eval/<set>/mean_length_tokens`,
+at step 0 (`at_start`), every `every_steps` steps and at the last step. Next to the training reward this shows
+reward hacking: the reward rises, the task metric does not. The first `save_samples` completions of each set are kept per evaluation
 (`eval_samples/step_<N>.jsonl`; `postrain report` shows them), to read what the numbers measured.
 
 A set's prompts are formatted as data.train's are (`chat`, `system_prompt`, `prompt_template`) unless the set names
@@ -163,7 +163,8 @@ class TrainEval:
         prompt, completion, answer, score, rewards, parsed; with `set` and `completion_tokens`)."""
         import torch
 
-        from postrain.jobs.evaluate import generate_with_ids, score_set
+        from postrain.models.generation import generate_with_ids
+        from postrain.jobs.evaluate import score_set
 
         was_training = model.training
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -1,1 +1,1 @@
-"""Model loading and the embedded tiny model."""
+"""Model loading, the embedded tiny model, and generation and scoring with a loaded model (generation)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from postrain.models.generation import generate
 from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text
 
 # Yuan et al. 2024 (arXiv 2401.10020), Figure 2, verbatim but for the placeholders {prompt} and {response}.
@@ -118,8 +119,6 @@ class LLMJudge(RewardFunction):
 
     def __call__(self, completions: list, prompts: list | None = None, log_extra=None, log_metric=None,
                  **columns: Any) -> list[float | None]:
-        from postrain.jobs.evaluate import generate
-
         if prompts is None:
             raise ValueError("llm_judge needs the prompts (passed as `prompts` by eval and GRPO)")
         model, tokenizer = self.judge()

@@ -10,14 +10,18 @@ the model is freed. Losses read them by name: `inpo` reads `prev_*` (a per-pair 
 it), `mrpo` the models its `references:` names (stacked into `extra_ref_*_logps`, shape (B, K)).
 
 The log-probs are those the policy's would be: the dataset TRL has already tokenized for the policy (same
-tokenizer, chat template, truncation), batched by TRL's own collator (same padding), scored by TRL 1.16's
-`DPOTrainer.compute_ref_log_probs` (the function TRL's `precompute_ref_log_probs` uses for the reference) with
-the further model passed as the model to run. So a model identical to the policy gives the policy's log-probs at
-step 0 (tests/test_logp_models.py). A model whose tokenizer differs from the policy's is refused: the policy's
-token ids mean nothing to it. Pairs only (the list-wise and unpaired trainers do not read these columns).
+tokenizer, chat template, truncation), batched by TRL's own collator (same padding) and sharded as TRL's
+`_precompute_ref_logps` shards the reference precompute, scored by postrain's one completion scorer
+(postrain.models.generation.token_logps: a no-grad forward, log-softmax in float32, summed over the completion
+mask) under the trainer's autocast, as TRL 1.16's `compute_ref_log_probs` runs its reference. So a model identical
+to the policy gives the policy's log-probs at step 0 (tests/test_logp_models.py). A model whose tokenizer differs
+from the policy's is refused: the policy's token ids mean nothing to it. Pairs only (the list-wise and unpaired
+trainers do not read these columns).
 
 Unlike TRL's reference precompute, the columns are not cached on disk (a rerun scores again), and
-`trainer.evaluate(eval_dataset=...)` with a dataset other than the recipe's lacks them.
+`trainer.evaluate(eval_dataset=...)` with a dataset other than the recipe's lacks them. Unlike TRL's fused LM head,
+the scorer's forward holds one batch's full logits (2 x per-device batch rows x length x vocabulary, in the model's
+dtype) while it scores.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from postrain.errors import RecipeError
 from postrain.recipes.validate import origin_of
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# What TRL's preference collator adds besides the model's inputs (TRL 1.16 compute_ref_log_probs: _non_model_keys).
+COLLATED_NOT_MODEL_INPUTS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 # `ref_*_logps` are TRL's precomputed reference columns and `extra_ref_*_logps` MRPO's stacked input.
 RESERVED = {"ref": "TRL's precomputed reference log-probs use the columns ref_chosen_logps / ref_rejected_logps",
             "extra_ref": "MRPO's stacked further references are called extra_ref_*_logps"}
@@ -164,18 +170,30 @@ def _with_columns(trainer, model, name: str, dataset, split: str, batch_size: in
     if chosen_column in dataset.column_names or rejected_column in dataset.column_names:
         raise RecipeError(f"logp_models.{name}: the {split} data has a column {chosen_column} or {rejected_column} "
                           f"already; rename the logp model or the column")
-    # The batching of TRL's _precompute_ref_logps (in order, the trainer's collator) and its log-prob function.
+    # The batching of TRL's _precompute_ref_logps (in order, the trainer's collator, sharded across processes).
     loader = trainer.accelerator.prepare(DataLoader(
         dataset, batch_size=batch_size or 1, collate_fn=trainer.data_collator, shuffle=False,
         num_workers=trainer.args.dataloader_num_workers, pin_memory=trainer.args.dataloader_pin_memory))
     chosen, rejected = [], []
     for batch in loader:
-        chosen_logps, rejected_logps = trainer.compute_ref_log_probs(model, batch)
+        chosen_logps, rejected_logps = pair_logps(trainer, model, batch)
         chosen_logps, rejected_logps = trainer.accelerator.gather_for_metrics((chosen_logps, rejected_logps))
         chosen.append(chosen_logps.float().cpu())
         rejected.append(rejected_logps.float().cpu())
     chosen_values, rejected_values = torch.cat(chosen).tolist(), torch.cat(rejected).tolist()
     return dataset.add_column(chosen_column, chosen_values).add_column(rejected_column, rejected_values)
+
+
+def pair_logps(trainer, model, batch: dict):
+    """Summed completion log-probs (chosen, rejected) of one batch of TRL's preference collator (the chosen rows,
+    then the rejected ones) under `model`, in the trainer's autocast as TRL runs its reference forward."""
+    from postrain.models.generation import token_logps
+
+    inputs = {key: value for key, value in batch.items() if key not in COLLATED_NOT_MODEL_INPUTS}
+    with trainer.accelerator.autocast():
+        logps = token_logps(model, inputs.pop("input_ids"), inputs.pop("attention_mask"), batch["completion_mask"],
+                            **inputs)
+    return logps.sum(dim=1).chunk(2, dim=0)
 
 
 def _empty_device_cache() -> None:
