@@ -31,7 +31,7 @@ from trl import DPOConfig, DPOTrainer
 from postrain.errors import DataError, RecipeError
 # the parsed `loss:` section: terms, data shapes and the data names the trainer computes for them
 from postrain.preference.section import (LISTS, LOG_SUM_SQ_PROBS, PAIR_COLUMNS, PAIRS, SHAPE_OPTIONS, SHAPES,
-                                         TRL_LOSS_OPTIONS, DataShape, LossTerm, is_parsed, losses_shape,
+                                         TRL_LOSS_OPTIONS, UNPAIRED, DataShape, LossTerm, is_parsed, losses_shape,
                                          parse_losses, term_keys)
 from postrain.preference.turn_data import reads_turns
 from postrain.recipes.checks import check_loss_models
@@ -43,6 +43,7 @@ from postrain.trainers import turns
 from postrain.trainers.dpo_state import BATCH_KEYS as STATE_BATCH_KEYS
 from postrain.trainers.dpo_state import DPOLossState, check_group_column, checkpoint_folder
 
+
 def trainer_class_for(terms: list[LossTerm]) -> type:
     """The trainer `postrain dpo` builds for these terms: the one whose batches carry their data shape."""
     shape = losses_shape(terms)
@@ -51,7 +52,7 @@ def trainer_class_for(terms: list[LossTerm]) -> type:
         from postrain.trainers.listwise import ListwiseDPOTrainer
 
         return ListwiseDPOTrainer
-    if shape is not PAIRS:
+    if shape is UNPAIRED:
         from postrain.trainers.unpaired import UnpairedDPOTrainer
 
         return UnpairedDPOTrainer
