@@ -41,6 +41,18 @@ def did_you_mean(word: object, choices, n: int = 3) -> str:
     return f"did you mean {' or '.join(repr(by_lower[c]) for c in close)}?" if close else ""
 
 
+def origin_of(origins: dict[str, str], path: str) -> str:
+    """Which layer set `path` ("recipes/x.yaml", "command line", ...): the most specific recorded origin for this
+    key or one of its parents (`a.b[2].c` -> `a.b[2]` -> `a.b` -> `a`). Here, below every layer that names a key
+    in an error (the recipe loader records the origins; registries and sections below it quote them)."""
+    key = path
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key[:key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
+    return "built-in defaults"
+
+
 class OutputDirError(PostrainError):
     """The run's output directory cannot be made or written: a file in its place or above it, a read-only
     filesystem, no permission."""

@@ -34,7 +34,6 @@ KNOWN_ARROWS = {
     "postrain/recipes/catalog.py": {"trainers"},
     "postrain/recipes/checks.py": {"jobs", "launch", "trainers"},
     "postrain/recipes/liveness.py": {"launch", "trainers"},
-    "postrain/recipes/smoke.py": {"trainers"},
     "postrain/recipes/validate.py": {"trainers"},
     "postrain/registry.py": {"preference", "rl"},
     "postrain/reports/model_card.py": {"jobs", "trainers"},

@@ -187,7 +187,7 @@ def _launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any
 def _batch_unit(recipe: Recipe) -> str:
     """What one row of a DPO batch is, as the recipe's `loss:` entries read it: a preference pair, a list of K
     completions (K read from local data) or one unpaired, labelled completion."""
-    from postrain.trainers.dpo import section_shape
+    from postrain.preference.section import section_shape
 
     shape = section_shape(recipe.cfg.get("loss")).name
     if shape == "unpaired":

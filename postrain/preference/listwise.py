@@ -166,6 +166,11 @@ def relative_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_log
 @PREFERENCE.register(
     "group_robust_po", paper="Group Robust Preference Optimization in Reward-free RLHF", arxiv="2405.20304",
     catalog="preference:51",
+    # the trainer's state (postrain.trainers.dpo_state), set beside the hyperparameters: group_column, the dataset
+    # column holding each pair's group (required); step_size, η of the exponentiated-gradient update (authors'
+    # config 0.01); group_fractions, divide each pair's loss by its group's share of the training set (the
+    # authors' divide_by_totalcount, True by default)
+    state_settings={"group_column": None, "step_size": 0.01, "group_fractions": True},
     notes="checked against rsshyam/Group-robust-preference-optimization src/trainers/grouptrainer.py "
           "(compute_group_metric, compute_robust_loss) and scripts/run_multi_robust.sh")
 def group_robust_po(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, group_ids,

@@ -303,6 +303,10 @@ def dr_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
 
 @PREFERENCE.register("beta_dpo", paper="β-DPO: Direct Preference Optimization with Dynamic β", arxiv="2407.08639",
                      requires=(_BETA_DPO_BATCH,),
+                     # the trainer's state (postrain.trainers.dpo_state), set beside the hyperparameters: momentum,
+                     # the EMA's (authors' gamma 0.9); rho, the fraction of each batch's pairs left out (authors'
+                     # mode_weight, README 0.2); 0 keeps every pair (β calibration only)
+                     state_settings={"momentum": 0.9, "rho": 0.2},
                      catalog="preference:7",
                      notes="checked against junkangwu/beta-DPO trainers.py::preference_loss (mode_loss beta_DPO) "
                            "and update_and_sync_tensor_mean; README example a=0.6, mode_weight=0.2")

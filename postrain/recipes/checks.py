@@ -97,9 +97,17 @@ def check_dpo_losses(command: str, cfg: dict, origins: dict[str, str]) -> None:
     """A DPO recipe's `loss:` entries: names, parameters, data the trainer can give, conflicting TRL options."""
     if command != "dpo" or not cfg.get("loss"):
         return
-    from postrain.trainers.dpo import parse_losses
+    from postrain.preference.section import parse_losses  # the preference registry imports torch: slow
 
-    parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins)
+    check_loss_models(parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins), origins)
+
+
+def check_loss_models(terms: list, origins: dict[str, str]) -> None:
+    """The models a `loss:` entry names (TGDPO's `token_reward_model`), checked as `ref_model:` is: their keys and
+    types against the recipe's model spec (the section's parser, below the recipe schema, checks their form)."""
+    for i, term in enumerate(terms):
+        if "token_reward_model" in term.inputs:
+            validate_section(term.inputs["token_reward_model"], ModelSpec, f"loss[{i}].token_reward_model", origins)
 
 
 COMMAND_CHECKS.append(check_dpo_losses)
@@ -110,7 +118,7 @@ def check_dpo_shared_prefix(command: str, cfg: dict, origins: dict[str, str]) ->
     layout cannot reproduce (postrain.trainers.shared_prefix_dpo). The model itself is checked once loaded."""
     if command != "dpo" or not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
-    from postrain.trainers.dpo import section_shape
+    from postrain.preference.section import section_shape
     from postrain.trainers.shared_prefix_dpo import check_options
 
     models = {"model": cfg.get("model"), "ref_model": cfg.get("ref_model")}

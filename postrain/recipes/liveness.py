@@ -369,7 +369,7 @@ def _dpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
     if not cfg.get("loss"):
         return [f for variant, params, where in trl_path_parts("dpo", trainer, origins)
                 for f in evaluate(variant, params, layout, f"preference loss {variant.name!r}", where)]
-    from postrain.trainers.dpo import parse_losses
+    from postrain.preference.section import parse_losses  # the preference registry imports torch: slow
 
     out = []
     for i, term in enumerate(parse_losses(cfg["loss"], trainer, origins)):

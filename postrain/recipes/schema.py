@@ -260,7 +260,7 @@ class DPORecipe(CommonSpec):
     health: HealthSpec = field(default_factory=HealthSpec)
     # Preference losses from postrain's registry, combined as Σ weight·mean(loss): [{name: simpo, weight: 1.0,
     # beta: 2.0, gamma: 1.0}] (keys besides name/weight are the loss' hyperparameters; checked at load time by
-    # postrain.trainers.dpo.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
+    # postrain.preference.section.parse_losses). Empty: TRL's own loss (`trainer.loss_type`), untouched.
     loss: list[dict[str, Any]] = field(default_factory=list)
     # Further models whose summed log-probs of each chosen / rejected completion are computed once before training
     # and added as the columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models):

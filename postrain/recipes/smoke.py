@@ -173,9 +173,7 @@ def smoke_layer(command: str, cfg: dict) -> dict:
             "eval": _builtin_source(data.get("eval"), "test", shape=shape),
         }
         if command == "dpo":  # group_robust_po reads a group column the built-in rows lack (trainers.dpo_state)
-            from postrain.trainers.dpo_state import smoke_data
-
-            layer["data"] = smoke_data(cfg, layer["data"])
+            layer["data"] = _group_column_data(cfg, layer["data"])
         trainer = dict(SMOKE_TRAINER["common"])
         trainer.update(SMOKE_TRAINER[command])
         if command == "grpo":
@@ -263,14 +261,33 @@ def _smoke_samples(cfg: dict, sets: dict) -> int:
 
 
 def _dpo_data_shape(cfg: dict) -> str:
-    """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.trainers.dpo); `turns` (the built-in
-    tasks' multi-turn conversational pairs) for per-turn losses (dmpo, postrain.trainers.turns)."""
-    from postrain.trainers.dpo import section_shape
-    from postrain.trainers.turns import reads_turns_section
+    """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.preference.section); `turns` (the
+    built-in tasks' multi-turn conversational pairs) for per-turn losses (dmpo, postrain.preference.turn_data)."""
+    # the preference registry imports torch: slow
+    from postrain.preference.section import section_shape
+    from postrain.preference.turn_data import reads_turns_section
 
     if reads_turns_section(cfg.get("loss")):
         return "turns"
     return section_shape(cfg.get("loss")).name
+
+
+# Under --smoke the built-in pairs carry no group column: the answer (a handful of distinct numbers) stands in.
+SMOKE_GROUP_SOURCE = "answer"
+
+
+def _group_column_data(cfg: dict, data: dict) -> dict:
+    """The smoke layer's `data` for a DPO recipe whose losses read groups (group_robust_po): the group column mapped
+    from the built-in rows' answer, and no eval set (its answers are groups the training rows may lack)."""
+    from postrain.preference.section import state_settings  # the preference registry imports torch: slow
+
+    columns = {entry["group_column"]: SMOKE_GROUP_SOURCE for entry in cfg.get("loss") or []
+               if isinstance(entry, dict) and "group_column" in state_settings(entry.get("name"))
+               and entry.get("group_column")}
+    if not columns or not data.get("train"):
+        return data
+    return {**data, "train": {**data["train"], "columns": {**(data["train"].get("columns") or {}), **columns}},
+            "eval": None}
 
 
 def _length_part(part) -> bool:

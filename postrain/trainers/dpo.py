@@ -4,14 +4,13 @@ With no registry losses the trainer is TRL's, unchanged (`trainer.loss_type` and
 each batch's log-probs are computed once (policy; reference only if some chosen loss reads reference data), the
 registry's data dict is built from them, and the loss is Σ_i weight_i · mean(loss_i).
 
-Data shapes. A registry loss's data arguments say which rows it trains on (`DataShape`, `shape_of`):
-  pairs     {prompt, chosen, rejected}: chosen_logps, rejected_logps, ... (B,)  -> PostrainDPOTrainer (this module)
-  lists     {prompt, completions: [K texts], scores | ranks}: list_logps, list_ref_logps, list_scores,
-            list_mask (B, K)                                              -> trainers.listwise.ListwiseDPOTrainer
-  unpaired  {prompt, completion, label}: logps, ref_logps, labels (B,), KTO's kl, BCO's delta
-                                                                          -> trainers.unpaired.UnpairedDPOTrainer
-One recipe trains on one shape: `parse_losses` refuses a `loss:` section that mixes them (a list loss next to a
-pair loss) and `trainer_class_for` picks the trainer for the section, so `postrain dpo` needs no other setting.
+The `loss:` section is parsed by postrain.preference.section (`parse_losses`: the terms, their data shape, the
+load-time checks); the trainer takes the parsed terms, or a raw section which it parses with the same function.
+Each data shape has its trainer (`trainer_class_for`):
+  pairs     {prompt, chosen, rejected}                        -> PostrainDPOTrainer (this module)
+  lists     {prompt, completions: [K texts], scores | ranks}  -> trainers.listwise.ListwiseDPOTrainer
+  unpaired  {prompt, completion, label}                       -> trainers.unpaired.UnpairedDPOTrainer
+so `postrain dpo` needs no other setting. The data is checked for its shape here (`check_loss_data`).
 
 TRL 1.16 offers no loss hook: the loss chain is inline in `DPOTrainer._compute_loss`. `_compute_loss` is
 overridden; its policy forward (about 10 lines, `_policy_forward`) is copied from TRL 1.16, the reference
@@ -22,8 +21,6 @@ test instead of drifting silently.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,272 +29,34 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from postrain.errors import DataError, RecipeError
-from postrain.recipes.validate import origin_of
-# TGDPO's token rewards, Ra-DPO's risk ratios: their inputs sit on the loss entry
-from postrain.trainers.token_level import TOKEN_LEVEL_DATA, TokenLevelInputs, check_terms, split_inputs
+# the parsed `loss:` section: terms, data shapes and the data names the trainer computes for them
+from postrain.preference.section import (LISTS, LOG_SUM_SQ_PROBS, PAIR_COLUMNS, PAIRS, SHAPE_OPTIONS, SHAPES,
+                                         TRL_LOSS_OPTIONS, UNPAIRED, DataShape, LossTerm, is_parsed, losses_shape,
+                                         parse_losses, term_keys)
+from postrain.preference.turn_data import reads_turns
+from postrain.recipes.checks import check_loss_models
+# TGDPO's token rewards, Ra-DPO's risk ratios: computed per batch from the inputs on the loss entry
+from postrain.trainers.token_level import TokenLevelInputs
 # DMPO's per-turn log-probs of multi-turn conversations: spans from the chat template, sums per agent turn
 from postrain.trainers import turns
 # β-DPO's margin statistics, group robust PO's group weights: state the trainer keeps across batches
 from postrain.trainers.dpo_state import BATCH_KEYS as STATE_BATCH_KEYS
-from postrain.trainers.dpo_state import STATE_DATA, DPOLossState, check_group_column, split_settings
-from postrain.trainers.dpo_state import check_options as check_state_options
-from postrain.trainers.dpo_state import checkpoint_folder
-
-# Data the trainer computes from a plain (prompt, chosen, rejected) batch, by registry data name.
-BATCH_DATA = frozenset({
-    "chosen_logps", "rejected_logps",  # summed over completion tokens, (B,)
-    "chosen_lengths", "rejected_lengths",  # completion tokens scored, (B,)
-    "chosen_token_logps", "rejected_token_logps",  # per token, (B, T), zero off the completion
-    "chosen_mask", "rejected_mask",  # completion tokens, (B, T)
-    "chosen_token_log_sum_sq_probs", "rejected_token_log_sum_sq_probs",  # log Σ_v π(v|·)², (B, T) (WPO)
-    "ref_chosen_logps", "ref_rejected_logps",
-    "ref_chosen_token_logps", "ref_rejected_token_logps",
-})
-# Per-pair numbers the trainer takes from dataset columns of the same name (TRL's collator drops extra columns,
-# so the trainer adds these to each batch itself).
-PAIR_COLUMNS = ("score_chosen", "score_rejected", "chosen_probs", "rejected_probs",
-                "prev_chosen_logps", "prev_rejected_logps")
-# Further references' summed log-probs (B, K), stacked from the `logp_models:` columns a loss's `references:`
-# names (postrain.trainers.logp_models; MRPO).
-LOGP_MODEL_DATA = frozenset({"extra_ref_chosen_logps", "extra_ref_rejected_logps"})
-LOG_SUM_SQ_PROBS = ("chosen_token_log_sum_sq_probs", "rejected_token_log_sum_sq_probs")
-REF_TOKEN_LOGPS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
-
-
-@dataclass(frozen=True)
-class DataShape:
-    """The rows a family of registry losses trains on, what the trainer computes from them, and which trainer."""
-
-    name: str
-    rows: str  # the rows, as messages name them
-    columns: tuple[tuple[str, ...], ...]  # dataset columns needed; a tuple of several: any one of them
-    data: frozenset[str]  # registry data the trainer computes from a batch
-    reference_data: frozenset[str]  # those of them that need a reference forward
-    trainer: str  # "module:Class"
-    pass_through: tuple[str, ...] = ()  # per-example dataset columns handed to the losses as they are
-
-    def needs(self, variant) -> list[str]:
-        """The required data of `variant` this shape cannot give it."""
-        return [k for k, req in variant.data.items() if req and k not in self.data and k not in self.pass_through]
-
-    def trainer_class(self) -> type:
-        module, _, name = self.trainer.partition(":")
-        return getattr(importlib.import_module(module), name)
-
-
-PAIRS = DataShape(
-    "pairs", "preference pairs {prompt, chosen, rejected}", (("prompt",), ("chosen",), ("rejected",)),
-    BATCH_DATA | LOGP_MODEL_DATA | TOKEN_LEVEL_DATA | STATE_DATA | turns.TURN_DATA,
-    frozenset({"ref_chosen_logps", "ref_rejected_logps", *REF_TOKEN_LOGPS, *TOKEN_LEVEL_DATA,
-               *turns.REF_TURN_LOGPS}),
-    "postrain.trainers.dpo:PostrainDPOTrainer", PAIR_COLUMNS)
-LISTS = DataShape(
-    "lists", "K-response lists {prompt, completions, scores or ranks}",
-    (("prompt",), ("completions",), ("scores", "ranks")),
-    frozenset({"list_logps", "list_ref_logps", "list_scores", "list_mask"}), frozenset({"list_ref_logps"}),
-    "postrain.trainers.listwise:ListwiseDPOTrainer")
-UNPAIRED = DataShape(
-    "unpaired", "unpaired labelled completions {prompt, completion, label}", (("prompt",), ("completion",), ("label",)),
-    frozenset({"logps", "ref_logps", "labels", "kl", "delta"}), frozenset({"ref_logps", "kl", "delta"}),
-    "postrain.trainers.unpaired:UnpairedDPOTrainer")
-SHAPES = (PAIRS, LISTS, UNPAIRED)
-
-
-def shape_of(variant) -> DataShape:
-    """The data shape a registry loss trains on, read from its data arguments."""
-    names = set(variant.data)
-    if any(name.startswith("list_") for name in names):
-        return LISTS
-    if {"logps", "labels"} <= names:
-        return UNPAIRED
-    return PAIRS
-
-
-def section_shape(section: list | None) -> DataShape:
-    """The shape a `loss:` section trains on, without validating it (for the smoke layer): the first entry that
-    names a known loss decides; no section (TRL's own loss) trains on pairs."""
-    from postrain.preference import PREFERENCE
-
-    for entry in section or []:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name in PREFERENCE:
-            return shape_of(PREFERENCE.get(name))
-    return PAIRS
-
-# TRL options that shape TRL's own loss chain, which the registry path replaces: with `loss:` a non-default
-# value would be silently ignored, so it is refused, saying what to write instead.
-TRL_LOSS_OPTIONS = {
-    "loss_type": "keep one of the two: `loss:` (postrain's preference-loss registry) or `trainer.loss_type` "
-                 "(TRL's own losses); e.g. TRL's sigmoid is `loss: [{name: dpo}]`",
-    "loss_weights": "give each `loss:` entry its `weight:`",
-    "beta": "set `beta:` on each `loss:` entry (each defaults to its paper's value)",
-    "label_smoothing": "set `label_smoothing:` on the entry that takes it (cdpo, robust, exo_pair, aot, aot_unpaired)",
-    "ld_alpha": "use the `ld_dpo` entry with `alpha:`",
-    "use_weighting": "use the `wpo` entry",
-    "f_divergence_type": "use the entry `fdpo_forward_kl`, `fdpo_js` or `fdpo_alpha`",
-    "f_alpha_divergence_coef": "use the `fdpo_alpha` entry with `alpha: 1 - f_alpha_divergence_coef`",
-    "discopop_tau": "set `tau:` on the `discopop` entry",
-}
-# Trainer options besides TRL_LOSS_OPTIONS that parse_losses checks against the losses' data shape.
-SHAPE_OPTIONS = ("precompute_ref_log_probs", "truncation_mode", "per_device_train_batch_size")
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    """One `loss:` entry: a registry loss, its weight and its hyperparameters."""
-
-    name: str
-    weight: float = 1.0
-    params: dict[str, Any] = field(default_factory=dict)
-    # inputs the trainer computes for this term, set on its entry (postrain.trainers.token_level: TGDPO's
-    # token_reward_model, Ra-DPO's confidence_level / split_vocab); not passed to the loss
-    inputs: dict[str, Any] = field(default_factory=dict)
-    # settings of the state the trainer keeps for this term (postrain.trainers.dpo_state: beta_dpo's rho and
-    # momentum, group_robust_po's group_column, step_size, group_fractions); not passed to the loss
-    state: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def variant(self):
-        from postrain.preference import PREFERENCE
-
-        return PREFERENCE.get(self.name)
-
-    @property
-    def shape(self) -> DataShape:
-        return shape_of(self.variant)
-
-    @property
-    def reads(self) -> set[str]:
-        """The data inputs this term reads from what the trainer can give it."""
-        return set(self.variant.data) & (self.shape.data | set(self.shape.pass_through))
-
-    @property
-    def beta(self) -> float | None:
-        """The β of this term (its setting, else its paper's default), if it has one."""
-        return self.params.get("beta", self.variant.params.get("beta"))
-
-
-def term_keys(terms: list[LossTerm]) -> list[str]:
-    """A unique key per term for logs and state: its name, `<name>_2`, ... for repeats."""
-    seen: dict[str, int] = {}
-    keys = []
-    for term in terms:
-        seen[term.name] = seen.get(term.name, 0) + 1
-        keys.append(term.name + (f"_{seen[term.name]}" if seen[term.name] > 1 else ""))
-    return keys
-
-
-def losses_shape(terms: list[LossTerm]) -> DataShape:
-    """The one data shape of parsed terms (parse_losses refuses mixed ones); pairs without terms."""
-    return terms[0].shape if terms else PAIRS
+from postrain.trainers.dpo_state import DPOLossState, check_group_column, checkpoint_folder
 
 
 def trainer_class_for(terms: list[LossTerm]) -> type:
     """The trainer `postrain dpo` builds for these terms: the one whose batches carry their data shape."""
-    return losses_shape(terms).trainer_class()
-
-
-def _trl_defaults() -> dict[str, Any]:
-    import dataclasses
-
-    from postrain.trainers import config_class
-
-    wanted = set(TRL_LOSS_OPTIONS) | set(SHAPE_OPTIONS)
-    return {f.name: f.default for f in dataclasses.fields(config_class("dpo")) if f.name in wanted}
-
-
-def _is_default(option: str, value: Any, default: Any) -> bool:
-    if option == "loss_type":  # TRL's __post_init__ turns a string into a one-element list
-        value = [value] if isinstance(value, str) else list(value or [])
-        return value == ["sigmoid"]
-    return value == default
-
-
-def parse_losses(section: list, trainer: dict | None = None, origins: dict[str, str] | None = None) -> list[LossTerm]:
-    """Validate a `loss:` section (names, parameters, data the trainer can give, one data shape, TRL options that
-    conflict) and return its terms. Raises RecipeError naming the entry, key or option and what would be right."""
-    from postrain.preference import PREFERENCE
-
-    origins = origins or {}
-    trainer = trainer or {}
-    defaults = _trl_defaults()
-    for option, instead in TRL_LOSS_OPTIONS.items():
-        if option in trainer and not _is_default(option, trainer[option], defaults.get(option)):
-            origin = origin_of(origins, f"trainer.{option}")
-            raise RecipeError(f"the recipe sets both `loss:` and trainer.{option}={trainer[option]!r} (from {origin}): "
-                              f"with `loss:`, {instead}")
-    if not isinstance(section, list) or not section:
-        raise RecipeError("`loss:` must be a non-empty list of entries like {name: simpo, weight: 1.0, beta: 2.0}")
-    terms = []
-    for i, entry in enumerate(section):
-        where = f"loss[{i}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise RecipeError(f"{where} must be a mapping with a `name:` (a preference loss: "
-                              f"`postrain variants --family preference`), got {entry!r}")
-        params = {k: v for k, v in entry.items() if k not in ("name", "weight")}
-        params, inputs = split_inputs(entry["name"], params, trainer, where, origins)
-        params, state = split_settings(entry["name"], params, where)
-        variant = PREFERENCE.check_params(entry["name"], params, where=where)
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise RecipeError(f"{where}.weight must be a number, got {weight!r}")
-        required = [p.name for p in variant.signature.parameters.values()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty]
-        if missing := [p for p in required if p not in params]:
-            raise RecipeError(f"{where}: preference loss {variant.name!r} needs {', '.join(map(repr, missing))} "
-                              f"(its paper gives no default), e.g. {{name: {variant.name}, {missing[0]}: ...}}")
-        shape = shape_of(variant)
-        if unavailable := shape.needs(variant):
-            columns = f", and reads the dataset columns {', '.join(shape.pass_through)}" if shape.pass_through else ""
-            raise RecipeError(
-                f"{where}: preference loss {variant.name!r} needs {', '.join(unavailable)}, which postrain's DPO "
-                f"trainer cannot give it (from {shape.rows} it computes {', '.join(sorted(shape.data))}{columns}); "
-                f"choose another loss")
-        if trainer.get("precompute_ref_log_probs") and set(REF_TOKEN_LOGPS) & set(variant.data):
-            raise RecipeError(f"{where}: preference loss {variant.name!r} reads per-token reference log-probs, which "
-                              f"trainer.precompute_ref_log_probs does not keep; set it to false")
-        terms.append(LossTerm(variant.name, float(weight), params, inputs, state))
-    _check_one_shape(terms)
-    check_terms(terms)
-    turns.check_options(terms, trainer, defaults)  # dmpo: no precomputed reference, keep_start truncation
-    check_state_options(terms, trainer, defaults)
-    _check_shape_options(terms, trainer, defaults, origins)
-    return terms
-
-
-def _check_one_shape(terms: list[LossTerm]) -> None:
-    if len({t.shape.name for t in terms}) > 1:
-        described = "; ".join(f"loss[{i}] {t.name!r} reads {t.shape.rows}" for i, t in enumerate(terms))
-        raise RecipeError(f"`loss:` mixes data shapes ({described}): one recipe trains on one shape of data. "
-                          f"Keep the losses of one shape, or turn the data into the other shape first "
-                          f"(data.train.transform: `unpair` makes unpaired rows of pairs)")
-
-
-def _check_shape_options(terms: list[LossTerm], trainer: dict, defaults: dict, origins: dict) -> None:
-    """Trainer options the list-wise and unpaired trainers cannot honour are refused rather than ignored."""
     shape = losses_shape(terms)
-    if shape is PAIRS:
-        return
+    # the list-wise and unpaired trainers subclass this module's: imported here, when picked (a cycle otherwise)
+    if shape is LISTS:
+        from postrain.trainers.listwise import ListwiseDPOTrainer
 
-    def option(name: str) -> Any:
-        return trainer.get(name, defaults.get(name))
+        return ListwiseDPOTrainer
+    if shape is UNPAIRED:
+        from postrain.trainers.unpaired import UnpairedDPOTrainer
 
-    def refuse(name: str, why: str) -> RecipeError:
-        origin = origin_of(origins, f"trainer.{name}")
-        return RecipeError(f"trainer.{name}={option(name)!r} (from {origin}) with {terms[0].name!r} ({shape.rows}): "
-                           f"{why}")
-
-    if option("precompute_ref_log_probs"):
-        raise refuse("precompute_ref_log_probs", "TRL precomputes reference log-probs of pairs only; the "
-                     f"{shape.name} trainer runs the reference on each batch. Set it to false")
-    if option("truncation_mode") not in (None, "keep_start"):
-        raise refuse("truncation_mode", "the sequences of lists and unpaired rows are padded by TRL's unpaired "
-                     "collator, which keeps their start. Set truncation_mode: keep_start, or raise max_length")
-    kl_terms = [t.name for t in terms if "kl" in t.reads]
-    if kl_terms and (option("per_device_train_batch_size") or 0) < 2:
-        raise refuse("per_device_train_batch_size", f"{kl_terms[0]!r} estimates its KL reference point from each "
-                     "prompt paired with another row's completion in the same batch, so a batch needs at least "
-                     "2 rows (KTO paper and TRL use 8 or more)")
+        return UnpairedDPOTrainer
+    return PostrainDPOTrainer
 
 
 def check_loss_columns(terms: list[LossTerm], columns: list[str], where: str, provided: tuple = ()) -> None:
@@ -426,15 +185,23 @@ class PostrainDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, losses: list | None = None, logp_models: dict | None = None,
                  shared_prefix: bool = False, **kwargs):
+        """`losses`: the terms postrain.preference.section.parse_losses returned (`postrain dpo` parses the recipe's
+        section once and passes them), or a raw `loss:` section, parsed here against the config's options."""
         config = kwargs.get("args")
-        trainer_options = {k: getattr(config, k) for k in (*TRL_LOSS_OPTIONS, *SHAPE_OPTIONS)
-                           if hasattr(config, k)} if config else {}
-        self.loss_terms = parse_losses(losses, trainer_options) if losses else []
+        if is_parsed(losses):
+            self.loss_terms = list(losses)
+        else:
+            trainer_options = {k: getattr(config, k) for k in (*TRL_LOSS_OPTIONS, *SHAPE_OPTIONS)
+                               if hasattr(config, k)} if config else {}
+            self.loss_terms = parse_losses(losses, trainer_options) if losses else []
+            check_loss_models(self.loss_terms, {})  # TGDPO's token_reward_model: a model spec
         shape = losses_shape(self.loss_terms)
         if shape is not self.shape:
             what = f"these losses read {shape.rows}" if self.loss_terms else "it needs registry losses (`losses`)"
+            right = trainer_class_for(self.loss_terms)
             raise RecipeError(f"{type(self).__name__} trains on {self.shape.rows}, but {what}: use "
-                              f"{shape.trainer.replace(':', '.')} (postrain dpo picks it from the `loss:` section)")
+                              f"{right.__module__}.{right.__qualname__} (postrain dpo picks it from the `loss:` "
+                              f"section)")
         self.shared_prefix = bool(shared_prefix)  # trainer.shared_prefix (postrain.trainers.shared_prefix_dpo)
         self._shared_prefix_verified = False
         if self.shared_prefix:
@@ -508,7 +275,7 @@ class PostrainDPOTrainer(DPOTrainer):
     def _check_raw_data(self, train_dataset, eval_dataset) -> None:
         """Before TRL tokenizes: for pairs, only per-turn losses' rows (conversations; the first row here, every row
         as the spans are computed); score columns are checked once tokenized."""
-        if turns.reads_turns(self.loss_terms):
+        if reads_turns(self.loss_terms):
             for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
                 for key, part in (dataset.items() if isinstance(dataset, dict) else [(name, dataset)]):
                     if part is not None:
@@ -522,7 +289,7 @@ class PostrainDPOTrainer(DPOTrainer):
         if columns:
             self.data_collator = _WithPairColumns(self.data_collator, columns)
         self.data_collator = self.loss_state.wrap_collator(self.data_collator)  # group ids (group_robust_po)
-        if turns.reads_turns(self.loss_terms):  # dmpo: agent-turn spans per row, a turn id per position per batch
+        if reads_turns(self.loss_terms):  # dmpo: agent-turn spans per row, a turn id per position per batch
             turns.add_turn_spans(self)
             self.data_collator = turns.WithTurnIds(self.data_collator, self.args.max_length)
         if any(set(LOG_SUM_SQ_PROBS) & t.reads for t in self.loss_terms):
@@ -559,7 +326,7 @@ class PostrainDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         # Keep the per-pair columns the losses read: Trainer drops every column not named here.
         state_columns = self.loss_state.columns() if getattr(self, "loss_state", None) else []
-        if turns.reads_turns(getattr(self, "loss_terms", [])):
+        if reads_turns(getattr(self, "loss_terms", [])):
             state_columns = [*state_columns, *turns.SPAN_COLUMNS]
         extra = [c for c in self._pair_columns_read() + state_columns if c not in self._signature_columns]
         self._signature_columns = list(self._signature_columns) + extra

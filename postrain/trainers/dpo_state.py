@@ -6,7 +6,8 @@ selection mask, `group_robust_po` the adversary's group weights α and each pair
 both authors' trainers do), saves it beside each checkpoint as `dpo_state.json` and reads it back on `--resume`.
 
 Recipe syntax: the state's settings sit in the loss entry, next to the loss's own hyperparameters; the trainer
-takes them out before the entry is called (`split_settings`), and they are checked when the recipe loads:
+takes them out before the entry is called, and they are checked when the recipe loads (the settings and their
+defaults are the entry's `state_settings=`; postrain.preference.section.split_settings):
 
   loss: [{name: beta_dpo, beta: 0.1, alpha: 0.6, rho: 0.2, momentum: 0.9}]
   loss: [{name: group_robust_po, beta: 0.01, ipo: true, group_column: group, step_size: 0.01, group_fractions: true}]
@@ -57,7 +58,6 @@ optimization at e4d611e, src/trainers/grouptrainer.py (the same in grouptrainere
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Callable
 
@@ -66,68 +66,11 @@ import torch.nn.functional as F
 
 from postrain.errors import DataError, RecipeError
 
-# Registry data the trainer computes from its state (added to the pairs' data shape in postrain.trainers.dpo).
-STATE_DATA = frozenset({"margin_ema_mean", "margin_ema_std", "selection_mask", "selected_margin_mean",
-                        "selected_fraction", "group_ids", "group_weights", "group_fractions", "group_counts"})
 # Batch keys the state's collator adds (not model inputs).
 GROUP_IDS = "group_ids"
 BATCH_KEYS = (GROUP_IDS,)
 STATE_FILE = "dpo_state.json"
-
-# Per stateful entry: its trainer-side settings and their defaults (None: required).
-SETTINGS: dict[str, dict[str, Any]] = {
-    # momentum: the EMA's (authors' gamma 0.9); rho: the fraction of each batch's pairs left out (authors'
-    # mode_weight, README 0.2); 0 keeps every pair (β calibration only).
-    "beta_dpo": {"momentum": 0.9, "rho": 0.2},
-    # group_column: the dataset column holding each pair's group; step_size: η of the exponentiated-gradient
-    # update (authors' config 0.01); group_fractions: divide each pair's loss by its group's share of the training
-    # set (the authors' divide_by_totalcount, True by default).
-    "group_robust_po": {"group_column": None, "step_size": 0.01, "group_fractions": True},
-}
 SEED_STRIDE = 1_000_003  # mask generator seed = trainer seed · stride + draws (a new stream per draw)
-
-
-def split_settings(name: str, params: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A loss entry's keys split into the loss's own hyperparameters and its trainer-state settings (with their
-    defaults filled in), the latter checked. Entries without state keep every key."""
-    if name not in SETTINGS:
-        return params, {}
-    settings = {k: params.get(k, default) for k, default in SETTINGS[name].items()}
-    rest = {k: v for k, v in params.items() if k not in SETTINGS[name]}
-
-    def number(key: str, lo: float, hi: float, what: str) -> None:
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value < hi:
-            raise RecipeError(f"{where}.{key} must be {what}, got {value!r}")
-        settings[key] = float(value)
-
-    if name == "beta_dpo":
-        number("momentum", 0.0, 1.0, "a number in [0, 1) (the EMA momentum of M0 and σ0; the authors' 0.9)")
-        number("rho", 0.0, 1.0, "a number in [0, 1) (the fraction of each batch's pairs left out; the paper's 0.2, "
-                                "0 keeps all)")
-    else:
-        column = settings["group_column"]
-        if not isinstance(column, str) or not column:
-            raise RecipeError(f"{where}: {name!r} needs `group_column:`, the dataset column holding each pair's "
-                              f"group (strings or integers), e.g. {{name: {name}, group_column: group}}; got "
-                              f"{column!r}")
-        number("step_size", 0.0, math.inf, "a number >= 0 (η of the group weights' exponentiated-gradient update; "
-                                           "the authors' default 0.01)")
-        if not isinstance(settings["group_fractions"], bool):
-            raise RecipeError(f"{where}.group_fractions must be true or false (divide each pair's loss by its "
-                              f"group's share of the training set, the authors' divide_by_totalcount), got "
-                              f"{settings['group_fractions']!r}")
-    return rest, settings
-
-
-def check_options(terms: list, trainer: dict, defaults: dict) -> None:
-    """Load-time checks of trainer options against the stateful terms."""
-    batch = trainer.get("per_device_train_batch_size", defaults.get("per_device_train_batch_size")) or 0
-    for i, term in enumerate(terms):
-        if term.name == "beta_dpo" and batch < 2:
-            raise RecipeError(f"trainer.per_device_train_batch_size={batch} with 'beta_dpo' (loss[{i}]): σ0 is the "
-                              f"running standard deviation of each batch's margins, which needs at least 2 pairs "
-                              f"per batch (the authors use 64)")
 
 
 def check_group_column(terms: list, dataset, where: str) -> None:
@@ -398,18 +341,3 @@ def checkpoint_folder(trainer, trial) -> str:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
-
-
-# Under --smoke the built-in pairs carry no group column: the answer (a handful of distinct numbers) stands in.
-SMOKE_GROUP_SOURCE = "answer"
-
-
-def smoke_data(cfg: dict, data: dict) -> dict:
-    """The smoke layer's `data` for a DPO recipe whose losses read groups (group_robust_po): the group column mapped
-    from the built-in rows' answer, and no eval set (its answers are groups the training rows may lack)."""
-    columns = {entry["group_column"]: SMOKE_GROUP_SOURCE for entry in cfg.get("loss") or []
-               if isinstance(entry, dict) and entry.get("name") == "group_robust_po" and entry.get("group_column")}
-    if not columns or not data.get("train"):
-        return data
-    return {**data, "train": {**data["train"], "columns": {**(data["train"].get("columns") or {}), **columns}},
-            "eval": None}

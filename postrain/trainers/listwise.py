@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
+from postrain.preference.section import LISTS
 from postrain.trainers.completions import CompletionsDPOTrainer, tokenize_completions
-from postrain.trainers.dpo import LISTS, list_scores
+from postrain.trainers.dpo import list_scores
 
 
 def tokenize_list_row(example: dict, processing_class, eos_token: str) -> dict:

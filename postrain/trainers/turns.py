@@ -57,57 +57,11 @@ from typing import Any, Callable
 import torch
 
 from postrain.errors import DataError, RecipeError
+# the data names and load-time checks of per-turn losses are vocabulary of the `loss:` section
+from postrain.preference.turn_data import per_turn_losses, reads_turns
 
-TURN_LOGPS = ("chosen_turn_logps", "rejected_turn_logps")  # per assistant turn, summed over its tokens (B, J)
-REF_TURN_LOGPS = ("ref_chosen_turn_logps", "ref_rejected_turn_logps")
-TURN_MASKS = ("chosen_turn_mask", "rejected_turn_mask")  # 1 for the turns a row has (B, J), left-aligned
-# Registry data this module computes from a batch of conversational pairs; REF_TURN_LOGPS need the reference.
-TURN_DATA = frozenset({*TURN_LOGPS, *REF_TURN_LOGPS, *TURN_MASKS})
 SPAN_COLUMNS = ("chosen_turn_spans", "rejected_turn_spans")  # dataset columns: [[start, end], ...] per row
 TURN_IDS = "turn_ids"  # batch key: (2B, L) turn id per position (0: no assistant turn, j + 1: turn j)
-
-
-def per_turn_losses() -> str:
-    """The registered preference losses that read per-turn data, for messages: "dmpo, sdpo_segment"."""
-    from postrain.preference import PREFERENCE
-
-    return ", ".join(sorted(v.name for v in PREFERENCE if TURN_DATA & set(v.data)))
-
-
-def reads_turns(terms: list) -> bool:
-    """Whether some loss term reads per-turn data."""
-    return any(TURN_DATA & t.reads for t in terms)
-
-
-def reads_turns_section(section: Any) -> bool:
-    """The same for an unvalidated `loss:` section (the smoke layer): some entry names a loss reading turn data."""
-    from postrain.preference import PREFERENCE
-
-    for entry in section or []:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name in PREFERENCE and TURN_DATA & set(PREFERENCE.get(name).data):
-            return True
-    return False
-
-
-def check_options(terms: list, trainer: dict, defaults: dict) -> None:
-    """Load time: the trainer options per-turn log-probs cannot honour are refused, saying what to set."""
-    users = [t.name for t in terms if TURN_DATA & t.reads]
-    if not users:
-        return
-
-    def option(name: str) -> Any:
-        return trainer.get(name, defaults.get(name))
-
-    if option("precompute_ref_log_probs"):
-        raise RecipeError(f"preference loss {users[0]!r} reads per-turn reference log-probs, which "
-                          f"trainer.precompute_ref_log_probs does not keep (TRL precomputes summed log-probs only); "
-                          f"set it to false")
-    if option("truncation_mode") not in (None, "keep_start"):
-        raise RecipeError(f"trainer.truncation_mode={option('truncation_mode')!r} with {users[0]!r}: keep_end cuts "
-                          f"a trajectory's first turns (dmpo weighs them most; an sdpo_segment pair first differs "
-                          f"there) and would number the rest from turn 0. Set truncation_mode: keep_start (turns past "
-                          f"max_length are dropped), or raise max_length")
 
 
 def _is_messages(value: Any) -> bool:

@@ -32,8 +32,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
+from postrain.preference.section import UNPAIRED
 from postrain.trainers.completions import CompletionsDPOTrainer, tokenize_completions
-from postrain.trainers.dpo import UNPAIRED
 
 
 def tokenize_unpaired_row(example: dict, processing_class, eos_token: str) -> dict:
