@@ -17,19 +17,20 @@ parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply o
 the `rl:` path would silently ignore, and the mode and bounds of TRL's vLLM importance-sampling correction, which
 the `rl:` path applies as TRL does (postrain.trainers.grpo).
 
-Samplers act at one of these stages of a training step (SAMPLER_STAGES; at most one sampler per stage; eval
-batches are never filtered):
+Samplers act at one of these stages of a training step (each entry's `stage=` metadata, `Part.stage`; at most one
+sampler per stage; eval batches are never filtered):
   group     before the advantage: a group keep mask from the raw rewards; dropped groups get weight 0 and the
-            advantage is computed on the kept groups only. `refill` entries generate more groups (from a second,
+            advantage is computed on the kept groups only. `refill=True` entries generate more groups (from a second,
             seeded pass over the training set) until the generation batch holds enough kept groups or
             `max_num_gen_batches` rounds were generated, then train on what there is (padding the batch with
-            dropped groups of weight 0); `recent_sample_recovery` also carries the kept groups beyond the batch to
-            the next step.
+            dropped groups of weight 0); a `recovers=True` entry (recent_sample_recovery) also carries the kept
+            groups beyond the batch to the next step.
   subset    before the advantage: k completions of every group (GFPO); the advantage sees groups of k.
   row       after the advantage: a row keep mask (RAFT++ positives, CPPO pruning by |advantage|).
   reweight  after the advantage: PF-PPO's resampling with replacement, as row multiplicities.
   replay    RePO (`repo_replay`): no row of the batch changes; each prompt's past samples are kept in a buffer
             and up to num_replays of them add an off-policy loss term (postrain.trainers.grpo_replay).
+  prompt    before the rollout: GRESO (`greso`) skips prompts (postrain.trainers.grpo_greso).
 Samplers read the raw rewards (the weighted sum of the reward functions, before `shaping:`), as verl's DAPO filter
 reads accuracy; the advantage reads the shaped ones.
 """
@@ -64,42 +65,30 @@ PROVIDED: dict[str, frozenset[str]] = {
                           "buffer_rewards", "draws",  # repo_replay: per-prompt buffer rewards, U[0, 1) draws
                           "easy_streak", "hard_streak", "uniform"}),  # greso: per-prompt streaks, U[0, 1) draws
 }
-# Advantage estimators that read and return a per-prompt history (`state`): the width of one prompt's row and its
-# first-visit value. The trainer keeps it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with
-# checkpoints.
-STATEFUL_ADVANTAGES: dict[str, tuple[int, float]] = {"dcpo_smooth": (3, 0.0)}
-# Reward-shaping entries that read and return a per-prompt history the same way (postrain.rl.history_shaping).
-STATEFUL_SHAPING: dict[str, tuple[int, float]] = {"hapo_length": (1, 0.0)}
-# Why a data input is not available in a GRPO batch (for the error message).
+# Advantage estimators and reward shaping that read and return a per-prompt history (`state`) declare
+# `prompt_state=(width of one prompt's row, first-visit value)` on their entry (Part.prompt_state); the trainer keeps
+# it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with checkpoints.
+STATEFUL_FAMILIES = (ADVANTAGES, SHAPING)
+# Why a data input is not available in a GRPO batch (for the error message; `state`: see missing_data_reason).
 MISSING_DATA = {
     "ref_rewards": "rewards of completions sampled from the reference model, which the GRPO trainer does not "
                    "generate",
-    "state": "a per-prompt history carried across steps, which the GRPO trainer keeps only for "
-             + ", ".join(sorted({*STATEFUL_ADVANTAGES, *STATEFUL_SHAPING})),
     "divergence": "a per-prompt policy divergence since the prompt's previous visit, which the GRPO trainer does "
                   "not track",
     "embeddings": "sentence embeddings of the completions, and no embedding model is configured",
     "preferences": "pairwise preference judgments between completions, and no judge is configured",
 }
-# Entries whose data is optional but which would silently degrade without it, or which cannot run in TRL's trainer.
-UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("advantage", "spo_tracker"): "it is single-stream (one completion per prompt, group_size 1) and TRL 1.16's "
-                                  "GRPOConfig requires num_generations >= 2",
-    ("sampler", "spo_prioritized"): "it chooses which prompts the next batch draws, from each prompt's SPO tracker; "
-                                    "the tracker is single-stream (see spo_tracker) and TRL's RepeatSampler draws "
-                                    "an epoch's prompt order up front, while accelerate's dataloader fetches one "
-                                    "batch ahead and transformers' resume replays the sampler to skip batches, so a "
-                                    "state-dependent draw would neither see the latest state nor resume identically",
-}
 
-# Sampler stage by entry (see the module docstring); `refill` entries generate more groups when too few are kept.
-SAMPLER_STAGES: dict[str, str] = {
-    "dynamic_sampling": "group", "online_difficulty": "group", "reinforce_rej": "group",
-    "recent_sample_recovery": "group", "gfpo_length": "subset", "gfpo_reward_per_token": "subset",
-    "raft_pp": "row", "cppo_prune": "row", "pf_ppo": "reweight", "repo_replay": "replay",
-    "greso": "prompt",  # before the rollout: skips prompts (postrain.trainers.grpo_greso)
-}
-REFILL_SAMPLERS = frozenset({"dynamic_sampling", "online_difficulty", "recent_sample_recovery"})
+
+def missing_data_reason(data_name: str) -> str:
+    """Why a GRPO batch does not provide `data_name`, for the error message."""
+    if data_name == "state":  # read from the entries when asked, so every family has registered by then
+        stateful = sorted(v.name for registry in STATEFUL_FAMILIES for v in registry if v.extra.get("prompt_state"))
+        return f"a per-prompt history carried across steps, which the GRPO trainer keeps only for {', '.join(stateful)}"
+    return MISSING_DATA.get(data_name, "which a GRPO batch does not provide")
+
+
+# Entries that cannot run in TRL's trainer (or would silently degrade there) say why on the entry: `unsupported=`.
 # Sampler parameters the trainer sets itself (a recipe must not): name -> what the trainer passes.
 TRAINER_FILLED = {"batch_groups": "the generation batch in groups (generation_batch_size / num_generations)"}
 
@@ -147,6 +136,32 @@ class Part:
     where: str
     variant: Variant
 
+    @property
+    def stage(self) -> str | None:
+        """A sampler's stage in a training step (its entry's `stage=`; see the module docstring)."""
+        return self.variant.extra.get("stage")
+
+    @property
+    def refills(self) -> bool:
+        """Whether a group sampler has the trainer generate more groups while too few are kept (`refill=True`)."""
+        return bool(self.variant.extra.get("refill"))
+
+    @property
+    def recovers(self) -> bool:
+        """Whether a refilling sampler returns the groups for the batch and for a buffer carried to the next step
+        (`recovers=True`: recent_sample_recovery)."""
+        return bool(self.variant.extra.get("recovers"))
+
+    @property
+    def prompt_state(self) -> tuple[int, float] | None:
+        """(width of one prompt's row, first-visit value) of the per-prompt history the entry reads and returns
+        (its `prompt_state=`), or None for an entry without one."""
+        return self.variant.extra.get("prompt_state")
+
+    def value(self, key: str) -> Any:
+        """A hyperparameter as the recipe sets it, else the entry's default."""
+        return self.params.get(key, self.variant.params.get(key))
+
 
 @dataclass
 class RLParts:
@@ -163,16 +178,21 @@ class RLParts:
             + [("sampler", p) for p in self.samplers]
 
     def reads(self, data_name: str) -> bool:
-        """Whether any part reads `data_name`, counting `reinforce_pp`'s log-probs only where its beta is not 0."""
+        """Whether any part reads `data_name`; an entry reading it only where a hyperparameter is not 0 (its
+        `reads_if_nonzero=`, reinforce_pp's log-probs at beta 0) counts by that hyperparameter's value."""
         for _, part in self.all():
-            if (part.name, part.variant.family) == ("reinforce_pp", "advantage") \
-                    and data_name in ("old_logps", "ref_logps"):
-                if part.params.get("beta", part.variant.params["beta"]) != 0:
+            switch = part.variant.extra.get("reads_if_nonzero", {}).get(data_name)
+            if switch is not None:
+                if part.value(switch) != 0:
                     return True
                 continue
             if part.variant.needs(data_name):
                 return True
         return False
+
+    def sampler_at(self, stage: str) -> Part | None:
+        """The sampler acting at `stage` (at most one: the load-time check refuses two)."""
+        return next((p for p in self.samplers if p.stage == stage), None)
 
 
 def normalize_part(value: Any, where: str) -> dict[str, Any]:
@@ -283,12 +303,12 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     rl_origin = origin_of(origins, "rl")
 
     for family, part in parts.all():
-        if (family, part.name) in UNSUPPORTED:
+        if part.variant.extra.get("unsupported"):
             raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) cannot run in "
-                              f"the GRPO trainer: {UNSUPPORTED[family, part.name]}")
+                              f"the GRPO trainer: {part.variant.extra['unsupported']}")
         for data_name, required in part.variant.data.items():
             if required and data_name not in PROVIDED[family]:
-                why = MISSING_DATA.get(data_name, "which a GRPO batch does not provide")
+                why = missing_data_reason(data_name)
                 raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) reads "
                                   f"`{data_name}`: {why}")
 
@@ -406,7 +426,7 @@ def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dic
         if low is not None and high is not None and not low < high:
             raise RecipeError(f"{value('vllm_importance_sampling_clip_min')} must be below "
                               f"{value('vllm_importance_sampling_clip_max')} (TRL's GRPOConfig requires it)")
-    replay = next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    replay = parts.sampler_at("replay")
     if replay is not None:
         raise RecipeError(f"sampler 'repo_replay' ({replay.where}) cannot be combined with trainer.use_vllm (from "
                           f"{origin_of(origins, 'trainer.use_vllm')}) and TRL's vLLM importance-sampling "
@@ -418,7 +438,7 @@ def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dic
 
 def _check_replay(parts: RLParts) -> None:
     """`repo_replay`: parameters in range, and parts its off-policy term can run (postrain.trainers.grpo_replay)."""
-    part = next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    part = parts.sampler_at("replay")
     if part is None:
         return
     from math import comb
@@ -441,7 +461,7 @@ def _check_replay(parts: RLParts) -> None:
                           f"({value['num_replays']}) of max_buffer_size ({value['max_buffer_size']}) samples, "
                           f"{comb(value['max_buffer_size'], value['num_replays'])} subsets per prompt: keep it under "
                           f"200000 (the paper's 8 of 16: 12870)")
-    other = next((p for p in parts.samplers if p.name in REFILL_SAMPLERS), None)
+    other = next((p for p in parts.samplers if p.refills), None)
     if other is not None:
         raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot be combined with {other.name!r} "
                           f"({other.where}): a refilled batch is assembled from several generation rounds, and the "
@@ -471,7 +491,7 @@ def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
     loss that compares whole groups."""
     by_stage: dict[str, Part] = {}
     for part in parts.samplers:
-        stage = SAMPLER_STAGES[part.name]
+        stage = part.stage
         if stage in by_stage:
             raise RecipeError(f"samplers {by_stage[stage].name!r} ({by_stage[stage].where}) and {part.name!r} "
                               f"({part.where}) both act at the {stage!r} stage: keep one of them")
@@ -486,12 +506,12 @@ def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
             rate = part.params.get("pruning_rate", part.variant.params["pruning_rate"])
             if not 0 <= rate < 1:
                 raise RecipeError(f"{key}.pruning_rate ({rate}, {part.where}) must lie in [0, 1)")
-        if part.name in REFILL_SAMPLERS:
+        if part.refills:
             rounds = part.params.get("max_num_gen_batches", part.variant.params["max_num_gen_batches"])
             if not isinstance(rounds, int) or rounds < 0:
                 raise RecipeError(f"{key}.max_num_gen_batches ({rounds!r}, {part.where}) must be an integer >= 0 "
                                   f"(0: generate until the batch is full, as verl's DAPO recipe)")
-    rows = [p for p in parts.samplers if SAMPLER_STAGES[p.name] != "group"]
+    rows = [p for p in parts.samplers if p.stage != "group"]
     if rows and parts.policy_loss.variant.needs("group_size"):
         raise RecipeError(f"sampler {rows[0].name!r} ({rows[0].where}) drops or repeats single completions, but "
                           f"policy loss {parts.policy_loss.name!r} ({parts.policy_loss.where}) compares the "
@@ -558,7 +578,7 @@ def _check_nft(parts: RLParts) -> None:
 
 def _check_greso(parts: RLParts) -> None:
     """`greso`: probabilities and ratios in range."""
-    part = next((p for p in parts.samplers if p.name == "greso"), None)
+    part = parts.sampler_at("prompt")
     if part is None:
         return
     key, value = part.where.split(",")[0], {**part.variant.params, **part.params}

@@ -201,9 +201,16 @@ def curriculum_budget(step: int, *, decay_interval: int, initial_budget: float =
     return max(float(min_budget), float(initial_budget) * float(decay_factor) ** (int(step) // int(decay_interval)))
 
 
+def curriculum_budget_log(data: dict, params: dict) -> dict[str, float]:
+    """What a trainer logs of a batch curriculum_budget_length shaped: the budget it was scored against."""
+    schedule = {k: v for k, v in params.items() if k != "length_weight"}
+    return {"rl/shaping/budget": curriculum_budget(data["step"], **schedule)}
+
+
 @SHAPING.register("curriculum_budget_length", paper="Train Long, Think Short: Curriculum Learning for Efficient "
                   "Reasoning", arxiv="2508.08940",
                   requires=(_CURRICULUM,),
+                  logs=curriculum_budget_log,  # a hook: the trainer logs what it returns
                   catalog="rl:32",
                   notes="budget schedule B(t) = max(1, B0 * gamma^floor(t/T)) (exponential decay every T steps; "
                         "the paper's overview figure uses gamma = 0.7, its runs B0 = 256), as the paper states it; "

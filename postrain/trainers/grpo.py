@@ -70,9 +70,7 @@ from postrain.errors import RecipeError
 from postrain.rl.losses import disco_kl_stats
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
-from postrain.rl.shaping import curriculum_budget
-from postrain.rl.section import (REFILL_SAMPLERS, SAMPLER_STAGES, STATEFUL_ADVANTAGES, STATEFUL_SHAPING, Part,
-                                 parse_rl_section)
+from postrain.rl.section import Part, parse_rl_section
 from postrain.trainers import grpo_greso, grpo_replay, shared_prefix
 from postrain.trainers.grpo_sampling import LEFT_PADDED, PromptState, cat_batches, group_rows, prompt_key, take_rows
 
@@ -115,8 +113,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         self.rl_parts = parse_rl_section(rl) if rl is not None else None
         self.rl_state = PromptState()
         self._rl_rewards_per_func: torch.Tensor | None = None
-        self._rl_samplers: dict[str, Part] = {SAMPLER_STAGES[p.name]: p for p in self.rl_parts.samplers
-                                              if SAMPLER_STAGES[p.name] != "replay"} \
+        self._rl_samplers: dict[str, Part] = {p.stage: p for p in self.rl_parts.samplers if p.stage != "replay"} \
             if self.rl_parts is not None else {}  # repo_replay weighs no row: postrain.trainers.grpo_replay
         self._rl_replay_part = grpo_replay.replay_part(self.rl_parts)
         self.rl_replay_buffer = grpo_replay.new_buffer(self._rl_replay_part)  # RePO: each prompt's past samples
@@ -213,12 +210,12 @@ class PostrainGRPOTrainer(GRPOTrainer):
 
     def _refill_part(self) -> Part | None:
         part = self._rl_samplers.get("group")
-        return part if part is not None and part.name in REFILL_SAMPLERS else None
+        return part if part is not None and part.refills else None
 
     def _prompt_keys(self, inputs) -> list[str] | None:
         """Every process' prompt ids, in gathered row order, where a part keeps per-prompt state."""
-        stateful_shaping = any(p.name in STATEFUL_SHAPING for p in self.rl_parts.shaping)
-        if self.rl_parts.advantage.name not in STATEFUL_ADVANTAGES and not stateful_shaping:
+        stateful_shaping = any(p.prompt_state for p in self.rl_parts.shaping)
+        if not self.rl_parts.advantage.prompt_state and not stateful_shaping:
             return None
         from accelerate.utils import gather_object
 
@@ -234,7 +231,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         """The group sampler's keep mask over the groups of `rewards` (recent_sample_recovery: the groups it puts
         in the batch or the buffer)."""
         params = dict(part.params)
-        if part.name == "recent_sample_recovery":
+        if part.recovers:
             chosen = SAMPLERS.call(part.name, {"rewards": rewards, "group_size": group},
                                    {**params, "batch_groups": batch_groups})
             keep = torch.zeros(rewards.numel() // group, dtype=torch.bool, device=rewards.device)
@@ -301,7 +298,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         short = target - chosen.numel()
         if short:  # train on what there is: dropped groups fill the batch with weight 0
             chosen = torch.cat([chosen, torch.nonzero(~keep).flatten()[:short]])
-        if part.name == "recent_sample_recovery":
+        if part.recovers:
             surplus = group_rows(kept[target:], group)
             self._rl_buffer = None if surplus.numel() == 0 else {
                 "batch": take_rows(pool, surplus), "rewards_per_func": all_per_func[surplus],
@@ -447,8 +444,8 @@ class PostrainGRPOTrainer(GRPOTrainer):
             data["step"], data["total_steps"] = int(self.state.global_step), int(self.state.max_steps)
 
         for part in parts.shaping:
-            if part.name in STATEFUL_SHAPING:  # a per-prompt history in, the updated one out (training only)
-                width, first_visit = STATEFUL_SHAPING[part.name]
+            if part.prompt_state:  # a per-prompt history in, the updated one out (training only)
+                width, first_visit = part.prompt_state
                 state = self.rl_state.rows(part.name, keys, width, first_visit).to(device)
                 shaped, new_state = SHAPING.call(part.name, {**data, "state": state}, self._part_params(part))
                 if mode == "train":
@@ -456,9 +453,10 @@ class PostrainGRPOTrainer(GRPOTrainer):
                 data["rewards"] = shaped.to(device)
                 continue
             data["rewards"] = SHAPING.call(part.name, data, self._part_params(part)).to(device)
-            if part.name == "curriculum_budget_length":  # the budget this batch was scored against
-                self._metrics[mode]["rl/shaping/budget"].append(curriculum_budget(
-                    data["step"], **{k: v for k, v in self._part_params(part).items() if k != "length_weight"}))
+            logs = part.variant.extra.get("logs")  # the entry's hook: what it reports of this batch
+            if logs is not None:
+                for key, value in logs(data, self._part_params(part)).items():
+                    self._metrics[mode][key].append(value)
         rewards = data["rewards"]
         sampling = mode == "train" and bool(self._rl_samplers)
         keep, advantage_group = self._keep_before_advantage(raw_rewards, data["mask"], group) if sampling \
@@ -493,7 +491,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         part = self._rl_samplers.get("group")
         if part is not None:
             groups = self._group_keep(part, rewards, group, rewards.numel() // group)
-            if part.name not in REFILL_SAMPLERS:  # a refilling one logged its share of every group it pooled
+            if not part.refills:  # a refilling one logged its share of every group it pooled
                 metrics[f"rl/sampler/{part.name}/kept_groups"].append(groups.float().mean().item())
             keep = groups.repeat_interleave(group)
         part = self._rl_samplers.get("subset")
@@ -509,8 +507,8 @@ class PostrainGRPOTrainer(GRPOTrainer):
         updating the per-prompt state of a stateful estimator."""
         part = self.rl_parts.advantage
         n = keep.numel()
-        if part.name in STATEFUL_ADVANTAGES:
-            width, first_visit = STATEFUL_ADVANTAGES[part.name]
+        if part.prompt_state:
+            width, first_visit = part.prompt_state
             data = {**data, "state": self.rl_state.rows(part.name, keys, width, first_visit).to(keep.device)}
         index = None if bool(keep.all()) else torch.nonzero(keep).flatten()
         if index is not None:
@@ -520,7 +518,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         if index is not None and index.numel() == 0:
             return torch.zeros(n, device=keep.device)
         result = ADVANTAGES.call(part.name, data, self._part_params(part))
-        if part.name in STATEFUL_ADVANTAGES:
+        if part.prompt_state:
             result, new_state = result
             if update_state:
                 kept_keys = keys if index is None else [keys[i] for i in index.tolist()]
@@ -539,9 +537,9 @@ class PostrainGRPOTrainer(GRPOTrainer):
         part = self._rl_samplers.get("row")
         if part is not None:
             kept = torch.nonzero(weights > 0).flatten()
-            if part.name == "cppo_prune":
+            if part.variant.needs("advantages"):  # CPPO: ranks the kept completions by their advantage
                 if advantages.dim() != 1:
-                    raise RuntimeError(f"sampler 'cppo_prune' ranks completions by |advantage|, but advantage "
+                    raise RuntimeError(f"sampler {part.name!r} ranks completions by |advantage|, but advantage "
                                        f"{self.rl_parts.advantage.name!r} gives one per token")
                 chosen = SAMPLERS.call(part.name, {"rewards": rewards[kept], "group_size": 1,
                                                    "advantages": advantages[kept]}, part.params)
@@ -642,7 +640,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
         # A token-selecting regularizer multiplies the policy loss before any penalty is added (TRL's order for
         # its entropy mask and KL term).
         for part in parts.regularizers:
-            if part.name == "high_entropy_tokens":
+            if part.variant.extra.get("selects_tokens"):
                 local = entropies.detach()[mask.bool()].float()
                 pool = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=-1e9))
                 keep = REGULARIZERS.call(part.name, {"entropies": entropies.detach(), "mask": mask,
@@ -654,7 +652,7 @@ class PostrainGRPOTrainer(GRPOTrainer):
             per_token = per_token * is_ratio.to(per_token.dtype)
         mean_entropy = global_mean(entropies.detach())
         for part in parts.regularizers:
-            if part.name != "high_entropy_tokens":
+            if not part.variant.extra.get("selects_tokens"):
                 per_token = per_token + REGULARIZERS.call(
                     part.name, {"logps": logps, "ref_logps": ref, "mask": mask, "entropies": entropies,
                                 "mean_entropy": mean_entropy}, self._part_params(part))

@@ -95,7 +95,7 @@ class ReplayBuffer:
 
 
 def replay_part(parts: RLParts | None) -> Part | None:
-    return None if parts is None else next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    return None if parts is None else parts.sampler_at("replay")
 
 
 def new_buffer(part: Part | None) -> ReplayBuffer | None:
