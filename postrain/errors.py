@@ -44,3 +44,15 @@ def did_you_mean(word: object, choices, n: int = 3) -> str:
 class OutputDirError(PostrainError):
     """The run's output directory cannot be made or written: a file in its place or above it, a read-only
     filesystem, no permission."""
+
+
+def origin_of(origins: dict[str, str], path: str) -> str:
+    """Which layer set `path` ("recipes/x.yaml", "command line", ...): the most specific recorded origin for this
+    key or one of its parents (`a.b[2].c` -> `a.b[2]` -> `a.b` -> `a`). Here, below every layer, because an error
+    message anywhere names where the value it refuses came from."""
+    key = path
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key[:key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
+    return "built-in defaults"

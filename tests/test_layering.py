@@ -45,7 +45,6 @@ KNOWN_ARROWS = {
     "postrain/reports/report.py": {"jobs"},
     "postrain/reports/rundir.py": {"jobs"},
     "postrain/rewards/judge.py": {"jobs"},
-    "postrain/rl/section.py": {"recipes", "trainers"},
 }
 
 

@@ -40,10 +40,11 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
-        from postrain.rl.section import parse_rl_section, reference_beta
+        from postrain.rl.section import parse_rl_section, reference_beta  # imports torch, as the trainer above
 
-        extra["rl"] = cfg["rl"]
-        beta = reference_beta(parse_rl_section(cfg["rl"], recipe.origins))
+        parts = parse_rl_section(cfg["rl"], recipe.origins)  # parsed once: the trainer takes the parts
+        extra["rl"] = parts
+        beta = reference_beta(parts)
         if beta is not None:  # TRL builds the reference model and its log-probs only where beta != 0
             overrides["beta"] = beta
     return train_with_trl(

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Union
 
-from postrain.errors import RecipeError, did_you_mean
+from postrain.errors import RecipeError, did_you_mean, origin_of
 from postrain.value_types import matches as _matches, type_name
 
 
@@ -37,17 +37,6 @@ def field_types(cls: type) -> dict[str, Any]:
     except Exception:  # some library annotations do not resolve; fall back to the raw ones
         hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-def origin_of(origins: dict[str, str], path: str) -> str:
-    """Which layer set `path` ("recipes/x.yaml", "command line", ...): the most specific recorded origin for this
-    key or one of its parents (`a.b[2].c` -> `a.b[2]` -> `a.b` -> `a`)."""
-    key = path
-    while key:
-        if key in origins:
-            return origins[key]
-        key = key[:key.rindex("[")] if key.endswith("]") else key.rpartition(".")[0]
-    return "built-in defaults"
 
 
 def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, str]) -> RecipeError:

@@ -37,13 +37,16 @@ reads accuracy; the advantage reads the shaped ones.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from math import comb
 from typing import Any
 
-from postrain.errors import RecipeError, did_you_mean
-from postrain.recipes.validate import origin_of
-from postrain.registry import Registry, Variant
+from postrain.errors import RecipeError, did_you_mean, origin_of
+from postrain.registry import FAMILIES, Registry, Variant
+from postrain.rl.losses import NFT_PROMPT_WEIGHTS
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
+from postrain.rl.samplers import REPO_REPLAY_STRATEGIES
 
 SINGLE_PARTS: dict[str, Registry] = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS}
 LIST_PARTS: dict[str, Registry] = {"regularizers": REGULARIZERS, "shaping": SHAPING, "samplers": SAMPLERS}
@@ -258,8 +261,6 @@ def parse_rl_section(section: dict[str, Any] | None, origins: dict[str, str] | N
 
 
 def _what(part: Part) -> str:
-    from postrain.registry import FAMILIES
-
     return FAMILIES[part.variant.family].what
 
 
@@ -370,11 +371,9 @@ def vllm_correction(trainer: dict[str, Any]) -> dict[str, Any] | None:
     where the correction is off: no vLLM, or vllm_importance_sampling_correction: false."""
     if not trainer.get("use_vllm") or not trainer.get("vllm_importance_sampling_correction", True):
         return None
-    import dataclasses
+    from trl import GRPOConfig  # slow to import; postrain's GRPO config subclass keeps these defaults
 
-    from postrain.trainers import config_class
-
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class("grpo")) if f.name in VLLM_IS_KEYS}
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in VLLM_IS_KEYS}
     settings = {key: trainer.get(key, defaults[key]) for key in VLLM_IS_KEYS}
     if trainer.get("vllm_importance_sampling_cap") is not None:
         settings["vllm_importance_sampling_clip_max"] = trainer["vllm_importance_sampling_cap"]
@@ -441,10 +440,6 @@ def _check_replay(parts: RLParts) -> None:
     part = parts.sampler_at("replay")
     if part is None:
         return
-    from math import comb
-
-    from postrain.rl.samplers import REPO_REPLAY_STRATEGIES
-
     key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
     rules = {"strategy": (lambda v: v in REPO_REPLAY_STRATEGIES, f"one of {', '.join(REPO_REPLAY_STRATEGIES)}"),
              "num_replays": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
@@ -554,8 +549,6 @@ def _check_nft(parts: RLParts) -> None:
     part = parts.policy_loss
     if part.name != "nft":
         return
-    from postrain.rl.losses import NFT_PROMPT_WEIGHTS
-
     if parts.advantage.name != "dr_grpo":
         raise RecipeError(f"policy loss 'nft' ({part.where}) reads each row's group accuracy r_q as rewards - "
                           f"advantages, which holds for the dr_grpo advantage (r - group mean) only: set "

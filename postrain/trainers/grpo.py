@@ -70,7 +70,7 @@ from postrain.errors import RecipeError
 from postrain.rl.losses import disco_kl_stats
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 from postrain.rl.regularizers import kl_penalty
-from postrain.rl.section import Part, parse_rl_section
+from postrain.rl.section import Part, RLParts, parse_rl_section
 from postrain.trainers import grpo_greso, grpo_replay, shared_prefix
 from postrain.trainers.grpo_sampling import LEFT_PADDED, PromptState, cat_batches, group_rows, prompt_key, take_rows
 
@@ -107,10 +107,11 @@ class PostrainGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer; also logs `rewards/<name>/errors`, the completions each reward failed to score since
     the last log (the reward error policy `score` scores them as failed instead of stopping the run), with
     `rewards/<name>/timeouts`, `rewards/<name>/non_finite` and a reward's own counts, and with
-    `rl=` (a recipe's `rl:` section) trains with the registry parts it names."""
+    `rl=` (a recipe's `rl:` section: its parsed parts, as postrain.jobs.grpo passes them, or the mapping for direct
+    Python use, parsed here by the same function) trains with the registry parts it names."""
 
-    def __init__(self, *args, rl: dict[str, Any] | None = None, **kwargs):
-        self.rl_parts = parse_rl_section(rl) if rl is not None else None
+    def __init__(self, *args, rl: RLParts | dict[str, Any] | None = None, **kwargs):
+        self.rl_parts = rl if rl is None or isinstance(rl, RLParts) else parse_rl_section(rl)
         self.rl_state = PromptState()
         self._rl_rewards_per_func: torch.Tensor | None = None
         self._rl_samplers: dict[str, Part] = {p.stage: p for p in self.rl_parts.samplers if p.stage != "replay"} \
