@@ -2,7 +2,7 @@
 
 Same convention as postrain.rl.shaping, plus `state`: each row's prompt history before this batch (rows of a group
 share it), and a stateful entry returns `(shaped rewards (N,), new_state (N, width))`. The GRPO trainer keeps the
-state per prompt (postrain.trainers.grpo_sampling.PromptState, saved with checkpoints) for the entries that declare
+state per prompt (postrain.trainers.grpo_state.PromptState, saved with checkpoints) for the entries that declare
 `prompt_state=(width, first-visit value)`.
 """
 

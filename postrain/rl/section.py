@@ -70,7 +70,7 @@ PROVIDED: dict[str, frozenset[str]] = {
 }
 # Advantage estimators and reward shaping that read and return a per-prompt history (`state`) declare
 # `prompt_state=(width of one prompt's row, first-visit value)` on their entry (Part.prompt_state); the trainer keeps
-# it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with checkpoints.
+# it per prompt (postrain.trainers.grpo_state.PromptState), saved with checkpoints.
 STATEFUL_FAMILIES = (ADVANTAGES, SHAPING)
 # Why a data input is not available in a GRPO batch (for the error message; `state`: see missing_data_reason).
 MISSING_DATA = {
