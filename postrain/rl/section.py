@@ -39,14 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from math import comb
 from typing import Any
 
 from postrain.errors import RecipeError, did_you_mean, origin_of
 from postrain.registry import FAMILIES, Registry, Variant
 from postrain.rl.losses import NFT_PROMPT_WEIGHTS
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
-from postrain.rl.samplers import REPO_REPLAY_STRATEGIES
 
 SINGLE_PARTS: dict[str, Registry] = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS}
 LIST_PARTS: dict[str, Registry] = {"regularizers": REGULARIZERS, "shaping": SHAPING, "samplers": SAMPLERS}
@@ -339,9 +337,7 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"trainer.num_generations (now steps_per_generation={spg}, per_device_train_batch_size={per_device}, "
                 f"num_generations={group})")
 
-    _check_replay(parts)
     _check_samplers(parts, trainer)
-    _check_greso(parts)
     _check_nft(parts)
 
     max_len = int(trainer.get("max_completion_length") or 512)
@@ -435,52 +431,6 @@ def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dic
                           f"terms then treat vLLM's samples as the trainer's), or remove repo_replay")
 
 
-def _check_replay(parts: RLParts) -> None:
-    """`repo_replay`: parameters in range, and parts its off-policy term can run (postrain.trainers.grpo_replay)."""
-    part = parts.sampler_at("replay")
-    if part is None:
-        return
-    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
-    rules = {"strategy": (lambda v: v in REPO_REPLAY_STRATEGIES, f"one of {', '.join(REPO_REPLAY_STRATEGIES)}"),
-             "num_replays": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-             "min_buffer_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-             "max_buffer_size": (lambda v: isinstance(v, int) and v >= value["min_buffer_size"],
-                                 f"an integer >= min_buffer_size ({value['min_buffer_size']}), or nothing is ever "
-                                 f"replayed"),
-             "off_policy_loss_coef": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")}
-    for name, (ok, what) in rules.items():
-        if isinstance(value[name], bool) or not ok(value[name]):
-            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
-    if value["strategy"] == "max_variance_k" and comb(value["max_buffer_size"], value["num_replays"]) > 200_000:
-        raise RecipeError(f"{key}.strategy max_variance_k ({part.where}) searches every subset of num_replays "
-                          f"({value['num_replays']}) of max_buffer_size ({value['max_buffer_size']}) samples, "
-                          f"{comb(value['max_buffer_size'], value['num_replays'])} subsets per prompt: keep it under "
-                          f"200000 (the paper's 8 of 16: 12870)")
-    other = next((p for p in parts.samplers if p.refills), None)
-    if other is not None:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot be combined with {other.name!r} "
-                          f"({other.where}): a refilled batch is assembled from several generation rounds, and the "
-                          f"replayed samples are attached to the rows of the batch that was generated")
-    if parts.shaping:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) stores each completion's reward to replay it at "
-                          f"later steps, and shaping {parts.shaping[0].name!r} ({parts.shaping[0].where}) would "
-                          f"not be applied again to the stored raw rewards: remove rl.shaping")
-    advantage = parts.advantage
-    extra = [n for n in advantage.variant.data if n not in ("rewards", "group_size")]
-    if extra:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) normalises the replayed samples' rewards with "
-                          f"advantage {advantage.name!r} ({advantage.where}), which reads {', '.join(extra)}; "
-                          f"the buffer keeps rewards only: use an advantage on rewards alone (grpo, the paper's "
-                          f"'split' normalisation, dr_grpo, rloo, ...)")
-    loss = parts.policy_loss
-    extra = [n for n in loss.variant.data if n not in ("logps", "old_logps", "advantages", "mask")]
-    if extra:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) computes its off-policy loss with policy loss "
-                          f"{loss.name!r} ({loss.where}), which reads {', '.join(extra)}; the replayed samples carry "
-                          f"their log-probs, behaviour log-probs, advantages and masks only: use ppo_clip (the "
-                          f"paper's) or another per-token loss")
-
-
 def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
     """At most one sampler per stage; parameters that must fit the batch; no row-level sampler under a policy
     loss that compares whole groups."""
@@ -491,16 +441,11 @@ def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
             raise RecipeError(f"samplers {by_stage[stage].name!r} ({by_stage[stage].where}) and {part.name!r} "
                               f"({part.where}) both act at the {stage!r} stage: keep one of them")
         by_stage[stage] = part
-    group = int(trainer.get("num_generations") or 8)
     for part in parts.samplers:
         key = part.where.split(",")[0]
-        if part.name in ("gfpo_length", "gfpo_reward_per_token") and not 1 <= int(part.params["k"]) <= group:
-            raise RecipeError(f"{key}.k ({part.params['k']}, {part.where}) must lie in 1..trainer.num_generations "
-                              f"({group}): GFPO keeps k of each group's completions")
-        if part.name == "cppo_prune":
-            rate = part.params.get("pruning_rate", part.variant.params["pruning_rate"])
-            if not 0 <= rate < 1:
-                raise RecipeError(f"{key}.pruning_rate ({rate}, {part.where}) must lie in [0, 1)")
+        check = part.variant.extra.get("check")
+        if check is not None:  # the entry's own: its parameters against the batch, the parts it can run with
+            check(part, parts, trainer)
         if part.refills:
             rounds = part.params.get("max_num_gen_batches", part.variant.params["max_num_gen_batches"])
             if not isinstance(rounds, int) or rounds < 0:
@@ -567,21 +512,3 @@ def _check_nft(parts: RLParts) -> None:
     for name, (ok, what) in rules.items():
         if isinstance(value[name], bool) or not ok(value[name]):
             raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
-
-
-def _check_greso(parts: RLParts) -> None:
-    """`greso`: probabilities and ratios in range."""
-    part = parts.sampler_at("prompt")
-    if part is None:
-        return
-    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
-    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
-    rules = {"p_easy": unit, "p_hard": unit, "min_keep_prob": unit, "target_zero_variance": unit,
-             "min_p": unit, "max_p": (lambda v: value["min_p"] <= v <= 1, f"in [min_p ({value['min_p']}), 1]"),
-             "adapt_step": (lambda v: v >= 0, ">= 0"),
-             "max_num_gen_batches": (lambda v: isinstance(v, int) and v >= 0,
-                                     "an integer >= 0 (refill batches drawn per step to replace skipped prompts)")}
-    for name, (ok, what) in rules.items():
-        v = value[name]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
-            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")
