@@ -16,15 +16,13 @@ import torch
 
 from postrain.rl.section import Part
 from postrain.trainers.grpo_advantages import group_keep, raw_rewards
+from postrain.trainers.grpo_loss import MODEL_INPUT_KEYS
 from postrain.trainers.grpo_state import prompt_keys
 
 # Columns TRL left-pads (prompts); every other per-row column is right-padded.
 LEFT_PADDED = frozenset({"prompt_ids", "prompt_mask"})
 # The refill stream's sampler seed is the run seed plus this, so it does not replay the main loop's prompt order.
 REFILL_SEED_OFFSET = 1
-# Model inputs besides ids and attention that TRL's batches may carry (vision models), which a pool cannot hold.
-MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 def pad_columns(x: torch.Tensor, width: int, *, left: bool, value: float) -> torch.Tensor:
