@@ -20,6 +20,7 @@ from postrain.recipes import Recipe
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
+    # torch, TRL and the reward workers are slow to import: only when the job runs, not when the CLI starts
     from postrain.rewards import build_rewards, check_reward_columns, policy_options
     from postrain.trainers import config_class
     from postrain.trainers.grpo import PostrainGRPOTrainer

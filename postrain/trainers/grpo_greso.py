@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from postrain.rl.registry import SAMPLERS
 from postrain.rl.samplers import greso_adapt, greso_streaks
@@ -65,8 +66,6 @@ def keep_groups(trainer, part: Part, groups: list[list[dict]]) -> torch.Tensor:
 
 def select_inputs(trainer, part: Part, inputs: list[dict]) -> list[dict]:
     """This process' rows of the generation batch after GRESO's skips and replacements (as many as before)."""
-    from accelerate.utils import gather_object
-
     group = trainer.num_generations
     n_local = len(inputs)
     rows = gather_object(list(inputs))
@@ -102,8 +101,6 @@ def select_inputs(trainer, part: Part, inputs: list[dict]) -> list[dict]:
 def observe(trainer, part: Part, inputs: list[dict], rewards_per_func: torch.Tensor) -> None:
     """After the rollout of `inputs` (this process' rows): the streaks of the rolled-out prompts and the skip bases,
     from the rewards gathered from every process (TRL's weighted sum, as the other samplers read)."""
-    from accelerate.utils import gather_object
-
     group = trainer.num_generations
     keys = gather_object([prompt_key(x.get("prompt")) for x in inputs])[::group]
     rewards = raw_rewards(rewards_per_func, trainer.reward_weights, group).detach().float().cpu()

@@ -47,6 +47,7 @@ import math
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, SAMPLERS
 from postrain.rl.section import Part, RLParts
@@ -107,8 +108,6 @@ def _params(part: Part) -> dict[str, Any]:
 def attach_replays(trainer, inputs: list[dict], output: dict) -> dict:
     """The generation batch `output` (this process' rows, advantages already replaced) with each prompt's replayed
     samples attached to its rows; then this batch's samples enter the buffers."""
-    from accelerate.utils import gather_object
-
     part, buffer = trainer.rl_replay_part, trainer.rl_replay_buffer
     # replayed samples carry their completion ids and masks only (no images, no tool masks)
     if "tool_mask" in output or any(output.get(k) is not None for k in MODEL_INPUT_KEYS):

@@ -57,6 +57,7 @@ from typing import Any, Callable
 import torch
 
 from postrain.errors import DataError, RecipeError
+from postrain.preference import PREFERENCE
 
 TURN_LOGPS = ("chosen_turn_logps", "rejected_turn_logps")  # per assistant turn, summed over its tokens (B, J)
 REF_TURN_LOGPS = ("ref_chosen_turn_logps", "ref_rejected_turn_logps")
@@ -69,8 +70,6 @@ TURN_IDS = "turn_ids"  # batch key: (2B, L) turn id per position (0: no assistan
 
 def per_turn_losses() -> str:
     """The registered preference losses that read per-turn data, for messages: "dmpo, sdpo_segment"."""
-    from postrain.preference import PREFERENCE
-
     return ", ".join(sorted(v.name for v in PREFERENCE if TURN_DATA & set(v.data)))
 
 
@@ -81,8 +80,6 @@ def reads_turns(terms: list) -> bool:
 
 def reads_turns_section(section: Any) -> bool:
     """The same for an unvalidated `loss:` section (the smoke layer): some entry names a loss reading turn data."""
-    from postrain.preference import PREFERENCE
-
     for entry in section or []:
         name = entry.get("name") if isinstance(entry, dict) else None
         if isinstance(name, str) and name in PREFERENCE and TURN_DATA & set(PREFERENCE.get(name).data):
@@ -153,7 +150,7 @@ def assistant_turn_spans(processing_class, prompt: list, continuation: list, pro
                          where: str = "row") -> list[list[int]]:
     """[start, end) of each assistant turn of `continuation` within `completion_ids` (TRL's completion tokens after
     `prompt_ids`), from the rendered prefixes; DataError if a prefix does not render as a prefix of the whole."""
-    from trl.data_utils import _tokenize
+    from trl.data_utils import _tokenize  # TRL is slow to import; --smoke reads this module too
 
     kwargs = template_kwargs or {}
     full = list(prompt_ids) + list(completion_ids)
