@@ -43,7 +43,6 @@ from typing import Any
 
 from postrain.errors import RecipeError, did_you_mean, origin_of
 from postrain.registry import FAMILIES, Registry, Variant
-from postrain.rl.losses import NFT_PROMPT_WEIGHTS
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 
 SINGLE_PARTS: dict[str, Registry] = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS}
@@ -282,13 +281,9 @@ def _check_conventions(parts: RLParts) -> None:
             raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}): {errors[0]}")
     loss, advantage = parts.policy_loss, parts.advantage
     if loss.variant.extra.get("advantages") == "per_sequence" and advantage.variant.extra.get("returns") == "per_token":
-        if loss.name == "gspo":
-            why = ("its one ratio per sequence multiplies the sum of the row's advantages, so the loss value is right "
-                   "but every token's gradient is weighted by the whole row's advantages, spread evenly over the row. "
-                   "Use policy loss gspo_token (GSPO-token, paper sec. 4.3: the sequence ratio's value with per-token "
-                   "gradients) or an advantage with one value per sequence")
-        else:
-            why = "it takes one advantage per sequence: use an advantage with one value per sequence"
+        # the entry may say what per-token advantages would do to it and what to use instead
+        why = loss.variant.extra.get("per_token_advantages",
+                                     "it takes one advantage per sequence: use an advantage with one value per sequence")
         raise RecipeError(f"advantage {advantage.name!r} ({advantage.where}) gives one advantage per token, and policy "
                           f"loss {loss.name!r} ({loss.where}) is sequence-level: {why}")
 
@@ -338,19 +333,10 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"num_generations={group})")
 
     _check_samplers(parts, trainer)
-    _check_nft(parts)
-
-    max_len = int(trainer.get("max_completion_length") or 512)
-    for part in parts.shaping:
-        if part.name == "dapo_overlong":
-            buffer = part.params.get("overlong_buffer_len", part.variant.params["overlong_buffer_len"])
-            limit = part.params.get("max_completion_length", max_len)
-            if not 0 < buffer <= limit:
-                raise RecipeError(f"{part.where.split(',')[0]}.overlong_buffer_len ({buffer}, {part.where}) must lie "
-                                  f"in 1..max_completion_length ({limit}, trainer.max_completion_length unless the "
-                                  f"part sets its own)")
-        if part.name == "curriculum_budget_length":
-            _check_curriculum(part)
+    for _family, part in parts.all():
+        check = part.variant.extra.get("check")
+        if check is not None:  # the entry's own: its parameters against the batch, the parts it can run with
+            check(part, parts, trainer)
 
     _check_vllm_correction(parts, trainer, origins)
     for key, (in_effect, instead) in TRL_CONFLICTS.items():
@@ -432,8 +418,8 @@ def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dic
 
 
 def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
-    """At most one sampler per stage; parameters that must fit the batch; no row-level sampler under a policy
-    loss that compares whole groups."""
+    """At most one sampler per stage; a refill's rounds; no row-level sampler under a policy loss that compares
+    whole groups. (A sampler's own parameters: its entry's `check=`.)"""
     by_stage: dict[str, Part] = {}
     for part in parts.samplers:
         stage = part.stage
@@ -443,9 +429,6 @@ def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
         by_stage[stage] = part
     for part in parts.samplers:
         key = part.where.split(",")[0]
-        check = part.variant.extra.get("check")
-        if check is not None:  # the entry's own: its parameters against the batch, the parts it can run with
-            check(part, parts, trainer)
         if part.refills:
             rounds = part.params.get("max_num_gen_batches", part.variant.params["max_num_gen_batches"])
             if not isinstance(rounds, int) or rounds < 0:
@@ -471,44 +454,3 @@ def reference_beta(parts: RLParts) -> float | None:
             if beta:
                 return float(beta)
     return 1.0
-
-
-def _check_curriculum(part: Part) -> None:
-    """Train Long, Think Short's budget schedule must shrink from a positive budget: B0 > 0, 0 < gamma <= 1,
-    T >= 1 steps, 0 < B_min."""
-    key = part.where.split(",")[0]
-    value = {**part.variant.params, **part.params}
-    rules = {"initial_budget": (lambda v: v > 0, "> 0 tokens"),
-             "decay_factor": (lambda v: 0 < v <= 1, "in (0, 1] (1: a fixed budget)"),
-             "decay_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (optimizer steps)"),
-             "min_budget": (lambda v: v > 0, "> 0 tokens")}
-    for name, (ok, what) in rules.items():
-        v = value.get(name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
-            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")
-
-
-def _check_nft(parts: RLParts) -> None:
-    """`nft` reads the prompt's accuracy as rewards - advantages: the advantage must be dr_grpo's r - group mean and
-    the rewards binary (no shaping); its parameters in range."""
-    part = parts.policy_loss
-    if part.name != "nft":
-        return
-    if parts.advantage.name != "dr_grpo":
-        raise RecipeError(f"policy loss 'nft' ({part.where}) reads each row's group accuracy r_q as rewards - "
-                          f"advantages, which holds for the dr_grpo advantage (r - group mean) only: set "
-                          f"rl.advantage: dr_grpo (now {parts.advantage.name!r}, {parts.advantage.where})")
-    if parts.shaping:
-        raise RecipeError(f"policy loss 'nft' ({part.where}) needs binary 0 / 1 rewards, and shaping "
-                          f"{parts.shaping[0].name!r} ({parts.shaping[0].where}) changes them: remove rl.shaping")
-    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
-    number = (int, float)
-    rules = {"prompt_weight": (lambda v: v in NFT_PROMPT_WEIGHTS, f"one of {', '.join(NFT_PROMPT_WEIGHTS)}"),
-             "negative_weight": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0 (0: RFT)"),
-             "negative_clamp": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
-             "positive_clamp": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
-             "log_ratio_max": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
-             "accuracy_clamp": (lambda v: isinstance(v, number) and 0 <= v < 0.5, "a number in [0, 0.5)")}
-    for name, (ok, what) in rules.items():
-        if isinstance(value[name], bool) or not ok(value[name]):
-            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
