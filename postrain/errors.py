@@ -56,3 +56,4 @@ def origin_of(origins: dict[str, str], path: str) -> str:
 class OutputDirError(PostrainError):
     """The run's output directory cannot be made or written: a file in its place or above it, a read-only
     filesystem, no permission."""
+

@@ -201,7 +201,7 @@ class Variant:
             "description": self.description,
             **({"notes": self.notes} if self.notes else {}),
             **({"ranges": self.ranges} if self.ranges else {}),
-            **self.extra,
+            **{k: v for k, v in self.extra.items() if not callable(v)},  # a hook (a function) is for trainers
         }
 
 

@@ -19,6 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from postrain.cli import app
+from postrain.trainers import grpo_advantages
 from tests.conftest import TINY
 from tests.test_grpo_samplers import error_of, grpo_recipe as samplers_recipe
 
@@ -84,7 +85,7 @@ def fixed_batch(trainer, gen) -> tuple[dict, torch.Tensor, list]:
     """A scored generation batch (prompt ids shared within each group), and the buffers filled from BUFFERED with
     behaviour log-probs off the current policy's (so that ratios clip). Returns the batch after the rl:
     advantages and the replay attachment, the prompt ids of each prompt, and the buffered samples."""
-    from postrain.trainers.grpo_sampling import prompt_key
+    from postrain.trainers.grpo_state import prompt_key
 
     n = len(REWARDS)
     prompt_of_group = torch.randint(3, 60, (len(PROMPTS), 3), generator=gen)
@@ -103,10 +104,10 @@ def fixed_batch(trainer, gen) -> tuple[dict, torch.Tensor, list]:
             trainer.rl_replay_buffer.add(prompt_key(PROMPTS[p]), ids[0], torch.ones(length), old[0], reward)
             rows.append({"ids": ids, "old": old, "reward": reward})
         buffered.append(rows)
-    trainer._rl_rewards_per_func = torch.tensor(REWARDS).unsqueeze(1)
+    trainer.rl_rewards_per_func = torch.tensor(REWARDS).unsqueeze(1)
     from postrain.trainers import grpo_replay
 
-    batch = grpo_replay.attach_replays(trainer, inputs_of_batch(), trainer._replace_advantages(batch))
+    batch = grpo_replay.attach_replays(trainer, inputs_of_batch(), grpo_advantages.replace_advantages(trainer, batch))
     return batch, prompt_of_group, buffered
 
 
@@ -182,7 +183,7 @@ def test_trls_shuffle_and_split_keep_each_replay_with_its_prompt(tmp_path, tiny)
 def test_the_buffer_after_two_generation_steps(tmp_path, tiny):
     """Step 1 replays nothing (empty buffers) and stores its 4 samples per prompt; step 2 replays the 2 highest of
     those (chosen before step 2's own samples enter) and the buffers then keep the last 6."""
-    from postrain.trainers.grpo_sampling import prompt_key
+    from postrain.trainers.grpo_state import prompt_key
 
     rl = {"samplers": [{**REPLAY, "num_replays": 2}]}
     trainer = make_trainer(tmp_path, tiny, rl)

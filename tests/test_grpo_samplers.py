@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from postrain.cli import app
+from postrain.trainers import grpo_advantages
 from tests.conftest import TINY, write_recipe
 
 runner = CliRunner()
@@ -71,8 +72,8 @@ def scored_batch(trainer) -> dict:
              "completion_ids": torch.randint(3, 60, (n, MAX_LEN), generator=gen), "completion_mask": mask,
              "advantages": torch.zeros(n), "num_items_in_batch": mask.sum()}
     batch["old_per_token_logps"] = policy_logps(trainer.model, batch) + 0.3 * torch.randn(n, MAX_LEN, generator=gen)
-    trainer._rl_rewards_per_func = torch.tensor(REWARDS).unsqueeze(1)
-    return trainer._replace_advantages(batch)
+    trainer.rl_rewards_per_func = torch.tensor(REWARDS).unsqueeze(1)
+    return grpo_advantages.replace_advantages(trainer, batch)
 
 
 def policy_logps(model, batch) -> torch.Tensor:
@@ -225,7 +226,7 @@ def test_dynamic_sampling_refills_until_enough_groups_are_kept(tmp_path, tiny, m
     # the batch: the kept groups in generation order (round 2's groups 0 and 1, then round 3's group 0), then
     # dropped groups of weight 0 where the rounds ran out
     kept_rewards = (REWARDS[:8] + REWARDS[:4])[: (3 - short) * GROUP]
-    trained = trainer._rl_rewards_per_func.view(-1)[batch["rl_weight"] > 0].tolist()
+    trained = trainer.rl_rewards_per_func.view(-1)[batch["rl_weight"] > 0].tolist()
     assert trained == pytest.approx(kept_rewards)
     assert batch["rl_weight"].tolist() == [1.0] * (3 - short) * GROUP + [0.0] * short * GROUP
     assert batch["completion_ids"].shape[0] == len(REWARDS)
@@ -235,7 +236,7 @@ def test_dynamic_sampling_refills_until_enough_groups_are_kept(tmp_path, tiny, m
 def test_refill_batches_come_from_a_seeded_second_pass_over_the_training_set(tmp_path, tiny):
     rl = {"samplers": [{"name": "dynamic_sampling"}]}
     trainer = make_trainer(tmp_path, tiny, rl, num_prompts=6)
-    batches = [[x["prompt"] for x in trainer._next_refill_batch()] for _ in range(3)]
+    batches = [[x["prompt"] for x in trainer.rl_refill.next_batch()] for _ in range(3)]
     for batch in batches:  # whole groups of one prompt, 3 prompts per generation batch
         assert [batch[g * GROUP: (g + 1) * GROUP] for g in range(3)] == [[batch[g * GROUP]] * GROUP for g in range(3)]
     assert set(batches[0] + batches[1]) == {f"{i}+1=" for i in range(6)}  # one epoch: every prompt once
@@ -243,7 +244,7 @@ def test_refill_batches_come_from_a_seeded_second_pass_over_the_training_set(tmp
     # a fresh trainer whose counter says 2 batches were drawn (a resumed run) continues with the third
     resumed = make_trainer(tmp_path / "resumed", tiny, rl, num_prompts=6)
     resumed.rl_state.counters["refill_batches"] = 2
-    assert [x["prompt"] for x in resumed._next_refill_batch()] == batches[2]
+    assert [x["prompt"] for x in resumed.rl_refill.next_batch()] == batches[2]
     # the main loop's order (seed) is not the refill stream's (seed + 1)
     main = [x["prompt"] for x in next(iter(trainer.get_train_dataloader()))]
     assert main != batches[0]
@@ -255,8 +256,8 @@ def test_recent_sample_recovery_carries_surplus_groups_to_the_next_step(tmp_path
     inputs = [{"prompt": f"{i}+1="} for i in range(3) for _ in range(GROUP)]
     trainer._generate_and_score_completions(inputs)
     assert len(calls) == 3  # 0 + 2 + 2 valid groups: 3 for the batch, 1 recovered
-    assert trainer._rl_buffer["rewards_per_func"].view(-1).tolist() == pytest.approx(REWARDS[4:8])
-    recovered = trainer._rl_buffer["batch"]["completion_ids"].clone()
+    assert trainer.rl_recovered["rewards_per_func"].view(-1).tolist() == pytest.approx(REWARDS[4:8])
+    recovered = trainer.rl_recovered["batch"]["completion_ids"].clone()
     batch = trainer._generate_and_score_completions(inputs)  # the next step: all new groups flat
     # the recovered group comes first, then refill (FLAT again: nothing more is valid) until the round limit
     assert batch["rl_weight"].tolist() == [1.0] * GROUP + [0.0] * 2 * GROUP
@@ -268,7 +269,7 @@ def test_recent_sample_recovery_carries_surplus_groups_to_the_next_step(tmp_path
 
 
 def test_dcpo_smooth_reads_and_updates_each_prompts_history(tmp_path, tiny):
-    from postrain.trainers.grpo_sampling import prompt_key
+    from postrain.trainers.grpo_state import prompt_key
 
     trainer = make_trainer(tmp_path, tiny, {"advantage": "dcpo_smooth"})
     inputs = [{"prompt": f"{i}+1="} for i in range(3) for _ in range(GROUP)]
@@ -455,7 +456,7 @@ def _refill_worker(rank: int, port: int, out_dir: str, cache: str):
             "batch": tokenizer.batch_decode(batch["completion_ids"], skip_special_tokens=True),
             "weight": batch["rl_weight"], "advantages": batch["advantages"],
             "lengths": batch["completion_mask"].sum(-1), "num_items": batch["num_items_in_batch"],
-            "rewards": trainer._rl_rewards_per_func.view(-1),
+            "rewards": trainer.rl_rewards_per_func.view(-1),
             "gen_batches": trainer._metrics["train"]["rl/sampler/gen_batches"]}
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, mine)

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from postrain.cli import app
+from postrain.trainers import grpo_loss
 from tests.conftest import TINY, write_recipe
 
 runner = CliRunner()
@@ -154,7 +155,7 @@ def test_the_vocabulary_forward_gives_trls_log_probs_and_entropies(tmp_path, tin
     with torch.no_grad():
         want, want_entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, 5,
                                                                            compute_entropy=True)
-        logps, entropy, vocab, _ = trainer._vocab_logps_and_entropies(trainer.model, ids, attention, 5)
+        logps, entropy, vocab, _ = grpo_loss.vocab_logps_and_entropies(trainer, trainer.model, ids, attention, 5)
     valid = inputs["completion_mask"].bool()
     torch.testing.assert_close(logps[valid], want[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy[valid], want_entropy[valid], rtol=1e-4, atol=1e-5)

@@ -29,7 +29,7 @@ LAYER = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 # module -> the packages it imports against the layering, today (2026-12-07).
 KNOWN_ARROWS = {
     "postrain/evaluation/lm_eval_backend.py": {"recipes"},
-    "postrain/evaluation/settings.py": {"recipes", "rewards"},
+    "postrain/evaluation/settings.py": {"rewards"},
     "postrain/models/loading.py": {"recipes"},
     "postrain/recipes/catalog.py": {"trainers"},
     "postrain/recipes/checks.py": {"jobs", "launch", "trainers"},
@@ -39,7 +39,6 @@ KNOWN_ARROWS = {
     "postrain/reports/model_card.py": {"jobs", "trainers"},
     "postrain/reports/report.py": {"jobs"},
     "postrain/reports/rundir.py": {"jobs"},
-    "postrain/rl/section.py": {"recipes", "trainers"},
 }
 
 

@@ -58,7 +58,7 @@ def test_rewards_follow_the_papers_shape():
 
 def test_the_grpo_trainer_keeps_each_prompts_history(tmp_path):
     from postrain.models.loading import load_model
-    from postrain.trainers.grpo_sampling import prompt_key
+    from postrain.trainers.grpo_state import prompt_key
     from tests.conftest import TINY
     from tests.test_grpo_samplers import GROUP, make_trainer
 

@@ -21,6 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from postrain.cli import app
+from postrain.trainers import grpo_advantages
 from tests import test_grpo_replay, test_grpo_samplers, test_grpo_trainer
 from tests.conftest import source_digest, write_recipe
 from tests.test_grpo_samplers import policy_logps
@@ -241,9 +242,9 @@ def test_samplers_and_group_losses_loss_and_gradients_are_unchanged(tmp_path, ti
     trainer = test_grpo_samplers.make_trainer(tmp_path, tiny, SAMPLED[case])
     batch = grouped_batch(tiny[1].pad_token_id)
     batch["old_per_token_logps"] = with_old_and_ref(trainer, batch)["old_per_token_logps"]
-    trainer._rl_rewards_per_func = torch.tensor(test_grpo_samplers.REWARDS).unsqueeze(1)
+    trainer.rl_rewards_per_func = torch.tensor(test_grpo_samplers.REWARDS).unsqueeze(1)
     trainer.shared_prefix = True  # the advantage's own forwards (old log-probs, entropies) go through it too
-    batch = trainer._replace_advantages(batch)
+    batch = grpo_advantages.replace_advantages(trainer, batch)
     if case != "gvpo_whole_groups":
         assert (batch["rl_weight"] == 0).any()  # rows were dropped
     assert_same_loss_and_gradients(trainer, shuffled(batch))

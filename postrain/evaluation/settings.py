@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from postrain.errors import RecipeError, did_you_mean
-from postrain.recipes.validate import origin_of
+from postrain.errors import RecipeError, did_you_mean, origin_of
 
 
 def set_generation(cfg: dict, name: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from postrain.recipes import Recipe
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
+    # torch, TRL and the reward workers are slow to import: only when the job runs, not when the CLI starts
     from postrain.rewards import build_rewards, check_reward_columns, policy_options
     from postrain.trainers import config_class
     from postrain.trainers.grpo import PostrainGRPOTrainer
@@ -40,10 +41,11 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
-        from postrain.rl.section import parse_rl_section, reference_beta
+        from postrain.rl.section import parse_rl_section, reference_beta  # imports torch, as the trainer above
 
-        extra["rl"] = cfg["rl"]
-        beta = reference_beta(parse_rl_section(cfg["rl"], recipe.origins))
+        parts = parse_rl_section(cfg["rl"], recipe.origins)  # parsed once: the trainer takes the parts
+        extra["rl"] = parts
+        beta = reference_beta(parts)
         if beta is not None:  # TRL builds the reference model and its log-probs only where beta != 0
             overrides["beta"] = beta
     return train_with_trl(

@@ -41,6 +41,7 @@ def detailed_balance_residuals(token_logps, ref_token_logps, eos_logps, ref_eos_
 @PREFERENCE.register(
     "gdpo", paper="GDPO: Learning to Directly Align Language Models with Diversity Using GFlowNets",
     arxiv="2410.15096", catalog="preference:75", ranges={"alpha": ">= 0"},
+    trainer_inputs={"gamma": 0.1},  # the authors' GDPOConfig.gamma: the reference's temperature for its EOS log-prob
     notes="checked against the authors' ggoggam/gdpo src/algo/offline/gdpo.py GDPOTrainer.loss (with "
           "mixin/utilities.py compute_token_logps) and src/config/__init__.py GDPOConfig (alpha 0.1, gamma 0.1, "
           "temperature 1.0; its beta 0.1 is not read by the loss). Two terms of the authors' code are left out, "

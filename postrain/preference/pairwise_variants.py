@@ -196,6 +196,7 @@ def mappo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, sc
 
 @PREFERENCE.register("tgdpo", paper="TGDPO: Harnessing Token-Level Reward Guidance for Enhancing DPO",
                      catalog="preference:25",
+                     trainer_inputs={"token_reward_model": None},  # the DPO-trained model: no default
                      arxiv="2506.14574",
                      notes="checked against dvlab-research/TGDPO src/llamafactory/train/tgdpo/trainer.py "
                            "(sigmoid branch) and examples/llama3_8b_instruct_tgdpo.yaml")
@@ -341,6 +342,8 @@ def beta_dpo(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @PREFERENCE.register("ra_dpo", paper="Risk-aware Direct Preference Optimization under Nested Risk Measure",
                      catalog="preference:15",
+                     # the authors' config/loss/ra-dpo.yaml (confidence_level 0.95, is_split_risk_ratio true)
+                     trainer_inputs={"confidence_level": 0.95, "split_vocab": True},
                      arxiv="2505.20359",
                      notes="loss checked against zlj123-max/Ra-DPO Ra-DPO/train/trainers.py::Ra_DPOTrainer.loss "
                            "and config/loss/ra-dpo.yaml; the per-token risk ratios (CVaR over the vocabulary, "

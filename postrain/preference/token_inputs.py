@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from postrain.errors import RecipeError
+from postrain.preference.registry import PREFERENCE
 
 TOKEN_REWARDS = ("chosen_token_rewards", "rejected_token_rewards")
 RISK_RATIOS = ("chosen_token_risk_ratios", "rejected_token_risk_ratios")
@@ -28,28 +29,24 @@ EOS_LOGPS = ("chosen_token_eos_logps", "rejected_token_eos_logps", "ref_chosen_t
 # Registry data the trainer computes from a pair batch; the losses reading it also read the reference's log-probs.
 TOKEN_LEVEL_DATA = frozenset({*TOKEN_REWARDS, *RISK_RATIOS, *DIFF_MASKS, *EOS_LOGPS})
 
-REQUIRED = object()
-# Per loss: the entry keys that are inputs the trainer computes (not loss hyperparameters), with their defaults.
-# Ra-DPO's defaults are the authors' config/loss/ra-dpo.yaml (confidence_level 0.95, is_split_risk_ratio true).
-INPUT_KEYS: dict[str, dict[str, Any]] = {
-    "tgdpo": {"token_reward_model": REQUIRED},
-    "ra_dpo": {"confidence_level": 0.95, "split_vocab": True},
-    "bmc": {"stopwords": "nltk"},
-    "gdpo": {"gamma": 0.1},  # the authors' GDPOConfig.gamma: the reference's temperature for its EOS log-prob
-}
+def input_keys(name: Any) -> dict[str, Any]:
+    """The keys of preference loss `name`'s `loss:` entry that are inputs the trainer computes, not loss
+    hyperparameters, with their defaults (None: no default, the recipe sets it): the entry's `trainer_inputs=`."""
+    variant = PREFERENCE.entries.get(name) if isinstance(name, str) else None
+    return variant.extra.get("trainer_inputs", {}) if variant is not None else {}
 
 
 def split_inputs(name: Any, params: dict, trainer: dict, where: str) -> tuple[dict, dict]:
     """`params` of a `loss:` entry without the trainer-input keys of its loss, and those inputs (defaults filled in),
     checked. Raises RecipeError naming the key and what would be right."""
-    keys = INPUT_KEYS.get(name) if isinstance(name, str) else None
+    keys = input_keys(name)
     if not keys:
         return params, {}
     inputs = {}
     for key, default in keys.items():
         if key in params:
             inputs[key] = params[key]
-        elif default is REQUIRED:
+        elif default is None:
             raise RecipeError(f"{where}: preference loss {name!r} needs `{key}:`, the already DPO-trained model whose "
                               f"per-token log-ratio to the reference is TGDPO's token reward, e.g. {{name: {name}, "
                               f"{key}: {{name_or_path: runs/dpo}}}} (a DPO run, or a pipeline stage's output)")

@@ -26,6 +26,7 @@ def bmc_weighted_logps(token_logps, mask, diff_mask, delta: float) -> torch.Tens
 @PREFERENCE.register(
     "bmc", paper="Bridging and Modeling Correlations in Pairwise Data for Direct Preference Optimization",
     arxiv="2408.07471", catalog="preference:73",
+    trainer_inputs={"stopwords": "nltk"},  # the authors' list
     notes="checked against the authors' YJiangcm/BMC scripts/dpo_bmc_trainer.py: concatenated_forward (the token "
           "weights 1 + m·clamp(exp(−log p), max=dpo_bmc_delta) from each model's own detached log-probs: the "
           "policy's for the policy, the reference's for the reference, which runs the same concatenated_forward "

@@ -339,7 +339,7 @@ DEFAULT_SKIPS = ("off_policy",)
 
 def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
     from postrain.registry import FAMILIES
-    from postrain.rl.section import SAMPLER_STAGES, parse_rl_section
+    from postrain.rl.section import parse_rl_section
 
     trainer = cfg.get("trainer") or {}
     if cfg.get("rl") is None:
@@ -350,7 +350,7 @@ def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
                             skip=skip)
         return out
     parts = parse_rl_section(cfg["rl"], origins)
-    subset = next((p for p in parts.samplers if SAMPLER_STAGES.get(p.name) == "subset"), None)
+    subset = parts.sampler_at("subset")
     out = []
     for family, part in parts.all():
         skip = DEFAULT_SKIPS if _plain_default(family, part.name, part.variant, part.params) else ()

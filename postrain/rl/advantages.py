@@ -6,7 +6,10 @@ statistics are global; an entry that also reads per-token tensors (`mask`, `entr
 the same rows. Rewards must be finite. Computation is in float32 (float64 stays float64), whatever the input dtype.
 
 Stateful entries (`dcpo_smooth`, `spo_tracker`) take their per-prompt history as the optional data tensor `state`
-(one row per completion, gathered by the caller from its per-prompt store) and return `(advantages, new_state)`.
+(one row per completion, gathered by the caller from its per-prompt store) and return `(advantages, new_state)`;
+`prompt_state=(width, first-visit value)` on the entry tells the GRPO trainer to keep that history. `unsupported=`
+says why the GRPO trainer cannot run an entry; `reads_if_nonzero={data: hyperparameter}`, that the entry reads a
+data input only where that hyperparameter is not 0.
 
 Conventions shared by all entries, matching TRL where it has the estimator:
   - group std is the unbiased (Bessel) std, as torch.std and TRL's `nanstd`; a group of one has std 0 (TRL's
@@ -154,6 +157,7 @@ def _whiten_tokens(returns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     requires=(_batch("the global whitening over every token of the batch (over one group it normalises "
                      "within the group, as a group baseline would)"),),
     returns="per_token",
+    reads_if_nonzero={"old_logps": "beta", "ref_logps": "beta"},  # the KL term vanishes at beta 0
     catalog="rl:extra",
     arxiv="2501.03262",
     notes="OpenRLHF experience_maker.py compute_advantages_and_returns (estimator 'reinforce'), models/utils.py "
@@ -406,6 +410,7 @@ def edge_grpo(rewards, group_size, mask, entropies, mean_entropy=None):
     requires=(_GROUP, Requirement("revisits", "the smoothing with the prompt's reward history (the statistics "
                                               "of its earlier visits)", amount=2)),
     catalog="rl:17",
+    prompt_state=(3, 0.0),  # the trainer keeps one row per prompt: [visits, cumulative mean, cumulative std]
     notes="lime-RL/DCPO verl/trainer/ppo/core_algos.py::compute_dcpo_outcome_advantage and get_mean_std "
           "(user_old_mean_ratio=1); note its run scripts leave reward_model.use_old_mean.enable=False by default, "
           "which makes every visit a first visit (plain z-score)")
@@ -456,6 +461,8 @@ def spo_initial_state(successes, num_samples, *, rho_min: float = 0.875) -> torc
 
 @ADVANTAGES.register(
     "spo_tracker", paper="Single-stream Policy Optimization", arxiv="2509.13232",
+    unsupported="it is single-stream (one completion per prompt, group_size 1) and TRL 1.16's GRPOConfig requires "
+                "num_generations >= 2",
     catalog="rl:19",
     notes="verl-project/verl-recipe spo/spo_ray_trainer.py (advantage, batch normalisation + 1e-8, α/β update, "
           "_get_spo_rho with D_half=0.06, clip [rho.clip_lower=0.875, 0.96]) and spo/config/spo_trainer.yaml")

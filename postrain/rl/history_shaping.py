@@ -2,8 +2,8 @@
 
 Same convention as postrain.rl.shaping, plus `state`: each row's prompt history before this batch (rows of a group
 share it), and a stateful entry returns `(shaped rewards (N,), new_state (N, width))`. The GRPO trainer keeps the
-state per prompt (postrain.trainers.grpo_sampling.PromptState, saved with checkpoints) for the entries listed in
-postrain.rl.section.STATEFUL_SHAPING.
+state per prompt (postrain.trainers.grpo_state.PromptState, saved with checkpoints) for the entries that declare
+`prompt_state=(width, first-visit value)`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from postrain.tensors import grouped, token_counts
 @SHAPING.register(
     "hapo_length", paper="HAPO: Training Language Models to Reason Concisely via History-Aware Policy Optimization",
     arxiv="2505.11225", catalog="rl:31",
+    prompt_state=(1, 0.0),  # the trainer keeps the prompt's history h per prompt, 0 before its first visit
     notes="checked against the authors' code, HCY123902/HAPO utils.py::compute_len_reward (cosine type) and "
           "grpo_trainer.py::combined_reward_func / HistroyTracker (mode 'min': the history is read before the "
           "batch and then lowered to the batch's shortest correct response), train_grpo.sh (w_lr 1.0, type_lr "

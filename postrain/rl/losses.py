@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from postrain.errors import RecipeError
 from postrain.registry import Convention, Requirement
 from postrain.rl.registry import AGGREGATIONS, POLICY_LOSSES
 from postrain.tensors import grouped, masked, token_counts
@@ -318,6 +319,10 @@ def gpg_pg(logps, advantages, mask):
     requires=(off_policy_requirement("the clip of the sequence ratio to [1 - epsilon, 1 + epsilon_high]"),),
     conventions=(CLIP_LOW, CLIP_HIGH),
     advantages="per_sequence",
+    per_token_advantages="its one ratio per sequence multiplies the sum of the row's advantages, so the loss value is "
+                         "right but every token's gradient is weighted by the whole row's advantages, spread evenly "
+                         "over the row. Use policy loss gspo_token (GSPO-token, paper sec. 4.3: the sequence ratio's "
+                         "value with per-token gradients) or an advantage with one value per sequence",
     catalog="rl:3",
     trl="importance_sampling_level=sequence",
     notes="checked against TRL 1.16 _compute_loss (sequence branch); eps 3e-4/4e-4 from GSPO v2 sec. 5.1 via TRL's "
@@ -495,6 +500,30 @@ NFT_PROMPT_WEIGHTS = ("dr_grpo", "grpo", "none")
 _NFT_RATE_TOL = 1e-4
 
 
+def _check_nft(part, parts, trainer: dict) -> None:
+    """The load-time check of `nft` in the GRPO trainer (`check=`, called by postrain.rl.section): it reads the
+    prompt's accuracy as rewards - advantages, so the advantage must be dr_grpo's r - group mean and the rewards
+    binary (no shaping); its parameters in range."""
+    if parts.advantage.name != "dr_grpo":
+        raise RecipeError(f"policy loss 'nft' ({part.where}) reads each row's group accuracy r_q as rewards - "
+                          f"advantages, which holds for the dr_grpo advantage (r - group mean) only: set "
+                          f"rl.advantage: dr_grpo (now {parts.advantage.name!r}, {parts.advantage.where})")
+    if parts.shaping:
+        raise RecipeError(f"policy loss 'nft' ({part.where}) needs binary 0 / 1 rewards, and shaping "
+                          f"{parts.shaping[0].name!r} ({parts.shaping[0].where}) changes them: remove rl.shaping")
+    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
+    number = (int, float)
+    rules = {"prompt_weight": (lambda v: v in NFT_PROMPT_WEIGHTS, f"one of {', '.join(NFT_PROMPT_WEIGHTS)}"),
+             "negative_weight": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0 (0: RFT)"),
+             "negative_clamp": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
+             "positive_clamp": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
+             "log_ratio_max": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
+             "accuracy_clamp": (lambda v: isinstance(v, number) and 0 <= v < 0.5, "a number in [0, 0.5)")}
+    for name, (ok, what) in rules.items():
+        if isinstance(value[name], bool) or not ok(value[name]):
+            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
+
+
 def _clamp_min_keep_grad(x, low):
     """Value max(x, low), gradient of x everywhere (the authors' `clamp_preserve_grad`)."""
     return x + (torch.clamp(x, min=low) - x).detach()
@@ -502,6 +531,7 @@ def _clamp_min_keep_grad(x, low):
 
 @POLICY_LOSSES.register(
     "nft", paper="Bridging Supervised Learning and Reinforcement Learning in Math Reasoning", arxiv="2505.18116",
+    check=_check_nft,
     requires=(off_policy_requirement("the implicit negative policy's ratio (1 - r_q R) / (1 - r_q) (with R = 1 the gradient "
                           "is ppo_clip's on Dr. GRPO's advantage)"),),
     advantages="per_sequence",

@@ -2,7 +2,7 @@
 (0 at padding), plus `kl_penalty`, the element-wise k1/k2/k3 KL estimators.
 
 Exception: `high_entropy_tokens` returns a 0/1 (N, T) float mask to MULTIPLY into the per-token loss (it selects
-tokens rather than penalising them). Padding positions of logps / entropies may hold garbage; every entry removes
+tokens rather than penalising them; `selects_tokens=True` on the entry says so). Padding positions of logps / entropies may hold garbage; every entry removes
 them with torch.where.
 """
 
@@ -97,6 +97,7 @@ def target_entropy(entropies, mask, mean_entropy=None, *, entropy_target: float 
                                   "Reinforcement Learning for LLM Reasoning", arxiv="2506.01939",
     catalog="rl:trl",
     trl="top_entropy_quantile",
+    selects_tokens=True,  # the trainer multiplies the policy loss by it, before any penalty is added
     notes="checked against TRL 1.16 GRPOTrainer.get_high_entropy_mask (quantile over all valid tokens, >=). "
           "Returns a mask to multiply into the per-token loss, not a penalty.")
 def high_entropy_tokens(entropies, mask, all_entropies=None, *, top_entropy_quantile: float = 0.2):

@@ -7,8 +7,13 @@ rows contiguous. Each entry documents what it returns:
   - sampling weights / probabilities.
 Refilling a batch after filtering (generating more groups) is the trainer's job; `max_num_gen_batches`, where an
 entry has it, is the trainer's limit on generation rounds per batch (the entry itself ignores it). Randomness
-(exploration draws) and per-prompt history come in as data tensors, so every entry is a pure function. How the
-GRPO trainer applies each entry: postrain.rl.section (SAMPLER_STAGES).
+(exploration draws) and per-prompt history come in as data tensors, so every entry is a pure function.
+
+How the GRPO trainer applies an entry is metadata on the entry (postrain.rl.section reads it): `stage=`, where in a
+training step it acts (group, subset, row, reweight, replay, prompt); `refill=True`, the trainer generates more
+groups while too few are kept; `recovers=True`, the entry returns the groups for this batch and for a buffer, which
+the trainer carries to the next step; `unsupported=`, why the GRPO trainer cannot run it; `check=`, the entry's
+load-time check of its parameters against the batch and of the parts it can run with (postrain.rl.section calls it).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 
 import torch
 
+from postrain.errors import RecipeError
 from postrain.registry import Requirement
 from postrain.rl.registry import SAMPLERS
 from postrain.tensors import grouped
@@ -68,8 +74,87 @@ def _top_k_rows(score: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
     return keep.reshape(-1)
 
 
+# Load-time checks of how the GRPO trainer runs an entry (`check=` on the entry): postrain.rl.section calls each with
+# the part (its recipe parameters `params`, its place `where`, its entry `variant`), every part of the `rl:` section
+# and the recipe's `trainer:` mapping, and the check raises RecipeError naming the key.
+def _key(part) -> str:
+    return part.where.split(",")[0]
+
+
+def _check_gfpo(part, parts, trainer: dict) -> None:
+    group = int(trainer.get("num_generations") or 8)
+    if not 1 <= int(part.params["k"]) <= group:
+        raise RecipeError(f"{_key(part)}.k ({part.params['k']}, {part.where}) must lie in 1..trainer.num_generations "
+                          f"({group}): GFPO keeps k of each group's completions")
+
+
+def _check_cppo(part, parts, trainer: dict) -> None:
+    rate = part.params.get("pruning_rate", part.variant.params["pruning_rate"])
+    if not 0 <= rate < 1:
+        raise RecipeError(f"{_key(part)}.pruning_rate ({rate}, {part.where}) must lie in [0, 1)")
+
+
+def _check_greso(part, parts, trainer: dict) -> None:
+    """Probabilities and ratios in range."""
+    value = {**part.variant.params, **part.params}
+    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+    rules = {"p_easy": unit, "p_hard": unit, "min_keep_prob": unit, "target_zero_variance": unit,
+             "min_p": unit, "max_p": (lambda v: value["min_p"] <= v <= 1, f"in [min_p ({value['min_p']}), 1]"),
+             "adapt_step": (lambda v: v >= 0, ">= 0"),
+             "max_num_gen_batches": (lambda v: isinstance(v, int) and v >= 0,
+                                     "an integer >= 0 (refill batches drawn per step to replace skipped prompts)")}
+    for name, (ok, what) in rules.items():
+        v = value[name]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
+            raise RecipeError(f"{_key(part)}.{name} ({v!r}, {part.where}) must be {what}")
+
+
+def _check_repo_replay(part, parts, trainer: dict) -> None:
+    """Parameters in range, and parts its off-policy term can run (postrain.trainers.grpo_replay)."""
+    key, value = _key(part), {**part.variant.params, **part.params}
+    rules = {"strategy": (lambda v: v in REPO_REPLAY_STRATEGIES, f"one of {', '.join(REPO_REPLAY_STRATEGIES)}"),
+             "num_replays": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+             "min_buffer_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+             "max_buffer_size": (lambda v: isinstance(v, int) and v >= value["min_buffer_size"],
+                                 f"an integer >= min_buffer_size ({value['min_buffer_size']}), or nothing is ever "
+                                 f"replayed"),
+             "off_policy_loss_coef": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")}
+    for name, (ok, what) in rules.items():
+        if isinstance(value[name], bool) or not ok(value[name]):
+            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
+    if value["strategy"] == "max_variance_k" and math.comb(value["max_buffer_size"], value["num_replays"]) > 200_000:
+        raise RecipeError(f"{key}.strategy max_variance_k ({part.where}) searches every subset of num_replays "
+                          f"({value['num_replays']}) of max_buffer_size ({value['max_buffer_size']}) samples, "
+                          f"{math.comb(value['max_buffer_size'], value['num_replays'])} subsets per prompt: keep it "
+                          f"under 200000 (the paper's 8 of 16: 12870)")
+    other = next((p for p in parts.samplers if p.refills), None)
+    if other is not None:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot be combined with {other.name!r} "
+                          f"({other.where}): a refilled batch is assembled from several generation rounds, and the "
+                          f"replayed samples are attached to the rows of the batch that was generated")
+    if parts.shaping:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) stores each completion's reward to replay it at "
+                          f"later steps, and shaping {parts.shaping[0].name!r} ({parts.shaping[0].where}) would "
+                          f"not be applied again to the stored raw rewards: remove rl.shaping")
+    advantage = parts.advantage
+    extra = [n for n in advantage.variant.data if n not in ("rewards", "group_size")]
+    if extra:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) normalises the replayed samples' rewards with "
+                          f"advantage {advantage.name!r} ({advantage.where}), which reads {', '.join(extra)}; "
+                          f"the buffer keeps rewards only: use an advantage on rewards alone (grpo, the paper's "
+                          f"'split' normalisation, dr_grpo, rloo, ...)")
+    loss = parts.policy_loss
+    extra = [n for n in loss.variant.data if n not in ("logps", "old_logps", "advantages", "mask")]
+    if extra:
+        raise RecipeError(f"sampler {part.name!r} ({part.where}) computes its off-policy loss with policy loss "
+                          f"{loss.name!r} ({loss.where}), which reads {', '.join(extra)}; the replayed samples carry "
+                          f"their log-probs, behaviour log-probs, advantages and masks only: use ppo_clip (the "
+                          f"paper's) or another per-token loss")
+
+
 @SAMPLERS.register("dynamic_sampling", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
                    requires=(_REFILL,),
+                   stage="group", refill=True,
                    catalog="rl:extra",
                    arxiv="2503.14476",
                    notes="DAPO Eq. 11 constraint 0 < |correct| < G, as implemented in verl's DAPO recipe "
@@ -85,6 +170,7 @@ def dynamic_sampling(rewards, group_size, *, max_num_gen_batches: int = 10):
 
 @SAMPLERS.register("reinforce_rej", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to "
                    "Reinforce", arxiv="2504.11343",
+                   stage="group",
                    catalog="rl:9",
                    notes="checked against RLHFlow/Minimal-RL verl/trainer/ppo/core_algos.py "
                          "compute_reinforce_rej_outcome_advantage (groups with std == 0 get zero advantage; a group "
@@ -98,6 +184,7 @@ def reinforce_rej(rewards, group_size):
 
 
 @SAMPLERS.register("raft_pp", paper="A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce",
+                   stage="row",
                    catalog="rl:9",
                    arxiv="2504.11343",
                    notes="checked against RLHFlow/Minimal-RL compute_raft_outcome_advantage (advantage max(r, 0))")
@@ -113,6 +200,7 @@ def raft_pp(rewards, group_size):
 @SAMPLERS.register("online_difficulty", paper="Online Difficulty Filtering for Reasoning Oriented Reinforcement "
                    "Learning", arxiv="2504.03380",
                    requires=(_REFILL,),
+                   stage="group", refill=True,
                    catalog="rl:44",
                    notes="balanced filtering: keep prompts of intermediate on-the-fly accuracy; the paper's "
                          "thresholds were not verified, so low/high have no default")
@@ -128,6 +216,8 @@ def online_difficulty(rewards, group_size, *, low: float, high: float, max_num_g
 @SAMPLERS.register("greso", paper="Act Only When It Pays: Efficient Reinforcement Learning for LLM Reasoning via "
                    "Selective Rollouts", arxiv="2506.02177",
                    requires=_GRESO,
+                   check=_check_greso,
+                   stage="prompt",
                    catalog="rl:45",
                    notes="checked against Infini-AI-Lab/GRESO verl/trainer/ttis/presampling_selector.py "
                          "(easy_/hard_probabilistic_skip) and train-scripts/*greso.sh (p_easy = p_hard = 0.5)")
@@ -180,6 +270,8 @@ def greso_adapt(p_easy: float, p_hard: float, easy_ratio: float, hard_ratio: flo
 @SAMPLERS.register("gfpo_length", paper="Sample More to Think Less: Group Filtered Policy Optimization for Concise "
                    "Reasoning", arxiv="2508.09726",
                    requires=(_GFPO,),
+                   check=_check_gfpo,
+                   stage="subset",
                    catalog="rl:28",
                    notes="TRL v1.7 trl/experimental/gfpo/gfpo_trainer.py (top num_remains_in_group by score); "
                          "the paper sweeps k and G, so k has no default")
@@ -195,6 +287,8 @@ def gfpo_length(rewards, group_size, mask, *, k: int):
 @SAMPLERS.register("gfpo_reward_per_token", paper="Sample More to Think Less: Group Filtered Policy Optimization "
                    "for Concise Reasoning", arxiv="2508.09726",
                    requires=(_GFPO,),
+                   check=_check_gfpo,
+                   stage="subset",
                    catalog="rl:28",
                    notes="token efficiency = reward / length (paper abstract, TRL v1.7 GFPO filter hook); "
                          "k has no default")
@@ -209,6 +303,8 @@ def gfpo_reward_per_token(rewards, group_size, mask, *, k: int):
 @SAMPLERS.register("cppo_prune", paper="CPPO: Accelerating the Training of Group Relative Policy Optimization-Based "
                    "Reasoning Models", arxiv="2503.22342",
                    requires=(_PRUNE,),
+                   check=_check_cppo,
+                   stage="row",
                    catalog="rl:77",
                    notes="checked against lzhxmu/CPPO cppo_verl/recipe/cppo/src/cppo_ray_trainer.py (metric="
                          "'smallest' prunes the smallest |A|) and math/gsm8k_cppo.sh (pruning_rate=0.5)")
@@ -224,6 +320,7 @@ def cppo_prune(rewards, group_size, advantages, *, pruning_rate: float = 0.5):
 
 
 @SAMPLERS.register("pf_ppo", paper="Policy Filtration for RLHF to Mitigate Noise in Reward Models", arxiv="2409.06957",
+                   stage="reweight",
                    catalog="rl:43",
                    notes="checked against verl core_algos.compute_pf_ppo_reweight_data (the authors' verl port; "
                          "weights over the whole batch, defaults reweight_method='pow', weight_pow=2.0)")
@@ -246,6 +343,11 @@ def pf_ppo(rewards, group_size, *, reweight_method: str = "pow", weight_pow: flo
 
 
 @SAMPLERS.register("spo_prioritized", paper="Single-stream Policy Optimization", arxiv="2509.13232",
+                   unsupported="it chooses which prompts the next batch draws, from each prompt's SPO tracker; the "
+                               "tracker is single-stream (see spo_tracker) and TRL's RepeatSampler draws an epoch's "
+                               "prompt order up front, while accelerate's dataloader fetches one batch ahead and "
+                               "transformers' resume replays the sampler to skip batches, so a state-dependent draw "
+                               "would neither see the latest state nor resume identically",
                    catalog="rl:19",
                    notes="checked against verl-project/verl-recipe spo/spo_ray_trainer.py (EXPLORATION_EPSILON=0.05)")
 def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
@@ -265,6 +367,7 @@ def spo_prioritized(p_hat, *, exploration_epsilon: float = 0.05):
 @SAMPLERS.register("recent_sample_recovery", paper="Confucius3-Math: A Lightweight High-Performance Reasoning LLM "
                    "for Chinese K-12 Mathematics Learning", arxiv="2506.18330",
                    requires=(_REFILL,),
+                   stage="group", refill=True, recovers=True,
                    catalog="rl:22",
                    notes="Recent Sample Recovery, Algorithm 1 of the paper (netease-youdao/Confucius3-Math pdf): "
                          "valid groups beyond the batch are kept for the next step, no importance correction")
@@ -303,6 +406,8 @@ def _max_variance_subset(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @SAMPLERS.register("repo_replay", paper="RePO: Replay-Enhanced Policy Optimization", arxiv="2506.09340",
                    requires=(_REPLAY,),
+                   check=_check_repo_replay,
+                   stage="replay",
                    catalog="rl:46",
                    notes="checked against SihengLi99/RePO src/replay_grpo_trainer.py _replay_step (strategies, "
                          "k = min(len(buffer), num_replays), replay only once len(buffer) >= min_cache_to_replay), "

@@ -17,31 +17,32 @@ parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply o
 the `rl:` path would silently ignore, and the mode and bounds of TRL's vLLM importance-sampling correction, which
 the `rl:` path applies as TRL does (postrain.trainers.grpo).
 
-Samplers act at one of these stages of a training step (SAMPLER_STAGES; at most one sampler per stage; eval
-batches are never filtered):
+Samplers act at one of these stages of a training step (each entry's `stage=` metadata, `Part.stage`; at most one
+sampler per stage; eval batches are never filtered):
   group     before the advantage: a group keep mask from the raw rewards; dropped groups get weight 0 and the
-            advantage is computed on the kept groups only. `refill` entries generate more groups (from a second,
+            advantage is computed on the kept groups only. `refill=True` entries generate more groups (from a second,
             seeded pass over the training set) until the generation batch holds enough kept groups or
             `max_num_gen_batches` rounds were generated, then train on what there is (padding the batch with
-            dropped groups of weight 0); `recent_sample_recovery` also carries the kept groups beyond the batch to
-            the next step.
+            dropped groups of weight 0); a `recovers=True` entry (recent_sample_recovery) also carries the kept
+            groups beyond the batch to the next step.
   subset    before the advantage: k completions of every group (GFPO); the advantage sees groups of k.
   row       after the advantage: a row keep mask (RAFT++ positives, CPPO pruning by |advantage|).
   reweight  after the advantage: PF-PPO's resampling with replacement, as row multiplicities.
   replay    RePO (`repo_replay`): no row of the batch changes; each prompt's past samples are kept in a buffer
             and up to num_replays of them add an off-policy loss term (postrain.trainers.grpo_replay).
+  prompt    before the rollout: GRESO (`greso`) skips prompts (postrain.trainers.grpo_greso).
 Samplers read the raw rewards (the weighted sum of the reward functions, before `shaping:`), as verl's DAPO filter
 reads accuracy; the advantage reads the shaped ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from postrain.errors import RecipeError, did_you_mean
-from postrain.recipes.validate import origin_of
-from postrain.registry import Registry, Variant
+from postrain.errors import RecipeError, did_you_mean, origin_of
+from postrain.registry import FAMILIES, Registry, Variant
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, REGULARIZERS, SAMPLERS, SHAPING
 
 SINGLE_PARTS: dict[str, Registry] = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS}
@@ -64,42 +65,30 @@ PROVIDED: dict[str, frozenset[str]] = {
                           "buffer_rewards", "draws",  # repo_replay: per-prompt buffer rewards, U[0, 1) draws
                           "easy_streak", "hard_streak", "uniform"}),  # greso: per-prompt streaks, U[0, 1) draws
 }
-# Advantage estimators that read and return a per-prompt history (`state`): the width of one prompt's row and its
-# first-visit value. The trainer keeps it per prompt (postrain.trainers.grpo_sampling.PromptState), saved with
-# checkpoints.
-STATEFUL_ADVANTAGES: dict[str, tuple[int, float]] = {"dcpo_smooth": (3, 0.0)}
-# Reward-shaping entries that read and return a per-prompt history the same way (postrain.rl.history_shaping).
-STATEFUL_SHAPING: dict[str, tuple[int, float]] = {"hapo_length": (1, 0.0)}
-# Why a data input is not available in a GRPO batch (for the error message).
+# Advantage estimators and reward shaping that read and return a per-prompt history (`state`) declare
+# `prompt_state=(width of one prompt's row, first-visit value)` on their entry (Part.prompt_state); the trainer keeps
+# it per prompt (postrain.trainers.grpo_state.PromptState), saved with checkpoints.
+STATEFUL_FAMILIES = (ADVANTAGES, SHAPING)
+# Why a data input is not available in a GRPO batch (for the error message; `state`: see missing_data_reason).
 MISSING_DATA = {
     "ref_rewards": "rewards of completions sampled from the reference model, which the GRPO trainer does not "
                    "generate",
-    "state": "a per-prompt history carried across steps, which the GRPO trainer keeps only for "
-             + ", ".join(sorted({*STATEFUL_ADVANTAGES, *STATEFUL_SHAPING})),
     "divergence": "a per-prompt policy divergence since the prompt's previous visit, which the GRPO trainer does "
                   "not track",
     "embeddings": "sentence embeddings of the completions, and no embedding model is configured",
     "preferences": "pairwise preference judgments between completions, and no judge is configured",
 }
-# Entries whose data is optional but which would silently degrade without it, or which cannot run in TRL's trainer.
-UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("advantage", "spo_tracker"): "it is single-stream (one completion per prompt, group_size 1) and TRL 1.16's "
-                                  "GRPOConfig requires num_generations >= 2",
-    ("sampler", "spo_prioritized"): "it chooses which prompts the next batch draws, from each prompt's SPO tracker; "
-                                    "the tracker is single-stream (see spo_tracker) and TRL's RepeatSampler draws "
-                                    "an epoch's prompt order up front, while accelerate's dataloader fetches one "
-                                    "batch ahead and transformers' resume replays the sampler to skip batches, so a "
-                                    "state-dependent draw would neither see the latest state nor resume identically",
-}
 
-# Sampler stage by entry (see the module docstring); `refill` entries generate more groups when too few are kept.
-SAMPLER_STAGES: dict[str, str] = {
-    "dynamic_sampling": "group", "online_difficulty": "group", "reinforce_rej": "group",
-    "recent_sample_recovery": "group", "gfpo_length": "subset", "gfpo_reward_per_token": "subset",
-    "raft_pp": "row", "cppo_prune": "row", "pf_ppo": "reweight", "repo_replay": "replay",
-    "greso": "prompt",  # before the rollout: skips prompts (postrain.trainers.grpo_greso)
-}
-REFILL_SAMPLERS = frozenset({"dynamic_sampling", "online_difficulty", "recent_sample_recovery"})
+
+def missing_data_reason(data_name: str) -> str:
+    """Why a GRPO batch does not provide `data_name`, for the error message."""
+    if data_name == "state":  # read from the entries when asked, so every family has registered by then
+        stateful = sorted(v.name for registry in STATEFUL_FAMILIES for v in registry if v.extra.get("prompt_state"))
+        return f"a per-prompt history carried across steps, which the GRPO trainer keeps only for {', '.join(stateful)}"
+    return MISSING_DATA.get(data_name, "which a GRPO batch does not provide")
+
+
+# Entries that cannot run in TRL's trainer (or would silently degrade there) say why on the entry: `unsupported=`.
 # Sampler parameters the trainer sets itself (a recipe must not): name -> what the trainer passes.
 TRAINER_FILLED = {"batch_groups": "the generation batch in groups (generation_batch_size / num_generations)"}
 
@@ -147,6 +136,32 @@ class Part:
     where: str
     variant: Variant
 
+    @property
+    def stage(self) -> str | None:
+        """A sampler's stage in a training step (its entry's `stage=`; see the module docstring)."""
+        return self.variant.extra.get("stage")
+
+    @property
+    def refills(self) -> bool:
+        """Whether a group sampler has the trainer generate more groups while too few are kept (`refill=True`)."""
+        return bool(self.variant.extra.get("refill"))
+
+    @property
+    def recovers(self) -> bool:
+        """Whether a refilling sampler returns the groups for the batch and for a buffer carried to the next step
+        (`recovers=True`: recent_sample_recovery)."""
+        return bool(self.variant.extra.get("recovers"))
+
+    @property
+    def prompt_state(self) -> tuple[int, float] | None:
+        """(width of one prompt's row, first-visit value) of the per-prompt history the entry reads and returns
+        (its `prompt_state=`), or None for an entry without one."""
+        return self.variant.extra.get("prompt_state")
+
+    def value(self, key: str) -> Any:
+        """A hyperparameter as the recipe sets it, else the entry's default."""
+        return self.params.get(key, self.variant.params.get(key))
+
 
 @dataclass
 class RLParts:
@@ -163,16 +178,21 @@ class RLParts:
             + [("sampler", p) for p in self.samplers]
 
     def reads(self, data_name: str) -> bool:
-        """Whether any part reads `data_name`, counting `reinforce_pp`'s log-probs only where its beta is not 0."""
+        """Whether any part reads `data_name`; an entry reading it only where a hyperparameter is not 0 (its
+        `reads_if_nonzero=`, reinforce_pp's log-probs at beta 0) counts by that hyperparameter's value."""
         for _, part in self.all():
-            if (part.name, part.variant.family) == ("reinforce_pp", "advantage") \
-                    and data_name in ("old_logps", "ref_logps"):
-                if part.params.get("beta", part.variant.params["beta"]) != 0:
+            switch = part.variant.extra.get("reads_if_nonzero", {}).get(data_name)
+            if switch is not None:
+                if part.value(switch) != 0:
                     return True
                 continue
             if part.variant.needs(data_name):
                 return True
         return False
+
+    def sampler_at(self, stage: str) -> Part | None:
+        """The sampler acting at `stage` (at most one: the load-time check refuses two)."""
+        return next((p for p in self.samplers if p.stage == stage), None)
 
 
 def normalize_part(value: Any, where: str) -> dict[str, Any]:
@@ -238,8 +258,6 @@ def parse_rl_section(section: dict[str, Any] | None, origins: dict[str, str] | N
 
 
 def _what(part: Part) -> str:
-    from postrain.registry import FAMILIES
-
     return FAMILIES[part.variant.family].what
 
 
@@ -263,13 +281,9 @@ def _check_conventions(parts: RLParts) -> None:
             raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}): {errors[0]}")
     loss, advantage = parts.policy_loss, parts.advantage
     if loss.variant.extra.get("advantages") == "per_sequence" and advantage.variant.extra.get("returns") == "per_token":
-        if loss.name == "gspo":
-            why = ("its one ratio per sequence multiplies the sum of the row's advantages, so the loss value is right "
-                   "but every token's gradient is weighted by the whole row's advantages, spread evenly over the row. "
-                   "Use policy loss gspo_token (GSPO-token, paper sec. 4.3: the sequence ratio's value with per-token "
-                   "gradients) or an advantage with one value per sequence")
-        else:
-            why = "it takes one advantage per sequence: use an advantage with one value per sequence"
+        # the entry may say what per-token advantages would do to it and what to use instead
+        why = loss.variant.extra.get("per_token_advantages",
+                                     "it takes one advantage per sequence: use an advantage with one value per sequence")
         raise RecipeError(f"advantage {advantage.name!r} ({advantage.where}) gives one advantage per token, and policy "
                           f"loss {loss.name!r} ({loss.where}) is sequence-level: {why}")
 
@@ -283,12 +297,12 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     rl_origin = origin_of(origins, "rl")
 
     for family, part in parts.all():
-        if (family, part.name) in UNSUPPORTED:
+        if part.variant.extra.get("unsupported"):
             raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) cannot run in "
-                              f"the GRPO trainer: {UNSUPPORTED[family, part.name]}")
+                              f"the GRPO trainer: {part.variant.extra['unsupported']}")
         for data_name, required in part.variant.data.items():
             if required and data_name not in PROVIDED[family]:
-                why = MISSING_DATA.get(data_name, "which a GRPO batch does not provide")
+                why = missing_data_reason(data_name)
                 raise RecipeError(f"{_what(part)} {part.name!r} ({part.where}) reads "
                                   f"`{data_name}`: {why}")
 
@@ -318,22 +332,11 @@ def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
                 f"trainer.num_generations (now steps_per_generation={spg}, per_device_train_batch_size={per_device}, "
                 f"num_generations={group})")
 
-    _check_replay(parts)
     _check_samplers(parts, trainer)
-    _check_greso(parts)
-    _check_nft(parts)
-
-    max_len = int(trainer.get("max_completion_length") or 512)
-    for part in parts.shaping:
-        if part.name == "dapo_overlong":
-            buffer = part.params.get("overlong_buffer_len", part.variant.params["overlong_buffer_len"])
-            limit = part.params.get("max_completion_length", max_len)
-            if not 0 < buffer <= limit:
-                raise RecipeError(f"{part.where.split(',')[0]}.overlong_buffer_len ({buffer}, {part.where}) must lie "
-                                  f"in 1..max_completion_length ({limit}, trainer.max_completion_length unless the "
-                                  f"part sets its own)")
-        if part.name == "curriculum_budget_length":
-            _check_curriculum(part)
+    for _family, part in parts.all():
+        check = part.variant.extra.get("check")
+        if check is not None:  # the entry's own: its parameters against the batch, the parts it can run with
+            check(part, parts, trainer)
 
     _check_vllm_correction(parts, trainer, origins)
     for key, (in_effect, instead) in TRL_CONFLICTS.items():
@@ -350,11 +353,9 @@ def vllm_correction(trainer: dict[str, Any]) -> dict[str, Any] | None:
     where the correction is off: no vLLM, or vllm_importance_sampling_correction: false."""
     if not trainer.get("use_vllm") or not trainer.get("vllm_importance_sampling_correction", True):
         return None
-    import dataclasses
+    from trl import GRPOConfig  # slow to import; postrain's GRPO config subclass keeps these defaults
 
-    from postrain.trainers import config_class
-
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class("grpo")) if f.name in VLLM_IS_KEYS}
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in VLLM_IS_KEYS}
     settings = {key: trainer.get(key, defaults[key]) for key in VLLM_IS_KEYS}
     if trainer.get("vllm_importance_sampling_cap") is not None:
         settings["vllm_importance_sampling_clip_max"] = trainer["vllm_importance_sampling_cap"]
@@ -406,7 +407,7 @@ def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dic
         if low is not None and high is not None and not low < high:
             raise RecipeError(f"{value('vllm_importance_sampling_clip_min')} must be below "
                               f"{value('vllm_importance_sampling_clip_max')} (TRL's GRPOConfig requires it)")
-    replay = next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    replay = parts.sampler_at("replay")
     if replay is not None:
         raise RecipeError(f"sampler 'repo_replay' ({replay.where}) cannot be combined with trainer.use_vllm (from "
                           f"{origin_of(origins, 'trainer.use_vllm')}) and TRL's vLLM importance-sampling "
@@ -416,82 +417,24 @@ def _check_vllm_correction(parts: RLParts, trainer: dict[str, Any], origins: dic
                           f"terms then treat vLLM's samples as the trainer's), or remove repo_replay")
 
 
-def _check_replay(parts: RLParts) -> None:
-    """`repo_replay`: parameters in range, and parts its off-policy term can run (postrain.trainers.grpo_replay)."""
-    part = next((p for p in parts.samplers if p.name == "repo_replay"), None)
-    if part is None:
-        return
-    from math import comb
-
-    from postrain.rl.samplers import REPO_REPLAY_STRATEGIES
-
-    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
-    rules = {"strategy": (lambda v: v in REPO_REPLAY_STRATEGIES, f"one of {', '.join(REPO_REPLAY_STRATEGIES)}"),
-             "num_replays": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-             "min_buffer_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-             "max_buffer_size": (lambda v: isinstance(v, int) and v >= value["min_buffer_size"],
-                                 f"an integer >= min_buffer_size ({value['min_buffer_size']}), or nothing is ever "
-                                 f"replayed"),
-             "off_policy_loss_coef": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")}
-    for name, (ok, what) in rules.items():
-        if isinstance(value[name], bool) or not ok(value[name]):
-            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
-    if value["strategy"] == "max_variance_k" and comb(value["max_buffer_size"], value["num_replays"]) > 200_000:
-        raise RecipeError(f"{key}.strategy max_variance_k ({part.where}) searches every subset of num_replays "
-                          f"({value['num_replays']}) of max_buffer_size ({value['max_buffer_size']}) samples, "
-                          f"{comb(value['max_buffer_size'], value['num_replays'])} subsets per prompt: keep it under "
-                          f"200000 (the paper's 8 of 16: 12870)")
-    other = next((p for p in parts.samplers if p.name in REFILL_SAMPLERS), None)
-    if other is not None:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) cannot be combined with {other.name!r} "
-                          f"({other.where}): a refilled batch is assembled from several generation rounds, and the "
-                          f"replayed samples are attached to the rows of the batch that was generated")
-    if parts.shaping:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) stores each completion's reward to replay it at "
-                          f"later steps, and shaping {parts.shaping[0].name!r} ({parts.shaping[0].where}) would "
-                          f"not be applied again to the stored raw rewards: remove rl.shaping")
-    advantage = parts.advantage
-    extra = [n for n in advantage.variant.data if n not in ("rewards", "group_size")]
-    if extra:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) normalises the replayed samples' rewards with "
-                          f"advantage {advantage.name!r} ({advantage.where}), which reads {', '.join(extra)}; "
-                          f"the buffer keeps rewards only: use an advantage on rewards alone (grpo, the paper's "
-                          f"'split' normalisation, dr_grpo, rloo, ...)")
-    loss = parts.policy_loss
-    extra = [n for n in loss.variant.data if n not in ("logps", "old_logps", "advantages", "mask")]
-    if extra:
-        raise RecipeError(f"sampler {part.name!r} ({part.where}) computes its off-policy loss with policy loss "
-                          f"{loss.name!r} ({loss.where}), which reads {', '.join(extra)}; the replayed samples carry "
-                          f"their log-probs, behaviour log-probs, advantages and masks only: use ppo_clip (the "
-                          f"paper's) or another per-token loss")
-
-
 def _check_samplers(parts: RLParts, trainer: dict[str, Any]) -> None:
-    """At most one sampler per stage; parameters that must fit the batch; no row-level sampler under a policy
-    loss that compares whole groups."""
+    """At most one sampler per stage; a refill's rounds; no row-level sampler under a policy loss that compares
+    whole groups. (A sampler's own parameters: its entry's `check=`.)"""
     by_stage: dict[str, Part] = {}
     for part in parts.samplers:
-        stage = SAMPLER_STAGES[part.name]
+        stage = part.stage
         if stage in by_stage:
             raise RecipeError(f"samplers {by_stage[stage].name!r} ({by_stage[stage].where}) and {part.name!r} "
                               f"({part.where}) both act at the {stage!r} stage: keep one of them")
         by_stage[stage] = part
-    group = int(trainer.get("num_generations") or 8)
     for part in parts.samplers:
         key = part.where.split(",")[0]
-        if part.name in ("gfpo_length", "gfpo_reward_per_token") and not 1 <= int(part.params["k"]) <= group:
-            raise RecipeError(f"{key}.k ({part.params['k']}, {part.where}) must lie in 1..trainer.num_generations "
-                              f"({group}): GFPO keeps k of each group's completions")
-        if part.name == "cppo_prune":
-            rate = part.params.get("pruning_rate", part.variant.params["pruning_rate"])
-            if not 0 <= rate < 1:
-                raise RecipeError(f"{key}.pruning_rate ({rate}, {part.where}) must lie in [0, 1)")
-        if part.name in REFILL_SAMPLERS:
+        if part.refills:
             rounds = part.params.get("max_num_gen_batches", part.variant.params["max_num_gen_batches"])
             if not isinstance(rounds, int) or rounds < 0:
                 raise RecipeError(f"{key}.max_num_gen_batches ({rounds!r}, {part.where}) must be an integer >= 0 "
                                   f"(0: generate until the batch is full, as verl's DAPO recipe)")
-    rows = [p for p in parts.samplers if SAMPLER_STAGES[p.name] != "group"]
+    rows = [p for p in parts.samplers if p.stage != "group"]
     if rows and parts.policy_loss.variant.needs("group_size"):
         raise RecipeError(f"sampler {rows[0].name!r} ({rows[0].where}) drops or repeats single completions, but "
                           f"policy loss {parts.policy_loss.name!r} ({parts.policy_loss.where}) compares the "
@@ -511,64 +454,3 @@ def reference_beta(parts: RLParts) -> float | None:
             if beta:
                 return float(beta)
     return 1.0
-
-
-def _check_curriculum(part: Part) -> None:
-    """Train Long, Think Short's budget schedule must shrink from a positive budget: B0 > 0, 0 < gamma <= 1,
-    T >= 1 steps, 0 < B_min."""
-    key = part.where.split(",")[0]
-    value = {**part.variant.params, **part.params}
-    rules = {"initial_budget": (lambda v: v > 0, "> 0 tokens"),
-             "decay_factor": (lambda v: 0 < v <= 1, "in (0, 1] (1: a fixed budget)"),
-             "decay_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (optimizer steps)"),
-             "min_budget": (lambda v: v > 0, "> 0 tokens")}
-    for name, (ok, what) in rules.items():
-        v = value.get(name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
-            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")
-
-
-def _check_nft(parts: RLParts) -> None:
-    """`nft` reads the prompt's accuracy as rewards - advantages: the advantage must be dr_grpo's r - group mean and
-    the rewards binary (no shaping); its parameters in range."""
-    part = parts.policy_loss
-    if part.name != "nft":
-        return
-    from postrain.rl.losses import NFT_PROMPT_WEIGHTS
-
-    if parts.advantage.name != "dr_grpo":
-        raise RecipeError(f"policy loss 'nft' ({part.where}) reads each row's group accuracy r_q as rewards - "
-                          f"advantages, which holds for the dr_grpo advantage (r - group mean) only: set "
-                          f"rl.advantage: dr_grpo (now {parts.advantage.name!r}, {parts.advantage.where})")
-    if parts.shaping:
-        raise RecipeError(f"policy loss 'nft' ({part.where}) needs binary 0 / 1 rewards, and shaping "
-                          f"{parts.shaping[0].name!r} ({parts.shaping[0].where}) changes them: remove rl.shaping")
-    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
-    number = (int, float)
-    rules = {"prompt_weight": (lambda v: v in NFT_PROMPT_WEIGHTS, f"one of {', '.join(NFT_PROMPT_WEIGHTS)}"),
-             "negative_weight": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0 (0: RFT)"),
-             "negative_clamp": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
-             "positive_clamp": (lambda v: isinstance(v, number) and v >= 0, "a number >= 0"),
-             "log_ratio_max": (lambda v: isinstance(v, number) and v > 0, "a number > 0"),
-             "accuracy_clamp": (lambda v: isinstance(v, number) and 0 <= v < 0.5, "a number in [0, 0.5)")}
-    for name, (ok, what) in rules.items():
-        if isinstance(value[name], bool) or not ok(value[name]):
-            raise RecipeError(f"{key}.{name} ({value[name]!r}, {part.where}) must be {what}")
-
-
-def _check_greso(parts: RLParts) -> None:
-    """`greso`: probabilities and ratios in range."""
-    part = next((p for p in parts.samplers if p.name == "greso"), None)
-    if part is None:
-        return
-    key, value = part.where.split(",")[0], {**part.variant.params, **part.params}
-    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
-    rules = {"p_easy": unit, "p_hard": unit, "min_keep_prob": unit, "target_zero_variance": unit,
-             "min_p": unit, "max_p": (lambda v: value["min_p"] <= v <= 1, f"in [min_p ({value['min_p']}), 1]"),
-             "adapt_step": (lambda v: v >= 0, ">= 0"),
-             "max_num_gen_batches": (lambda v: isinstance(v, int) and v >= 0,
-                                     "an integer >= 0 (refill batches drawn per step to replace skipped prompts)")}
-    for name, (ok, what) in rules.items():
-        v = value[name]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
-            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")

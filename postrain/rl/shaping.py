@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from postrain.errors import RecipeError
 from postrain.registry import Requirement
 from postrain.rl.registry import SHAPING
 from postrain.tensors import grouped, token_counts
@@ -38,8 +39,37 @@ _CURRICULUM = Requirement("length_budget", "the length-efficiency term against t
                           amount=_curriculum_end_budget)
 
 
+# Load-time checks of how the GRPO trainer runs an entry (`check=` on the entry): postrain.rl.section calls each with
+# the part (its recipe parameters `params`, its place `where`, its entry `variant`), every part of the `rl:` section
+# and the recipe's `trainer:` mapping.
+def _check_overlong(part, parts, trainer: dict) -> None:
+    """The soft punishment's buffer must fit in the completion length."""
+    buffer = part.params.get("overlong_buffer_len", part.variant.params["overlong_buffer_len"])
+    limit = part.params.get("max_completion_length", int(trainer.get("max_completion_length") or 512))
+    if not 0 < buffer <= limit:
+        raise RecipeError(f"{part.where.split(',')[0]}.overlong_buffer_len ({buffer}, {part.where}) must lie "
+                          f"in 1..max_completion_length ({limit}, trainer.max_completion_length unless the "
+                          f"part sets its own)")
+
+
+def _check_curriculum(part, parts, trainer: dict) -> None:
+    """Train Long, Think Short's budget schedule must shrink from a positive budget: B0 > 0, 0 < gamma <= 1,
+    T >= 1 steps, 0 < B_min."""
+    key = part.where.split(",")[0]
+    value = {**part.variant.params, **part.params}
+    rules = {"initial_budget": (lambda v: v > 0, "> 0 tokens"),
+             "decay_factor": (lambda v: 0 < v <= 1, "in (0, 1] (1: a fixed budget)"),
+             "decay_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (optimizer steps)"),
+             "min_budget": (lambda v: v > 0, "> 0 tokens")}
+    for name, (ok, what) in rules.items():
+        v = value.get(name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
+            raise RecipeError(f"{key}.{name} ({v!r}, {part.where}) must be {what}")
+
+
 @SHAPING.register("dapo_overlong", paper="DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
                   requires=(_OVERLONG,),
+                  check=_check_overlong,
                   catalog="rl:extra",
                   arxiv="2503.14476",
                   trl="reward_funcs += trl.rewards.get_soft_overlong_punishment(max_completion_length, "
@@ -201,9 +231,17 @@ def curriculum_budget(step: int, *, decay_interval: int, initial_budget: float =
     return max(float(min_budget), float(initial_budget) * float(decay_factor) ** (int(step) // int(decay_interval)))
 
 
+def curriculum_budget_log(data: dict, params: dict) -> dict[str, float]:
+    """What a trainer logs of a batch curriculum_budget_length shaped: the budget it was scored against."""
+    schedule = {k: v for k, v in params.items() if k != "length_weight"}
+    return {"rl/shaping/budget": curriculum_budget(data["step"], **schedule)}
+
+
 @SHAPING.register("curriculum_budget_length", paper="Train Long, Think Short: Curriculum Learning for Efficient "
                   "Reasoning", arxiv="2508.08940",
                   requires=(_CURRICULUM,),
+                  check=_check_curriculum,
+                  logs=curriculum_budget_log,  # a hook: the trainer logs what it returns
                   catalog="rl:32",
                   notes="budget schedule B(t) = max(1, B0 * gamma^floor(t/T)) (exponential decay every T steps; "
                         "the paper's overview figure uses gamma = 0.7, its runs B0 = 256), as the paper states it; "

@@ -3,7 +3,7 @@ authors' code): TW-GRPO from the group's next-token distributions, GTPO from the
 
 Same calling convention as postrain.rl.losses: per-token loss (N, T), zero at padding, and a metrics dict; rows are
 whole groups of `group_size` contiguous completions (the trainer restores generation order, see
-postrain.trainers.grpo._whole_groups). Two inputs the GRPO trainer provides for these entries only:
+postrain.trainers.grpo_loss.whole_groups). Two inputs the GRPO trainer provides for these entries only:
   vocab_logps     (N, T, V) log π(·| prompt, o_<t) over the whole vocabulary at every completion position, with the
                   gradient (TW-GRPO);
   completion_ids  (N, T) the completion token ids (GTPO).

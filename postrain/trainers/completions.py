@@ -21,6 +21,7 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from postrain.trainers.dpo import PostrainDPOTrainer, check_loss_data
+from postrain.trainers.shared_prefix_dpo import ROWS_KEY
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
@@ -83,8 +84,6 @@ class CompletionsDPOTrainer(PostrainDPOTrainer):
     def _sequence_inputs(batch: dict, prefix: str) -> dict:
         """The model inputs of the batch's sequences `<prefix>input_ids`, with the shared-prefix rows where the
         batch carries them (trainer.shared_prefix: the main sequences only)."""
-        from postrain.trainers.shared_prefix_dpo import ROWS_KEY
-
         inputs = {key: batch[prefix + key] for key in SEQUENCE_KEYS}
         if not prefix and ROWS_KEY in batch:
             inputs[ROWS_KEY] = batch[ROWS_KEY]

@@ -27,20 +27,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from postrain.rl.registry import SAMPLERS
 from postrain.rl.samplers import greso_adapt, greso_streaks
 from postrain.rl.section import Part
-from postrain.trainers.grpo_sampling import prompt_key
+from postrain.trainers.grpo_advantages import raw_rewards
+from postrain.trainers.grpo_state import prompt_key
 
 STREAKS = "greso"      # PromptState table: prompt -> [easy streak, hard streak]
 SKIP_BASES = "greso_p"  # PromptState table: "p" -> [p_easy, p_hard]
 DRAWS = "greso_draws"   # PromptState counter: draw rounds so far (seeds each round's draws)
 DRAW_SEED_OFFSET = 700_001
-
-
-def greso_part(trainer) -> Part | None:
-    return trainer._rl_samplers.get("prompt") if trainer.rl_parts is not None else None
 
 
 def _params(part: Part) -> dict[str, Any]:
@@ -68,8 +66,6 @@ def keep_groups(trainer, part: Part, groups: list[list[dict]]) -> torch.Tensor:
 
 def select_inputs(trainer, part: Part, inputs: list[dict]) -> list[dict]:
     """This process' rows of the generation batch after GRESO's skips and replacements (as many as before)."""
-    from accelerate.utils import gather_object
-
     group = trainer.num_generations
     n_local = len(inputs)
     rows = gather_object(list(inputs))
@@ -84,7 +80,7 @@ def select_inputs(trainer, part: Part, inputs: list[dict]) -> list[dict]:
     tested, rounds = len(groups), 0
     max_rounds = int(_params(part)["max_num_gen_batches"])
     while len(chosen) < target and rounds < max_rounds:
-        more = gather_object(list(trainer._next_refill_batch()))
+        more = gather_object(list(trainer.rl_refill.next_batch()))
         candidates = [more[i:i + group] for i in range(0, len(more), group)]
         more_keep = keep_groups(trainer, part, candidates)
         chosen += [g for g, k in zip(candidates, more_keep.tolist()) if k]
@@ -92,7 +88,7 @@ def select_inputs(trainer, part: Part, inputs: list[dict]) -> list[dict]:
         rounds += 1
     short = max(0, target - len(chosen))
     chosen = chosen[:target] + skipped[:short]  # rather a skipped prompt than a short batch
-    metrics = trainer._metrics["train"]
+    metrics = trainer.metrics("train")
     metrics["rl/sampler/greso/skipped_fraction"].append(float(int((~keep).sum()) / max(len(groups), 1)))
     metrics["rl/sampler/greso/refill_batches"].append(float(rounds))
     metrics["rl/sampler/greso/rolled_out_skipped"].append(float(short))
@@ -105,11 +101,9 @@ def select_inputs(trainer, part: Part, inputs: list[dict]) -> list[dict]:
 def observe(trainer, part: Part, inputs: list[dict], rewards_per_func: torch.Tensor) -> None:
     """After the rollout of `inputs` (this process' rows): the streaks of the rolled-out prompts and the skip bases,
     from the rewards gathered from every process (TRL's weighted sum, as the other samplers read)."""
-    from accelerate.utils import gather_object
-
     group = trainer.num_generations
     keys = gather_object([prompt_key(x.get("prompt")) for x in inputs])[::group]
-    rewards = trainer._raw_rewards(rewards_per_func, group).detach().float().cpu()
+    rewards = raw_rewards(rewards_per_func, trainer.reward_weights, group).detach().float().cpu()
     streaks = trainer.rl_state.rows(STREAKS, keys, 2, 0.0)
     easy, hard = greso_streaks(rewards, group, streaks[:, 0], streaks[:, 1])
     trainer.rl_state.update(STREAKS, keys, torch.stack([easy, hard], dim=1))
@@ -122,7 +116,7 @@ def observe(trainer, part: Part, inputs: list[dict], rewards_per_func: torch.Ten
                                      **{k: params[k] for k in ("target_zero_variance", "adapt_step", "min_p",
                                                                "max_p")})
     trainer.rl_state.tables.setdefault(SKIP_BASES, {})["p"] = [p_easy, p_hard]
-    metrics = trainer._metrics["train"]
+    metrics = trainer.metrics("train")
     metrics["rl/sampler/greso/p_easy"].append(p_easy)
     metrics["rl/sampler/greso/p_hard"].append(p_hard)
     metrics["rl/sampler/greso/easy_ratio"].append(easy_ratio)

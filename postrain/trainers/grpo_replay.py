@@ -38,28 +38,25 @@ type `grpo` divides both terms by the micro-batch's on- plus off-policy row coun
 + R); postrain normalises each term over its own rows, as the paper's objective writes it. Their "mixed"
 normalisation (one group of G + R) is not implemented.
 
-The buffer is saved beside every checkpoint (rl_replay.pt) and restored on resume.
+The buffer is saved beside every checkpoint (rl_replay.pt, postrain.trainers.grpo_state) and restored on resume.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from postrain.rl.registry import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, SAMPLERS
 from postrain.rl.section import Part, RLParts
-from postrain.trainers.grpo_sampling import prompt_key
+from postrain.trainers.grpo_advantages import raw_rewards
+from postrain.trainers.grpo_loss import MODEL_INPUT_KEYS, sampling_logps
+from postrain.trainers.grpo_state import prompt_key
 
-REPLAY_FILE = "rl_replay.pt"
 # random_k's draws: a generator seeded by the run seed, the generation counter and this offset (not the noise's).
 REPLAY_SEED_OFFSET = 700_001
-# Model inputs of multimodal batches: replayed samples carry no images.
-MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-REPLAY_KEYS = ("rl_replay_ids", "rl_replay_mask", "rl_replay_logps", "rl_replay_advantages", "rl_replay_valid")
 
 
 class ReplayBuffer:
@@ -95,7 +92,7 @@ class ReplayBuffer:
 
 
 def replay_part(parts: RLParts | None) -> Part | None:
-    return None if parts is None else next((p for p in parts.samplers if p.name == "repo_replay"), None)
+    return None if parts is None else parts.sampler_at("replay")
 
 
 def new_buffer(part: Part | None) -> ReplayBuffer | None:
@@ -111,13 +108,12 @@ def _params(part: Part) -> dict[str, Any]:
 def attach_replays(trainer, inputs: list[dict], output: dict) -> dict:
     """The generation batch `output` (this process' rows, advantages already replaced) with each prompt's replayed
     samples attached to its rows; then this batch's samples enter the buffers."""
-    from accelerate.utils import gather_object
-
-    part, buffer = trainer._rl_replay_part, trainer.rl_replay_buffer
-    if "tool_mask" in output or any(output.get(k) is not None for k in MULTIMODAL_KEYS):
+    part, buffer = trainer.rl_replay_part, trainer.rl_replay_buffer
+    # replayed samples carry their completion ids and masks only (no images, no tool masks)
+    if "tool_mask" in output or any(output.get(k) is not None for k in MODEL_INPUT_KEYS):
         raise RuntimeError("sampler 'repo_replay' stores completion ids and masks only: it supports neither tool "
                            "masks nor multimodal inputs")
-    group, metrics = trainer.num_generations, trainer._metrics["train"]
+    group, metrics = trainer.num_generations, trainer.metrics("train")
     n_local = output["completion_ids"].size(0)
     keys = gather_object([prompt_key(x.get("prompt")) for x in inputs])
     if len(keys) % group or any(len(set(keys[g:g + group])) != 1 for g in range(0, len(keys), group)):
@@ -148,7 +144,7 @@ def replay_advantages(trainer, rewards: list[torch.Tensor]) -> list[torch.Tensor
     """Each prompt's replayed rewards -> their advantages by the recipe's advantage entry, the prompt's replayed
     samples as one group (one call over every prompt when all replay the same count, else a call per prompt)."""
     part = trainer.rl_parts.advantage
-    params = trainer._part_params(part)
+    params = trainer.part_params(part)
     sizes = {r.numel() for r in rewards if r.numel()}
     if not sizes:
         return [r.clone() for r in rewards]
@@ -168,7 +164,7 @@ def _replay_rows(trainer, group_keys, selected, advantages, n_local: int, group:
     entries = [[buffer.entries[group_keys[p]][i] for i in s] for p, s in enumerate(selected)]
     slots = max(math.ceil(len(s) / group) for s in selected)
     width = max(1, max(e["ids"].numel() for es in entries for e in es))
-    ids = torch.full((n_local, slots, width), int(trainer._tokenizer.pad_token_id), dtype=torch.long)
+    ids = torch.full((n_local, slots, width), int(trainer.pad_token_id), dtype=torch.long)
     mask = torch.zeros((n_local, slots, width), dtype=torch.long)
     logps = torch.zeros((n_local, slots, width))
     adv = torch.zeros((n_local, slots))
@@ -192,13 +188,13 @@ def _replay_rows(trainer, group_keys, selected, advantages, n_local: int, group:
 
 def _store(trainer, keys: list[str], output: dict) -> None:
     """Every on-policy sample of the batch (all processes) into its prompt's buffer, in gathered row order."""
-    behaviour, _ = trainer._sampling_logps(output, with_entropies=False)
-    ids = trainer._gather_rows(output["completion_ids"]).cpu()
-    mask = trainer._gather_rows(output["completion_mask"]).cpu()
-    logps = trainer._gather_rows(behaviour.detach().float()).cpu()
-    per_func = trainer._rl_rewards_per_func
+    behaviour, _ = sampling_logps(trainer, output, with_entropies=False)
+    ids = trainer.gather_rows(output["completion_ids"]).cpu()
+    mask = trainer.gather_rows(output["completion_mask"]).cpu()
+    logps = trainer.gather_rows(behaviour.detach().float()).cpu()
+    per_func = trainer.rl_rewards_per_func
     unscorable = torch.isnan(per_func).all(dim=1).cpu()
-    rewards = trainer._raw_rewards(per_func, trainer.num_generations).cpu()
+    rewards = raw_rewards(per_func, trainer.reward_weights, trainer.num_generations).cpu()
     for i, key in enumerate(keys):
         if not bool(unscorable[i]):
             trainer.rl_replay_buffer.add(key, ids[i], mask[i], logps[i], rewards[i].item())
@@ -208,7 +204,7 @@ def _store(trainer, keys: list[str], output: dict) -> None:
 
 def replay_loss(trainer, model, inputs: dict, mode: str, accumulation: int) -> torch.Tensor:
     """off_policy_loss_coef * L_off over the replayed samples riding on this micro-batch's rows."""
-    parts, part = trainer.rl_parts, trainer._rl_replay_part
+    parts, part = trainer.rl_parts, trainer.rl_replay_part
     valid = inputs["rl_replay_valid"]
     row, slot = torch.nonzero(valid, as_tuple=True)
     empty = row.numel() == 0
@@ -219,19 +215,19 @@ def replay_loss(trainer, model, inputs: dict, mode: str, accumulation: int) -> t
         mask = torch.zeros_like(mask)
     input_ids = torch.cat([inputs["prompt_ids"][row], completion_ids], dim=1)
     attention = torch.cat([inputs["prompt_mask"][row], mask], dim=1)
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+    logps, _, _ = trainer.token_logps(
         model, input_ids, attention, completion_ids.size(1), batch_size=trainer.args.per_device_train_batch_size)
     data = {"logps": logps, "old_logps": inputs["rl_replay_logps"][row, slot], "mask": mask,
             "advantages": inputs["rl_replay_advantages"][row, slot]}
     per_token, loss_metrics = POLICY_LOSSES.call(parts.policy_loss.name, data,
-                                                 trainer._part_params(parts.policy_loss))
+                                                 trainer.part_params(parts.policy_loss))
     if empty:  # 0, with a graph through the forward
         off = logps.sum() * 0.0
     else:
         agg_data = _normalizers(trainer, inputs, mask, mode, accumulation)
         off = AGGREGATIONS.call(parts.aggregation.name, {"per_token_loss": per_token, "mask": mask, **agg_data},
-                                trainer._part_params(parts.aggregation))
-    logged = trainer._metrics[mode]
+                                trainer.part_params(parts.aggregation))
+    logged = trainer.metrics(mode)
     logged["rl/replay/off_policy_loss"].append(trainer.accelerator.gather(off.detach().reshape(1)).mean().item())
     logged["rl/replay/rows"].append(float(0 if empty else row.numel()))
     if not empty:
@@ -243,7 +239,7 @@ def replay_loss(trainer, model, inputs: dict, mode: str, accumulation: int) -> t
 
 def _normalizers(trainer, inputs: dict, mask: torch.Tensor, mode: str, accumulation: int) -> dict[str, Any]:
     """The aggregation's normalizers over the replayed samples of the generation batch, scaled as the on-policy
-    term's (PostrainGRPOTrainer._aggregation_normalizers with sampler weights): per process and micro-batch."""
+    term's (postrain.trainers.grpo_loss.aggregation_normalizers with sampler weights): per process and micro-batch."""
     aggregation = trainer.rl_parts.aggregation
     processes = trainer.accelerator.num_processes
     scale = accumulation / trainer.args.steps_per_generation if mode == "train" else 1.0
@@ -253,21 +249,8 @@ def _normalizers(trainer, inputs: dict, mask: torch.Tensor, mode: str, accumulat
     if aggregation.variant.needs("num_sequences"):
         data["num_sequences"] = inputs["rl_replay_num_sequences"].clamp(min=1.0) / processes * scale
     if aggregation.variant.needs("length_weight_sum"):
-        alpha = trainer._part_params(aggregation).get("alpha", aggregation.variant.params.get("alpha", 1.0))
+        alpha = trainer.part_params(aggregation).get("alpha", aggregation.variant.params.get("alpha", 1.0))
         lengths = mask.float().sum(-1)
         weights = torch.where(lengths > 0, lengths.clamp(min=1.0) ** -alpha, torch.zeros_like(lengths))
         data["length_weight_sum"] = weights.sum().clamp(min=1e-12) * accumulation
     return data
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-def save_buffer(buffer: ReplayBuffer | None, folder: str) -> None:
-    if buffer is not None:
-        torch.save(buffer.state_dict(), os.path.join(folder, REPLAY_FILE))
-
-
-def load_buffer(buffer: ReplayBuffer | None, checkpoint: str) -> None:
-    path = os.path.join(checkpoint, REPLAY_FILE)
-    if buffer is not None and os.path.exists(path):
-        buffer.load_state_dict(torch.load(path, map_location="cpu"))

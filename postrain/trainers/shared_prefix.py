@@ -46,6 +46,8 @@ from typing import Any, Callable
 
 import torch
 
+from postrain.errors import RecipeError, origin_of
+
 # model_type -> why it is supported: decoder-only with rotary position embeddings applied from `position_ids`, and a
 # 4D attention mask passed to the attention function as given (transformers' masking_utils returns a 4D mask as-is).
 SUPPORTED_MODEL_TYPES = {"qwen2": "Qwen2 (the embedded tiny model)", "llama": "Llama (SmolLM2)"}
@@ -82,6 +84,7 @@ def unsupported_reason(config: Any, attn_implementation: str | None = None) -> s
 def _known_config(model: dict) -> Any | None:
     """The config of the recipe's model where it can be read without loading weights or the network: the tiny
     model's, a local folder's (a run directory's model/), a hub model's already in the local cache; else None."""
+    # transformers and the model loaders are slow to import, and check_recipe below runs when a recipe loads
     from transformers import AutoConfig
 
     from postrain.models.loading import resolve_model_path
@@ -103,9 +106,6 @@ def check_recipe(command: str, cfg: dict, origins: dict[str, str]) -> None:
     """Load-time check of `trainer.shared_prefix: true`: the model and its attention implementation must honour
     the block mask and position ids (a hub model whose config is not on disk is checked when the trainer is
     built), and no TRL option that replaces the model's modules may be on."""
-    from postrain.errors import RecipeError
-    from postrain.recipes.validate import origin_of
-
     trainer = cfg.get("trainer") or {}
     if command != "grpo" or not trainer.get("shared_prefix"):
         return
