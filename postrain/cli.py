@@ -343,7 +343,8 @@ def _recipes_inherited(ref: str, as_json: bool) -> None:
 def variants(family: Optional[str] = typer.Option(None, "--family", help="Only this family (e.g. preference, advantage)."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the registered method parts: preference losses, advantages, policy losses, aggregations, ..."""
-    from postrain.registry import FAMILIES, all_variants, suggest
+    from postrain.registry import FAMILIES, suggest
+    from postrain.variants import all_variants
 
     rows = [v.as_dict() for v in all_variants(family)]
     if family is not None and family not in FAMILIES:

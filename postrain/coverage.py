@@ -146,7 +146,7 @@ def recipe_papers(root: Path | None = None) -> dict[str, str]:
 # --- the table ------------------------------------------------------------------------------------------------
 
 def build(catalog_dir: Path, exclusions_path: Path = EXCLUSIONS, recipes_root: Path | None = None) -> Coverage:
-    from postrain.registry import all_variants
+    from postrain.variants import all_variants
 
     rows = {name: parse_summary_table((catalog_dir / fname).read_text(), name)
             for name, fname in CATALOG_FILES.items()}

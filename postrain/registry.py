@@ -338,12 +338,3 @@ class Registry:
             raise ValueError(f"{self.what} {name!r} needs {', '.join(missing)}; it reads: {', '.join(wanted)}")
         kwargs = {k: v for k, v in data.items() if k in wanted}
         return variant.fn(**kwargs, **params)
-
-
-def all_variants(family: str | None = None) -> list[Variant]:
-    """Every registered entry (importing the packages that register them), optionally of one family."""
-    import postrain.preference  # noqa: F401  (registers)
-    import postrain.rl  # noqa: F401  (registers)
-
-    out = [v for reg in FAMILIES.values() if family in (None, reg.family) for v in reg]
-    return out

@@ -139,7 +139,8 @@ def render_index(by_family: dict[str, list]) -> str:
 def pages(recipes_root: Path | None = None) -> dict[str, str]:
     """File name -> content of every page (the index and one per family with entries)."""
     from postrain.coverage import recipe_papers
-    from postrain.registry import FAMILIES, all_variants
+    from postrain.registry import FAMILIES
+    from postrain.variants import all_variants
 
     variants = all_variants()
     # A fixed order: FAMILIES is in import order, which depends on what a process imported first.

@@ -13,7 +13,7 @@ from postrain.preference import PREFERENCE, preference_loss
 from postrain.recipes.loader import load_recipe
 from postrain.rl.advantages import compute_advantages
 from postrain.rl.registry import ADVANTAGES
-from postrain.registry import all_variants
+from postrain.variants import all_variants
 from tests.conftest import readme_example, write_recipe
 from tests.dpo_shapes import TINY_MODEL
 

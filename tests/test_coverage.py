@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from postrain import coverage
-from postrain.registry import all_variants
+from postrain.variants import all_variants
 
 CATALOG_DIR = coverage.find_catalog_dir()
 pytestmark = pytest.mark.skipif(CATALOG_DIR is None, reason="method catalogs (shared/methods) not found; "

@@ -124,7 +124,8 @@ def test_the_old_minimax_m1_layout_is_flagged_with_its_numbers_and_a_fix(tmp_pat
 
 def test_every_requirement_kind_is_evaluated_and_every_requirement_has_a_known_kind():
     from postrain.recipes.liveness import EVALUATORS
-    from postrain.registry import REQUIREMENT_KINDS, all_variants
+    from postrain.registry import REQUIREMENT_KINDS
+    from postrain.variants import all_variants
 
     assert set(EVALUATORS) == set(REQUIREMENT_KINDS)
     used = {r.kind for v in all_variants() for r in v.requires}

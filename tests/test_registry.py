@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import RecipeError
-from postrain.registry import FAMILIES, REGISTRIES, Registry, all_variants
+from postrain.registry import FAMILIES, REGISTRIES, Registry
+from postrain.variants import all_variants
 
 runner = CliRunner()
 

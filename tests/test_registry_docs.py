@@ -7,7 +7,8 @@ import re
 import pytest
 
 from postrain import registry_docs
-from postrain.registry import FAMILIES, all_variants
+from postrain.registry import FAMILIES
+from postrain.variants import all_variants
 
 
 @pytest.fixture(scope="module")

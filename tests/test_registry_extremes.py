@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from postrain.errors import DataError, RecipeError
-from postrain.registry import all_variants
+from postrain.variants import all_variants
 
 FAMILIES = ("preference", "advantage", "policy_loss", "aggregation", "regularizer", "shaping", "sampler")
 REFUSALS = (ValueError, DataError, RecipeError)

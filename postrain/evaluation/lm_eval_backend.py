@@ -13,16 +13,42 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from postrain.errors import DataError, RecipeError, did_you_mean
-from postrain.recipes.validate import origin_of
+from postrain.errors import DataError, RecipeError, did_you_mean, origin_of
 
 INSTALL_HINT = "pip install 'postrain[lm_eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
 # The layers --smoke adds (postrain.recipes.loader): its `sets:` stand-in is not the user's doing.
 SMOKE_ORIGINS = ("--smoke", "--smoke (data)")
+
+
+@dataclass
+class LMEvalSpec:
+    """`lm_eval:` of an eval recipe with `eval.backend: lm_eval`. The keys are lm-eval's own (`simple_evaluate`
+    and its CLI; `batch_size` and `device` go to `HFLM`). The model is `model:` (or `models:`), loaded by postrain."""
+
+    # lm-eval task, group or tag names (`hellaswag`, `gsm8k`, `mmlu`), or paths of task YAML files (relative to
+    # the recipe file). Registered tasks download their datasets from the hub on first use.
+    tasks: list[str] = field(default_factory=list)
+    # A folder of task YAML files (relative to the recipe file), searched before lm-eval's own tasks.
+    include_path: str | None = None
+    # None: each task's own default (its YAML's num_fewshot, else 0).
+    num_fewshot: int | None = None
+    # Documents per task (an integer), or a fraction of each task (< 1); None: all.
+    limit: int | float | None = None
+    batch_size: int | str = 1
+    # None: cuda when available, else cpu.
+    device: str | None = None
+    # Generation settings over every generate_until task's own (e.g. {max_gen_toks: 256, do_sample: false}).
+    gen_kwargs: dict[str, Any] | None = None
+    # true: the tokenizer's chat template; a string: the named template of the tokenizer.
+    apply_chat_template: bool | str = False
+    system_instruction: str | None = None
+    # Resamples behind the stderr of metrics that are not means (bleu, f1, ...); 0: no stderr for those.
+    bootstrap_iters: int = 100000
 
 
 def backend(cfg: dict) -> str:
@@ -46,10 +72,6 @@ def is_task_file(task: str) -> bool:
 
 def resolved_settings(cfg: dict, origins: dict[str, str]) -> dict[str, Any]:
     """`lm_eval:` with its paths resolved (include_path, task YAML paths): what the run uses and results.json keeps."""
-    from dataclasses import asdict
-
-    from postrain.recipes.schema import LMEvalSpec
-
     section = {**asdict(LMEvalSpec()), **cfg["lm_eval"]}  # an optional section: its defaults are not in cfg
     if section.get("include_path"):
         section["include_path"] = str(recipe_relative(section["include_path"], "lm_eval.include_path", origins))

@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 from postrain.errors import LaunchError, PostrainError, RunDirError
 from postrain.jobs import signals
-from postrain.jobs.rundir import (LOCK_HELD_ENV, RunLock, attempt_dir, complete_checkpoints, note, partial_dir,
-                                  publish, replace_with_attempt, write_atomic)
+from postrain.files import attempt_dir, write_atomic
+from postrain.jobs.rundir import (LOCK_HELD_ENV, RunLock, complete_checkpoints, note, partial_dir, publish,
+                                  replace_with_attempt)
 from postrain.launch.launcher import current_layout, launch_started
 from postrain.models.loading import MODEL_SUBDIR, check_model_reference
 from postrain.recipes import Recipe

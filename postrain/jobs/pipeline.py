@@ -21,6 +21,7 @@ from postrain.errors import LaunchError, PostrainError
 from postrain.jobs.signals import Interrupted
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
+from postrain.reports.rundir import model_inputs, upstream_stages  # pipeline facts the reports read too
 from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
 
 
@@ -46,40 +47,6 @@ def stage_recipe(recipe: Recipe, name: str, stage: dict, smoke: bool) -> Recipe:
     if smoke:
         return load_smoke_recipe(path, overrides, stage["command"], data_wins=True)
     return load_recipe(path, overrides, stage["command"])
-
-
-def model_inputs(stage_cfg: dict) -> list[str]:
-    """The model references a stage starts from (for the lineage)."""
-    refs = []
-    for key in ("model", "ref_model"):
-        if stage_cfg.get(key):
-            refs.append(stage_cfg[key]["name_or_path"])
-    if stage_cfg.get("merge"):
-        from postrain.merging import model_references
-
-        refs += model_references(stage_cfg["merge"])
-    return [str(r) for r in refs]
-
-
-def _strings(node: Any):
-    if isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
-    elif isinstance(node, str):
-        yield node
-
-
-def upstream_stages(stage_cfg: dict, outputs: dict[str, str]) -> list[str]:
-    """The earlier stages whose run directory this stage reads (a model, a samples file, ...)."""
-    found = []
-    for value in _strings({k: v for k, v in stage_cfg.items() if k not in ("output_dir", "name")}):
-        for name, out in outputs.items():
-            if (value == out or value.startswith(out.rstrip("/") + "/")) and name not in found:
-                found.append(name)
-    return found
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:

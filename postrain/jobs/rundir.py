@@ -3,9 +3,9 @@
 What a reader of `runs/<name>/` can rely on, whatever stopped the run (an error, a signal, a full disk, a crash):
 
 - Files and folders appear whole or not at all: `status.json`, `model/` and every `checkpoints/checkpoint-N` are
-  written under a temporary name, flushed to disk (fsync) and renamed into place (`write_atomic`, `publish`).
+  written under a temporary name, flushed to disk (fsync) and renamed into place (`postrain.files.write_atomic`, `publish`).
 - `--overwrite` keeps the previous run until the new one has finished: the new run is written to the sibling
-  `<name>.new` (`attempt_dir`) and renamed into place when it is done. When it fails or is interrupted, the previous
+  `<name>.new` (`postrain.files.attempt_dir`) and renamed into place when it is done. When it fails or is interrupted, the previous
   run is left as it was, the attempt stays at `<name>.new` for inspection (a later `--overwrite` replaces it,
   `--resume` continues it from its last checkpoint).
 - One run at a time: the run holds `.<name>.lock` beside its directory (an flock, which the kernel releases when
@@ -28,9 +28,9 @@ import zipfile
 from pathlib import Path
 
 from postrain.errors import RunDirError
+from postrain.files import fsync_path, write_atomic  # shared with the reports, below jobs
 from postrain.models.loading import MODEL_SUBDIR
 
-ATTEMPT_SUFFIX = ".new"  # `--overwrite`: the new run is written to `<name>.new` until it has finished
 PARTIAL_SUFFIX = ".partial"  # a folder being written, renamed into place when whole
 CHECKPOINT_PREFIX = "checkpoint-"
 LOCK_HELD_ENV = "POSTRAIN_RUN_LOCK_HELD"  # set by the calling process of a launch, which holds the run's lock
@@ -43,22 +43,6 @@ def note(message: str, kind: str = "note") -> None:
 
 # --- atomic writes ----------------------------------------------------------------------------------------------
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk. A filesystem that cannot fsync a directory is
-    left as it is: the rename that follows is still atomic there."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path, durable: tuple[Path, ...] = ()) -> None:
     """fsync every file under `root`, then every directory (children before parents), except the folders in
     `durable`: each was made durable when it was published and not written since."""
@@ -70,22 +54,6 @@ def fsync_tree(root: Path, durable: tuple[Path, ...] = ()) -> None:
     for folder, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(Path(w[0]).parts)):
         if not any(Path(folder) == d or d in Path(folder).parents for d in durable):
             fsync_path(Path(folder))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old content or the new, never a torn file: a temporary
-    file beside it, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 def partial_dir(final: Path) -> Path:
@@ -117,16 +85,6 @@ def publish(staging: Path, final: Path, durable: tuple[Path, ...] = ()) -> Path:
 
 
 # --- a new run beside the old one -------------------------------------------------------------------------------
-
-def attempt_dir(final: Path) -> Path:
-    """Where `--overwrite` writes the new run until it has finished: the sibling `<name>.new`."""
-    final = Path(final)
-    return final.with_name(final.name + ATTEMPT_SUFFIX)
-
-
-def is_attempt_of(path: Path, final: Path) -> bool:
-    return Path(path).resolve() == attempt_dir(final).resolve()
-
 
 def replace_with_attempt(attempt: Path, final: Path) -> None:
     """A finished `--overwrite` attempt becomes the run: the previous run is renamed aside, the attempt renamed to

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from postrain.errors import RecipeError
+from postrain.files import SAMPLES_DIR  # the run directory's name, read by the reports too
 from postrain.recipes.schema import GenerationSpec, TrainEvalGenerationSpec, TrainEvalSpec
 from postrain.recipes.validate import origin_of, validate_section
 
@@ -46,7 +47,6 @@ TRAINING_COMMANDS = ("sft", "dpo", "grpo")
 # How data.train formats its prompts; a set that does not name a key itself formats its prompts as training does,
 # `key: null` (or false) on the set opts out.
 PROMPT_FORMAT_KEYS = ("chat", "system_prompt", "prompt_template")
-SAMPLES_DIR = "eval_samples"
 
 
 def set_spec(cfg: dict, spec: dict) -> tuple[dict, list[str]]:

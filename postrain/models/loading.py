@@ -16,8 +16,7 @@ from typing import Any
 
 from postrain.errors import PostrainError
 from postrain.models.packaged import PACKAGED_MODELS, ensure_packaged_model, gguf_file, is_packaged
-from postrain.models.tiny import TINY_NAMES, ensure_tiny_model, is_tiny
-from postrain.recipes.schema import TinyModelSpec
+from postrain.models.tiny import TINY_NAMES, TinyModelSpec, ensure_tiny_model, is_tiny
 
 MODEL_SUBDIR = "model"
 

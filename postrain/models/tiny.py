@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 TINY_NAMES = ("tiny", "postrain/tiny")
@@ -29,6 +30,19 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
+
+
+@dataclass
+class TinyModelSpec:
+    """Size of the embedded tiny Qwen2-style model (`model.name_or_path: tiny`)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    seed: int = 0
 
 
 def is_tiny(name: str) -> bool:

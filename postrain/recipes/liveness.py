@@ -302,7 +302,7 @@ def trl_path_parts(command: str, trainer: dict, origins: dict) -> list[tuple[Any
     through TRL's own options: each entry whose `trl` metadata names options the recipe sets to those values.
     Hyperparameters of the same name come from the trainer section, as TRL reads them (TRL's epsilon_high
     defaults to epsilon)."""
-    from postrain.registry import all_variants
+    from postrain.variants import all_variants
 
     defaults = trl_defaults(command)
     out = []

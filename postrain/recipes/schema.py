@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 # A data source's shape is the data package's own (its transforms' settings are their registered parameters).
 from postrain.data.source_spec import ChunkSpec, MixSpec, SourceSpec  # noqa: F401  (part of the recipe schema)
+# The tiny model's size and lm-eval's settings are their readers' own (models, evaluation layers).
+from postrain.evaluation.lm_eval_backend import LMEvalSpec
+from postrain.models.tiny import TinyModelSpec
 
 
 @dataclass
@@ -48,19 +51,6 @@ class HubSpec:
     revision: str | None = None
     # null: "postrain <command> <name> (recipe <hash>)".
     commit_message: str | None = None
-
-
-@dataclass
-class TinyModelSpec:
-    """Size of the embedded tiny Qwen2-style model (`model.name_or_path: tiny`)."""
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    max_position_embeddings: int = 256
-    seed: int = 0
 
 
 @dataclass
@@ -303,32 +293,6 @@ class EvalBackendSpec:
     under `lm_eval:` (postrain.evaluation.lm_eval_backend)."""
 
     backend: Literal["postrain", "lm_eval"] = "postrain"
-
-
-@dataclass
-class LMEvalSpec:
-    """`lm_eval:` of an eval recipe with `eval.backend: lm_eval`. The keys are lm-eval's own (`simple_evaluate`
-    and its CLI; `batch_size` and `device` go to `HFLM`). The model is `model:` (or `models:`), loaded by postrain."""
-
-    # lm-eval task, group or tag names (`hellaswag`, `gsm8k`, `mmlu`), or paths of task YAML files (relative to
-    # the recipe file). Registered tasks download their datasets from the hub on first use.
-    tasks: list[str] = field(default_factory=list)
-    # A folder of task YAML files (relative to the recipe file), searched before lm-eval's own tasks.
-    include_path: str | None = None
-    # None: each task's own default (its YAML's num_fewshot, else 0).
-    num_fewshot: int | None = None
-    # Documents per task (an integer), or a fraction of each task (< 1); None: all.
-    limit: int | float | None = None
-    batch_size: int | str = 1
-    # None: cuda when available, else cpu.
-    device: str | None = None
-    # Generation settings over every generate_until task's own (e.g. {max_gen_toks: 256, do_sample: false}).
-    gen_kwargs: dict[str, Any] | None = None
-    # true: the tokenizer's chat template; a string: the named template of the tokenizer.
-    apply_chat_template: bool | str = False
-    system_instruction: str | None = None
-    # Resamples behind the stderr of metrics that are not means (bleu, f1, ...); 0: no stderr for those.
-    bootstrap_iters: int = 100000
 
 
 @dataclass

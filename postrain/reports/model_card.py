@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from postrain.files import write_atomic
 from postrain.recipes.catalog import entry_name  # `simpo` or `{name: simpo, ...}` -> `simpo`
 from postrain.reports.rundir import number, read_json, read_metrics, read_recipe, run_lineage
 
@@ -53,7 +54,6 @@ def finish_model(trainer, run_dir: Path) -> Path | None:
 
 
 def write_model_card(run_dir: Path) -> Path:
-    from postrain.jobs.rundir import write_atomic
     from postrain.models.loading import MODEL_SUBDIR
 
     out = Path(run_dir) / MODEL_SUBDIR / CARD_FILE
@@ -266,7 +266,8 @@ def method_papers(recipe: dict) -> list[dict[str, Any]]:
     """The papers behind the recipe: its own `paper:`, then those of the registry entries it names (method, rl:
     parts, loss: entries) or, where it names none, of the registry entries that TRL's own loss_type computes.
     One row per paper (by arXiv id), with everything it gives this run."""
-    from postrain.registry import FAMILIES, all_variants
+    from postrain.registry import FAMILIES
+    from postrain.variants import all_variants
 
     all_variants()  # imports the registries
     rows: dict[str, dict[str, Any]] = {}

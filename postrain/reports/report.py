@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from postrain.errors import PostrainError
+from postrain.files import SAMPLES_DIR
 from postrain.reports import plot as plotting
-from postrain.reports.rundir import (number, pipeline_stages, read_json, read_metrics, read_recipe,
+from postrain.reports.rundir import (model_inputs, number, pipeline_stages, read_json, read_metrics, read_recipe,
                                      refuse_to_overwrite, run_kind)
 
 SAMPLES_PER_SET = 3
@@ -111,7 +112,6 @@ def run_section(run_dir: Path, page: Page, level: int, lineage: dict | None = No
 
 def settings_table(recipe: dict, lineage: dict | None) -> list[str]:
     """The settings that say what a run was, one row each."""
-    from postrain.jobs.pipeline import model_inputs
     from postrain.recipes.catalog import describe_method
 
     if not recipe:
@@ -274,8 +274,6 @@ def samples_section(run_dir: Path, page: Page, h: str) -> list[str]:
 def eval_samples_section(run_dir: Path, page: Page, h: str) -> list[str]:
     """Completions kept by evaluation during training (eval_samples/step_<N>.jsonl): the first few of each set at the
     first and at the last evaluation, side by side in time, to read what the eval curve measured."""
-    from postrain.jobs.train_eval import SAMPLES_DIR
-
     files = {}
     for path in (run_dir / SAMPLES_DIR).glob("step_*.jsonl"):
         step = path.stem.removeprefix("step_")

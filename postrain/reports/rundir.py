@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from postrain.errors import PostrainError
+from postrain.files import is_attempt_of
+from postrain.merging import model_references
 
 WHAT_A_RUN_HOLDS = ("a run directory holds recipe.yaml and status.json, with metrics.jsonl (training runs) or "
                     "results.json and samples.jsonl (eval runs); a pipeline directory (postrain run) holds "
@@ -145,15 +147,47 @@ def run_label(paths: list[Path]) -> list[str]:
     return labels
 
 
+def model_inputs(stage_cfg: dict) -> list[str]:
+    """The model references a run or pipeline stage starts from (for the lineage): model, ref_model, a merge's
+    models."""
+    refs = []
+    for key in ("model", "ref_model"):
+        if stage_cfg.get(key):
+            refs.append(stage_cfg[key]["name_or_path"])
+    if stage_cfg.get("merge"):
+        refs += model_references(stage_cfg["merge"])
+    return [str(r) for r in refs]
+
+
+def _strings(node: Any):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def upstream_stages(stage_cfg: dict, outputs: dict[str, str]) -> list[str]:
+    """The earlier pipeline stages whose run directory this stage reads (a model, a samples file, ...); `outputs`:
+    stage name -> its output directory."""
+    found = []
+    for value in _strings({k: v for k, v in stage_cfg.items() if k not in ("output_dir", "name")}):
+        for name, out in outputs.items():
+            if (value == out or value.startswith(out.rstrip("/") + "/")) and name not in found:
+                found.append(name)
+    return found
+
+
 def run_lineage(run_dir: Path, recipe: dict | None = None) -> dict:
     """Where a run's model comes from, as far as is known when the run starts (trackers log it then; the model
     card repeats it): `inputs`, the model references it starts from (model, ref_model, a merge's models, as
-    pipeline.model_inputs lists them), and `pipeline`, when the run is a stage of a pipeline: the pipeline's
+    model_inputs lists them), and `pipeline`, when the run is a stage of a pipeline: the pipeline's
     directory and name, the stage and the earlier stages whose outputs it reads. A stage is recognised as the
     report does it (report.parent_lineage): its parent directory holds the pipeline's recipe.yaml. lineage.json is
     not read for this stage, since the pipeline writes a stage's record only after the stage finished."""
-    from postrain.jobs.pipeline import model_inputs
-
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir) if recipe is None else recipe
     try:
@@ -169,9 +203,7 @@ def run_lineage(run_dir: Path, recipe: dict | None = None) -> dict:
 
 def final_place(run_dir: Path, recipe: dict) -> Path:
     """Where a run directory is meant to be: an --overwrite run being written to `<output_dir>.new` is the run
-    `output_dir` (postrain.jobs.rundir), whose lineage and pipeline stage it has."""
-    from postrain.jobs.rundir import is_attempt_of
-
+    `output_dir` (postrain.files.attempt_dir), whose lineage and pipeline stage it has."""
     out = recipe.get("output_dir") if isinstance(recipe, dict) else None
     return Path(out) if isinstance(out, str) and is_attempt_of(run_dir, Path(out)) else Path(run_dir)
 
@@ -179,8 +211,6 @@ def final_place(run_dir: Path, recipe: dict) -> Path:
 def pipeline_stage_of(run_dir: Path, recipe: dict) -> dict | None:
     """The pipeline stage a run directory is, from the pipeline's recipe.yaml in its parent directory (written
     before the first stage runs); None for a run of its own."""
-    from postrain.jobs.pipeline import upstream_stages
-
     parent = Path(run_dir).resolve().parent
     pipe = read_recipe(parent) if (parent / "recipe.yaml").is_file() else {}
     stages = pipe.get("stages") if pipe.get("command") == "pipeline" else None
