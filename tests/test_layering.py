@@ -106,3 +106,122 @@ def test_no_private_name_is_imported_across_modules():
                             for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert not private, private
 
+
+# --- import cycles ------------------------------------------------------------------------------------------------
+
+def module_name(path: Path) -> str:
+    """postrain/rl/losses.py -> 'postrain.rl.losses'; postrain/rl/__init__.py -> 'postrain.rl'."""
+    parts = path.relative_to(POSTRAIN.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def module_level_imports(body: list[ast.stmt]):
+    """The import statements that run when the module is imported: not those inside functions, nor under
+    `if TYPE_CHECKING:`; those in module-level `try`, `if`, `with` and class bodies do run."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If):
+            if not is_type_checking(node.test):
+                yield from module_level_imports(node.body)
+            yield from module_level_imports(node.orelse)
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                yield from module_level_imports(block)
+        elif isinstance(node, (ast.With, ast.ClassDef, ast.For, ast.While)):
+            yield from module_level_imports(node.body)
+
+
+def module_import_graph() -> dict[str, set[str]]:
+    """postrain module -> the postrain modules it imports at module level. `from x import y` is an arrow to the
+    submodule x.y where y is one, else to x. A submodule's implicit import of its package is no arrow: a package
+    whose __init__ imports its submodules, which import each other, is the ordinary shape."""
+    paths = {module_name(p): p for p in sorted(POSTRAIN.rglob("*.py"))}
+    graph = {}
+    for name, path in paths.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in module_level_imports(ast.parse(path.read_text()).body):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+                continue
+            base = (".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+                    if node.level else node.module)
+            targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names)
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_module_level_imports_have_no_cycle():
+    """A cycle makes the import order matter (a name missing from a module half imported) and is what pushed
+    imports into functions; at module level there is none."""
+    graph = module_import_graph()
+    cycles = {" -> ".join(cycle): {m: sorted(graph[m] & set(cycle)) for m in cycle} for cycle in import_cycles(graph)}
+    assert not cycles, f"module-level import cycles (module -> the modules of the cycle it imports): {cycles}"
+
+
+def test_the_cycle_checker_on_a_fake_package(tmp_path, monkeypatch):
+    """The checker itself: `from . import b` of a submodule and a plain import close a cycle; an import inside a
+    function or under `if TYPE_CHECKING:` does not; a package's implicit import by its submodules does not."""
+    fake = tmp_path / "postrain"
+    (fake / "rl").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "rl" / "__init__.py").write_text("from postrain.rl import a\n")
+    (fake / "rl" / "a.py").write_text("from . import b\nfrom postrain import errors\n")
+    (fake / "rl" / "b.py").write_text("try:\n    import postrain.rl.c\nexcept ImportError:\n    pass\n")
+    (fake / "rl" / "c.py").write_text("from postrain.rl.a import thing\n")
+    (fake / "errors.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from postrain.rl import a\n"
+                                    "def f():\n    from postrain.rl import b\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["x"]), "POSTRAIN", fake)
+    graph = module_import_graph()
+    assert graph["postrain.errors"] == set() and graph["postrain.rl"] == {"postrain.rl.a"}
+    assert import_cycles(graph) == [["postrain.rl.a", "postrain.rl.b", "postrain.rl.c"]]
+    (fake / "rl" / "c.py").write_text("def f():\n    from postrain.rl.a import thing\n")
+    assert import_cycles(module_import_graph()) == []
