@@ -5,6 +5,8 @@ Anything a user can cause by a bad recipe, a bad override, bad data or a bad pat
 and keeps its traceback.
 """
 
+import difflib
+
 
 class PostrainError(Exception):
     """An error in the user's input, with a message that says what is wrong and where."""
@@ -34,7 +36,6 @@ def did_you_mean(word: object, choices, n: int = 3) -> str:
     """"did you mean 'a' or 'b'?" for the choices closest to a misspelt `word` (case-insensitive), or "".
 
     The one spelling-hint helper: every error about an unknown key, name or parameter uses it."""
-    import difflib
 
     by_lower = {str(c).lower(): str(c) for c in choices}
     close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=n, cutoff=0.6)

@@ -23,6 +23,7 @@ import json
 import logging
 from pathlib import Path
 from postrain.errors import DataError
+from postrain.models.loading import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,6 @@ def fit_lengths(dataset, job: str, args, tokenizer, model_path: str, policy: str
 
 def fit_source_lengths(dataset, job: str, args, model_spec: dict, source: dict, where: str):
     """fit_lengths with the policy's tokenizer (the job's model) and the source's `too_long`."""
-    from postrain.models.loading import load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(model_spec["name_or_path"], model_spec.get("tiny"))
     tokenizer = load_tokenizer(model_path, model_spec)

@@ -52,6 +52,7 @@ def check_source_options(spec: dict, where: str) -> None:
 
 def load_source(spec: dict | SourceSpec, job: str, *, where: str = "data") -> "datasets.Dataset":  # noqa: F821
     """Load one source and return a `datasets.Dataset` with the columns `job` needs (extra columns are kept)."""
+    # slow: datasets, only once data loads
     import datasets
 
     spec = as_source(spec)

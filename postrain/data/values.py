@@ -142,6 +142,7 @@ def _csv_rows(text: str, src: str) -> tuple[list[dict], list[str]]:
 
 
 def _parquet_rows(path: Path, src: str) -> tuple[list[dict], list[str]]:
+    # slow: pyarrow, only for a parquet file
     import pyarrow as pa
     import pyarrow.parquet as pq
 

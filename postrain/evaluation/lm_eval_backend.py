@@ -19,6 +19,7 @@ from statistics import NormalDist
 from typing import Any
 
 from postrain.errors import DataError, RecipeError, did_you_mean, origin_of
+from postrain.models.loading import load_model
 
 INSTALL_HINT = "pip install 'postrain[lm_eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
 # The layers --smoke adds (postrain.recipes.loader): its `sets:` stand-in is not the user's doing.
@@ -127,6 +128,7 @@ def task_manager_for(settings: dict):
     """An lm-eval TaskManager that knows the recipe's tasks. Indexing lm-eval's own task catalogue takes several
     seconds (thousands of YAML files), so when every task is a file or a task of `include_path`, only those are
     indexed; a local task that refers to lm-eval's own tasks then fails to load and the full catalogue is used."""
+    # optional: lm_eval
     from lm_eval.tasks import TaskManager
 
     include = settings.get("include_path")
@@ -300,11 +302,10 @@ def lm_eval_call(settings: dict) -> dict[str, Any]:
 
 def evaluate_model(spec: dict, settings: dict, tasks, task_manager, confidence: float, write_sample) -> dict:
     """One model on every task: {"model", "model_path", "sets": {task: summary}}."""
+    # optional: lm_eval (torch is slow, and needed only then)
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM
-
-    from postrain.models.loading import load_model
 
     model, tokenizer, path = load_model(spec)
     device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -330,6 +331,7 @@ def evaluate_models(models: dict[str, dict], settings: dict, task_manager, loade
     """Every model (label -> model section) on every task: results.json's content. `task_manager` and `loaded` are
     `load_tasks(settings)`'s; `write_sample(record)` gets each samples.jsonl record (with "model": label when
     several models are compared). The eval job (postrain.jobs.evaluate) owns the run directory around this."""
+    # optional: lm_eval (torch is slow, and needed only then)
     import lm_eval
 
     comparing = len(models) > 1

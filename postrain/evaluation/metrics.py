@@ -154,6 +154,7 @@ def confidence_interval(
         if all(0.0 <= v <= 1.0 for v in values):
             low, high = max(low, 0.0), min(high, 1.0)
         return low, high
+    # slow: numpy, only for the bootstrap
     import numpy as np
 
     if resamples < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from postrain.errors import RecipeError, did_you_mean, origin_of
+from postrain.rewards import REWARDS
 
 
 def set_generation(cfg: dict, name: str) -> dict[str, Any]:
@@ -95,7 +96,6 @@ def _check_verifier_votes(cfg: dict, where: str) -> None:
     rewards = cfg.get("rewards") or []
     if not rewards or not rewards[0].get("name"):
         return
-    from postrain.rewards import REWARDS
 
     name = rewards[0]["name"]
     if name in REWARDS and not hasattr(REWARDS.get(name).fn, "parse"):

@@ -17,16 +17,21 @@ one, naming the rank, and exits with that worker's exit code; the run directory'
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from postrain.errors import RecipeError
+import yaml
+
+from postrain.errors import RecipeError, did_you_mean, origin_of
+from postrain.recipes.schema import LaunchSpec
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The shipped accelerate configurations, by name (postrain/launch/configs/<name>.yaml); what each is for is written
@@ -70,9 +75,6 @@ def launch_section(cfg: dict) -> dict[str, Any] | None:
     section = cfg.get("launch")
     if section is None:
         return None
-    from dataclasses import asdict
-
-    from postrain.recipes.schema import LaunchSpec
 
     return {**asdict(LaunchSpec()), **section}
 
@@ -98,8 +100,6 @@ def check_launch_section(command: str, cfg: dict, origins: dict[str, str]) -> No
     section = launch_section(cfg)
     if section is None:
         return
-    from postrain.errors import did_you_mean
-    from postrain.recipes.validate import origin_of
 
     def where(key: str) -> str:
         return f"launch.{key} (from {origin_of(origins, f'launch.{key}')})"
@@ -169,14 +169,12 @@ def check_runnable_here(section: dict[str, Any], origins: dict[str, str] | None 
     silently trains without it. accelerate 1.16 turns FSDP and DeepSpeed on only over GPU-type backends
     (accelerate/state.py, AcceleratorState: MULTI_GPU, MULTI_NPU, ...; never MULTI_CPU), and DeepSpeed is an
     optional package."""
-    from importlib.util import find_spec
-
-    from postrain.recipes.validate import origin_of
 
     strategy = sharding_strategy(section, origins)
     if strategy == "ddp":
         return
     where = f"launch.config {section.get('config')!r} (from {origin_of(origins or {}, 'launch.config')})"
+    # slow: torch, only to ask for GPUs when a recipe shards the model
     import torch
 
     if not torch.cuda.is_available():
@@ -219,8 +217,8 @@ def relaunch(section: dict[str, Any], cli_args: list[str], origins: dict[str, st
     """Run `cli_args` under `accelerate launch` with the recipe's layout; returns the exit code and, on failure,
     the first failing rank's message ("rank R of N: ..."). Blocks until every worker has ended. `started`: when
     the command started (the run's wall time counts from there); `env`: further variables for the workers."""
-    import logging
 
+    # slow: accelerate (torch), only when a run starts workers
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     # torch's elastic agent logs each failed worker with a long traceback summary; the worker's own error line and
@@ -280,7 +278,6 @@ def sharding_strategy(section: dict[str, Any] | None, origins: dict[str, str] | 
     name = section.get("config") or DEFAULT_MULTI_PROCESS_CONFIG
     if name in SHIPPED_CONFIGS:
         return name
-    import yaml
 
     data = yaml.safe_load(config_file(section, origins).read_text()) or {}
     kind = str(data.get("distributed_type", "")).upper()

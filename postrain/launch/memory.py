@@ -19,7 +19,12 @@ temporary buffers and the CUDA context come on top: the figures are a floor, not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from postrain.errors import PostrainError
+from postrain.models.packaged import MARKER, converted_dir, gguf_file, is_packaged
+from postrain.models.tiny import TinyModelSpec, build_tokenizer, is_tiny, tiny_config
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEEPSPEED = ("zero2", "zero3", "zero3_offload")
@@ -74,6 +79,7 @@ def training_memory(parameters: int, trainable: int, *, strategy: str, processes
 def count_parameters(config, peft: dict[str, Any] | None = None) -> tuple[int, int]:
     """(all parameters, trainable parameters) of the causal LM a transformers config describes, built on the meta
     device (no memory, no weights read); trainable counts LoRA's adapters when `peft` is given."""
+    # slow: torch and transformers, only when a recipe's memory is estimated
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,6 +88,7 @@ def count_parameters(config, peft: dict[str, Any] | None = None) -> tuple[int, i
         total = sum(p.numel() for p in model.parameters())  # tied embeddings are one parameter
         if not peft:
             return total, total
+        # optional: peft
         from peft import LoraConfig, get_peft_model
 
         lora = get_peft_model(model, LoraConfig(**{"task_type": "CAUSAL_LM", **peft}))
@@ -92,14 +99,9 @@ def count_parameters(config, peft: dict[str, Any] | None = None) -> tuple[int, i
 def model_config(spec: dict[str, Any]):
     """The transformers config of a ModelSpec without loading weights or converting anything, or a string saying
     why it cannot be read here (a hub model not in the local Hugging Face cache)."""
-    from pathlib import Path
 
+    # slow: transformers, only when a recipe's memory is estimated
     from transformers import AutoConfig
-
-    from postrain.errors import PostrainError
-    from postrain.models.packaged import MARKER, converted_dir, gguf_file, is_packaged
-    from postrain.models.tiny import build_tokenizer, is_tiny, tiny_config
-    from postrain.recipes.schema import TinyModelSpec
 
     ref = spec["name_or_path"]
     if is_tiny(ref):
@@ -185,6 +187,7 @@ def _holds_reference(cfg: dict[str, Any], command: str) -> bool:
         return not trainer.get("precompute_ref_log_probs")
     if command == "grpo":
         if cfg.get("rl") is not None:
+            # slow: postrain.rl imports torch; recipe checks read this module
             from postrain.rl.section import parse_rl_section, reference_beta
 
             return reference_beta(parse_rl_section(cfg["rl"])) is not None

@@ -20,11 +20,14 @@ vllm_serve.py), which adds what TRL's client needs (the NCCL weight-transfer eng
 
 from __future__ import annotations
 
+import os
+import sys
 from importlib.util import find_spec
 from typing import Any
 from urllib.parse import urlparse
 
-from postrain.errors import RecipeError
+from postrain.errors import RecipeError, origin_of
+from postrain.models.loading import resolve_model_path
 
 INSTALL = "pip install 'postrain[vllm]' (the vLLM versions TRL 1.16 supports: trl[vllm])"
 
@@ -37,7 +40,6 @@ def check_vllm_installed(cfg: dict[str, Any], origins: dict[str, str] | None = N
     """A recipe that generates with vLLM needs vLLM here (checked before the run directory is made)."""
     trainer = cfg.get("trainer") or {}
     if trainer.get("use_vllm") and not vllm_installed():
-        from postrain.recipes.validate import origin_of
 
         raise RecipeError(f"trainer.use_vllm (from {origin_of(origins or {}, 'trainer.use_vllm')}) generates with "
                           f"vLLM, which is not installed: {INSTALL}; or set trainer.use_vllm=false to generate with "
@@ -46,10 +48,8 @@ def check_vllm_installed(cfg: dict[str, Any], origins: dict[str, str] | None = N
 
 def serve_arguments(cfg: dict[str, Any], origins: dict[str, str] | None = None):
     """TRL's vllm-serve arguments for a GRPO recipe that generates with a vLLM server."""
+    # slow: trl, only for a recipe that serves vLLM
     from trl.scripts.vllm_serve import ScriptArguments
-
-    from postrain.models.loading import resolve_model_path
-    from postrain.recipes.validate import origin_of
 
     trainer = cfg.get("trainer") or {}
     if not trainer.get("use_vllm") or trainer.get("vllm_mode", "colocate") != "server":
@@ -85,6 +85,7 @@ def serve_arguments(cfg: dict[str, Any], origins: dict[str, str] | None = None):
 def serve_command(cfg: dict[str, Any], origins: dict[str, str] | None = None,
                   extra: list[str] | None = None) -> list[str]:
     """The `vllm serve` command line TRL builds for the recipe (Python executable first)."""
+    # slow: trl, only for a recipe that serves vLLM
     from trl.scripts.vllm_serve import build_command
 
     return build_command(serve_arguments(cfg, origins), extra)
@@ -98,8 +99,6 @@ def check_serve_installed() -> None:
 def serve(cfg: dict[str, Any], origins: dict[str, str] | None = None, extra: list[str] | None = None) -> None:
     """Replace this process by TRL's vLLM server for the recipe (as `trl vllm-serve` does)."""
     check_serve_installed()
-    import os
-    import sys
 
     command = serve_command(cfg, origins, extra)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # TRL: its weight-transfer endpoints live in dev mode

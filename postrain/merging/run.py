@@ -59,6 +59,7 @@ _TOKENIZER_FILES = (
 
 def _write_tokenizer(src: str, revision: str | None, out: Path, conf: Any, *, kp: str) -> None:
     """Save the tokenizer of ``src`` (local dir or hub id), with the config's chat template if it sets one."""
+    # slow: transformers, only when a merge runs
     from transformers import AutoTokenizer
 
     try:
@@ -86,6 +87,7 @@ def run_mergekit(
     are then made absolute. The merge runs on CPU, without remote code or architecture mixing. Returns the
     absolute output directory. Raises :class:`MergeConfigError` for a bad config, before any weight is read.
     """
+    # optional: mergekit
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import MergeOptions, run_merge
 

@@ -10,10 +10,12 @@ them, required parameters set nowhere, a missing ``base_model`` for methods that
 from __future__ import annotations
 
 import copy
+import json
 import re
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from postrain.errors import did_you_mean
@@ -26,6 +28,7 @@ def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
 
 
 def _registered_methods() -> dict[str, Any]:
+    # optional: mergekit
     from mergekit.merge_methods import registered_methods
 
     return {m.spec.name: m for m in registered_methods()}
@@ -41,6 +44,7 @@ _UNION = (typing.Union, types.UnionType)
 
 def _model_classes(ann: Any) -> list[Any]:
     """Pydantic model classes a dict value of annotation ``ann`` could be validated as."""
+    # optional: pydantic, which comes with mergekit
     from pydantic import BaseModel
 
     if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -193,6 +197,7 @@ def _check_method(cfg: dict) -> Any:
 
 
 def _check_semantics(raw: dict, conf: Any, method: Any) -> None:
+    # optional: mergekit
     from mergekit.merge_methods.base import BasePolicy, ParameterScope
 
     spec = method.spec
@@ -260,6 +265,7 @@ def validate_merge_config(
 
     Returns the ``mergekit.config.MergeConfiguration``; raises :class:`MergeConfigError`.
     """
+    # optional: mergekit (pydantic comes with it)
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
@@ -292,8 +298,6 @@ def _check_input_shapes(conf: Any) -> None:
     """A merge over whole models (`models:`, not `slices:`) combines each tensor of every input: inputs of another
     depth or width have no such tensor, and mergekit fails reading it once the output directory exists. Local
     inputs are compared by their config.json (hub inputs are not downloaded here)."""
-    import json
-    from pathlib import Path
 
     if conf.slices is not None:  # layer ranges picked per input (frankenmerges): mergekit's own planner checks
         return

@@ -54,6 +54,7 @@ def generate_with_ids(
 
     `gen` holds the keys of an eval recipe's `generation:` (max_new_tokens, do_sample, temperature, top_p, top_k,
     num_samples, batch_size); the sampling keys are read only when do_sample is true."""
+    # slow: torch; recipe loading reaches this module (rewards.judge)
     import torch
 
     texts = render_prompts(prompts, tokenizer)
@@ -101,6 +102,7 @@ def token_logps(model, input_ids, attention_mask, completion_mask, **model_input
     Padding may be on either side: with padding on the left (a row whose mask starts with 0), positions are counted
     from each row's first real token (`position_ids`), as generation counts them, so a left-padded row scores as it
     would alone. `model_inputs` go to the forward as they are (a collator's further inputs)."""
+    # slow: torch; recipe loading reaches this module (rewards.judge)
     import torch
 
     device = next(model.parameters()).device
@@ -131,6 +133,7 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], *, bat
     forward, padded on `padding_side` with `pad_token_id` (masked out: any id the model knows). The ids are scored
     as given: EOS is scored when the completion ends with it, nothing is added or cut. A completion token with no
     token before it (an empty prompt) has nothing to be predicted from and is not scored."""
+    # slow: torch; recipe loading reaches this module (rewards.judge)
     import torch
 
     if padding_side not in PADDING_SIDES:

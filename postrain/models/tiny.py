@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,7 @@ def build_tokenizer():
     Being a real Qwen2Tokenizer (byte-level BPE, empty merge list) means `AutoTokenizer` reloads it exactly as
     built, whatever tool loads the checkpoint (TRL, mergekit, vLLM, lm-eval).
     """
+    # slow: transformers, only when the tokenizer is built
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
@@ -89,6 +92,7 @@ def build_tokenizer():
 
 
 def tiny_config(tokenizer, spec: dict):
+    # slow: transformers, only when a config is built
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -112,6 +116,7 @@ def ensure_tiny_model(spec: dict) -> Path:
 
     The cache key is a hash of the spec, so two recipes with the same size and seed share one starting model.
     """
+    # slow: torch and transformers, only when the tiny model is built
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -133,7 +138,6 @@ def ensure_tiny_model(spec: dict) -> Path:
     if not (tmp / "model.safetensors").exists():
         # transformers writes weights on rank 0 only once torch.distributed is up (a launched worker): rank 0
         # builds the same model, so wait for it rather than put a folder without weights in the cache
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         return _wait_for_tiny_model(out)
@@ -142,14 +146,12 @@ def ensure_tiny_model(spec: dict) -> Path:
     try:
         tmp.rename(out)  # atomic: parallel test workers may race to build the same model
     except OSError:
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def _wait_for_tiny_model(out: Path, timeout_s: float = 600) -> Path:
-    import time
 
     deadline = time.time() + timeout_s
     while not ((out / "config.json").exists() and (out / "model.safetensors").exists()):

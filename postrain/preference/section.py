@@ -21,6 +21,7 @@ pair loss). The trainer for each shape is the trainers layer's choice (postrain.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -184,7 +185,6 @@ def is_parsed(section: Any) -> bool:
 
 def trl_defaults() -> dict[str, Any]:
     """TRL's DPOConfig defaults of the options parse_losses checks (the recipe's `trainer:` may leave them out)."""
-    import dataclasses
 
     from trl import DPOConfig  # slow to import (torch, transformers): only once a section is parsed
 

@@ -27,7 +27,15 @@ from typing import Any
 import yaml
 
 from postrain.files import write_atomic
-from postrain.recipes.catalog import entry_name  # `simpo` or `{name: simpo, ...}` -> `simpo`
+from postrain.merging import model_references
+from postrain.models.loading import MODEL_SUBDIR, looks_like_hub_id
+from postrain.models.packaged import PACKAGED_MODELS, is_packaged
+from postrain.models.tiny import is_tiny
+from postrain.recipes.catalog import describe_method, entry_name  # entry_name: `simpo` or `{name: simpo, ...}` -> `simpo`
+from postrain.registry import FAMILIES
+from postrain.reports.report import num, source_label  # the report's number format and description of a data source
+from postrain.reports.report import table_cell as cell
+from postrain.trainers import config_class
 from postrain.reports.rundir import number, read_json, read_metrics, read_recipe, run_lineage
 
 CARD_FILE = "README.md"
@@ -54,7 +62,6 @@ def finish_model(trainer, run_dir: Path) -> Path | None:
 
 
 def write_model_card(run_dir: Path) -> Path:
-    from postrain.models.loading import MODEL_SUBDIR
 
     out = Path(run_dir) / MODEL_SUBDIR / CARD_FILE
     write_atomic(out, model_card(run_dir))
@@ -142,7 +149,6 @@ def tags(recipe: dict) -> list[str]:
 
 def hub_datasets(recipe: dict) -> list[str]:
     """The hub dataset ids among the recipe's data sources (train, eval, mixes, evaluation during training)."""
-    from postrain.models.loading import looks_like_hub_id
 
     sources: list[dict] = []
     data = recipe.get("data") or {}
@@ -166,7 +172,6 @@ def hub_datasets(recipe: dict) -> list[str]:
 def starting_models(recipe: dict) -> list[str]:
     """The models this one is made from: a training run's `model`, a merge's inputs (not a DPO reference)."""
     if recipe.get("command") == "merge":
-        from postrain.merging import model_references
 
         try:
             return [str(r) for r in model_references(recipe.get("merge") or {})]
@@ -178,9 +183,6 @@ def starting_models(recipe: dict) -> list[str]:
 
 def model_origin(ref: str, depth: int = 0) -> dict[str, Any]:
     """What a model reference is and which hub models (with their license, where known) it goes back to."""
-    from postrain.models.loading import MODEL_SUBDIR, looks_like_hub_id
-    from postrain.models.packaged import PACKAGED_MODELS, is_packaged
-    from postrain.models.tiny import is_tiny
 
     if is_tiny(ref):
         return {"ref": ref, "what": "the embedded tiny model (random weights built by postrain, no pretraining)",
@@ -266,7 +268,7 @@ def method_papers(recipe: dict) -> list[dict[str, Any]]:
     """The papers behind the recipe: its own `paper:`, then those of the registry entries it names (method, rl:
     parts, loss: entries) or, where it names none, of the registry entries that TRL's own loss_type computes.
     One row per paper (by arXiv id), with everything it gives this run."""
-    from postrain.registry import FAMILIES
+    # slow: the method registries import torch; only a card's papers need them
     from postrain.variants import all_variants
 
     all_variants()  # imports the registries
@@ -328,7 +330,6 @@ def _loss_types(recipe: dict) -> list[str]:
         return []
     value = (recipe.get("trainer") or {}).get("loss_type")
     if value is None:
-        from postrain.trainers import config_class
 
         field = {f.name: f for f in dataclasses.fields(config_class(command))}.get("loss_type")
         if field is None:
@@ -338,7 +339,6 @@ def _loss_types(recipe: dict) -> list[str]:
 
 
 def method_section(recipe: dict, papers: list[dict]) -> list[str]:
-    from postrain.recipes.catalog import describe_method
 
     command = recipe.get("command")
     lines = ["## Method", ""]
@@ -362,7 +362,6 @@ def method_section(recipe: dict, papers: list[dict]) -> list[str]:
 
 
 def data_section(recipe: dict) -> list[str]:
-    from postrain.reports.report import source_label  # the report's description of a data source
 
     data = recipe.get("data") or {}
     rows = [(f"data.{split}", source_label(data[split])) for split in ("train", "eval") if isinstance(data.get(split), dict)]
@@ -396,7 +395,6 @@ def final_metrics(rows: list[dict]) -> tuple[dict | None, dict[str, tuple[float,
 
 
 def results_section(command: str, rows: list[dict]) -> list[str]:
-    from postrain.reports.report import num  # the report's number format
 
     lines = ["## Results", ""]
     if command == "merge":
@@ -461,6 +459,5 @@ def _header_hash(text: str) -> str | None:
 
 
 def table_cell(text: Any) -> str:
-    from postrain.reports.report import table_cell as cell
 
     return cell(text)

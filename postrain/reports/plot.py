@@ -116,6 +116,7 @@ def collect(runs: dict[str, Path]) -> tuple[list[Curve], list[str]]:
 
 def draw(curves: list[Curve], png: Path) -> None:
     """A grid of panels (three across), one colour per run, one line style per eval set."""
+    # slow: matplotlib, only when a plot is drawn
     from matplotlib.figure import Figure  # no pyplot: no display, no global backend state (Agg writes the PNG)
     from matplotlib.ticker import MaxNLocator
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from postrain.errors import PostrainError
 from postrain.files import SAMPLES_DIR
+from postrain.recipes.catalog import describe_method
 from postrain.reports import plot as plotting
 from postrain.reports.rundir import (model_inputs, number, pipeline_stages, read_json, read_metrics, read_recipe,
                                      refuse_to_overwrite, run_kind)
@@ -112,7 +113,6 @@ def run_section(run_dir: Path, page: Page, level: int, lineage: dict | None = No
 
 def settings_table(recipe: dict, lineage: dict | None) -> list[str]:
     """The settings that say what a run was, one row each."""
-    from postrain.recipes.catalog import describe_method
 
     if not recipe:
         return ["No recipe.yaml in this run directory."]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from postrain.errors import RecipeError, did_you_mean
 from postrain.rewards.registry import REWARDS, RewardError, RewardFunction, RewardSpecError, completion_text
-from postrain.rewards.worker import RewardCallError, RewardTimeout, WorkerDied
+from postrain.rewards.worker import RewardCallError, RewardTimeout, RewardWorker, WorkerDied
 from postrain.rewards import judge  # noqa: F401,E402  (registers llm_judge, the model-backed reward)
 from postrain.rewards import code_exec  # noqa: F401,E402  (registers code_exec, the sandboxed code reward)
 
@@ -161,7 +161,6 @@ class GuardedReward(RewardFunction):
         return [None if score is None else _as_float(score) for score in scores]
 
     def _worker_for_reward(self):
-        from postrain.rewards.worker import RewardWorker
 
         if self._worker is None:
             if self.reference is not None:

@@ -227,6 +227,7 @@ def _math_verify_timeout() -> int | None:
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> tuple:
     """Parse a gold answer; a bare one ("0.5", "x^2+1", "\\frac{1}{2}") is read as LaTeX math ``$...$``."""
+    # optional: math_verify
     from math_verify import parse
 
     timeout = _math_verify_timeout()
@@ -246,6 +247,7 @@ def _extraction_config(targets: tuple[str, ...], require_anchor: bool) -> list |
     expressions, no anchor required) for the default arguments, so that default behaviour is math_verify's."""
     if targets == ("latex", "expr") and not require_anchor:
         return None
+    # optional: math_verify
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
     configs = {"latex": LatexExtractionConfig, "expr": ExprExtractionConfig}
@@ -255,6 +257,7 @@ def _extraction_config(targets: tuple[str, ...], require_anchor: bool) -> list |
 # Parsed completions, shared by scoring, `parse` and `equivalent` (eval's vote parses each sample's text again).
 @functools.lru_cache(maxsize=16384)
 def _parse_answer(text: str, targets: tuple[str, ...], require_anchor: bool) -> tuple:
+    # optional: math_verify
     from math_verify import parse
 
     config = _extraction_config(targets, require_anchor)
@@ -266,6 +269,7 @@ def _parse_answer(text: str, targets: tuple[str, ...], require_anchor: bool) -> 
 # and prompts; comparing values of different kinds (an interval and a number) costs sympy tens of milliseconds.
 @functools.lru_cache(maxsize=65536)
 def _verify_parsed(gold: tuple, target: tuple) -> bool:
+    # optional: math_verify
     from math_verify import verify
 
     return verify(list(gold), list(target), timeout_seconds=_math_verify_timeout())
@@ -302,6 +306,7 @@ class MathVerify(RewardFunction):
         require_anchor: bool = False,
     ):
         super().__init__()
+        # optional: math_verify
         import math_verify  # noqa: F401  (fail at build time, not at the first batch, if it is missing)
 
         targets = (extract,) if isinstance(extract, str) else tuple(extract)
@@ -338,6 +343,7 @@ class MathVerify(RewardFunction):
         return str(parsed[0]) if parsed else None
 
     def __call__(self, completions: list, **columns: Any) -> list[float]:
+        # optional: math_verify
         from math_verify import verify
 
         references = _reference_column(columns, self.answer_column, self.name, len(completions))

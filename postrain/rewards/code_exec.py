@@ -62,6 +62,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from postrain.errors import DataError
+
 from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text, missing_column_message
 
 HARNESS = Path(__file__).with_name("code_sandbox.py")
@@ -172,7 +174,6 @@ class CodeExec(RewardFunction):
 
     def check_values(self, dataset, where: str) -> None:
         """Each row's tests in a form code_exec runs, checked when the data loads (a DataError naming the row)."""
-        from postrain.errors import DataError
 
         for index, value in enumerate(dataset[self.tests_column]):
             try:

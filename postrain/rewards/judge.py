@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from postrain.models.generation import generate
+from postrain.models.loading import load_model
 from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text
 
 # Yuan et al. 2024 (arXiv 2401.10020), Figure 2, verbatim but for the placeholders {prompt} and {response}.
@@ -106,7 +107,6 @@ class LLMJudge(RewardFunction):
 
     def judge(self):
         if self._judge is None:
-            from postrain.models.loading import load_model
 
             model, tokenizer, _ = load_model(self.model_spec)
             self._judge = (model, tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from postrain.errors import PostrainError
+from postrain.errors import DataError, PostrainError
 from postrain.registry import Registry, Variant
 
 # The built-in rewards, by recipe name: each a RewardFunction class registered with `@REWARDS.register(name)`; the
@@ -69,7 +69,6 @@ def check_reward_columns(rewards: list[RewardFunction], present: Any, where: str
     """Fail before any model loads when a reward reads a column the dataset at `where` lacks. `present`: the
     dataset (a `datasets.Dataset`), or its column names. Given the dataset, a reward with a `check_values(dataset,
     where)` method (code_exec: each row's tests) checks the values it will read too."""
-    from postrain.errors import DataError
 
     dataset = present if hasattr(present, "column_names") else None
     names = list(dataset.column_names) if dataset is not None else list(present)

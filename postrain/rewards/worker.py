@@ -28,6 +28,7 @@ import atexit
 import dataclasses
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
@@ -150,7 +151,6 @@ class RewardWorker:
         return scores, counts
 
     def _receive(self, timeout: float | None, what: str = "call"):
-        import select
 
         stdout = self.process.stdout
         if timeout is not None:
@@ -232,6 +232,7 @@ def _receive(stream) -> Any:
 def _load(payload: tuple[str, Any]):
     kind, value = payload
     if kind == "reference":
+        # cycle: postrain.rewards.build imports this module (the worker it runs rewards in)
         from postrain.rewards.build import load_function
 
         return load_function(value)

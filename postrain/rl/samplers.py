@@ -18,6 +18,7 @@ load-time check of its parameters against the batch and of the parts it can run 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -393,7 +394,6 @@ REPO_REPLAY_STRATEGIES = ("all", "random_k", "highest_k", "recent_k", "max_varia
 def _max_variance_subset(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (k,) of the k-subset of `scores` with the largest population variance; ties go to the larger sum,
     then to the first subset in itertools.combinations order (the authors' strict `>` over that order)."""
-    import itertools
 
     subsets = torch.tensor(list(itertools.combinations(range(scores.numel()), k)), dtype=torch.long)
     values = scores.double()[subsets]

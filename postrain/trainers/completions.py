@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import torch
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
@@ -57,14 +58,12 @@ class CompletionsDPOTrainer(PostrainDPOTrainer):
     def _check_raw_data(self, train_dataset, eval_dataset) -> None:
         # Row contents (K scores per K completions, labels in [0, 1]) before tokenizing; postrain dpo has already
         # checked them when the data loaded, this covers the Python API.
-        import datasets
 
         for dataset, where in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             if isinstance(dataset, datasets.Dataset) and "prompt_ids" not in dataset.column_names:
                 check_loss_data(self.loss_terms, dataset, where)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        import datasets
 
         if "prompt_ids" in (dataset.column_names or []):  # prepared already (evaluate() prepares again)
             return dataset

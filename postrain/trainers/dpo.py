@@ -25,8 +25,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import datasets
 import torch
+from accelerate.utils import is_peft_model
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from postrain.errors import DataError, RecipeError
 # the parsed `loss:` section: terms, data shapes and the data names the trainer computes for them
@@ -38,7 +41,11 @@ from postrain.recipes.checks import check_loss_models
 # TGDPO's token rewards, Ra-DPO's risk ratios: computed per batch from the inputs on the loss entry
 from postrain.trainers.token_level import TokenLevelInputs
 # DMPO's per-turn log-probs of multi-turn conversations: spans from the chat template, sums per agent turn
+from postrain.preference import preference_loss
+from postrain.trainers import shared_prefix_dpo as sp
 from postrain.trainers import turns
+from postrain.trainers.logp_models import add_logp_columns, logp_columns
+from postrain.trainers.shared_prefix_dpo import pair_leaders
 # β-DPO's margin statistics, group robust PO's group weights: state the trainer keeps across batches
 from postrain.trainers.dpo_state import BATCH_KEYS as STATE_BATCH_KEYS
 from postrain.trainers.dpo_state import DPOLossState, check_group_column, checkpoint_folder
@@ -47,12 +54,13 @@ from postrain.trainers.dpo_state import DPOLossState, check_group_column, checkp
 def trainer_class_for(terms: list[LossTerm]) -> type:
     """The trainer `postrain dpo` builds for these terms: the one whose batches carry their data shape."""
     shape = losses_shape(terms)
-    # the list-wise and unpaired trainers subclass this module's: imported here, when picked (a cycle otherwise)
     if shape is LISTS:
+        # cycle: the list-wise and unpaired trainers subclass this module's; imported when picked
         from postrain.trainers.listwise import ListwiseDPOTrainer
 
         return ListwiseDPOTrainer
     if shape is UNPAIRED:
+        # cycle: as above
         from postrain.trainers.unpaired import UnpairedDPOTrainer
 
         return UnpairedDPOTrainer
@@ -96,7 +104,6 @@ def _shape_hint(columns: list[str]) -> str:
 def check_loss_data(terms: list[LossTerm], dataset, where: str, provided: tuple = ()) -> None:
     """Data-load-time check of a whole dataset: its columns (check_loss_columns), then, for lists and unpaired
     rows, every row's values (K completions with K scores or ranks; labels in [0, 1]), naming the bad row."""
-    import datasets
 
     check_loss_columns(terms, list(dataset.column_names), where, provided)
     check_group_column(terms, dataset, where)  # group_robust_po's group_column: present, strings or integers
@@ -205,7 +212,6 @@ class PostrainDPOTrainer(DPOTrainer):
         self.shared_prefix = bool(shared_prefix)  # trainer.shared_prefix (postrain.trainers.shared_prefix_dpo)
         self._shared_prefix_verified = False
         if self.shared_prefix:
-            from postrain.trainers import shared_prefix_dpo as sp
 
             options = {k: getattr(config, k) for k in sp.REFUSED_OPTIONS if hasattr(config, k)} if config else {}
             sp.check_options(options, self.shape.name)
@@ -214,7 +220,6 @@ class PostrainDPOTrainer(DPOTrainer):
                                        kwargs.get("eval_dataset"), seed=config.seed if config else 0)
         super().__init__(*args, **kwargs)
         if logp_models:  # further models' log-probs as dataset columns, before the collator learns its columns
-            from postrain.trainers.logp_models import add_logp_columns
 
             if not self.loss_terms:
                 raise RecipeError("logp_models: only postrain's preference losses (`losses`) read further models' "
@@ -238,7 +243,6 @@ class PostrainDPOTrainer(DPOTrainer):
 
     def _enable_shared_prefix(self) -> None:
         """Refuse models that cannot take the shared layout, then patch each model's forward to run it."""
-        from postrain.trainers import shared_prefix_dpo as sp
 
         if self.aux_loss_enabled:
             raise sp.SharedPrefixError("trainer.shared_prefix: the policy adds a MoE load-balancing loss, which reads "
@@ -251,7 +255,6 @@ class PostrainDPOTrainer(DPOTrainer):
     def _prefix_leaders(self, inputs: dict) -> torch.Tensor:
         """For each row of the batch, the first row of the group sharing its prompt: TRL's pair batch is
         [chosen..., rejected...], so row i and row B + i."""
-        from postrain.trainers.shared_prefix_dpo import pair_leaders
 
         return pair_leaders(inputs["input_ids"].size(0))
 
@@ -261,7 +264,6 @@ class PostrainDPOTrainer(DPOTrainer):
         the standard ones."""
         if not self.shared_prefix:
             return inputs
-        from postrain.trainers import shared_prefix_dpo as sp
 
         rows = sp.prefix_rows(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"],
                               self._prefix_leaders(inputs))
@@ -295,8 +297,6 @@ class PostrainDPOTrainer(DPOTrainer):
         if any(set(LOG_SUM_SQ_PROBS) & t.reads for t in self.loss_terms):
             # TRL's fused LM head computes log Σπ² only under `use_weighting`; patch the head again to add it
             # (the new head replaces the forward TRL patched; outputs as TRL asks for them, plus log_sum_sq_probs).
-            from accelerate.utils import is_peft_model
-            from trl.trainer.utils import add_fused_lm_head
 
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
@@ -307,7 +307,6 @@ class PostrainDPOTrainer(DPOTrainer):
 
     def _reference_columns_read(self) -> list[str]:
         """The `logp_models:` columns of the further references the terms' `references:` name (MRPO)."""
-        from postrain.trainers.logp_models import logp_columns
 
         names = dict.fromkeys(r for t in getattr(self, "loss_terms", []) for r in t.params.get("references") or [])
         return [c for name in names for c in logp_columns(name)]
@@ -406,7 +405,6 @@ class PostrainDPOTrainer(DPOTrainer):
 
     def _registry_loss(self, mode: str, data: dict, outputs) -> torch.Tensor:
         """Σ weight · mean(loss) over the terms (each logged as loss/<key>), plus a MoE router's aux loss."""
-        from postrain.preference import preference_loss
 
         loss = 0.0
         for key, term in zip(term_keys(self.loss_terms), self.loss_terms):
@@ -425,7 +423,6 @@ class PostrainDPOTrainer(DPOTrainer):
         references = term.params.get("references")
         if not references:
             return data
-        from postrain.trainers.logp_models import logp_columns
 
         batch = self._batch_reference_columns
         columns = [logp_columns(name) for name in references]

@@ -63,6 +63,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from postrain.errors import DataError, RecipeError
 
@@ -338,6 +339,5 @@ class _WithGroupIds:
 
 def checkpoint_folder(trainer, trial) -> str:
     """The folder Trainer._save_checkpoint just wrote (transformers: <output_dir>/checkpoint-<global_step>)."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")

@@ -24,6 +24,7 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 from postrain.preference.section import LISTS
 from postrain.trainers.completions import CompletionsDPOTrainer, tokenize_completions
 from postrain.trainers.dpo import list_scores
+from postrain.trainers.shared_prefix_dpo import list_leaders
 
 
 def tokenize_list_row(example: dict, processing_class, eos_token: str) -> dict:
@@ -74,7 +75,6 @@ class ListwiseDPOTrainer(CompletionsDPOTrainer):
 
     def _prefix_leaders(self, inputs: dict) -> torch.Tensor:
         """A list's completions are contiguous rows sharing its prompt (trainer.shared_prefix)."""
-        from postrain.trainers.shared_prefix_dpo import list_leaders
 
         return list_leaders(inputs["list_mask"])
 

@@ -26,12 +26,15 @@ dtype) while it scores.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 from typing import Any
 
-from postrain.errors import RecipeError
-from postrain.recipes.validate import origin_of
+from postrain.errors import RecipeError, origin_of
+from postrain.models.generation import token_logps
+from postrain.models.loading import load_model
+from postrain.recipes.schema import ModelSpec
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # What TRL's preference collator adds besides the model's inputs (TRL 1.16 compute_ref_log_probs: _non_model_keys).
@@ -59,6 +62,7 @@ def check_logp_models(command: str, cfg: dict, origins: dict[str, str]) -> None:
     if command != "dpo":
         return
     section = cfg.get("logp_models") or {}
+    # slow: trl and torch; recipe checks read this module (check_logp_models)
     from postrain.trainers.dpo import PAIRS, parse_losses
 
     losses = cfg.get("loss") or []
@@ -110,13 +114,9 @@ def add_logp_columns(trainer, models: dict[str, Any]) -> None:
 
     `models`: name -> a ModelSpec dict (loaded here, one at a time) or a loaded model (freed by the caller).
     Runs after TRL's __init__ (datasets tokenized, collator built), before training."""
-    from postrain.models.loading import load_model
 
     for name, model in models.items():
         if isinstance(model, dict):  # a recipe's entry: ModelSpec's defaults for the keys it leaves out
-            import dataclasses
-
-            from postrain.recipes.schema import ModelSpec
 
             model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **model})
             _check_same_tokenizer(trainer, name, tokenizer)
@@ -147,6 +147,7 @@ def _check_same_tokenizer(trainer, name: str, tokenizer) -> None:
 def prepare_scoring_model(trainer, model):
     """As TRL 1.16's DPOTrainer prepares its reference model: dropout off (if the config says so), the fused LM
     head that returns per-token log-probs, placed by accelerate for inference."""
+    # slow: trl; recipe checks read this module
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
     model.eval()
@@ -159,6 +160,7 @@ def prepare_scoring_model(trainer, model):
 def _with_columns(trainer, model, name: str, dataset, split: str, batch_size: int):
     """`dataset` with the columns `<name>_chosen_logps`, `<name>_rejected_logps`: the summed log-probs of each
     completion under `model`, computed as TRL's reference precompute computes `ref_chosen_logps`."""
+    # slow: torch and datasets; recipe checks read this module
     import torch
     from datasets import IterableDataset
     from torch.utils.data import DataLoader
@@ -187,7 +189,6 @@ def _with_columns(trainer, model, name: str, dataset, split: str, batch_size: in
 def pair_logps(trainer, model, batch: dict):
     """Summed completion log-probs (chosen, rejected) of one batch of TRL's preference collator (the chosen rows,
     then the rejected ones) under `model`, in the trainer's autocast as TRL runs its reference forward."""
-    from postrain.models.generation import token_logps
 
     inputs = {key: value for key, value in batch.items() if key not in COLLATED_NOT_MODEL_INPUTS}
     with trainer.accelerator.autocast():
@@ -197,6 +198,7 @@ def pair_logps(trainer, model, batch: dict):
 
 
 def _empty_device_cache() -> None:
+    # slow: torch and datasets; recipe checks read this module
     import torch
 
     if torch.cuda.is_available():

@@ -47,6 +47,9 @@ from typing import Any, Callable
 import torch
 
 from postrain.errors import RecipeError, origin_of
+from postrain.models.loading import resolve_model_path
+from postrain.models.packaged import converted_dir, is_packaged
+from postrain.models.tiny import TinyModelSpec, build_tokenizer, is_tiny, tiny_config
 
 # model_type -> why it is supported: decoder-only with rotary position embeddings applied from `position_ids`, and a
 # 4D attention mask passed to the attention function as given (transformers' masking_utils returns a 4D mask as-is).
@@ -84,13 +87,8 @@ def unsupported_reason(config: Any, attn_implementation: str | None = None) -> s
 def _known_config(model: dict) -> Any | None:
     """The config of the recipe's model where it can be read without loading weights or the network: the tiny
     model's, a local folder's (a run directory's model/), a hub model's already in the local cache; else None."""
-    # transformers and the model loaders are slow to import, and check_recipe below runs when a recipe loads
+    # slow: transformers; check_recipe below runs when a recipe loads
     from transformers import AutoConfig
-
-    from postrain.models.loading import resolve_model_path
-    from postrain.models.packaged import converted_dir, is_packaged
-    from postrain.models.tiny import build_tokenizer, is_tiny, tiny_config
-    from postrain.recipes.schema import TinyModelSpec
 
     name = model["name_or_path"]
     try:
@@ -309,6 +307,7 @@ def generate_with_shared_prefill(generate: Callable, model, input_ids: torch.Ten
     if conflicts:
         return generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
                         **kwargs)
+    # slow: transformers; recipe loading reads this module
     from transformers import DynamicCache
 
     prefix_ids, prefix_mask = input_ids[first, :-1], attention_mask[first, :-1]

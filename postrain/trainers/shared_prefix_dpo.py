@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from postrain.errors import RecipeError
+from postrain.errors import RecipeError, origin_of
 
 # The batch key the trainers add and the patched forward reads (never reaches the model's own forward).
 ROWS_KEY = "shared_prefix_rows"
@@ -314,6 +314,7 @@ def _rows_first(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def split_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' sdpa attention, computed by parts (SplitPlan) when the call carries a plan; the same values
     as sdpa under the shared layout's full mask (tests hold them to it), without the hidden blocks' work."""
+    # slow: transformers; recipe checks read this module (check_options)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     plan = kwargs.pop(PLAN_KEY, None)
@@ -335,6 +336,7 @@ def split_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
 
 
 def _register_split_attention() -> None:
+    # slow: transformers; recipe checks read this module (check_options)
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
@@ -348,6 +350,7 @@ def _register_split_attention() -> None:
 def _base_model(model):
     """The transformers model under accelerate's wrappers (DDP, DeepSpeed, compile) and peft: the module whose
     forward TRL patched with its fused LM head, and this module patches again."""
+    # slow: accelerate; recipe checks read this module (check_options)
     from accelerate.utils import extract_model_from_parallel, is_peft_model
 
     model = extract_model_from_parallel(model)
@@ -363,6 +366,7 @@ def attention_implementation(model) -> str | None:
 
 def check_model(model, what: str = "model") -> None:
     """Refuse, with the reason, a model whose forward cannot honour the shared layout."""
+    # slow: accelerate; recipe checks read this module (check_options)
     from accelerate.utils import extract_model_from_parallel, is_peft_model
 
     model = extract_model_from_parallel(model)
@@ -421,6 +425,7 @@ def enable(model, pad_to_multiple_of: int | None = None) -> None:
 
 
 def _shared_forward(model, inner, implementation, pad_to_multiple_of, rows, *args, **kwargs):
+    # slow: trl; recipe checks read this module (check_options)
     from trl.trainer.utils import FusedCausalLMOutput
 
     model._postrain_shared_calls = getattr(model, "_postrain_shared_calls", 0) + 1  # what `verify` looks for
@@ -496,7 +501,6 @@ def check_options(trainer: dict, shape_name: str, origins: dict | None = None, m
                   ) -> None:
     """Recipe-load-time refusals: TRL options the shared layout does not reproduce, unpaired rows (one answer per
     prompt: nothing to share), attention implementations that take no 4D mask."""
-    from postrain.recipes.validate import origin_of
 
     origins = origins or {}
     if shape_name == "unpaired":

@@ -57,7 +57,10 @@ from typing import Any
 import torch
 
 from postrain.errors import RecipeError
+from postrain.models.loading import check_model_reference, load_model
 from postrain.preference.token_inputs import stopword_list
+from postrain.recipes.schema import ModelSpec
+from postrain.trainers.logp_models import prepare_scoring_model
 
 
 def stopword_ids(tokenizer, words: list[str]) -> set[int]:
@@ -103,7 +106,6 @@ def pair_difference_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def check_model_references(terms: list) -> None:
     """Before the run directory is made: the token reward model exists (as `ref_model` is checked)."""
-    from postrain.models.loading import check_model_reference
 
     for i, term in enumerate(terms):
         if "token_reward_model" in term.inputs:
@@ -272,9 +274,6 @@ class TokenLevelInputs:
 
 def _load_reward_model(trainer, spec: dict):
     """TGDPO's π_rm: loaded as a `ref_model:` is, on the policy's tokenizer, prepared as TRL prepares its reference."""
-    from postrain.models.loading import load_model
-    from postrain.recipes.schema import ModelSpec
-    from postrain.trainers.logp_models import prepare_scoring_model
 
     model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **spec})
     policy = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)

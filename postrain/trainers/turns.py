@@ -107,7 +107,7 @@ def assistant_turn_spans(processing_class, prompt: list, continuation: list, pro
                          where: str = "row") -> list[list[int]]:
     """[start, end) of each assistant turn of `continuation` within `completion_ids` (TRL's completion tokens after
     `prompt_ids`), from the rendered prefixes; DataError if a prefix does not render as a prefix of the whole."""
-    from trl.data_utils import _tokenize  # TRL is slow to import; --smoke reads this module too
+    from trl.data_utils import _tokenize  # slow: trl; --smoke reads this module too
 
     kwargs = template_kwargs or {}
     full = list(prompt_ids) + list(completion_ids)

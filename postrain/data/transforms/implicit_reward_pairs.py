@@ -32,6 +32,7 @@ from typing import Any, Literal
 from postrain.data.rows import format_row, require_columns
 from postrain.data.transforms.registry import TRANSFORMS
 from postrain.errors import RecipeError
+from postrain.models.loading import load_model
 
 TRANSFORM = "implicit_reward_pairs"
 # The authors' alpha grid (generate_lc_paired_set.py main: alpha_range=(0.0, 1.0, 0.001)).
@@ -73,6 +74,7 @@ def completion_ids(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], 
     the completion starting where the two diverge), for one completion: the method gives no hook to tokenize a
     single text. Left out: tools / chat_template_kwargs (samples carry none) and the minimum over chosen and
     rejected of the common prefix (one completion here). tests/test_dice.py pins the method's source."""
+    # slow: trl, only when the transform scores pairs
     from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
     if is_conversational({"prompt": prompt, "chosen": completion}):
@@ -89,6 +91,7 @@ def completion_ids(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], 
 
 def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
     """Σ_t log p(y_t | x, y_<t) over each (prompt ids, completion ids): a plain forward, right-padded."""
+    # slow: torch, only when the transform scores pairs
     import torch
 
     device = next(model.parameters()).device
@@ -113,12 +116,10 @@ def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size
 
 
 def _load(settings: dict, key: str):
-    # A genuine cycle for now: postrain.models.loading imports postrain.recipes (a KNOWN_ARROWS entry of
-    # tests/test_layering.py), whose checks import this package.
-    from postrain.models.loading import load_model
 
     # load_model fills in ModelSpec's defaults (dtype auto, the tiny model's shape) for the keys a spec leaves out
     model, tokenizer, _ = load_model(settings[key])
+    # slow: torch, only when the transform scores pairs
     import torch
 
     if torch.cuda.is_available():
@@ -129,6 +130,7 @@ def _load(settings: dict, key: str):
 def _free(model) -> None:
     del model
     gc.collect()
+    # slow: torch, only when the transform scores pairs
     import torch
 
     if torch.cuda.is_available():
@@ -177,6 +179,7 @@ def pair_best_worst(rows: list[dict], rewards: list[float], min_samples: int) ->
 def sweep_length_penalty(rows: list[dict], log_ratios: list[float], min_samples: int) -> float:
     """The authors' optimize_alpha: alpha over 0, 0.001, ... < 1; stop at the first alpha whose mean character-length
     difference |mean(len(chosen) − len(rejected))| exceeds the smallest so far; return the alpha of the smallest."""
+    # slow: numpy, only when the transform scores pairs
     import numpy as np
 
     lengths = [len(r["completion"]) for r in rows]

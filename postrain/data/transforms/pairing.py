@@ -169,7 +169,7 @@ def unpair(dataset, where: str):
     """Each (prompt, chosen, rejected) row -> a desirable row (chosen, label true) and an undesirable one
     (rejected, label false), for unpaired losses (KTO, BCO, ...): TRL's unpair_preference_dataset, other columns
     copied to both."""
-    from trl.data_utils import unpair_preference_dataset  # trl is slow to import: only when a source unpairs
+    from trl.data_utils import unpair_preference_dataset  # slow: trl, only when a source unpairs
 
     for col in ("chosen", "rejected"):
         if col not in dataset.column_names:
