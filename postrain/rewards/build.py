@@ -161,7 +161,6 @@ class GuardedReward(RewardFunction):
         return [None if score is None else _as_float(score) for score in scores]
 
     def _worker_for_reward(self):
-
         if self._worker is None:
             if self.reference is not None:
                 payload = ("reference", self.reference)

@@ -151,7 +151,6 @@ class RewardWorker:
         return scores, counts
 
     def _receive(self, timeout: float | None, what: str = "call"):
-
         stdout = self.process.stdout
         if timeout is not None:
             ready, _, _ = select.select([stdout], [], [], max(timeout, 0.0))

@@ -64,7 +64,6 @@ class CompletionsDPOTrainer(PostrainDPOTrainer):
                 check_loss_data(self.loss_terms, dataset, where)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-
         if "prompt_ids" in (dataset.column_names or []):  # prepared already (evaluate() prepares again)
             return dataset
         map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, datasets.Dataset) else {}

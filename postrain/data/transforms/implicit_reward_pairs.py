@@ -116,7 +116,6 @@ def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size
 
 
 def _load(settings: dict, key: str):
-
     # load_model fills in ModelSpec's defaults (dtype auto, the tiny model's shape) for the keys a spec leaves out
     model, tokenizer, _ = load_model(settings[key])
     # slow: torch, only when the transform scores pairs
