@@ -32,6 +32,7 @@ from typing import Any, Literal
 from postrain.data.rows import format_row, require_columns
 from postrain.data.transforms.registry import TRANSFORMS
 from postrain.errors import RecipeError
+from postrain.models.generation import completion_logps
 from postrain.models.loading import load_model
 
 TRANSFORM = "implicit_reward_pairs"
@@ -90,29 +91,9 @@ def completion_ids(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], 
 
 
 def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
-    """Σ_t log p(y_t | x, y_<t) over each (prompt ids, completion ids): a plain forward, right-padded."""
-    # slow: torch, only when the transform scores pairs
-    import torch
-
-    device = next(model.parameters()).device
-    out: list[float] = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = sequences[start:start + batch_size]
-            length = max(len(p) + len(c) for p, c in batch)
-            ids = torch.zeros(len(batch), length, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            completion = torch.zeros_like(ids)
-            for i, (p, c) in enumerate(batch):
-                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-                attention[i, :len(p) + len(c)] = 1
-                completion[i, len(p):len(p) + len(c)] = 1
-            ids, attention, completion = ids.to(device), attention.to(device), completion.to(device)
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-            token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            out.extend((token_logps * completion[:, 1:]).sum(dim=1).tolist())
-    return out
+    """Σ_t log p(y_t | x, y_<t) over each (prompt ids, completion ids), right-padded: postrain's one completion
+    scorer (postrain.models.generation), the one INPO's and MRPO's extra models score with too."""
+    return completion_logps(model, sequences, batch_size=batch_size)
 
 
 def _load(settings: dict, key: str):
