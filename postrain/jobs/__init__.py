@@ -1,8 +1,12 @@
-"""Jobs: one `run(recipe, options)` per command. The only code that wires data, models, trainers and rewards."""
+"""Jobs: one module per command, the only code that wires data, models, trainers and rewards. Each job module has
+`run(recipe, options)` and `check(cfg, origins)` (its load-time checks: postrain.jobs.checks has those several
+jobs share); JOB_MODULES, the per-command table, is how the loading (postrain.jobs.loading) and `run_job` reach
+them."""
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from postrain.jobs.common import RunOptions
 
@@ -16,6 +20,11 @@ JOB_MODULES = {
 }
 
 
+def job_module(command: str) -> ModuleType:
+    """The job module of a command (imported on first use: a command line loads only its own job)."""
+    return importlib.import_module(JOB_MODULES[command])
+
+
 def run_job(recipe, options: RunOptions | None = None) -> dict:
     """Run a resolved recipe with the job for its command."""
     from postrain.jobs.common import check_trl_version, quiet_libraries
@@ -24,5 +33,10 @@ def run_job(recipe, options: RunOptions | None = None) -> dict:
     check_trl_version()
     check_output_dir(recipe.cfg["output_dir"])  # before the data loads: nothing is written if it cannot be
     quiet_libraries()
-    module = importlib.import_module(JOB_MODULES[recipe.command])
-    return module.run(recipe, options or RunOptions())
+    return job_module(recipe.command).run(recipe, options or RunOptions())
+
+
+# Below the table: postrain.jobs.loading reaches the job modules through job_module, defined above.
+from postrain.jobs.loading import load_recipe, load_smoke_recipe  # noqa: E402
+
+__all__ = ["JOB_MODULES", "RunOptions", "job_module", "load_recipe", "load_smoke_recipe", "run_job"]

@@ -20,12 +20,26 @@ from typing import Any, Callable
 from postrain.errors import RecipeError
 from postrain.evaluation import lm_eval_backend  # imports lm-eval (optional) only where it runs
 from postrain.evaluation.results import results_table
-from postrain.evaluation.settings import model_entries
+from postrain.evaluation.settings import check_eval_recipe, model_entries
+from postrain.jobs import checks
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
 from postrain.models.generation import generate_with_ids
 from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
 from postrain.rewards import build_rewards, policy_options
+
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of an eval recipe, in this order: the per-set generation and metric settings (k <=
+    num_samples, ...) and `models:` (postrain.evaluation.settings), what the job reads, `eval.backend: lm_eval` and
+    its `lm_eval:` section (lm-eval itself is imported only when the backend runs), the run's sections, health, the
+    reward error policy."""
+    check_eval_recipe(cfg, origins)
+    checks.check_inputs("eval", cfg, origins)
+    lm_eval_backend.check_lm_eval_section("eval", cfg, origins)
+    checks.check_run_sections("eval", cfg, origins)
+    checks.check_health("eval", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
 
 
 def progress_printer(label: str, every_s: float = 5.0) -> Callable[[int, int], None]:

@@ -15,8 +15,50 @@ rl_buffer.pt) and restored by --resume.
 from __future__ import annotations
 
 from postrain.errors import RecipeError
+from postrain.jobs import checks
 from postrain.jobs.common import RunOptions, train_with_trl
 from postrain.recipes import Recipe
+
+# GRPOConfig's fields with a range TRL does not check (beside the ranges of every trainer, checks.TRAINER_RANGES).
+TRAINER_RANGES: dict[str, str] = {
+    "num_generations": ">= 2", "num_generations_eval": ">= 1", "temperature": "> 0", "top_p": "in (0, 1]",
+    "min_p": "in [0, 1]", "repetition_penalty": "> 0", "beta": ">= 0", "epsilon": "> 0", "epsilon_high": "> 0",
+    "delta": "> 1", "num_iterations": ">= 1", "steps_per_generation": ">= 1", "generation_batch_size": ">= 1",
+    "top_entropy_quantile": "in (0, 1]", "ref_model_mixup_alpha": "in [0, 1]", "ref_model_sync_steps": ">= 1"}
+
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of a grpo recipe, in this order: TRL's loss type, the `rl:` parts, what the job reads, the
+    run's sections, the conventions of the entries TRL's options stand for, the shared-prefix layout, health, the
+    library configs, the reward error policy."""
+    checks.check_loss_types("grpo", cfg, origins)
+    check_rl_parts(cfg, origins)
+    checks.check_inputs("grpo", cfg, origins)
+    checks.check_run_sections("grpo", cfg, origins)
+    checks.check_trl_conventions("grpo", cfg, origins)
+    check_shared_prefix(cfg, origins)
+    checks.check_health("grpo", cfg, origins)
+    checks.check_library_configs("grpo", cfg, origins, TRAINER_RANGES)
+    checks.check_reward_errors(cfg, origins)
+
+
+def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:
+    """The `rl:` parts: names, parameters, data a GRPO batch can supply, conflicting TRL options."""
+    if cfg.get("rl") is None:
+        return
+    from postrain.rl.section import check_rl_section  # the rl registries import torch: slow
+
+    check_rl_section("grpo", cfg, origins)
+
+
+def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer.shared_prefix: true`: a model and attention implementation that honour the block mask
+    (postrain.trainers.shared_prefix)."""
+    if not (cfg.get("trainer") or {}).get("shared_prefix"):
+        return
+    from postrain.trainers.shared_prefix import check_recipe  # imports torch: slow
+
+    check_recipe("grpo", cfg, origins)
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:

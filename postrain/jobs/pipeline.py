@@ -21,7 +21,18 @@ from postrain.errors import LaunchError, PostrainError
 from postrain.jobs.signals import Interrupted
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
-from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
+from postrain.jobs import checks
+from postrain.jobs.loading import load_recipe, load_smoke_recipe
+from postrain.recipes import Recipe, find_recipe
+
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of a pipeline recipe itself, in this order (each stage is loaded, with its own job's
+    checks, when the pipeline runs: `stage_recipe`)."""
+    checks.check_inputs("pipeline", cfg, origins)
+    checks.check_run_sections("pipeline", cfg, origins)
+    checks.check_health("pipeline", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
 
 
 def nest(dotted: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,18 @@ Data: prompt/completion pairs (loss on the completion only, TRL's default), chat
 
 from __future__ import annotations
 
+from postrain.jobs import checks
 from postrain.jobs.common import RunOptions, train_with_trl
 from postrain.recipes import Recipe
+
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of an sft recipe (postrain.jobs.checks), in this order."""
+    checks.check_inputs("sft", cfg, origins)
+    checks.check_run_sections("sft", cfg, origins)
+    checks.check_health("sft", cfg, origins)
+    checks.check_library_configs("sft", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
