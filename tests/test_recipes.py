@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from postrain.errors import RecipeError
-from postrain.jobs import JOB_MODULES, job_module, load_recipe
+from postrain.jobs import JOB_MODULES, job_module, load_recipe, load_smoke_recipe
 from postrain.recipes import read_recipe
 from postrain.trainers import config_class
 from tests.conftest import REPO, write_recipe
@@ -173,6 +173,13 @@ def test_a_commands_checks_are_reached_through_its_job(command, monkeypatch):
     monkeypatch.setattr(job_module(command), "check", refuse)
     with pytest.raises(RecipeError, match=f"refused by the {command} job's check"):
         load_recipe(path, [], command)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "eval", "merge", "pipeline"])
+def test_a_commands_smoke_layer_is_its_jobs(command, monkeypatch):
+    """--smoke's layer is the `smoke_layer` of the command's job module (postrain.jobs.JOB_MODULES)."""
+    monkeypatch.setattr(job_module(command), "smoke_layer", lambda cfg: {"seed": 12345})
+    assert load_smoke_recipe(REPO / "recipes" / "demo" / f"{command}.yaml", [], command).cfg["seed"] == 12345
 
 
 def test_reading_a_recipe_runs_no_jobs_check(tmp_path):

@@ -1,7 +1,7 @@
 """Jobs: one module per command, the only code that wires data, models, trainers and rewards. Each job module has
-`run(recipe, options)` and `check(cfg, origins)` (its load-time checks: postrain.jobs.checks has those several
-jobs share); JOB_MODULES, the per-command table, is how the loading (postrain.jobs.loading) and `run_job` reach
-them."""
+`run(recipe, options)`, `check(cfg, origins)` (its load-time checks: postrain.jobs.checks has those several
+jobs share) and `smoke_layer(cfg)` (what --smoke swaps in: postrain.jobs.smoke has the shared parts); JOB_MODULES,
+the per-command table, is how the loading (postrain.jobs.loading) and `run_job` reach them."""
 
 from __future__ import annotations
 

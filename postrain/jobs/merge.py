@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from postrain.jobs import checks
+from postrain.jobs import checks, smoke
 from postrain.jobs.common import MODEL_SUBDIR, RunOptions, prepare_run_dir, running
 from postrain.jobs.rundir import partial_dir, publish
 from postrain.merging import validate_merge_config
@@ -39,6 +39,12 @@ def check_merge_section(cfg: dict) -> None:
 
     validate_merge_config(cfg.get("merge") or {}, resolve_model=stand_in)
 
+
+
+def smoke_layer(cfg: dict) -> dict:
+    """The `--smoke` layer of a merge recipe (postrain.jobs.smoke): tiny models in, no push to the hub (an explicit
+    hub.repo_id=... override, above this layer, still pushes)."""
+    return {"merge": smoke.smoke_merge(cfg.get("merge") or {}), "hub": {"repo_id": None}}
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.jobs.hub import push_after_run

@@ -35,6 +35,11 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_reward_errors(cfg, origins)
 
 
+
+def smoke_layer(cfg: dict) -> dict:
+    """Nothing for the pipeline itself: each stage is loaded with its own job's smoke layer (`stage_recipe`)."""
+    return {}
+
 def nest(dotted: dict[str, Any]) -> dict[str, Any]:
     """`{"trainer.max_steps": 5}` -> `{"trainer": {"max_steps": 5}}` (stage overrides use dotted keys)."""
     out: dict[str, Any] = {}
