@@ -59,7 +59,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
-    from postrain.recipes import load_recipe, load_smoke_recipe
+    from postrain.jobs import load_recipe, load_smoke_recipe
 
     loaded = load_smoke_recipe(recipe, overrides or [], command) if smoke else load_recipe(recipe, overrides or [],
                                                                                           command)
@@ -287,8 +287,8 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bool) -> None:
     """`postrain recipes --check`: liveness of every recipe (pipelines stage by stage, as the pipeline loads them)."""
+    from postrain.jobs.catalog import check_recipes
     from postrain.jobs.pipeline import stage_recipe
-    from postrain.recipes.catalog import check_recipes
 
     rows = check_recipes(root, papers, stage_loader=lambda pipeline, name, stage: stage_recipe(pipeline, name, stage,
                                                                                                  smoke=False))
@@ -311,8 +311,9 @@ def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bo
 
 def _recipes_inherited(ref: str, as_json: bool) -> None:
     """`postrain recipes --inherited RECIPE`: the fields RECIPE leaves to others, grouped by where they come from."""
-    from postrain.recipes import load_recipe
-    from postrain.recipes.catalog import inherited_fields, resolve_recipe
+    from postrain.jobs import load_recipe
+    from postrain.jobs.catalog import inherited_fields
+    from postrain.recipes.catalog import resolve_recipe
 
     try:
         recipe = load_recipe(resolve_recipe(ref), liveness=False)

@@ -19,7 +19,7 @@ on an entry: for that entry, over the family's) declares the values a paper allo
 `check_params` refuses a recipe value of the wrong type or out of range at load time.
 
 An entry whose defining step acts only under some batch layouts says so with `requires=` (Requirement: a batch-level
-std needs several groups per generation batch, a ratio clip needs off-policy updates, ...); postrain.recipes.liveness
+std needs several groups per generation batch, a ratio clip needs off-policy updates, ...); postrain.jobs.liveness
 checks a recipe's layout against them. `conventions=` lists hyperparameter values that are almost certainly a
 convention mix-up (an absolute ratio cap below 1, a clip range above 1), refused when a recipe loads.
 """
@@ -46,7 +46,7 @@ REGISTRIES: dict[str, "Registry"] = {}
 BEHAVIOUR_LOGPS = "old_logps"
 
 
-# What a Requirement can ask of a recipe's batch layout (postrain.recipes.liveness evaluates each kind):
+# What a Requirement can ask of a recipe's batch layout (postrain.jobs.liveness evaluates each kind):
 REQUIREMENT_KINDS: dict[str, str] = {
     "off_policy": "more than one optimizer step per generation batch, or num_iterations > 1, so that the policy "
                   "moves away from pi_old and a ratio pi / pi_old differs from 1",
@@ -67,7 +67,7 @@ class Requirement:
 
     `step` says in words what is inert otherwise; `when(params)` (the entry's hyperparameters, defaults filled in)
     limits the requirement to the settings where the step exists. `amount` is the kind's figure, a number or
-    `amount(params, layout)` (layout: postrain.recipes.liveness.Layout): refill, the generation rounds allowed;
+    `amount(params, layout)` (layout: postrain.jobs.liveness.Layout): refill, the generation rounds allowed;
     length_budget, the smallest budget of the run (None: cannot be told); revisits, the visits needed;
     selection, (kept, seen); rows_per_batch, the rows needed, counted per process or gathered (`scope`)."""
 
@@ -121,7 +121,7 @@ class Variant:
     # Free-form notes: where the formula was checked (authors' code, paper section), deviations.
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    # What the entry's defining step needs from the batch layout (postrain.recipes.liveness).
+    # What the entry's defining step needs from the batch layout (postrain.jobs.liveness).
     requires: tuple[Requirement, ...] = ()
     # Hyperparameter values refused as a convention mix-up (checked when a recipe loads).
     conventions: tuple[Convention, ...] = ()

@@ -6,7 +6,7 @@
 Everything on a page comes from a registered entry (postrain.registry): its paper and arXiv id, its docstring,
 its hyperparameters with the paper's defaults and the data it reads (both from its signature), TRL's equivalent,
 notes, catalog rows, what a named method expands to, what its defining step needs from the batch layout and
-the hyperparameter values refused as a convention mix-up (postrain.recipes.liveness), and the recipes of the same
+the hyperparameter values refused as a convention mix-up (postrain.jobs.liveness), and the recipes of the same
 paper (matched by arXiv id, as docs/coverage.md matches them). The sibling of postrain.coverage, with the same
 --check contract.
 """

@@ -2,7 +2,7 @@
 
 One matcher for every load-time type check: recipe sections against their dataclasses (postrain.recipes.validate)
 and registry hyperparameters against their signatures (postrain.registry); and range declarations ("> 0",
-"in [0, 1)") with their check, for registry parameters and the library configs' fields (postrain.recipes.checks).
+"in [0, 1)") with their check, for registry parameters and the library configs' fields (postrain.jobs.checks).
 It sits below both.
 """
 

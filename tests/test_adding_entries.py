@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from postrain.errors import RecipeError
 from postrain.preference import PREFERENCE, preference_loss
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from postrain.rl.advantages import compute_advantages
 from postrain.rl.registry import ADVANTAGES
 from postrain.variants import all_variants

@@ -51,7 +51,7 @@ def test_dry_run_prints_batch_arithmetic():
     assert result.exit_code == 0, result.output
     assert "recipe is valid" in result.output
     from postrain.jobs.plan import plan
-    from postrain.recipes import load_recipe
+    from postrain.jobs import load_recipe
 
     planned = plan(load_recipe("recipes/demo/grpo.yaml", ["trainer.per_device_train_batch_size=16",
                                                           "trainer.num_generations=4", "trainer.gradient_accumulation_steps=2"]))

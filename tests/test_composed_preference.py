@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import REPO
 from tests.test_merging import _load
 
@@ -33,7 +33,7 @@ def test_apo_merge_stage_is_the_nesterov_extrapolation(tmp_path):
     theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t) computed here by hand, with alpha the documented 0.3."""
     from postrain.merging import run_mergekit
     from postrain.models.loading import resolve_model_path
-    from postrain.recipes.smoke import SMOKE_TINY
+    from postrain.jobs.smoke import SMOKE_TINY
 
     overrides = _apo_stages()["extrapolate_r2"]["overrides"]
     (entry,) = overrides["merge.models"]

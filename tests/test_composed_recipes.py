@@ -13,7 +13,7 @@ import yaml
 from postrain.data.sources import check_source_options, load_source
 from postrain.data.transforms.thought_dropout import drop_thoughts
 from postrain.errors import DataError, RecipeError
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import REPO
 from tests.test_merging import _load
 
@@ -107,7 +107,7 @@ def test_preference_vector_merge_is_base_plus_scaled_differences(tmp_path):
     theta_base + eta_h (theta_h+ - theta_h-) + eta_s (theta_s+ - theta_s-), computed here from the weights."""
     from postrain.merging import run_mergekit
     from postrain.models.loading import resolve_model_path
-    from postrain.recipes.smoke import SMOKE_TINY
+    from postrain.jobs.smoke import SMOKE_TINY
 
     pipeline = yaml.safe_load((REPO / "recipes/papers/preference_vector.yaml").read_text())
     entries = pipeline["stages"]["merge"]["overrides"]["merge.models"]

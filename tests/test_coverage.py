@@ -175,7 +175,7 @@ def test_an_efficiency_row_is_composed_by_a_recipe_that_turns_the_trainer_option
     # Prefix Grouper (rl 76) changes how the numbers are computed, never which: no registry entry computes it, so
     # the row is `composed` by the recipe that switches the trainer's shared-prefix forward on; that recipe must
     # really switch it on, and the module named in the row's note must exist.
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
     from postrain.trainers import shared_prefix
 
     by_row = {(c.row.catalog, c.row.number): c for c in built.rows}

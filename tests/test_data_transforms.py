@@ -11,7 +11,7 @@ from postrain.data.source_spec import SourceSpec
 from postrain.data.sources import check_source_options, load_source, source_size
 from postrain.data.transforms import TRANSFORMS
 from postrain.errors import DataError, RecipeError
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import write_recipe
 
 SFT = "defaults: [base/sft]\nmodel: {name_or_path: tiny}\n"

@@ -22,7 +22,7 @@ from postrain.data.transforms.implicit_reward_pairs import (
 )
 from postrain.errors import DataError, RecipeError
 from postrain.models.loading import load_model
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import REPO, TINY, write_recipe
 
 PAPERS = REPO / "recipes" / "papers"

@@ -12,7 +12,7 @@ import torch
 
 from postrain.errors import RecipeError
 from postrain.preference.registry import PREFERENCE
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from tests.test_dpo_token_level import dpo_recipe, first_batch, full_logps, make_trainer, pair, token_logps
 
 

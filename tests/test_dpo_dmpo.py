@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import DataError, RecipeError
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from postrain.trainers import turns
 from tests.conftest import TINY, source_digest, write_recipe
 

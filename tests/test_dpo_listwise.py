@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import DataError, RecipeError
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from tests.dpo_shapes import (dpo_recipe, logged, loss_before_and_after_training, make_trainer, source_digest,
                                summed_logps, write_jsonl)
 
@@ -174,7 +174,7 @@ def test_score_lists_groups_scored_samples_into_lists(tmp_path):
 
 
 def test_smoke_gives_list_rows_to_a_recipe_whose_losses_read_lists():
-    from postrain.recipes.smoke import smoke_layer
+    from postrain.jobs.smoke import smoke_layer
 
     cfg = {"loss": [{"name": "exo_k"}],
            "data": {"train": {"source": "some/hub-lists", "columns": {"completions": "r"}}}}

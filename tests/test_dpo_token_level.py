@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from postrain.errors import RecipeError
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import TINY, source_digest, write_recipe
 
 TINY_SPEC = {"name_or_path": "tiny", "dtype": "float32", "tiny": TINY}

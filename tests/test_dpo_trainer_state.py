@@ -433,7 +433,7 @@ def dpo_recipe(tmp_path: Path, extra: str) -> Path:
 ])
 def test_bad_state_settings_fail_at_load_time(tmp_path, monkeypatch, extra, message):
     import postrain.models.loading as loading
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(RecipeError, match=message):
@@ -441,7 +441,7 @@ def test_bad_state_settings_fail_at_load_time(tmp_path, monkeypatch, extra, mess
 
 
 def test_state_settings_are_not_passed_to_the_loss(tmp_path):
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
     from postrain.trainers.dpo import parse_losses
 
     recipe = load_recipe(dpo_recipe(tmp_path, "loss: [{name: beta_dpo, rho: 0.1, alpha: 0.5}]"))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import DataError, RecipeError
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from tests.dpo_shapes import (dpo_recipe, loss_before_and_after_training, make_trainer, source_digest, summed_logps,
                                write_jsonl)
 
@@ -164,7 +164,7 @@ loss: [{name: kto, beta: 0.5}]""")
 
 
 def test_smoke_keeps_a_recipes_unpair_transform_and_gives_unpaired_rows_otherwise():
-    from postrain.recipes.smoke import smoke_layer
+    from postrain.jobs.smoke import smoke_layer
 
     cfg = {"loss": [{"name": "kto"}], "data": {"train": {"source": "hub/pairs", "transform": "unpair"}}}
     train = smoke_layer("dpo", cfg)["data"]["train"]

@@ -228,7 +228,7 @@ def test_score_set_keeps_its_signature_and_reports_pass_at_1_by_default():
 
 
 def test_smoke_keeps_an_eval_recipe_with_metrics_valid(tmp_path):
-    from postrain.recipes import load_smoke_recipe
+    from postrain.jobs import load_smoke_recipe
 
     recipe = eval_setup(tmp_path, "metrics: {maj_at: [3]}\nmodels: [runs/a, runs/b]")
     write_recipe(recipe, recipe.read_text().replace("generation: {do_sample: true, num_samples: 4}",

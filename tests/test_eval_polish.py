@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from postrain.errors import DataError, RecipeError
-from postrain.recipes import load_recipe, load_smoke_recipe
+from postrain.jobs import load_recipe, load_smoke_recipe
 from tests.conftest import REPO, TINY, postrain, read_jsonl, write_recipe
 
 MODEL = {"name_or_path": "tiny", "dtype": "float32", "tiny": TINY}
@@ -66,7 +66,7 @@ def test_lm_eval_dry_run_from_the_command_line():
 # --- 2. lm-eval under --smoke ------------------------------------------------------------------------------------
 
 def test_smoke_shrinks_lm_eval_and_keeps_smaller_settings(tmp_path):
-    from postrain.recipes.smoke import _smoke_lm_eval
+    from postrain.jobs.smoke import smoke_lm_eval as _smoke_lm_eval
 
     smoke = load_smoke_recipe(LM_EVAL_RECIPE, [], "eval").cfg["lm_eval"]
     assert smoke["limit"] == 4 and smoke["gen_kwargs"] == {"max_gen_toks": 8} and smoke["bootstrap_iters"] == 100

@@ -65,7 +65,7 @@ def test_a_training_run_uploads_its_model_folder_with_the_card_after_it_is_done(
 
 def test_only_the_main_process_pushes(tmp_path, fake_hub):
     from postrain.jobs.hub import push_after_run
-    from postrain.recipes import load_recipe
+    from postrain.jobs import load_recipe
 
     recipe = load_recipe(sft_recipe(tmp_path), {"hub": {"repo_id": "me/x"}})
     push_after_run(recipe, tmp_path / "not-a-run", main_process=False)
@@ -158,7 +158,7 @@ def test_trl_push_to_hub_and_a_bad_repo_id_are_refused_at_load_time(tmp_path):
 
 
 def test_smoke_runs_never_push_unless_told_and_the_push_target_is_not_in_the_recipe_hash(tmp_path):
-    from postrain.recipes import load_recipe, load_smoke_recipe
+    from postrain.jobs import load_recipe, load_smoke_recipe
 
     recipe = sft_recipe(tmp_path, "hub: {repo_id: me/real}")
     assert load_smoke_recipe(recipe).cfg["hub"]["repo_id"] is None

@@ -16,7 +16,7 @@ from postrain.cli import app
 from postrain.data.sources import load_source
 from postrain.data.transforms.pairing import score_pairs, win_rate_pairs
 from postrain.errors import DataError, RecipeError
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from postrain.rewards import build_rewards
 from postrain.rewards.judge import LLMJudge, parse_judge_score
 from tests.conftest import REPO, TINY, write_recipe

@@ -163,7 +163,7 @@ def test_dry_run_prints_the_launch_command_the_batch_and_the_memory_plan(tmp_pat
     assert command.endswith(f"-m postrain.cli grpo {recipe} launch.num_processes=8 launch.config=zero3")
     from postrain.jobs.plan import plan
     from postrain.launch.memory import model_config
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
 
     rows = plan(load_recipe(recipe, ["launch.num_processes=8", "launch.config=zero3"]))
     assert rows["processes"] == "8"
@@ -200,7 +200,7 @@ def test_one_process_runs_here(tmp_path):
     ("launch.nprocs=2", r"unknown key 'launch.nprocs'"),
 ])
 def test_bad_launch_sections_fail_at_load_time(tmp_path, override, message):
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(grpo_recipe(tmp_path), [override])
@@ -208,7 +208,7 @@ def test_bad_launch_sections_fail_at_load_time(tmp_path, override, message):
 
 def test_a_config_file_of_ones_own_is_read_relative_to_the_recipe(tmp_path):
     from postrain.launch.launcher import sharding_strategy
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
 
     (tmp_path / "mine.yaml").write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 3}\n")
     write_recipe(tmp_path / "r.yaml", "defaults: [base/grpo]\nlaunch: {num_processes: 2, config: mine.yaml}\n")
@@ -219,7 +219,8 @@ def test_a_config_file_of_ones_own_is_read_relative_to_the_recipe(tmp_path):
 
 
 def test_the_recipe_hash_counts_the_process_layout_not_where_it_runs(tmp_path):
-    from postrain.recipes.loader import load_recipe, recipe_hash
+    from postrain.jobs import load_recipe
+    from postrain.recipes.loader import recipe_hash
 
     recipe = grpo_recipe(tmp_path)
     one = load_recipe(recipe)
@@ -233,7 +234,7 @@ def test_the_recipe_hash_counts_the_process_layout_not_where_it_runs(tmp_path):
 
 
 def test_smoke_runs_one_process_unless_overridden(tmp_path):
-    from postrain.recipes.loader import load_smoke_recipe
+    from postrain.jobs import load_smoke_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", "defaults: [base/grpo]\nlaunch: {num_processes: 8, config: zero3}\n")
     smoke = load_smoke_recipe(recipe).cfg["launch"]

@@ -34,10 +34,6 @@ LAYER = {package: i for i, layer in enumerate(LAYERS) for package in layer}
 
 # module -> the packages it imports against the layering, today (2026-12-07).
 KNOWN_ARROWS = {
-    "postrain/recipes/catalog.py": {"trainers"},
-    "postrain/recipes/checks.py": {"jobs", "launch", "trainers"},
-    "postrain/recipes/liveness.py": {"launch", "trainers"},
-    "postrain/recipes/validate.py": {"trainers"},
 }
 
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import RecipeError
-from postrain.recipes import load_recipe
-from postrain.recipes.liveness import check_liveness, layout_of
+from postrain.jobs import load_recipe
+from postrain.jobs.liveness import check_liveness, layout_of
 from tests.conftest import REPO, write_recipe
 
 runner = CliRunner()
@@ -123,7 +123,7 @@ def test_the_old_minimax_m1_layout_is_flagged_with_its_numbers_and_a_fix(tmp_pat
 # --- one test per kind of requirement ------------------------------------------------------------------------------
 
 def test_every_requirement_kind_is_evaluated_and_every_requirement_has_a_known_kind():
-    from postrain.recipes.liveness import EVALUATORS
+    from postrain.jobs.liveness import EVALUATORS
     from postrain.registry import REQUIREMENT_KINDS
     from postrain.variants import all_variants
 
@@ -240,7 +240,7 @@ def test_a_finding_warns_at_load_and_refuses_with_liveness_error(tmp_path, caplo
     assert load_recipe(path).hash == load_recipe(path, ["liveness=error"], liveness=False).hash  # not hashed
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="postrain.liveness"):
-        from postrain.recipes import load_smoke_recipe
+        from postrain.jobs import load_smoke_recipe
 
         assert load_smoke_recipe(path, ["liveness=error"]).liveness == []  # the smoke layer's layout is not judged
     assert not caplog.records
@@ -323,7 +323,7 @@ def test_inherited_lists_what_the_recipe_leaves_to_others(tmp_path):
 
 def test_every_paper_recipe_is_live_or_says_why_not():
     from postrain.jobs.pipeline import stage_recipe
-    from postrain.recipes.catalog import check_recipes
+    from postrain.jobs.catalog import check_recipes
 
     rows = check_recipes(REPO / "recipes", papers=True,
                          stage_loader=lambda pipeline, name, stage: stage_recipe(pipeline, name, stage, smoke=False))

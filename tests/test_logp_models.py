@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import RecipeError
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import REPO, TINY, write_recipe
 
 runner = CliRunner()

@@ -95,7 +95,7 @@ def test_sft_card_front_matter_lineage_metrics_and_the_recipe_that_reproduces_it
     assert recipe_block(card) == (run / "recipe.yaml").read_text().rstrip()
     assert f"hash `{env['recipe_hash']}`" in card and "postrain sft recipe.yaml" in card
     assert f"trl {env['packages']['trl']}" in card and f"postrain {env['packages']['postrain']}" in card
-    from postrain.recipes import load_recipe
+    from postrain.jobs import load_recipe
 
     saved = write_recipe(tmp_path / "recipe.yaml", recipe_block(card))
     assert load_recipe(saved).hash == env["recipe_hash"]  # the recipe in the card is the run's recipe
@@ -145,7 +145,7 @@ def test_a_merge_writes_a_card_with_its_inputs_and_method(tmp_path):
 # --- without training -----------------------------------------------------------------------------------------------
 
 def smoke_cfg(name: str) -> dict:
-    from postrain.recipes import load_smoke_recipe
+    from postrain.jobs import load_smoke_recipe
 
     return load_smoke_recipe(REPO / "recipes" / name).cfg
 

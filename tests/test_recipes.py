@@ -8,8 +8,10 @@ import inspect
 import pytest
 
 from postrain.errors import RecipeError
-from postrain.recipes import load_recipe
-from tests.conftest import write_recipe
+from postrain.jobs import JOB_MODULES, job_module, load_recipe, load_smoke_recipe
+from postrain.recipes import read_recipe
+from postrain.trainers import config_class
+from tests.conftest import REPO, write_recipe
 
 
 def test_two_level_defaults_resolve_in_documented_order(tmp_path):
@@ -152,3 +154,41 @@ def test_merge_section_checked_against_mergekit(tmp_path):
     path = write_recipe(tmp_path / "m.yaml", "command: merge\nmerge: {merge_method: lineer, models: [{model: a/b}]}\n")
     with pytest.raises(RecipeError, match="linear"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "eval", "merge", "pipeline"])
+def test_a_commands_checks_are_reached_through_its_job(command, monkeypatch):
+    """load_recipe runs the `check` of the command's job module (postrain.jobs.JOB_MODULES), once, on the resolved
+    recipe; what that check refuses, the load refuses."""
+    path = REPO / "recipes" / "demo" / f"{command}.yaml"
+    assert job_module(command).__name__ == JOB_MODULES[command]
+    seen = []
+    monkeypatch.setattr(job_module(command), "check", lambda cfg, origins: seen.append((cfg, origins)))
+    recipe = load_recipe(path, [], command)
+    assert len(seen) == 1 and seen[0][0] is recipe.cfg and seen[0][1] is recipe.origins
+
+    def refuse(cfg, origins):
+        raise RecipeError(f"refused by the {command} job's check")
+
+    monkeypatch.setattr(job_module(command), "check", refuse)
+    with pytest.raises(RecipeError, match=f"refused by the {command} job's check"):
+        load_recipe(path, [], command)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "eval", "merge", "pipeline"])
+def test_a_commands_smoke_layer_is_its_jobs(command, monkeypatch):
+    """--smoke's layer is the `smoke_layer` of the command's job module (postrain.jobs.JOB_MODULES)."""
+    monkeypatch.setattr(job_module(command), "smoke_layer", lambda cfg: {"seed": 12345})
+    assert load_smoke_recipe(REPO / "recipes" / "demo" / f"{command}.yaml", [], command).cfg["seed"] == 12345
+
+
+def test_reading_a_recipe_runs_no_jobs_check(tmp_path):
+    """read_recipe is the vocabulary (layers, overrides, the schema, the trainer: section against TRL's config
+    class); a value only the DPO job's check refuses passes it."""
+    path = write_recipe(tmp_path / "r.yaml", "command: dpo\n")
+    read = read_recipe(path, ["trainer.loss_type=[ipp]"], config_class=config_class)
+    assert read.cfg["trainer"]["loss_type"] == ["ipp"]
+    with pytest.raises(RecipeError, match="did you mean 'ipo'"):
+        load_recipe(path, ["trainer.loss_type=[ipp]"])
+    with pytest.raises(RecipeError, match="unknown key 'trainer.loss_typ'"):
+        read_recipe(path, ["trainer.loss_typ=ipo"], config_class=config_class)

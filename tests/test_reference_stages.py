@@ -17,7 +17,7 @@ import yaml
 from postrain.data.sources import chunk_rows, load_source
 from postrain.data.transforms.pairing import curriculum_pairs
 from postrain.errors import DataError, RecipeError
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import REPO, postrain, write_recipe
 
 

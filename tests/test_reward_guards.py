@@ -380,7 +380,7 @@ def test_grpo_run_counts_a_sleeping_reward_and_continues_under_score(tmp_path, r
 
 
 def test_default_time_limits_leave_the_recipe_hash_unchanged():
-    from postrain.recipes import load_recipe
+    from postrain.jobs import load_recipe
     from postrain.recipes.loader import recipe_hash
     from tests.conftest import REPO
 

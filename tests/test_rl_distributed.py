@@ -424,7 +424,7 @@ def test_disco_kl_constraint_off_policy(split_results):
 
 def test_a_loss_that_runs_on_one_process_only_is_refused_on_several(tmp_path):
     from postrain.errors import RecipeError
-    from postrain.recipes.loader import load_recipe
+    from postrain.jobs import load_recipe
     from tests.conftest import write_recipe
 
     recipe = write_recipe(tmp_path / "trpa.yaml", "defaults: [base/grpo]\nrl: {policy_loss: trpa}\n"

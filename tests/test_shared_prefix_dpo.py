@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from postrain.errors import RecipeError
-from postrain.recipes.loader import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import TINY, postrain, read_jsonl
 from tests.dpo_shapes import dpo_recipe
 from tests.test_real_model import NAME as SMOLLM2

@@ -17,7 +17,7 @@ from postrain.data.transforms.best_of_k import best_of_k
 from postrain.data.transforms.pairing import score_pairs
 from postrain.data.transforms.steps import split_steps, step_controlled_pairs, step_pairs, step_prefixes
 from postrain.errors import DataError, RecipeError
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import REPO, write_recipe
 from tests.test_iterative_methods import GRADED, MODEL, TRAIN, resolved, run_pipeline, sample
 

@@ -138,7 +138,7 @@ def tracked_run(tmp_path_factory):
         report_to = ["wandb", "mlflow", "trackio"] + (["tensorboard"] if HAS_TENSORBOARD else [])
         out = tmp_path / "run"
         postrain("sft", str(sft_recipe(tmp_path, report_to)), f"output_dir={out}")
-        from postrain.recipes import load_recipe
+        from postrain.jobs import load_recipe
 
         recipe = load_recipe(out / "recipe.yaml")  # its trackers must be installed to load it
     return SimpleNamespace(out=out, fakes=fakes, recipe=recipe)
@@ -257,7 +257,7 @@ def test_the_lineage_of_a_pipeline_stage_names_the_stage_and_its_upstream_stages
     """What the trackers log at train start, before the pipeline records the stage in lineage.json."""
     from postrain.jobs.pipeline import stage_recipe
     from postrain.jobs.trackers import run_config
-    from postrain.recipes import load_recipe
+    from postrain.jobs import load_recipe
 
     sft_recipe(tmp_path, ["none"])
     pipe = load_recipe(write_recipe(tmp_path / "pipe.yaml", f"""

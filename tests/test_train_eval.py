@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.errors import RecipeError
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from tests.conftest import TINY, write_recipe
 
 runner = CliRunner()
@@ -273,7 +273,7 @@ def test_a_set_lacking_a_reward_column_stops_the_run_before_anything_is_written(
 def test_dry_run_shows_the_schedule_and_smoke_swaps_the_sets_for_built_in_data(tmp_path):
     section = "{every_steps: 20, sets: {hub: {source: some-org/some-dataset, split: test}}}"
     recipe = grpo_recipe(tmp_path, section)
-    from postrain.recipes import load_smoke_recipe
+    from postrain.jobs import load_smoke_recipe
 
     smoke = load_smoke_recipe(recipe)
     assert smoke.cfg["eval_during_training"]["sets"]["hub"]["source"] == "builtin:arithmetic"

@@ -181,7 +181,7 @@ health: {{stall_steps: 3}}
 
 def test_health_values_are_checked_at_load_time(tmp_path):
     from postrain.errors import RecipeError
-    from postrain.recipes import load_recipe
+    from postrain.jobs import load_recipe
 
     with pytest.raises(RecipeError, match=r"health.max_skipped_steps \(from command line\) must be 0 or more"):
         load_recipe(sft_recipe(tmp_path), ["health.max_skipped_steps=-1"])

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from postrain.cli import app
-from postrain.recipes import load_recipe
+from postrain.jobs import load_recipe
 from postrain.recipes.catalog import list_recipes
 from tests.conftest import REPO, write_recipe
 

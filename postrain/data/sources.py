@@ -34,7 +34,7 @@ def chunk_rows(n_rows: int, index: int, of: int) -> range:
 
 
 def check_source_options(spec: dict, where: str) -> None:
-    """Load-time checks of a source (postrain.recipes.checks), naming the key: its `chunk:`, its `transform:` and the
+    """Load-time checks of a source (postrain.jobs.checks), naming the key: its `chunk:`, its `transform:` and the
     transform's settings (postrain.data.transforms.check_transform), its `mix:`."""
     chunk = spec.get("chunk")
     if chunk is not None:

@@ -20,13 +20,52 @@ from typing import Any, Callable
 from postrain.errors import RecipeError
 from postrain.evaluation import lm_eval_backend  # imports lm-eval (optional) only where it runs
 from postrain.evaluation.results import results_table
-from postrain.evaluation.settings import model_entries
+from postrain.evaluation.settings import check_eval_recipe, model_entries
+from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
 from postrain.models.generation import generate_with_ids
 from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
 from postrain.rewards import build_rewards, policy_options
 
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of an eval recipe, in this order: the per-set generation and metric settings (k <=
+    num_samples, ...) and `models:` (postrain.evaluation.settings), what the job reads, `eval.backend: lm_eval` and
+    its `lm_eval:` section (lm-eval itself is imported only when the backend runs), the run's sections, health, the
+    reward error policy."""
+    check_eval_recipe(cfg, origins)
+    checks.check_inputs("eval", cfg, origins)
+    lm_eval_backend.check_lm_eval_section("eval", cfg, origins)
+    checks.check_run_sections("eval", cfg, origins)
+    checks.check_health("eval", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
+
+
+
+def smoke_layer(cfg: dict) -> dict:
+    """The `--smoke` layer of an eval recipe (postrain.jobs.smoke): the tiny model alone, its sets on built-in data,
+    short generations with as many samples as its pass@k / maj@k need, lm-eval shrunk."""
+    layer: dict = {"model": smoke.smoke_model()}
+    rewards = smoke.smoke_rewards(cfg)
+    if rewards is not None:
+        layer["rewards"] = rewards
+    if (cfg.get("eval") or {}).get("backend") == "lm_eval":
+        layer["lm_eval"] = smoke.smoke_lm_eval(cfg.get("lm_eval") or {})
+    sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
+    layer["sets"] = {name: smoke.builtin_source(spec, "test", n=8) for name, spec in sets.items()}
+    layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": smoke.smoke_samples(cfg, sets)}
+    if (cfg.get("metrics") or {}).get("subset_column") or any(
+        ((spec or {}).get("metrics") or {}).get("subset_column") for spec in sets.values()
+    ):  # built-in rows have no difficulty / topic column to break the metrics down by
+        layer["metrics"] = {"subset_column": None}
+        for name in layer["sets"]:
+            layer["sets"][name]["metrics"] = {"subset_column": None}
+    if cfg.get("models"):  # comparison mode: the tiny model alone stands in for all of them
+        layer["models"] = None
+    if smoke.scores_code(cfg):
+        smoke.use_code_task(layer["sets"].values())
+    return layer
 
 def progress_printer(label: str, every_s: float = 5.0) -> Callable[[int, int], None]:
     """`on_batch` for `generate`: one plain line (label, batch i/n, elapsed, ETA) for the first and last batch and

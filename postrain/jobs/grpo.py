@@ -15,8 +15,55 @@ rl_buffer.pt) and restored by --resume.
 from __future__ import annotations
 
 from postrain.errors import RecipeError
+from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
 from postrain.recipes import Recipe
+
+# GRPOConfig's fields with a range TRL does not check (beside the ranges of every trainer, checks.TRAINER_RANGES).
+TRAINER_RANGES: dict[str, str] = {
+    "num_generations": ">= 2", "num_generations_eval": ">= 1", "temperature": "> 0", "top_p": "in (0, 1]",
+    "min_p": "in [0, 1]", "repetition_penalty": "> 0", "beta": ">= 0", "epsilon": "> 0", "epsilon_high": "> 0",
+    "delta": "> 1", "num_iterations": ">= 1", "steps_per_generation": ">= 1", "generation_batch_size": ">= 1",
+    "top_entropy_quantile": "in (0, 1]", "ref_model_mixup_alpha": "in [0, 1]", "ref_model_sync_steps": ">= 1"}
+
+# The trainer settings --smoke adds to every training job's (postrain.jobs.smoke.SMOKE_TRAINER_COMMON); the
+# recipe's own generation batch arithmetic stays valid at smoke size (2 generations, derived batches).
+SMOKE_TRAINER = {"num_generations": 2, "generation_batch_size": None, "steps_per_generation": None,
+                 "max_completion_length": 8, "use_vllm": False, "per_device_eval_batch_size": 2}
+
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of a grpo recipe, in this order: TRL's loss type, the `rl:` parts, what the job reads, the
+    run's sections, the conventions of the entries TRL's options stand for, the shared-prefix layout, health, the
+    library configs, the reward error policy."""
+    checks.check_loss_types("grpo", cfg, origins)
+    check_rl_parts(cfg, origins)
+    checks.check_inputs("grpo", cfg, origins)
+    checks.check_run_sections("grpo", cfg, origins)
+    checks.check_trl_conventions("grpo", cfg, origins)
+    check_shared_prefix(cfg, origins)
+    checks.check_health("grpo", cfg, origins)
+    checks.check_library_configs("grpo", cfg, origins, TRAINER_RANGES)
+    checks.check_reward_errors(cfg, origins)
+
+
+def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:
+    """The `rl:` parts: names, parameters, data a GRPO batch can supply, conflicting TRL options."""
+    if cfg.get("rl") is None:
+        return
+    from postrain.rl.section import check_rl_section  # the rl registries import torch: slow
+
+    check_rl_section("grpo", cfg, origins)
+
+
+def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
+    """`trainer.shared_prefix: true`: a model and attention implementation that honour the block mask
+    (postrain.trainers.shared_prefix)."""
+    if not (cfg.get("trainer") or {}).get("shared_prefix"):
+        return
+    from postrain.trainers.shared_prefix import check_recipe  # imports torch: slow
+
+    check_recipe("grpo", cfg, origins)
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
@@ -53,3 +100,35 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
         config_overrides=overrides, trainer_kwargs=lambda: extra,
         check_data=lambda ds, where: check_reward_columns(rewards, ds, where),
     )
+
+
+def smoke_layer(cfg: dict) -> dict:
+    """The `--smoke` layer of a grpo recipe (postrain.jobs.smoke): a training job's, with length-based shaping sized
+    for the smoke run's completions, a judge model on the smoke model, and the code task for a code_exec reward."""
+    layer = smoke.training_layer(cfg, SMOKE_TRAINER)
+    shaping = ((cfg.get("rl") or {}).get("shaping")) or []
+    if any(_length_part(part) for part in shaping):
+        # Length-based shaping sized for the paper's lengths must fit the smoke run's completions.
+        layer["rl"] = {"shaping": [_smoke_length_part(part) for part in shaping]}
+    rewards = smoke.smoke_rewards(cfg)
+    if rewards is not None:
+        layer["rewards"] = rewards
+    if smoke.scores_code(cfg):
+        smoke.use_code_task(layer["data"].values())
+    return layer
+
+
+def _length_part(part) -> bool:
+    return isinstance(part, dict) and any(k in part for k in ("overlong_buffer_len", "max_completion_length"))
+
+
+def _smoke_length_part(part):
+    if not _length_part(part):
+        return part
+    max_len = SMOKE_TRAINER["max_completion_length"]
+    out = dict(part)
+    if "max_completion_length" in out:
+        out["max_completion_length"] = max_len
+    if "overlong_buffer_len" in out:
+        out["overlong_buffer_len"] = max_len // 2
+    return out

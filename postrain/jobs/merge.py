@@ -8,16 +8,47 @@ accept; `hub.repo_id` uploads it once the merge finished (postrain.jobs.hub).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+from postrain.jobs import checks, smoke
 from postrain.jobs.common import MODEL_SUBDIR, RunOptions, prepare_run_dir, running
 from postrain.jobs.rundir import partial_dir, publish
+from postrain.merging import validate_merge_config
 from postrain.recipes import Recipe
 
 
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of a merge recipe, in this order: the merge section, what the job reads, the run's
+    sections, health, the reward error policy."""
+    check_merge_section(cfg)
+    checks.check_inputs("merge", cfg, origins)
+    checks.check_run_sections("merge", cfg, origins)
+    checks.check_health("merge", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
+
+
+def check_merge_section(cfg: dict) -> None:
+    """`merge:` against mergekit's schema and method registry.
+
+    The models need not exist yet (in a pipeline they are produced by earlier stages), so every reference is
+    checked with a stand-in hub id here; `run` checks the real references before it writes anything.
+    """
+    def stand_in(ref: str) -> str:  # distinct per reference, so mergekit's duplicate-input check still applies
+        return "postrain-check/" + hashlib.sha256(str(ref).encode()).hexdigest()[:12]
+
+    validate_merge_config(cfg.get("merge") or {}, resolve_model=stand_in)
+
+
+
+def smoke_layer(cfg: dict) -> dict:
+    """The `--smoke` layer of a merge recipe (postrain.jobs.smoke): tiny models in, no push to the hub (an explicit
+    hub.repo_id=... override, above this layer, still pushes)."""
+    return {"merge": smoke.smoke_merge(cfg.get("merge") or {}), "hub": {"repo_id": None}}
+
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.jobs.hub import push_after_run
-    from postrain.merging import run_mergekit, validate_merge_config
+    from postrain.merging import run_mergekit
     from postrain.models.loading import resolve_model_path
     from postrain.reports.model_card import write_model_card
 

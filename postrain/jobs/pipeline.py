@@ -21,9 +21,25 @@ from postrain.errors import LaunchError, PostrainError
 from postrain.jobs.signals import Interrupted
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
+from postrain.jobs import checks
+from postrain.jobs.loading import load_recipe, load_smoke_recipe
+from postrain.recipes import Recipe, find_recipe
 from postrain.reports.rundir import model_inputs, upstream_stages  # pipeline facts the reports read too
-from postrain.recipes import Recipe, find_recipe, load_recipe, load_smoke_recipe
 
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of a pipeline recipe itself, in this order (each stage is loaded, with its own job's
+    checks, when the pipeline runs: `stage_recipe`)."""
+    checks.check_inputs("pipeline", cfg, origins)
+    checks.check_run_sections("pipeline", cfg, origins)
+    checks.check_health("pipeline", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
+
+
+
+def smoke_layer(cfg: dict) -> dict:
+    """Nothing for the pipeline itself: each stage is loaded with its own job's smoke layer (`stage_recipe`)."""
+    return {}
 
 def nest(dotted: dict[str, Any]) -> dict[str, Any]:
     """`{"trainer.max_steps": 5}` -> `{"trainer": {"max_steps": 5}}` (stage overrides use dotted keys)."""

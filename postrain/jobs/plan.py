@@ -42,7 +42,7 @@ MACHINE_OPTIONS = {"bf16": False, "fp16": False, "tf32": None, "bf16_full_eval":
 def trainer_args_for_check(command: str, cfg: dict) -> None:
     """Build the job's TRL config and peft config from a resolved recipe, as the job will (at the launch's
     process count, without the options that depend on the machine: MACHINE_OPTIONS), for their own checks at
-    load time (postrain.recipes.checks): a PostrainError if either library refuses a value."""
+    load time (postrain.jobs.checks): a PostrainError if either library refuses a value."""
     from postrain.jobs.common import peft_config
 
     trainer = dict(cfg.get("trainer") or {})

@@ -6,11 +6,29 @@ Data: prompt/completion pairs (loss on the completion only, TRL's default), chat
 
 from __future__ import annotations
 
+from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
 from postrain.recipes import Recipe
+
+# The trainer settings --smoke adds to every training job's (postrain.jobs.smoke.SMOKE_TRAINER_COMMON).
+SMOKE_TRAINER = {"max_length": 64, "packing": False}
+
+
+def check(cfg: dict, origins: dict[str, str]) -> None:
+    """Load-time checks of an sft recipe (postrain.jobs.checks), in this order."""
+    checks.check_inputs("sft", cfg, origins)
+    checks.check_run_sections("sft", cfg, origins)
+    checks.check_health("sft", cfg, origins)
+    checks.check_library_configs("sft", cfg, origins)
+    checks.check_reward_errors(cfg, origins)
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     return train_with_trl(recipe, options, job="sft", trainer_cls=SFTTrainer, config_cls=SFTConfig)
+
+
+def smoke_layer(cfg: dict) -> dict:
+    """The `--smoke` layer of an sft recipe (postrain.jobs.smoke): the tiny model, built-in data, a few steps."""
+    return smoke.training_layer(cfg, SMOKE_TRAINER)

@@ -18,7 +18,7 @@ The logging callback is added after the trainer is built, so it runs after the i
 integrations transformers supports (comet_ml, clearml, ...) still log TRL's metrics; postrain adds nothing to them.
 
 A tracker named in `report_to` whose package is not installed is refused when the recipe loads (`check_report_to`,
-one of postrain.recipes.checks), before anything is written; transformers would raise only when the trainer is
+one of postrain.jobs.checks), before anything is written; transformers would raise only when the trainer is
 built, after the run directory was made and the model loaded.
 """
 

@@ -82,7 +82,8 @@ def section_with_defaults(cfg: dict) -> dict | None:
 
 
 def check_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
-    """Load-time checks of what the schema's types cannot say (recipes.checks runs this on every recipe)."""
+    """Load-time checks of what the schema's types cannot say (every job's check runs this:
+    postrain.jobs.checks.check_inputs)."""
     section = section_with_defaults(cfg) if command in TRAINING_COMMANDS else None
     if section is None:
         return

@@ -95,7 +95,7 @@ def needs_launch(section: dict[str, Any] | None) -> bool:
 
 
 def check_launch_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
-    """Load-time checks of `launch:` (postrain.recipes.checks): counts in range, a known or existing config file,
+    """Load-time checks of `launch:` (postrain.jobs.checks): counts in range, a known or existing config file,
     what a multi-node launch needs."""
     section = launch_section(cfg)
     if section is None:

@@ -26,7 +26,7 @@ def _beta_dpo_rows(params: dict, layout) -> int:
     return max(2, math.ceil(1.0 / (1.0 - rho) - 1e-9)) if rho < 1 else 2
 
 
-# What the batch-coupled entries need from the batch layout (postrain.recipes.liveness): γ-PO and Dr. DPO see one
+# What the batch-coupled entries need from the batch layout (postrain.jobs.liveness): γ-PO and Dr. DPO see one
 # process' micro-batch, β-DPO the batch gathered over processes (postrain.trainers.dpo_state).
 _GAMMA_PO_BATCH = Requirement("rows_per_batch", "the reallocation of the margin over the batch's pairs (one pair "
                                                 "gets gamma itself, as SimPO)", amount=2, scope="process")

@@ -7,7 +7,7 @@ entry's hyperparameters; settings of what the trainer computes for a term sit be
 (token-level inputs: postrain.preference.token_inputs; trainer state: `state_settings=` on the entry, kept by
 postrain.trainers.dpo_state). Without a `loss:` section the trainer is TRL's, untouched (`trainer.loss_type`).
 
-`parse_losses` is the one parser: the recipe checks (postrain.recipes.checks), `postrain dpo` (postrain.jobs.dpo,
+`parse_losses` is the one parser: the recipe checks (postrain.jobs.checks), `postrain dpo` (postrain.jobs.dpo,
 which hands the parsed terms to the trainer) and the trainer given a raw section (direct Python use) call it.
 
 Data shapes. A registry loss's data arguments say which rows it trains on (`DataShape`, `shape_of`):

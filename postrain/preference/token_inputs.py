@@ -11,7 +11,7 @@ Their settings sit on the loss entry, next to its hyperparameters, and are split
 This module is the vocabulary (the data names and the settings, checked when a recipe loads); the DPO trainer
 computes the inputs from them (postrain.trainers.token_level, whose docstring says how, with the authors' code).
 A token reward model is checked here as a mapping with a `name_or_path`; its keys are checked against the recipe
-schema's model spec where the recipe is loaded (postrain.recipes.checks.check_dpo_losses), the layer that has it.
+schema's model spec where the recipe is loaded (postrain.recipes.checks.check_loss_models, called by postrain.jobs.dpo.check), the layer that has it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""Recipes: load, layer (`defaults:`), override, validate, save the resolved config."""
+"""Recipes: the vocabulary (schema), reading, layering (`defaults:`), overrides, schema validation, the hash.
 
-from postrain.recipes.loader import Recipe, find_recipe, load_recipe, load_smoke_recipe, recipe_hash, recipes_root
+The full load a command does (read + the job's own checks) is postrain.jobs.load_recipe.
+"""
 
-__all__ = ["Recipe", "find_recipe", "load_recipe", "load_smoke_recipe", "recipe_hash", "recipes_root"]
+from postrain.recipes.loader import Recipe, find_recipe, read_recipe, recipe_hash, recipes_root
+
+__all__ = ["Recipe", "find_recipe", "read_recipe", "recipe_hash", "recipes_root"]

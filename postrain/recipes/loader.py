@@ -8,6 +8,10 @@ Precedence, lowest first:
   4. command-line overrides (`key=value`, OmegaConf dotlist syntax).
 Then `${...}` interpolations resolve, and the result is checked against the command's schema.
 Every leaf key remembers which layer set it, so an error can name the file it came from.
+
+This is the recipe vocabulary only: `read_recipe` does not run the commands' own checks (loss types, the `rl:`
+parts, the library configs, liveness, ...). Those are each job's (postrain.jobs.loading.load_recipe: read, then
+the job's `check`), which is what the command line, pipelines and `postrain recipes --check` call.
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from postrain.errors import RecipeError
-from postrain.recipes.checks import run_checks
 from postrain.recipes.schema import RECIPE_SCHEMAS
-from postrain.recipes.validate import validate_recipe
+from postrain.recipes.validate import ConfigClass, validate_recipe
 
 BUILTIN = "built-in defaults"
 
@@ -89,7 +92,7 @@ class Recipe:
     cfg: dict[str, Any]
     path: Path | None = None
     origins: dict[str, str] = field(default_factory=dict)
-    # Method steps that cannot act under the recipe's batch layout (postrain.recipes.liveness), reported at load.
+    # Method steps that cannot act under the recipe's batch layout (postrain.jobs.liveness), reported at load.
     liveness: list = field(default_factory=list)
     # Keys a recipe file or override sets that nothing reads given the rest of it (postrain.recipes.unread).
     warnings: list[str] = field(default_factory=list)
@@ -106,28 +109,6 @@ class Recipe:
         out = Path(run_dir) / "recipe.yaml"
         out.write_text(f"# postrain resolved recipe, hash {self.hash}\n" + self.to_yaml())
         return out
-
-
-def load_smoke_recipe(
-    path: str | Path, overrides: list[str] | dict | None = None, command: str | None = None, data_wins: bool = False
-) -> Recipe:
-    """Load a recipe with the `--smoke` layer: tiny model, built-in data, a few steps (postrain.recipes.smoke).
-
-    The layer sits below the overrides, so a user's explicit override still applies. With `data_wins` (pipeline
-    stages) its datasets go above the overrides: a stage reading an earlier smoke stage's samples would find
-    no usable data (an untrained model's samples give no preference pairs), while models still flow on.
-    """
-    from postrain.recipes.smoke import smoke_layer
-
-    first = load_recipe(path, overrides, command, command_checks=False)
-    layer = smoke_layer(first.command, first.cfg)
-    top = {k: layer[k] for k in ("data", "sets") if k in layer} if data_wins else None
-    smoked = load_recipe(path, overrides, command, smoke_layer=layer, top_layer=top)
-    # The recipe's own unread keys, not the ones the smoke layer makes unread (it turns checkpoints off).
-    from postrain.recipes.unread import unread_keys
-
-    smoked.warnings = unread_keys(first.command, first.cfg, first.origins, own=(str(first.path), COMMAND_LINE))
-    return smoked
 
 
 # Top-level keys left out of the hash. `hub:` says where a finished model is published, not what is trained, so a
@@ -265,24 +246,22 @@ def _parse_overrides(overrides: list[str]) -> dict:
         raise RecipeError(f"cannot parse overrides {overrides}: {e}") from None
 
 
-def load_recipe(
+def read_recipe(
     path: str | Path | None,
     overrides: list[str] | dict | None = None,
     command: str | None = None,
+    *,
+    config_class: ConfigClass,
     smoke_layer: dict | None = None,
-    command_checks: bool = True,
     top_layer: dict | None = None,
-    liveness: bool = True,
 ) -> Recipe:
-    """Load, layer, override, interpolate and validate a recipe.
+    """Load, layer, override, interpolate and validate a recipe against its command's schema.
 
     `command` is the subcommand it runs under: a recipe that declares another command is refused.
     `overrides` is a list of `key=value` strings (command line) or a nested dict (pipeline stages).
-    `smoke_layer` (from `--smoke`) sits between the recipe and the overrides. `command_checks=False` skips the
-    checks that depend on the finished recipe (loss types, mergekit's schema): `--smoke` loads once without them
-    to build its layer, then again with them. `liveness` reports method steps the batch layout leaves inert
-    (postrain.recipes.liveness; as the recipe's `liveness:` key says); never under `--smoke`, whose layout is the
-    smoke layer's, not the recipe's.
+    `config_class(command)` is the TRL config class a `trainer:` section is validated against
+    (postrain.trainers.config_class). `smoke_layer` (from `--smoke`) sits between the recipe and the overrides;
+    `top_layer` above the overrides (postrain.jobs.loading.load_smoke_recipe).
     """
     layers: list[tuple[dict, str]] = []
     recipe_path = None
@@ -339,19 +318,8 @@ def load_recipe(
         from postrain.rl.methods import apply_method
 
         apply_method(cfg, origins, _leaf_origins)
-    validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins)
-    warnings: list[str] = []
-    if command_checks:
-        run_checks(declared, cfg, origins)
-        from postrain.recipes.unread import unread_keys
-
-        warnings = unread_keys(declared, cfg, origins, own=(str(recipe_path), COMMAND_LINE))
-    findings = []
-    if command_checks and liveness and smoke_layer is None:
-        from postrain.recipes.liveness import report
-
-        findings = report(declared, cfg, origins, recipe_path)
-    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins, liveness=findings, warnings=warnings)
+    validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins, config_class)
+    return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
 
 
 def _default_stage_outputs(merged) -> None:

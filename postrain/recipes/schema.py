@@ -258,7 +258,7 @@ class DPORecipe(CommonSpec):
     logp_models: dict[str, ModelSpec] = field(default_factory=dict)
     # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
     hub: HubSpec = field(default_factory=HubSpec)
-    # What a loss whose defining step cannot act under the batch layout does (postrain.recipes.liveness): `warn`
+    # What a loss whose defining step cannot act under the batch layout does (postrain.jobs.liveness): `warn`
     # logs it when the recipe loads, `error` refuses the recipe. Not part of the recipe hash.
     liveness: Literal["warn", "error"] = "warn"
 
@@ -281,7 +281,7 @@ class GRPORecipe(CommonSpec):
     rl: RLSpec | None = None
     # Upload the finished model folder to the Hugging Face hub (HubSpec; off while hub.repo_id is null).
     hub: HubSpec = field(default_factory=HubSpec)
-    # What an rl: part whose defining step cannot act under the batch layout does (postrain.recipes.liveness):
+    # What an rl: part whose defining step cannot act under the batch layout does (postrain.jobs.liveness):
     # `warn` logs it when the recipe loads, `error` refuses the recipe. Not part of the recipe hash.
     liveness: Literal["warn", "error"] = "warn"
 

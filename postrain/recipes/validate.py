@@ -3,6 +3,9 @@
 One mechanism for every section: our own dataclasses (postrain.recipes.schema) and the library dataclasses that
 some sections map onto (TRL's SFTConfig / DPOConfig / GRPOConfig under `trainer:`, peft's LoraConfig under
 `peft:`). An unknown key names the file (or command line) it came from and the closest valid keys.
+
+The trainer's config class is the trainers' to say (postrain.trainers.config_class, a layer above this one): the
+caller passes it in as `config_class(command) -> type` (postrain.jobs.loading does).
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ import dataclasses
 import functools
 import types
 import typing
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from postrain.errors import RecipeError, did_you_mean, origin_of
 from postrain.value_types import matches as _matches, type_name
 
+# command -> the TRL config class its `trainer:` section is validated against (postrain.trainers.config_class).
+ConfigClass = Callable[[str], type]
 
-def _library_dataclass(meta: dict) -> type | None:
+
+def _library_dataclass(meta: dict, config_class: ConfigClass | None) -> type | None:
     if "trainer_config" in meta:
-        from postrain.trainers import config_class
-
+        if config_class is None:  # a caller's mistake, not the recipe's: a trainer: section cannot go unchecked
+            raise TypeError("validating a trainer: section needs config_class (postrain.trainers.config_class)")
         return config_class(meta["trainer_config"])
     if "peft" in meta:
         import peft
@@ -44,13 +50,14 @@ def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, 
     return RecipeError(f"unknown key '{path}' (from {origin_of(origins, path)}): {hint}")
 
 
-def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], meta: dict | None = None) -> None:
+def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], meta: dict | None = None,
+                     config_class: ConfigClass | None = None) -> None:
     """Raise RecipeError for the first unknown key or wrongly typed value under `path`."""
-    lib_cls = _library_dataclass(meta or {})
+    lib_cls = _library_dataclass(meta or {}, config_class)
     if lib_cls is not None and value is not None:
         if not isinstance(value, dict):
             raise RecipeError(f"'{path}' (from {origin_of(origins, path)}) must be a mapping of {lib_cls.__name__} fields")
-        _validate_dataclass(value, lib_cls, path, origins)
+        _validate_dataclass(value, lib_cls, path, origins, config_class)
         return
     if not _matches(value, tp):
         raise RecipeError(
@@ -60,15 +67,15 @@ def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], me
     # Recurse into dataclass-typed values, including inside Optional / list / dict.
     for inner in _dataclass_members(tp):
         if isinstance(value, dict) and inner is not None:
-            _validate_dataclass(value, inner, path, origins)
+            _validate_dataclass(value, inner, path, origins, config_class)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]) and isinstance(value, dict):
         for k, v in value.items():
-            validate_section(v, args[1], f"{path}.{k}", origins)
+            validate_section(v, args[1], f"{path}.{k}", origins, config_class=config_class)
     if origin is list and args and dataclasses.is_dataclass(args[0]) and isinstance(value, list):
         for i, v in enumerate(value):
-            validate_section(v, args[0], f"{path}[{i}]", origins)
+            validate_section(v, args[0], f"{path}[{i}]", origins, config_class=config_class)
 
 
 def _dataclass_members(tp: Any) -> list[type]:
@@ -79,15 +86,16 @@ def _dataclass_members(tp: Any) -> list[type]:
     return []
 
 
-def _validate_dataclass(value: dict, cls: type, path: str, origins: dict[str, str]) -> None:
+def _validate_dataclass(value: dict, cls: type, path: str, origins: dict[str, str],
+                        config_class: ConfigClass | None) -> None:
     types_ = field_types(cls)
     metas = {f.name: dict(f.metadata) for f in dataclasses.fields(cls)}
     for key, sub in value.items():
         sub_path = f"{path}.{key}" if path else str(key)
         if key not in types_:
             raise unknown_key_error(sub_path, str(key), list(types_), origins)
-        validate_section(sub, types_[key], sub_path, origins, metas.get(key))
+        validate_section(sub, types_[key], sub_path, origins, metas.get(key), config_class)
 
 
-def validate_recipe(cfg: dict, schema: type, origins: dict[str, str]) -> None:
-    _validate_dataclass(cfg, schema, "", origins)
+def validate_recipe(cfg: dict, schema: type, origins: dict[str, str], config_class: ConfigClass) -> None:
+    _validate_dataclass(cfg, schema, "", origins, config_class)

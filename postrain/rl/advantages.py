@@ -31,7 +31,7 @@ from postrain.tensors import masked_row_mean, token_counts
 # TRL's GRPOTrainer: advantages / (std + 1e-4).
 _TRL_EPS = 1e-4
 
-# What the estimators' defining steps need from the batch layout (postrain.recipes.liveness).
+# What the estimators' defining steps need from the batch layout (postrain.jobs.liveness).
 _GROUP = Requirement("group_size", "the group baseline (each completion measured against the other completions of "
                                    "its prompt)")
 

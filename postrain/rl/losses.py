@@ -36,7 +36,7 @@ from postrain.tensors import grouped, masked, token_counts
 
 def off_policy_requirement(step: str) -> Requirement:
     """A step acting on the ratio pi / pi_old, which is 1 on every token until an optimizer step moves the policy
-    away from the one that generated the batch (postrain.recipes.liveness)."""
+    away from the one that generated the batch (postrain.jobs.liveness)."""
     return Requirement("off_policy", step)
 
 

@@ -29,7 +29,7 @@ from postrain.rl.registry import SAMPLERS
 from postrain.tensors import grouped
 
 
-# What the samplers' defining steps need from the batch layout (postrain.recipes.liveness).
+# What the samplers' defining steps need from the batch layout (postrain.jobs.liveness).
 def _refill_rounds(params: dict, layout) -> float:
     """Generation rounds per step a refilling sampler may use (max_num_gen_batches; 0: no limit)."""
     rounds = params["max_num_gen_batches"]

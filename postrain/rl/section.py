@@ -12,7 +12,7 @@ Each part is `name` plus that registry entry's hyperparameters. A part left out 
 (`advantage: grpo` = scale_rewards "group", `policy_loss: ppo_clip` + `aggregation: token_mean` = loss_type "dapo"),
 so `rl: {}` trains exactly as TRL's defaults do. Without an `rl:` section the trainer is TRL's, untouched.
 
-`check_rl_section` is the load-time check (postrain.recipes.checks.COMMAND_CHECKS): unknown names and parameters,
+`check_rl_section` is the load-time check (postrain.jobs.grpo.check): unknown names and parameters,
 parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply or combine, TRL options that
 the `rl:` path would silently ignore, and the mode and bounds of TRL's vLLM importance-sampling correction, which
 the `rl:` path applies as TRL does (postrain.trainers.grpo).

@@ -32,7 +32,7 @@ def _curriculum_end_budget(params: dict, layout) -> float | None:
                              min_budget=params["min_budget"])
 
 
-# What the entries' defining steps need from the batch layout (postrain.recipes.liveness).
+# What the entries' defining steps need from the batch layout (postrain.jobs.liveness).
 _OVERLONG = Requirement("length_budget", "the soft overlong punishment (over the last overlong_buffer_len tokens "
                                          "before max_completion_length)", amount=_overlong_budget)
 _CURRICULUM = Requirement("length_budget", "the length-efficiency term against the shrinking budget",

@@ -35,8 +35,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from postrain.errors import RecipeError
-from postrain.recipes.validate import origin_of
+from postrain.errors import RecipeError, origin_of
+from postrain.launch.launcher import inside_launch, launch_section, world_size
+from postrain.registry import FAMILIES
+from postrain.variants import all_variants
+from postrain.trainers import config_class
 
 LOG = logging.getLogger("postrain.liveness")
 MODES = ("warn", "error")
@@ -49,8 +52,6 @@ DEFAULT_PART_KEYS = ("advantage", "policy_loss", "aggregation")
 @functools.lru_cache(maxsize=None)
 def trl_defaults(command: str) -> dict[str, Any]:
     """The installed TRL config class' field defaults (GRPOConfig, DPOConfig, ...)."""
-    from postrain.trainers import config_class
-
     return {f.name: f.default for f in dataclasses.fields(config_class(command))
             if f.default is not dataclasses.MISSING}
 
@@ -108,8 +109,6 @@ class Layout:
 
 def layout_of(command: str, cfg: dict) -> Layout:
     """The layout of a resolved dpo or grpo recipe (TRL's GRPOConfig derivation of the generation batch)."""
-    from postrain.launch.launcher import launch_section, world_size
-
     trainer = cfg.get("trainer") or {}
     defaults = trl_defaults(command)
 
@@ -302,8 +301,6 @@ def trl_path_parts(command: str, trainer: dict, origins: dict) -> list[tuple[Any
     through TRL's own options: each entry whose `trl` metadata names options the recipe sets to those values.
     Hyperparameters of the same name come from the trainer section, as TRL reads them (TRL's epsilon_high
     defaults to epsilon)."""
-    from postrain.variants import all_variants
-
     defaults = trl_defaults(command)
     out = []
     for family in TRL_PATH_FAMILIES.get(command, ()):
@@ -327,7 +324,7 @@ def trl_path_parts(command: str, trainer: dict, origins: dict) -> list[tuple[Any
 
 def _plain_default(key: str, name: str, variant, params: dict) -> bool:
     """A part that is TRL's default at its default settings (what `rl: {}` and a plain GRPO recipe train with)."""
-    from postrain.rl.section import DEFAULT_PARTS
+    from postrain.rl.section import DEFAULT_PARTS  # the rl registries import torch: slow
 
     return DEFAULT_PARTS.get(key) == name and all(variant.params.get(k) == v for k, v in params.items())
 
@@ -338,8 +335,7 @@ DEFAULT_SKIPS = ("off_policy",)
 
 
 def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
-    from postrain.registry import FAMILIES
-    from postrain.rl.section import parse_rl_section
+    from postrain.rl.section import parse_rl_section  # the rl registries import torch: slow
 
     trainer = cfg.get("trainer") or {}
     if cfg.get("rl") is None:
@@ -363,8 +359,6 @@ def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
 
 
 def _dpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
-    from postrain.registry import FAMILIES
-
     trainer = cfg.get("trainer") or {}
     if not cfg.get("loss"):
         return [f for variant, params, where in trl_path_parts("dpo", trainer, origins)
@@ -399,8 +393,6 @@ def report(command: str, cfg: dict, origins: dict[str, str], path=None) -> list[
         listed = "\n  ".join(f.message for f in findings)
         raise RecipeError(f"{recipe}{len(findings)} method step(s) would be inert (liveness: error, from "
                           f"{origin_of(origins, 'liveness')}):\n  {listed}")
-    from postrain.launch.launcher import inside_launch
-
     if not inside_launch():  # the calling process of a launch has said it already
         for finding in findings:
             LOG.warning("warning: %s%s (liveness: error refuses such a recipe)", recipe, finding.message)

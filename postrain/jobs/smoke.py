@@ -9,7 +9,10 @@ hub (`hub.repo_id`) are switched off.
 
 `POSTRAIN_SMOKE_MODEL=smollm2-135m-instruct` smokes sft, dpo, grpo and eval on that built-in pretrained model
 instead of the tiny one (postrain.models.packaged): a real BPE tokenizer, chat template and module names, at tens
-of seconds a job. Merges keep the tiny models (see `_smoke_merge`).
+of seconds a job. Merges keep the tiny models (see `smoke_merge`).
+
+Each job builds its own layer (`smoke_layer(cfg)` in postrain.jobs.sft, dpo, grpo, evaluate, merge, pipeline) from
+the parts here; `smoke_layer(command, cfg)` reaches it through the per-command table (postrain.jobs.JOB_MODULES).
 """
 
 from __future__ import annotations
@@ -17,32 +20,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from postrain.jobs.table import job_module
+
 SMOKE_TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
 
-SMOKE_TRAINER: dict[str, dict[str, Any]] = {
-    "common": {
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "bf16": False,
-        "fp16": False,
-        "activation_checkpointing": False,
-        "use_liger_kernel": False,
-    },
-    "sft": {"max_length": 64, "packing": False},
-    "dpo": {"max_length": 64, "precompute_ref_batch_size": 4},
-    "grpo": {
-        "num_generations": 2,
-        "generation_batch_size": None,
-        "steps_per_generation": None,
-        "max_completion_length": 8,
-        "use_vllm": False,
-        "per_device_eval_batch_size": 2,
-    },
+# Every training job's trainer settings under --smoke; each job adds its own (SMOKE_TRAINER in postrain.jobs.sft,
+# dpo, grpo).
+SMOKE_TRAINER_COMMON: dict[str, Any] = {
+    "max_steps": 2,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "bf16": False,
+    "fp16": False,
+    "activation_checkpointing": False,
+    "use_liger_kernel": False,
 }
 
 
@@ -63,7 +58,7 @@ def smoke_model_name() -> str | None:
     return name
 
 
-def _smoke_model(seed: int = 0) -> dict:
+def smoke_model(seed: int = 0) -> dict:
     name = smoke_model_name()
     if name is None:
         return _tiny_model(seed)
@@ -83,7 +78,7 @@ def _tiny_model(seed: int = 0) -> dict:
     }
 
 
-def _builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pairs") -> dict | None:
+def builtin_source(spec: dict | None, split: str, n: int = 32, shape: str = "pairs") -> dict | None:
     """A small built-in dataset in place of `spec`. Layers merge mappings key by key, so a column mapping cannot
     be removed, only made the identity (built-in rows carry every standard column under its own name).
     `shape`: the rows a DPO recipe's losses train on (built-in tasks' `shape`: pairs, lists, unpaired); a recipe
@@ -149,84 +144,58 @@ def _smoke_reward(entry: Any, own_model: Any) -> Any:
     judge = args.get("model")
     judge = judge.get("name_or_path") if isinstance(judge, dict) else judge
     model = {"name_or_path": "${model.name_or_path}", "dtype": "${model.dtype}", "tiny": "${model.tiny}"} \
-        if judge is not None and judge == own_model else _smoke_model()
+        if judge is not None and judge == own_model else smoke_model()
     return {**entry, "args": {**args, "model": model, "max_new_tokens": 8}}
 
 
 def smoke_layer(command: str, cfg: dict) -> dict:
-    layer: dict[str, Any] = {}
-    if command in ("sft", "dpo", "grpo", "eval"):
-        layer["model"] = _smoke_model()
-    if command == "dpo" and cfg.get("ref_model"):
-        layer["ref_model"] = _smoke_model(seed=1)
-    if command == "dpo" and cfg.get("logp_models"):  # further models scoring the pairs (trainers.logp_models)
-        layer["logp_models"] = {name: _smoke_model(seed=2 + i) for i, name in enumerate(cfg["logp_models"])}
-    if command == "dpo" and any(isinstance(e, dict) and e.get("token_reward_model") for e in cfg.get("loss") or []):
-        # TGDPO's token reward model (trainers.token_level) sits on its loss entry; a list is replaced whole
-        layer["loss"] = [{**e, "token_reward_model": _smoke_model(seed=9)}
-                         if isinstance(e, dict) and e.get("token_reward_model") else e for e in cfg["loss"]]
-    if command in ("sft", "dpo", "grpo"):
-        data = cfg.get("data") or {}
-        shape = _dpo_data_shape(cfg) if command == "dpo" else "pairs"
-        layer["data"] = {
-            "train": _builtin_source(data.get("train") or {}, "train", shape=shape),
-            "eval": _builtin_source(data.get("eval"), "test", shape=shape),
-        }
-        if command == "dpo":  # group_robust_po reads a group column the built-in rows lack (trainers.dpo_state)
-            layer["data"] = _group_column_data(cfg, layer["data"])
-        trainer = dict(SMOKE_TRAINER["common"])
-        trainer.update(SMOKE_TRAINER[command])
-        if command == "grpo":
-            # Keep the recipe's own generation batch arithmetic valid at smoke size.
-            trainer["num_generations"] = 2
-        if command == "dpo" and not (cfg.get("trainer") or {}).get("precompute_ref_log_probs"):
-            trainer.pop("precompute_ref_batch_size")
-        layer["trainer"] = trainer
-        # One process, whatever the recipe's launch says (a paper's 8 GPUs): the smoke run is a laptop check;
-        # `--smoke launch.num_processes=2` (an override, above this layer) still smokes a launch.
-        layer["launch"] = {"num_processes": 1, "num_machines": 1, "machine_rank": 0, "config": None}
-        if cfg.get("eval_during_training"):  # its sets on built-in data too, evaluated every step, briefly
-            sets = cfg["eval_during_training"].get("sets") or {}
-            layer["eval_during_training"] = {
-                "every_steps": 1, "sets": {name: _builtin_source(spec, "test", n=4) for name, spec in sets.items()},
-                "generation": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}}
-        shaping = ((cfg.get("rl") or {}).get("shaping")) or []
-        if any(_length_part(part) for part in shaping):
-            # Length-based shaping sized for the paper's lengths must fit the smoke run's completions.
-            layer["rl"] = {"shaping": [_smoke_length_part(part) for part in shaping]}
-    own_model = (cfg.get("model") or {}).get("name_or_path")
-    if command in ("grpo", "eval") and any(_smoke_reward(r, own_model) is not r for r in cfg.get("rewards") or []):
-        layer["rewards"] = [_smoke_reward(r, own_model) for r in cfg["rewards"]]  # a judge model is a model too
-    if command == "eval" and (cfg.get("eval") or {}).get("backend") == "lm_eval":
-        layer["lm_eval"] = _smoke_lm_eval(cfg.get("lm_eval") or {})
-    if command == "eval":
-        sets = cfg.get("sets") or {"smoke": {}}  # a base recipe names no set: smoke one anyway
-        layer["sets"] = {name: _builtin_source(spec, "test", n=8) for name, spec in sets.items()}
-        layer["generation"] = {"max_new_tokens": 8, "batch_size": 8, "num_samples": _smoke_samples(cfg, sets)}
-        if (cfg.get("metrics") or {}).get("subset_column") or any(
-            ((spec or {}).get("metrics") or {}).get("subset_column") for spec in sets.values()
-        ):  # built-in rows have no difficulty / topic column to break the metrics down by
-            layer["metrics"] = {"subset_column": None}
-            for name in layer["sets"]:
-                layer["sets"][name]["metrics"] = {"subset_column": None}
-        if cfg.get("models"):  # comparison mode: the tiny model alone stands in for all of them
-            layer["models"] = None
-    if command in ("grpo", "eval") and any(isinstance(r, dict) and r.get("name") == "code_exec"
-                                           for r in cfg.get("rewards") or []):
-        _code_task(layer, command)
-    if command == "merge":
-        layer["merge"] = _smoke_merge(cfg.get("merge") or {})
-    if command in ("sft", "dpo", "grpo", "merge"):
-        # a smoke run's tiny model is never published to the recipe's hub repository (an explicit
-        # hub.repo_id=... override, above this layer, still pushes)
-        layer["hub"] = {"repo_id": None}
+    """The `--smoke` layer of a read recipe: its job's `smoke_layer(cfg)`, reached through the per-command table
+    (postrain.jobs.JOB_MODULES)."""
+    return job_module(command).smoke_layer(cfg)
+
+
+def training_layer(cfg: dict, trainer: dict[str, Any], shape: str = "pairs") -> dict:
+    """What --smoke swaps in a training job's recipe (sft, dpo, grpo): the model, built-in data of the `shape` its
+    losses read, the trainer settings (SMOKE_TRAINER_COMMON and the job's `trainer`), one process, the
+    eval_during_training sets, and no push to the hub."""
+    layer: dict[str, Any] = {"model": smoke_model()}
+    data = cfg.get("data") or {}
+    layer["data"] = {
+        "train": builtin_source(data.get("train") or {}, "train", shape=shape),
+        "eval": builtin_source(data.get("eval"), "test", shape=shape),
+    }
+    layer["trainer"] = {**SMOKE_TRAINER_COMMON, **trainer}
+    # One process, whatever the recipe's launch says (a paper's 8 GPUs): the smoke run is a laptop check;
+    # `--smoke launch.num_processes=2` (an override, above this layer) still smokes a launch.
+    layer["launch"] = {"num_processes": 1, "num_machines": 1, "machine_rank": 0, "config": None}
+    if cfg.get("eval_during_training"):  # its sets on built-in data too, evaluated every step, briefly
+        sets = cfg["eval_during_training"].get("sets") or {}
+        layer["eval_during_training"] = {
+            "every_steps": 1, "sets": {name: builtin_source(spec, "test", n=4) for name, spec in sets.items()},
+            "generation": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 1}}
+    # a smoke run's tiny model is never published to the recipe's hub repository (an explicit hub.repo_id=...
+    # override, above this layer, still pushes)
+    layer["hub"] = {"repo_id": None}
     return layer
 
 
-def _code_task(layer: dict, command: str) -> None:
-    """A recipe scored by code_exec reads each row's tests: its smoke data is the built-in code task, whose rows
-    carry MBPP-style `tests` (postrain.data.tasks.arithmetic_code). Called once the data layer is built."""
-    sources = list((layer.get("data") or {}).values()) if command == "grpo" else list((layer.get("sets") or {}).values())
+def smoke_rewards(cfg: dict) -> list | None:
+    """The recipe's `rewards:` with a model-backed one judging on the smoke model (_smoke_reward), or None where
+    every reward stays as it is."""
+    own_model = (cfg.get("model") or {}).get("name_or_path")
+    if any(_smoke_reward(r, own_model) is not r for r in cfg.get("rewards") or []):
+        return [_smoke_reward(r, own_model) for r in cfg["rewards"]]  # a judge model is a model too
+    return None
+
+
+def scores_code(cfg: dict) -> bool:
+    """Whether a `code_exec` reward scores the recipe (its smoke data must then be the built-in code task)."""
+    return any(isinstance(r, dict) and r.get("name") == "code_exec" for r in cfg.get("rewards") or [])
+
+
+def use_code_task(sources) -> None:
+    """A recipe scored by code_exec reads each row's tests: its smoke sources become the built-in code task, whose
+    rows carry MBPP-style `tests` (postrain.data.tasks.arithmetic_code). Called once the data layer is built."""
     for source in sources:
         if source is not None:
             source.update({"source": "builtin:arithmetic_code", "task": {"n": source.get("task", {}).get("n", 32)}})
@@ -235,7 +204,7 @@ def _code_task(layer: dict, command: str) -> None:
 SMOKE_LM_EVAL = {"limit": 4, "max_gen_toks": 8, "bootstrap_iters": 100}
 
 
-def _smoke_lm_eval(section: dict) -> dict:
+def smoke_lm_eval(section: dict) -> dict:
     """lm-eval under --smoke: the recipe's own tasks (they are its method; a registered task still needs its dataset
     from the hub or the HF cache), a few documents each, short generations, and few bootstrap resamples (lm-eval
     bootstraps the stderr of metrics that are not means, e.g. bleu)."""
@@ -248,7 +217,7 @@ def _smoke_lm_eval(section: dict) -> dict:
             "bootstrap_iters": at_most(section.get("bootstrap_iters"), SMOKE_LM_EVAL["bootstrap_iters"])}
 
 
-def _smoke_samples(cfg: dict, sets: dict) -> int:
+def smoke_samples(cfg: dict, sets: dict) -> int:
     """An eval's samples per prompt under --smoke: 1, or the largest pass@k / maj@k k of a set that takes the shared
     num_samples (k <= num_samples is checked at load time; a set's own num_samples is kept)."""
     ks = [1]
@@ -260,53 +229,7 @@ def _smoke_samples(cfg: dict, sets: dict) -> int:
     return max(ks)
 
 
-def _dpo_data_shape(cfg: dict) -> str:
-    """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.preference.section); `turns` (the
-    built-in tasks' multi-turn conversational pairs) for per-turn losses (dmpo, postrain.preference.turn_data)."""
-    # the preference registry imports torch: slow
-    from postrain.preference.section import section_shape
-    from postrain.preference.turn_data import reads_turns_section
-
-    if reads_turns_section(cfg.get("loss")):
-        return "turns"
-    return section_shape(cfg.get("loss")).name
-
-
-# Under --smoke the built-in pairs carry no group column: the answer (a handful of distinct numbers) stands in.
-SMOKE_GROUP_SOURCE = "answer"
-
-
-def _group_column_data(cfg: dict, data: dict) -> dict:
-    """The smoke layer's `data` for a DPO recipe whose losses read groups (group_robust_po): the group column mapped
-    from the built-in rows' answer, and no eval set (its answers are groups the training rows may lack)."""
-    from postrain.preference.section import state_settings  # the preference registry imports torch: slow
-
-    columns = {entry["group_column"]: SMOKE_GROUP_SOURCE for entry in cfg.get("loss") or []
-               if isinstance(entry, dict) and "group_column" in state_settings(entry.get("name"))
-               and entry.get("group_column")}
-    if not columns or not data.get("train"):
-        return data
-    return {**data, "train": {**data["train"], "columns": {**(data["train"].get("columns") or {}), **columns}},
-            "eval": None}
-
-
-def _length_part(part) -> bool:
-    return isinstance(part, dict) and any(k in part for k in ("overlong_buffer_len", "max_completion_length"))
-
-
-def _smoke_length_part(part):
-    if not _length_part(part):
-        return part
-    max_len = SMOKE_TRAINER["grpo"]["max_completion_length"]
-    out = dict(part)
-    if "max_completion_length" in out:
-        out["max_completion_length"] = max_len
-    if "overlong_buffer_len" in out:
-        out["overlong_buffer_len"] = max_len // 2
-    return out
-
-
-def _smoke_merge(merge: dict) -> dict:
+def smoke_merge(merge: dict) -> dict:
     """Point every model reference of a mergekit config at tiny models (distinct seeds, same shape).
     Also under `POSTRAIN_SMOKE_MODEL`: a merge needs distinct inputs of one shape, and the pretrained model is one
     checkpoint."""
