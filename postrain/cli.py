@@ -10,14 +10,19 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from postrain.errors import PostrainError
+from postrain.launch.vllm import check_serve_installed, serve, serve_command
+from postrain.registry import FAMILIES, suggest
+from postrain.reports.plot import plot as plot_runs
 
 app = typer.Typer(
     name="postrain",
@@ -47,8 +52,7 @@ LaunchConfig = typer.Option(None, "--launch-config", help="ddp, fsdp2, fsdp2_off
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from rich.text import Text
-
+    # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
     from postrain.launch.launcher import record_rank_error
 
     if record_rank_error(message, code):  # a worker of postrain's launch: the calling process reports it, naming
@@ -59,6 +63,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs import load_recipe, load_smoke_recipe
 
     loaded = load_smoke_recipe(recipe, overrides or [], command) if smoke else load_recipe(recipe, overrides or [],
@@ -69,8 +74,6 @@ def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: b
 
 def warn(warnings: list[str]) -> None:
     """`warning: ...` lines on stderr (recipe keys set but never read), before the job starts."""
-    from rich.text import Text
-
     for message in warnings:
         err_console.print(Text("warning: ", style="bold yellow") + Text(message), highlight=False, soft_wrap=True)
 
@@ -92,7 +95,9 @@ def _worker_args(name: str, recipe: str, overrides: list[str], smoke: bool, over
 
 def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool,
          stage: str | None = None) -> None:
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs.signals import Interrupted
+    # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
     from postrain.launch.launcher import launched_worker, record_rank_error
 
     started = time.time()  # the run's wall time counts from here: loading and checking the recipe included
@@ -103,14 +108,17 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
         if dry_run:
             _print_plan(recipe_obj, worker_args)
             return
+        # slow: torch (through postrain.jobs), --help and recipe loading must not load it
         from postrain.jobs import RunOptions, run_job
 
         cmdline = " ".join(shlex.quote(a) for a in ["postrain", *sys.argv[1:]])
         options = RunOptions(overwrite=overwrite, resume=resume, command_line=cmdline, smoke=smoke,
                              overrides=list(overrides or []), stage=stage, started=started)
+        # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
         from postrain.launch.launcher import launch_section, needs_launch
 
         if command != "pipeline" and needs_launch(launch_section(recipe_obj.cfg)):  # a pipeline launches per stage
+            # slow: torch (through postrain.jobs), --help and recipe loading must not load it
             from postrain.jobs.common import run_launched
 
             run_launched(recipe_obj, options, worker_args)
@@ -123,20 +131,18 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
         _fail(str(e), getattr(e, "exit_code", 2))
     except Interrupted as e:  # SIGTERM / SIGINT: the run is marked interrupted (postrain.jobs.signals)
         if not launched_worker():  # the calling process of a launch says it once
-            from rich.text import Text
-
             err_console.print(Text("stopped: ", style="bold yellow") + Text(str(e)), highlight=False,
                               soft_wrap=True)
         raise typer.Exit(code=e.exit_code) from None
     except Exception as e:  # a bug or a library error: a worker of a launch leaves it, traceback and all, for the
-        import traceback   # calling process, which prints the first failure only (not the peers that lost it)
-
+        # calling process, which prints the first failure only (not the peers that lost it)
         if record_rank_error(f"{type(e).__name__}: {e}", 1, traceback.format_exc()):
             raise typer.Exit(code=1) from None
         raise
 
 
 def _print_plan(recipe_obj, worker_args: list[str] | None = None) -> None:
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs.plan import plan
 
     rows = plan(recipe_obj, worker_args=worker_args)
@@ -219,9 +225,8 @@ def vllm_serve(recipe: str = RecipeArg, overrides: Optional[list[str]] = Overrid
                vllm_args: str = typer.Option("", "--vllm-args", help="Further `vllm serve` arguments, as one "
                                              "string (e.g. \"--enforce-eager --max-num-seqs 64\").")) -> None:
     """Start TRL's vLLM server for a GRPO recipe with trainer.vllm_mode: server (its model and vLLM settings)."""
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs.common import quiet_libraries
-    from postrain.launch.vllm import check_serve_installed, serve, serve_command
-
     quiet_libraries()  # the tiny model may be built first: no progress bars around the printed command
     try:
         recipe_obj = load(recipe, overrides, "grpo")
@@ -270,6 +275,7 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     if check:
         _recipes_check(root, papers, strict, as_json)
         return
+    # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
     from postrain.recipes.catalog import list_recipes
 
     rows = [r for r in list_recipes(root) if r.get("paper") or not papers]
@@ -287,6 +293,7 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bool) -> None:
     """`postrain recipes --check`: liveness of every recipe (pipelines stage by stage, as the pipeline loads them)."""
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs.catalog import check_recipes
     from postrain.jobs.pipeline import stage_recipe
 
@@ -311,8 +318,10 @@ def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bo
 
 def _recipes_inherited(ref: str, as_json: bool) -> None:
     """`postrain recipes --inherited RECIPE`: the fields RECIPE leaves to others, grouped by where they come from."""
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs import load_recipe
     from postrain.jobs.catalog import inherited_fields
+    # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
     from postrain.recipes.catalog import resolve_recipe
 
     try:
@@ -344,7 +353,7 @@ def _recipes_inherited(ref: str, as_json: bool) -> None:
 def variants(family: Optional[str] = typer.Option(None, "--family", help="Only this family (e.g. preference, advantage)."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the registered method parts: preference losses, advantages, policy losses, aggregations, ..."""
-    from postrain.registry import FAMILIES, suggest
+    # slow: torch (through postrain.variants), --help and recipe loading must not load it
     from postrain.variants import all_variants
 
     rows = [v.as_dict() for v in all_variants(family)]
@@ -370,8 +379,6 @@ def plot(runs: list[Path] = typer.Argument(..., help="Run directories (a pipelin
                                      "points go beside it as .json."),
          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing figure.")) -> None:
     """Training curves (reward, task metric, KL, entropy, length, clip fraction, loss, ...) of runs, overlaid."""
-    from postrain.reports.plot import plot as plot_runs
-
     try:
         result = plot_runs(runs, output, overwrite)
     except PostrainError as e:
@@ -388,6 +395,7 @@ def report(run: Path = typer.Argument(..., help="A run directory, or a pipeline 
            samples: int = typer.Option(3, "--samples", help="Sample completions shown per eval set."),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report.")) -> None:
     """A one-page Markdown report: recipe, lineage, final metrics, curves and sample completions."""
+    # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
     from postrain.reports.report import write_report
 
     try:
@@ -405,6 +413,7 @@ def push(run: Path = typer.Argument(..., help="A finished sft, dpo, grpo or merg
                                                 "hub.revision, else the default branch).")) -> None:
     """Upload a finished run's model folder (weights, tokenizer, model card) to the Hugging Face hub; also retries a
     push that failed after a run."""
+    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
     from postrain.jobs.hub import push_finished_run
 
     try:

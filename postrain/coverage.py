@@ -138,6 +138,7 @@ def arxiv_id(value) -> str:
 
 def recipe_papers(root: Path | None = None) -> dict[str, str]:
     """recipe path -> the arXiv id its `paper:` declares (directly or through its `defaults:`)."""
+    # slow: omegaconf (through postrain.recipes, ~90 ms), only the recipe table needs it
     from postrain.recipes.catalog import list_recipes
 
     return {r["path"]: arxiv_id(r["arxiv"]) for r in list_recipes(root) if r.get("arxiv")}
@@ -146,6 +147,7 @@ def recipe_papers(root: Path | None = None) -> dict[str, str]:
 # --- the table ------------------------------------------------------------------------------------------------
 
 def build(catalog_dir: Path, exclusions_path: Path = EXCLUSIONS, recipes_root: Path | None = None) -> Coverage:
+    # slow: torch (through postrain.variants), only the table of entries needs it
     from postrain.variants import all_variants
 
     rows = {name: parse_summary_table((catalog_dir / fname).read_text(), name)

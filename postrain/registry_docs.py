@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from postrain.coverage import arxiv_id, recipe_papers
+from postrain.registry import FAMILIES, REQUIREMENT_KINDS
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "registry"
 INDEX = "README.md"
@@ -79,9 +82,6 @@ def expansion(variant) -> str | None:
 
 
 def render_family(family: str, variants: list, recipes: dict[str, str]) -> str:
-    from postrain.coverage import arxiv_id
-    from postrain.registry import FAMILIES, REQUIREMENT_KINDS
-
     what = FAMILIES[family].what
     where, _ = USE.get(family, (f"the `{family}` registry", ""))
     lines = [f"# {what[0].upper()}{what[1:]}s (`{family}`)", "", GENERATED, "",
@@ -125,8 +125,6 @@ def render_family(family: str, variants: list, recipes: dict[str, str]) -> str:
 
 
 def render_index(by_family: dict[str, list]) -> str:
-    from postrain.registry import FAMILIES
-
     lines = ["# Method registries", "", GENERATED, "",
              "One page per registry family (postrain/registry.py): every entry with its paper, its hyperparameters "
              "and their paper defaults, the data it reads, TRL's equivalent and how a recipe names it. "
@@ -138,8 +136,7 @@ def render_index(by_family: dict[str, list]) -> str:
 
 def pages(recipes_root: Path | None = None) -> dict[str, str]:
     """File name -> content of every page (the index and one per family with entries)."""
-    from postrain.coverage import recipe_papers
-    from postrain.registry import FAMILIES
+    # slow: torch (through postrain.variants), only the table of entries needs it
     from postrain.variants import all_variants
 
     variants = all_variants()
