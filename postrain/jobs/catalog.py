@@ -72,7 +72,8 @@ def _entry_defaults(recipe) -> list[dict]:
                              "from": f"{FAMILIES[variant.family].what} {variant.name!r} (postrain/registry)"})
 
     if recipe.command == "grpo" and isinstance(cfg.get("rl"), dict):
-        from postrain.rl.section import LIST_PARTS, SINGLE_PARTS, normalize_part  # the rl registries import torch: slow
+        # slow: torch (through postrain.rl.section), needed only when this runs
+        from postrain.rl.section import LIST_PARTS, SINGLE_PARTS, normalize_part
 
         for key, registry in SINGLE_PARTS.items():
             if cfg["rl"].get(key) is not None:
@@ -83,7 +84,8 @@ def _entry_defaults(recipe) -> list[dict]:
                 spec = normalize_part(value, f"rl.{key}[{i}]")
                 add(f"rl.{key}[{i}]", registry.get(spec.pop("name")), spec)
     if recipe.command == "dpo" and cfg.get("loss"):
-        from postrain.preference import PREFERENCE  # the preference registry imports torch: slow
+        # slow: torch (through postrain.preference), needed only when this runs
+        from postrain.preference import PREFERENCE
 
         for i, entry in enumerate(cfg["loss"]):
             if isinstance(entry, dict) and entry.get("name") in PREFERENCE:
@@ -105,7 +107,7 @@ def _library_defaults(recipe) -> list[dict]:
         if "trainer_config" in meta:
             cls = config_class(meta["trainer_config"])
         elif "peft" in meta and section is not None:
-            import peft  # imports torch: slow
+            import peft  # slow: peft, needed only when this runs
 
             cls = getattr(peft, meta["peft"])
         else:

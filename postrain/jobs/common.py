@@ -21,21 +21,30 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
+from postrain.data.lengths import fit_source_lengths
+from postrain.data.sources import load_source
 from postrain.errors import LaunchError, PostrainError, RunDirError
-from postrain.jobs import signals
 from postrain.files import attempt_dir, write_atomic
+from postrain.jobs import signals
+from postrain.jobs.guard import check_finite_weights, guard_callback, guarded, health_settings
+from postrain.jobs.live import PlainView, make_view, view_callback
 from postrain.jobs.rundir import (LOCK_HELD_ENV, RunLock, complete_checkpoints, note, partial_dir, publish,
                                   replace_with_attempt)
-from postrain.launch.launcher import current_layout, launch_started
+from postrain.launch.launcher import check_runnable_here, current_layout, launch_section, launch_started, relaunch
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.models.loading import MODEL_SUBDIR, check_model_reference
 from postrain.recipes import Recipe
+from postrain.reports import model_card
 
 # The TRL versions postrain is tested against (pyproject.toml declares the same range).
 TRL_TESTED = ((1, 16), (1, 17))  # >= 1.16, < 1.17
@@ -45,7 +54,7 @@ def check_trl_version() -> None:
     """Refuse to run on a TRL outside the tested range: trainer internals move between minor versions."""
     if os.environ.get("POSTRAIN_SKIP_VERSION_CHECK"):
         return
-    import trl
+    import trl  # slow: trl, needed only when this runs
 
     parts = tuple(int(p) for p in trl.__version__.split(".")[:2] if p.isdigit())
     lo, hi = TRL_TESTED
@@ -207,10 +216,10 @@ def start_run_dir(recipe: Recipe, options: RunOptions, plan: RunPlan, processes:
 def wait_for_everyone() -> None:
     """A barrier over the launch's processes once torch.distributed is up (the trainer's config brings it up);
     nothing for a single process."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # slow: torch, needed only when this runs
 
     if dist.is_available() and dist.is_initialized():
-        from accelerate import PartialState
+        from accelerate import PartialState  # slow: accelerate, needed only when this runs
 
         PartialState().wait_for_everyone()
 
@@ -251,8 +260,6 @@ def running(run_dir: Path, started: float | None = None):
                 yield facts
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):  # Ctrl-C where Python's own handler was still in place
-                import signal
-
                 raise_as: BaseException = signals.Interrupted(signal.SIGINT)
             else:
                 raise_as = e
@@ -309,8 +316,6 @@ def run_launched(recipe: Recipe, options: RunOptions, worker_args: list[str]) ->
     `accelerate launch`. The machine and the run directory are checked first, so a mistake is reported once, before
     any worker starts; this process holds the run directory's lock for the whole launch. A failing worker raises
     LaunchError with the first failing rank's message; a launch stopped by a signal raises Interrupted."""
-    from postrain.launch.launcher import check_runnable_here, launch_section, relaunch
-
     section = launch_section(recipe.cfg)
     check_runnable_here(section, recipe.origins)
     lock = RunLock.acquire(Path(recipe.cfg["output_dir"]))
@@ -325,8 +330,6 @@ def run_launched(recipe: Recipe, options: RunOptions, worker_args: list[str]) ->
         where = plan.work if plan.work.is_dir() else plan.final
         status = read_status(where)
         if status.get("status") == "interrupted":
-            import signal
-
             signum = getattr(signal, status.get("signal") or "", signal.SIGTERM)
             stopped = signals.Interrupted(int(signum), status.get("step"), status.get("checkpoint"))
             stopped.detail = resume_advice(where, plan.final, status.get("checkpoint"))
@@ -388,8 +391,6 @@ def _head_commit(git_dir: Path) -> str | None:
 
 
 def environment(recipe: Recipe, options: RunOptions) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for pkg in ("postrain", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "mergekit", "math-verify"):
         try:
@@ -412,7 +413,7 @@ def environment(recipe: Recipe, options: RunOptions) -> dict:
 
 def trainer_config(recipe: Recipe, run_dir: Path, config_cls: type, **forced: Any):
     """Build the TRL config from the `trainer:` section, with postrain's run directory and seed."""
-    import torch
+    import torch  # slow: torch, needed only when this runs
 
     kwargs = dict(recipe.cfg.get("trainer") or {})
     if "output_dir" in kwargs:
@@ -446,9 +447,7 @@ def metrics_callback(run_dir: Path, view=None):
     on the console through `view` (postrain.jobs.live; default: one compact line per log); it replaces the
     trainer's console printer, which prints every logged key. Its `record(state, logs)` does the same for logs
     made outside the trainer's logging (evaluation during training)."""
-    from transformers import TrainerCallback
-
-    from postrain.jobs.live import PlainView
+    from transformers import TrainerCallback  # slow: transformers, needed only when this runs
 
     path = Path(run_dir) / "metrics.jsonl"
     view = view if view is not None else PlainView()
@@ -471,7 +470,7 @@ def peft_config(recipe: Recipe):
     section = recipe.cfg.get("peft")
     if not section:
         return None
-    from peft import LoraConfig
+    from peft import LoraConfig  # slow: peft, needed only when this runs
 
     section = dict(section)
     section.setdefault("task_type", "CAUSAL_LM")
@@ -488,8 +487,6 @@ def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
 
     One process: the model as it is. Several: every process takes part in gathering the full weights (a
     collective under FSDP or ZeRO-3, a no-op copy under DDP) and the main process alone writes them."""
-    from postrain.jobs.guard import check_finite_weights
-
     out = Path(run_dir) / MODEL_SUBDIR
     accelerator = trainer.accelerator
     if accelerator.num_processes == 1 and not _sharded(accelerator):
@@ -520,7 +517,7 @@ def save_final_model(trainer, tokenizer, run_dir: Path) -> Path:
 
 def _sharded(accelerator) -> bool:
     """Whether the weights are split over processes (FSDP, DeepSpeed), so that gathering them is a collective."""
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType  # slow: accelerate, needed only when this runs
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -528,8 +525,9 @@ def _sharded(accelerator) -> bool:
 def merged_from_state_dict(peft_model, state_dict: dict):
     """A plain model: the base model the peft model was made from, loaded anew on the CPU, with the LoRA adapters
     of `state_dict` (the peft model's full, gathered state dict) merged into it."""
+    # slow: peft, needed only when this runs
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # slow: transformers, needed only when this runs
 
     config = peft_model.peft_config["default"]
     dtype = next(iter(state_dict.values())).dtype
@@ -583,19 +581,17 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
 
 def quiet_libraries() -> None:
     """Keep the console for postrain's own output: no per-weight loading bars, no advisory warnings."""
-    import warnings
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Advisories a user cannot act on from a recipe (CPU pinning, libraries' own deprecations of each other).
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|accelerate|peft)\..*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mergekit\..*")
-    import transformers
+    import transformers  # slow: transformers, needed only when this runs
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        import datasets
+        import datasets  # slow: datasets, needed only when this runs
 
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
@@ -621,14 +617,9 @@ def train_with_trl(
     built (its own checks: batch arithmetic, loss weights, ...) before the run directory is made, so none of these
     mistakes leaves anything behind.
     """
-    from postrain.data.sources import load_source
-    from postrain.jobs import hub, trackers
-    from postrain.jobs.guard import guard_callback, guarded, health_settings
-    from postrain.jobs.live import make_view, view_callback
+    from postrain.jobs import hub, trackers  # cycle: postrain.jobs.hub imports this module (read_status, write_json)
+    # cycle: postrain.jobs.train_eval imports this module (through postrain.jobs.evaluate)
     from postrain.jobs.train_eval import TrainEval
-    from postrain.models.loading import load_model
-    from postrain.reports import model_card
-
     data = recipe.cfg["data"]
     train = load_source(data["train"], job, where="data.train")
     eval_ds = load_source(data["eval"], job, where="data.eval") if data.get("eval") else None
@@ -640,7 +631,7 @@ def train_with_trl(
     check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
     plan = check_run_dir(recipe, options)  # where the run writes (its checkpoints, its in-training eval samples)
     args = trainer_config(recipe, plan.work, config_cls, **(config_overrides or {}))
-    from postrain.data.lengths import fit_source_lengths  # prompts that do not fit: refused, dropped or kept
+    # prompts that do not fit: refused, dropped or kept
 
     train = fit_source_lengths(train, job, args, recipe.cfg["model"], data["train"], "data.train")
     if eval_ds is not None:
@@ -654,7 +645,7 @@ def train_with_trl(
         raise RunDirError(f"{recipe.cfg['output_dir']} changed while this run started; start it again")
     health = health_settings(recipe.cfg)
     with running(run_dir, options.started) as facts:
-        model, tokenizer, _ = load_model(recipe.cfg["model"])
+        model, tokenizer, _ = model_loading.load_model(recipe.cfg["model"])
         metrics = metrics_callback(run_dir, view)
         trainer_ref: dict = {}  # the view reads GRPO's latest completions from the trainer
         guard = guard_callback(job, health, trainer_ref)  # stalled-learning warnings, the stop on a signal
@@ -675,6 +666,7 @@ def train_with_trl(
         trainer_ref["trainer"] = trainer
         facts["distributed_type"] = trainer.accelerator.distributed_type.value  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
         trackers.attach(trainer, recipe, run_dir)  # the recipe and lineage as each tracker's run config
+        # slow: transformers, needed only when this runs
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(ProgressCallback)  # the view shows progress and metrics instead

@@ -31,8 +31,11 @@ from __future__ import annotations
 from postrain.errors import RecipeError, origin_of
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.recipes import Recipe
 from postrain.recipes.checks import check_loss_models
+from postrain.trainers import config_class
+from postrain.trainers.logp_models import check_logp_models as check_section, provided_columns
 
 # DPOConfig's fields with a range TRL does not check (beside the ranges of every trainer, checks.TRAINER_RANGES).
 TRAINER_RANGES: dict[str, str] = {
@@ -64,7 +67,8 @@ def check_losses(cfg: dict, origins: dict[str, str]) -> None:
     entry names (checked as `model:` is)."""
     if not cfg.get("loss"):
         return
-    from postrain.preference.section import parse_losses  # the preference registry imports torch: slow
+    # slow: torch (through postrain.preference.section), needed only when this runs
+    from postrain.preference.section import parse_losses
 
     check_loss_models(parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins), origins)
 
@@ -74,8 +78,10 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     reproduce (postrain.trainers.shared_prefix_dpo). The model itself is checked once loaded."""
     if not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
-    from postrain.preference.section import section_shape  # the preference registry imports torch: slow
-    from postrain.trainers.shared_prefix_dpo import check_options  # imports torch: slow
+    # slow: torch (through postrain.preference.section), needed only when this runs
+    from postrain.preference.section import section_shape
+    # slow: torch (through postrain.trainers.shared_prefix_dpo), needed only when this runs
+    from postrain.trainers.shared_prefix_dpo import check_options
 
     models = {"model": cfg.get("model"), "ref_model": cfg.get("ref_model")}
     for i, entry in enumerate(cfg.get("loss") or []):
@@ -88,8 +94,6 @@ def check_logp_models(cfg: dict, origins: dict[str, str]) -> None:
     """`logp_models:`: names, a `loss:` entry reading each, MRPO's `references:` naming them."""
     if not cfg.get("logp_models") and not any(isinstance(e, dict) and "references" in e for e in cfg.get("loss") or []):
         return
-    from postrain.trainers.logp_models import check_logp_models as check_section
-
     check_section("dpo", cfg, origins)
 
 
@@ -99,7 +103,7 @@ def check_conventions(cfg: dict, origins: dict[str, str]) -> None:
     if not cfg.get("loss"):
         checks.check_trl_conventions("dpo", cfg, origins)
         return
-    from postrain.preference import PREFERENCE  # the preference registry imports torch: slow
+    from postrain.preference import PREFERENCE  # slow: torch (through postrain.preference), needed only when this runs
 
     for i, entry in enumerate(cfg["loss"]):
         if isinstance(entry, dict) and entry.get("name") in PREFERENCE:
@@ -111,11 +115,11 @@ def check_conventions(cfg: dict, origins: dict[str, str]) -> None:
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from postrain.models.loading import load_model
+    # slow: torch (through postrain.preference.section), needed only when this runs
     from postrain.preference.section import parse_losses
-    from postrain.trainers import config_class
+    # slow: trl (through postrain.trainers.dpo), needed only when this runs
     from postrain.trainers.dpo import check_loss_data, trainer_class_for
-    from postrain.trainers.logp_models import provided_columns
+    # slow: torch (through postrain.trainers.token_level), needed only when this runs
     from postrain.trainers.token_level import check_model_references
 
     ref_spec = recipe.cfg.get("ref_model")
@@ -128,7 +132,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     return train_with_trl(
         # TRAINERS["dpo"] (PostrainDPOTrainer) for pairs, its list-wise or unpaired subclass for those losses
         recipe, options, job="dpo", trainer_cls=trainer_class_for(terms), config_cls=config_class("dpo"),
-        trainer_kwargs=lambda: {"ref_model": load_model(ref_spec)[0] if ref_spec else None, "losses": terms,
+        trainer_kwargs=lambda: {"ref_model": model_loading.load_model(ref_spec)[0] if ref_spec else None,
+                                "losses": terms,
                                 **({"logp_models": dict(logp_models)} if logp_models else {}),
                                 # one sequence per prompt with its answers (postrain.trainers.shared_prefix_dpo)
                                 "shared_prefix": bool((recipe.cfg.get("trainer") or {}).get("shared_prefix"))},
@@ -162,7 +167,9 @@ def smoke_data_shape(cfg: dict) -> str:
     """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.preference.section); `turns` (the
     built-in tasks' multi-turn conversational pairs) for per-turn losses (dmpo, postrain.preference.turn_data)."""
     # the preference registry imports torch: slow
+    # slow: torch (through postrain.preference.section), needed only when this runs
     from postrain.preference.section import section_shape
+    # slow: torch (through postrain.preference.turn_data), needed only when this runs
     from postrain.preference.turn_data import reads_turns_section
 
     if reads_turns_section(cfg.get("loss")):
@@ -177,7 +184,8 @@ SMOKE_GROUP_SOURCE = "answer"
 def smoke_group_column_data(cfg: dict, data: dict) -> dict:
     """The smoke layer's `data` for a DPO recipe whose losses read groups (group_robust_po): the group column mapped
     from the built-in rows' answer, and no eval set (its answers are groups the training rows may lack)."""
-    from postrain.preference.section import state_settings  # the preference registry imports torch: slow
+    # slow: torch (through postrain.preference.section), needed only when this runs
+    from postrain.preference.section import state_settings
 
     columns = {entry["group_column"]: SMOKE_GROUP_SOURCE for entry in cfg.get("loss") or []
                if isinstance(entry, dict) and "group_column" in state_settings(entry.get("name"))

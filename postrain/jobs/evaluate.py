@@ -13,20 +13,28 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from postrain.errors import RecipeError
+from rich.console import Console
+from rich.table import Table
+
+from postrain.data.sources import load_source
+from postrain.errors import DataError, RecipeError
 from postrain.evaluation import lm_eval_backend  # imports lm-eval (optional) only where it runs
+from postrain.evaluation.metrics import group_prompts, per_prompt_metrics, summarize
 from postrain.evaluation.results import results_table
-from postrain.evaluation.settings import check_eval_recipe, model_entries
+from postrain.evaluation.settings import check_eval_recipe, differences, model_entries
+from postrain.evaluation.settings import set_generation, set_metric_settings
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
 from postrain.models.generation import generate_with_ids
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
-from postrain.rewards import build_rewards, policy_options
+from postrain.recipes.schema import EvalMetricsSpec
+from postrain.rewards import build_rewards, check_reward_columns, policy_options
 
 
 def check(cfg: dict, origins: dict[str, str]) -> None:
@@ -177,9 +185,6 @@ def _reward_counts(rewards: list) -> dict:
 
 
 def _metric_settings(metrics: dict | None) -> dict:
-    from dataclasses import asdict
-
-    from postrain.recipes.schema import EvalMetricsSpec
 
     defaults = asdict(EvalMetricsSpec())
     unknown = [key for key in metrics or {} if key not in defaults]
@@ -190,8 +195,6 @@ def _metric_settings(metrics: dict | None) -> dict:
 
 def _paper_metrics(rows, completions, verifier_scores, parsed, texts, verifier, settings: dict, seed: int) -> dict:
     """The set's mean@n / pass@k / maj@k with intervals, and the same per subset when a subset column is set."""
-    from postrain.evaluation.metrics import group_prompts, per_prompt_metrics, summarize
-
     if settings["maj_at"] and not hasattr(verifier, "parse"):
         raise ValueError(f"maj@k votes with parsed answers, but the verifier {verifier.name!r} has no parse method")
     equivalent = getattr(verifier, "equivalent", None)
@@ -231,11 +234,6 @@ class EvalSet:
 def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
     """Every set's rows and settings, checked against what scoring needs (reward columns, the subset column, a
     verifier that parses when maj@k votes) before any model loads."""
-    from postrain.data.sources import load_source
-    from postrain.errors import DataError
-    from postrain.evaluation.settings import set_generation, set_metric_settings
-    from postrain.rewards import check_reward_columns
-
     sets = {}
     for name, spec in cfg["sets"].items():
         metrics = set_metric_settings(cfg, name)
@@ -255,13 +253,10 @@ def load_sets(cfg: dict, rewards) -> dict[str, EvalSet]:
 def evaluate_model(spec: dict, sets: dict[str, EvalSet], rewards, weights, cfg: dict, write_sample) -> dict:
     """Generate on every set with one model and score: {"model", "model_path", "sets": {name: summary}}, each
     set's summary with only the settings it changes from the shared ones."""
-    import torch
-
-    from postrain.evaluation.settings import differences
-    from postrain.models.loading import load_model
+    import torch  # slow: torch, needed only when this runs
 
     torch.manual_seed(cfg["seed"])  # every model of a comparison draws from the same random stream
-    model, tokenizer, path = load_model(spec)
+    model, tokenizer, path = model_loading.load_model(spec)
     out: dict[str, Any] = {"model": spec["name_or_path"], "model_path": path, "sets": {}}
     for name, eval_set in sets.items():
         completions, ids = generate_with_ids(model, tokenizer, [r["prompt"] for r in eval_set.rows],
@@ -340,9 +335,6 @@ def run_lm_eval(recipe: Recipe, options: RunOptions) -> dict:
 
 
 def print_results_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     header, sections = results_table(results)
     settings = results.get("metric_settings", {})
     table = Table(title=f"eval results ({100 * settings.get('confidence', 0.95):g}% {settings.get('interval', '')} "

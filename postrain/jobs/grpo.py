@@ -17,7 +17,10 @@ from __future__ import annotations
 from postrain.errors import RecipeError
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
+from postrain.rewards import build_rewards, check_reward_columns, policy_options
+from postrain.trainers import config_class
 
 # GRPOConfig's fields with a range TRL does not check (beside the ranges of every trainer, checks.TRAINER_RANGES).
 TRAINER_RANGES: dict[str, str] = {
@@ -51,7 +54,8 @@ def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:
     """The `rl:` parts: names, parameters, data a GRPO batch can supply, conflicting TRL options."""
     if cfg.get("rl") is None:
         return
-    from postrain.rl.section import check_rl_section  # the rl registries import torch: slow
+    # slow: torch (through postrain.rl.section), needed only when this runs
+    from postrain.rl.section import check_rl_section
 
     check_rl_section("grpo", cfg, origins)
 
@@ -61,18 +65,16 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     (postrain.trainers.shared_prefix)."""
     if not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
-    from postrain.trainers.shared_prefix import check_recipe  # imports torch: slow
+    # slow: torch (through postrain.trainers.shared_prefix), needed only when this runs
+    from postrain.trainers.shared_prefix import check_recipe
 
     check_recipe("grpo", cfg, origins)
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
     # torch, TRL and the reward workers are slow to import: only when the job runs, not when the CLI starts
-    from postrain.rewards import build_rewards, check_reward_columns, policy_options
-    from postrain.trainers import config_class
+    # slow: trl (through postrain.trainers.grpo), needed only when this runs
     from postrain.trainers.grpo import PostrainGRPOTrainer
-
-    from postrain.launch.vllm import check_vllm_installed
 
     cfg = recipe.cfg
     check_vllm_installed(cfg, recipe.origins)  # trainer.use_vllm: stop here, not once the run directory exists
@@ -88,7 +90,8 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
-        from postrain.rl.section import parse_rl_section, reference_beta  # imports torch, as the trainer above
+        # slow: torch (through postrain.rl.section), needed only when this runs
+        from postrain.rl.section import parse_rl_section, reference_beta
 
         parts = parse_rl_section(cfg["rl"], recipe.origins)  # parsed once: the trainer takes the parts
         extra["rl"] = parts

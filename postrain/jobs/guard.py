@@ -32,6 +32,8 @@ from typing import Any
 from postrain.errors import PostrainError, RecipeError
 from postrain.jobs import signals
 from postrain.jobs.rundir import CHECKPOINT_PREFIX, PARTIAL_SUFFIX, complete_checkpoints, note, publish, write_atomic
+from postrain.launch.launcher import launch_section, sharding_strategy
+from postrain.recipes.validate import origin_of
 
 HEALTH_DEFAULTS = {"nonfinite": "stop", "max_skipped_steps": 10, "stall_steps": 20}
 SKIP_UNDER_DEEPSPEED = ("DeepSpeed's engine applies the update inside backward, before a step can be checked; use "
@@ -57,16 +59,12 @@ def check_health_section(command: str, cfg: dict, origins: dict[str, str]) -> No
     """Load-time checks of `health:` (the schema checks the types and `nonfinite`'s values)."""
     if cfg.get("health") is None:
         return
-    from postrain.recipes.validate import origin_of
-
     section = health_settings(cfg)
     for key in ("max_skipped_steps", "stall_steps"):
         if section[key] < 0:
             raise RecipeError(f"health.{key} (from {origin_of(origins, f'health.{key}')}) must be 0 or more, "
                               f"got {section[key]}")
     if section["nonfinite"] == "skip":
-        from postrain.launch.launcher import launch_section, sharding_strategy
-
         strategy = sharding_strategy(launch_section(cfg), origins)
         if strategy.startswith("zero"):
             raise RecipeError(f"health.nonfinite (from {origin_of(origins, 'health.nonfinite')}) is skip, which "
@@ -88,7 +86,7 @@ class TrainingGuard:
     _guard_staging: Path | None = None
 
     def guard_setup(self, settings: dict[str, Any], run_dir: Path) -> None:
-        from accelerate.utils import DistributedType
+        from accelerate.utils import DistributedType  # slow: accelerate, needed only when this runs
 
         self._guard_settings, self._guard_run_dir = settings, Path(run_dir)
         self._guard_losses: list = []
@@ -115,7 +113,7 @@ class TrainingGuard:
         return grad_norm
 
     def _guard_check_step(self, model, grad_norm) -> None:
-        import torch
+        import torch  # slow: torch, needed only when this runs
 
         losses, batches = self._guard_losses, self._guard_batches
         self._guard_losses, self._guard_batches = [], []
@@ -161,7 +159,7 @@ class TrainingGuard:
     def _guard_any_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
             return flag
-        import torch
+        import torch  # slow: torch, needed only when this runs
 
         total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
         return bool(total.item() > 0)
@@ -173,7 +171,7 @@ class TrainingGuard:
             for row in batch_rows(inputs, self.processing_class):
                 rows.append({"process": self.accelerator.process_index, "micro_batch": micro, **row})
         if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+            from accelerate.utils import gather_object  # slow: accelerate, needed only when this runs
 
             rows = gather_object(rows)
         path = self._guard_run_dir / f"nonfinite_step_{step}.jsonl"
@@ -196,7 +194,7 @@ class TrainingGuard:
     def _save_checkpoint(self, model, trial):
         """transformers' save, into a staging folder renamed into place once every process has written its part;
         the rotation of old checkpoints comes after, so that the newest complete one is never the one removed."""
-        from transformers.trainer_utils import rotate_checkpoints
+        from transformers.trainer_utils import rotate_checkpoints  # slow: transformers, needed only when this runs
 
         root = Path(super()._get_output_dir(trial))
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
@@ -225,7 +223,7 @@ class TrainingGuard:
 
 def check_finite_weights(state_dict: dict) -> None:
     """NonFiniteError naming the tensors that hold NaN or inf: such a model is not saved as a run's result."""
-    import torch
+    import torch  # slow: torch, needed only when this runs
 
     bad = [name for name, tensor in state_dict.items()
            if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
@@ -262,7 +260,7 @@ def batch_rows(inputs: Any, tokenizer) -> list[dict]:
 def guard_callback(job: str, settings: dict[str, Any], trainer_ref: dict):
     """A TrainerCallback: the stalled-learning warnings (main process) and the stop on a signal (every process,
     agreed at each step's end). `warnings` holds what was warned, for status.json."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # slow: transformers, needed only when this runs
 
     watch = StallWatch(job, settings["stall_steps"])
 
@@ -273,7 +271,7 @@ def guard_callback(job: str, settings: dict[str, Any], trainer_ref: dict):
             trainer = trainer_ref.get("trainer")
             requested = signals.stop_requested()
             if trainer is not None and trainer.accelerator.num_processes > 1:
-                import torch
+                import torch  # slow: torch, needed only when this runs
 
                 flag = torch.tensor([float(requested or 0)], device=trainer.accelerator.device)
                 agreed = int(trainer.accelerator.reduce(flag, "max").item())

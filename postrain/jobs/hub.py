@@ -19,7 +19,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub  # HfApi through it: the tests replace it there
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from postrain.errors import PostrainError, RecipeError
+from postrain.jobs.common import read_status, write_json
+from postrain.models.loading import MODEL_SUBDIR
+from postrain.recipes.schema import HubSpec
+from postrain.recipes.validate import origin_of
+from postrain.reports.model_card import CARD_FILE, write_model_card
+from postrain.reports.rundir import read_json, read_recipe, run_kind
 
 HUB_COMMANDS = ("sft", "dpo", "grpo", "merge")
 
@@ -35,8 +44,6 @@ def check_hub_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     repository id huggingface_hub accepts."""
     if command not in HUB_COMMANDS:
         return
-    from postrain.recipes.validate import origin_of
-
     trainer = cfg.get("trainer") or {}
     if trainer.get("push_to_hub"):
         raise RecipeError(
@@ -47,8 +54,6 @@ def check_hub_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
     hub = hub_target(cfg)
     if hub is None:
         return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(hub["repo_id"])
     except HFValidationError as e:
@@ -62,8 +67,6 @@ def describe_target(cfg: dict) -> str | None:
     hub = hub_target(cfg)
     if hub is None:
         return None
-    from postrain.models.loading import MODEL_SUBDIR
-
     where = f"branch {hub['revision']}" if hub.get("revision") else "the default branch"
     return (f"{hub['repo_id']} ({'private' if hub.get('private', True) else 'public'}, {where}): "
             f"{Path(cfg['output_dir']) / MODEL_SUBDIR} with its model card, after the run finished")
@@ -71,9 +74,7 @@ def describe_target(cfg: dict) -> str | None:
 
 def push_model(folder: Path, hub: dict, commit_message: str) -> dict[str, Any]:
     """Upload `folder` to the hub repository `hub` describes; what was pushed (repo, revision, commit, url)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
+    api = huggingface_hub.HfApi()
     private = bool(hub.get("private", True))
     repo = api.create_repo(hub["repo_id"], private=private, repo_type="model", exist_ok=True)
     repo_id = getattr(repo, "repo_id", None) or hub["repo_id"]  # with the user's namespace filled in
@@ -95,10 +96,6 @@ def push_run(run_dir: Path, hub: dict | None = None) -> dict[str, Any] | None:
     """Push a finished run's model folder as its recipe's `hub:` (or `hub`, if given) says; record the outcome in
     status.json (`pushed`, or `push_error` and a PostrainError that says the model is saved). None when there is
     no repo_id."""
-    from postrain.jobs.common import read_status, write_json
-    from postrain.models.loading import MODEL_SUBDIR
-    from postrain.reports.rundir import read_json, read_recipe
-
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
     hub = hub if hub is not None else hub_target(recipe)
@@ -127,12 +124,6 @@ def push_finished_run(run_dir: Path, repo_id: str | None = None, revision: str |
     """`postrain push RUN`: push a finished run's model folder as its recipe's `hub:` says, `repo_id` / `revision`
     given here overriding it (a run trained without hub.repo_id can be pushed too). A model folder without a
     card (a run from before model cards) gets one first."""
-    from postrain.jobs.common import read_status
-    from postrain.models.loading import MODEL_SUBDIR
-    from postrain.recipes.schema import HubSpec
-    from postrain.reports.model_card import CARD_FILE, write_model_card
-    from postrain.reports.rundir import read_recipe, run_kind
-
     run_dir = Path(run_dir)
     if run_kind(run_dir) == "pipeline":
         raise PostrainError(f"{run_dir} is a pipeline directory; push one of its stages: postrain push {run_dir}/<stage>")

@@ -17,6 +17,13 @@ import os
 import sys
 from typing import Any
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
 from postrain.errors import PostrainError
 
 LIVE_ENV = "POSTRAIN_LIVE"
@@ -55,8 +62,6 @@ def live_wanted() -> bool:
 def make_view(job: str, title: str) -> "PlainView | LiveView":
     if not live_wanted():
         return PlainView()
-    from rich.console import Console
-
     # Forced on into something that is not a terminal: write the terminal codes anyway (that is what was asked).
     return LiveView(job, title, console=Console(force_terminal=True) if not sys.stdout.isatty() else None)
 
@@ -108,10 +113,6 @@ class LiveView:
     the panel as it stands, so it can be printed anywhere (tests print it to a buffer)."""
 
     def __init__(self, job: str, title: str, console=None, refresh_per_second: float = 2):
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
         self.job, self.title = job, title
         self.console = console or Console()
         self.refresh_per_second = refresh_per_second
@@ -130,8 +131,6 @@ class LiveView:
     # --- what the training loop reports ---------------------------------------------------------------------
 
     def start(self, step: int, total: int) -> None:
-        from rich.live import Live
-
         # reset: elapsed time and ETA count from here, not from loading the model
         self.progress.reset(self.task, description="training", total=total, completed=step)
         self.live = Live(console=self.console, get_renderable=self.render, refresh_per_second=self.refresh_per_second,
@@ -167,9 +166,6 @@ class LiveView:
     # --- the panel ------------------------------------------------------------------------------------------
 
     def render(self):
-        from rich.console import Group
-        from rich.panel import Panel
-
         parts: list[Any] = [self.progress.get_renderable()]
         for table in (self._metrics_table(), self._eval_table(), self._samples_table()):
             if table is not None:
@@ -177,8 +173,6 @@ class LiveView:
         return Panel(Group(*parts), title=self.title, title_align="left")
 
     def _metrics_table(self):
-        from rich.table import Table
-
         rows = [(label, _number(self.latest[key])) for key, label in JOB_METRICS.get(self.job, ())
                 if isinstance(self.latest.get(key), (int, float))]
         if not rows:
@@ -190,8 +184,6 @@ class LiveView:
         return table
 
     def _eval_table(self):
-        from rich.table import Table
-
         if not self.evals:
             return None
         table = Table(title="evaluation during training", title_justify="left", box=None, padding=(0, 2))
@@ -205,9 +197,6 @@ class LiveView:
         return table
 
     def _samples_table(self):
-        from rich.table import Table
-        from rich.text import Text
-
         if not self.sample_rows:
             return None
         reward_names = list(self.sample_rows[0].get("rewards", {}))
@@ -257,7 +246,7 @@ def view_callback(view, trainer_ref: dict):
     """A TrainerCallback driving `view` from the training loop (the main process only): start, progress, GRPO
     samples at each logging step. `trainer_ref["trainer"]` is set once the trainer exists (callbacks are handed
     to it before it does). The view is stopped by the job, also when training raises."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # slow: transformers, needed only when this runs
 
     class ViewCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import MODEL_SUBDIR, RunOptions, prepare_run_dir, running
+from postrain.jobs.hub import push_after_run
 from postrain.jobs.rundir import partial_dir, publish
-from postrain.merging import validate_merge_config
+from postrain.merging import run_mergekit, validate_merge_config
+from postrain.models.loading import resolve_model_path
 from postrain.recipes import Recipe
+from postrain.reports.model_card import write_model_card
 
 
 def check(cfg: dict, origins: dict[str, str]) -> None:
@@ -47,11 +50,6 @@ def smoke_layer(cfg: dict) -> dict:
     return {"merge": smoke.smoke_merge(cfg.get("merge") or {}), "hub": {"repo_id": None}}
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from postrain.jobs.hub import push_after_run
-    from postrain.merging import run_mergekit
-    from postrain.models.loading import resolve_model_path
-    from postrain.reports.model_card import write_model_card
-
     merge_cfg = recipe.cfg["merge"]
     validate_merge_config(merge_cfg, resolve_model=resolve_model_path)  # every input exists, before writing
     run_dir = prepare_run_dir(recipe, options)

@@ -10,19 +10,24 @@ interrupted is rerun (from its last checkpoint, if any); one whose recipe change
 
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from postrain.errors import LaunchError, PostrainError
-from postrain.jobs.signals import Interrupted
+from rich.console import Console
+from rich.table import Table
+
+from postrain.errors import LaunchError, PostrainError, did_you_mean
+from postrain.evaluation.results import model_results
+from postrain.jobs import checks
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
-from postrain.jobs import checks
+from postrain.jobs.common import run_launched
 from postrain.jobs.loading import load_recipe, load_smoke_recipe
+from postrain.jobs.signals import Interrupted
+from postrain.launch.launcher import launch_section, needs_launch
 from postrain.recipes import Recipe, find_recipe
 from postrain.reports.rundir import model_inputs, upstream_stages  # pipeline facts the reports read too
 
@@ -140,9 +145,7 @@ def run_stage(pipeline: Recipe, name: str, stage: Recipe, stage_options: RunOpti
     """Run one stage here, or, when its `launch:` asks for several processes or a sharding configuration, under
     `accelerate launch` as `postrain run PIPELINE --stage NAME` (each worker loads the pipeline as this process did
     and runs that stage alone)."""
-    from postrain.jobs import run_job
-    from postrain.jobs.common import run_launched
-    from postrain.launch.launcher import launch_section, needs_launch
+    from postrain.jobs import run_job  # cycle: the postrain.jobs package imports this module (through its job table)
 
     if not needs_launch(launch_section(stage.cfg)):
         run_job(stage, stage_options)
@@ -158,8 +161,6 @@ def run_stage(pipeline: Recipe, name: str, stage: Recipe, stage_options: RunOpti
 def run_one_stage(recipe: Recipe, stages: dict[str, Recipe], options: RunOptions) -> dict:
     """`postrain run PIPELINE --stage NAME`: that stage alone, with the flags as given (a launched worker of a
     stage runs this); the stages it reads must have run. The pipeline's lineage and summary are not written."""
-    from postrain.errors import did_you_mean
-
     if options.stage not in stages:
         near = did_you_mean(options.stage, list(stages))
         raise PostrainError(f"--stage {options.stage!r}: the pipeline {recipe.path} has no such stage"
@@ -173,8 +174,6 @@ def run_one_stage(recipe: Recipe, stages: dict[str, Recipe], options: RunOptions
 
 def summary_rows(stages: dict[str, Recipe], reported: set[str]) -> list[dict]:
     """One row per reported eval stage and set: which stage's model, its scores, that stage's training wall time."""
-    from postrain.evaluation.results import model_results
-
     by_output = {str(Path(s.cfg["output_dir"]).resolve()): name for name, s in stages.items()}
     rows = []
     for name, stage in stages.items():
@@ -220,9 +219,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="pipeline summary")
     for _, title in COLUMNS:
         table.add_column(title, no_wrap=True)

@@ -11,23 +11,31 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
-from postrain.errors import RecipeError
+from postrain.data.sources import is_local, load_source, source_size
+from postrain.errors import PostrainError, RecipeError, did_you_mean
+from postrain.evaluation.lm_eval_backend import is_task_file, resolved_settings
+from postrain.evaluation.settings import model_entries
+from postrain.jobs.common import peft_config, trainer_config
+from postrain.jobs.hub import describe_target, hub_target
+from postrain.jobs.trackers import report_to_names
+from postrain.jobs.train_eval import plan_lines
 from postrain.launch.launcher import command_line, launch_section, needs_launch, sharding_strategy, world_size
 from postrain.launch.memory import memory_plan
+from postrain.launch.vllm import check_vllm_installed
+from postrain.merging import model_references, validate_merge_config
+from postrain.models.loading import check_model_reference, resolve_model_path
 from postrain.recipes import Recipe
+from postrain.rewards import build_rewards, check_reward_columns
+from postrain.trainers import config_class
 
 
 def _trainer_args(recipe: Recipe, processes: int = 1):
     """The TRL config as the job builds it, on `processes` processes: TrainingArguments reads its world size from
     the running process group, which a dry run has not, so the launch's is put in its place while the config's own
     checks and derivations run (GRPO's generation batch and its divisibility by num_generations depend on it)."""
-    from unittest import mock
-
-    from transformers import TrainingArguments
-
-    from postrain.jobs.common import trainer_config
-    from postrain.trainers import config_class
+    from transformers import TrainingArguments  # slow: transformers, needed only when this runs
 
     with mock.patch.object(TrainingArguments, "world_size", property(lambda self: processes)):
         return trainer_config(recipe, Path(recipe.cfg["output_dir"]), config_class(recipe.command))
@@ -43,8 +51,6 @@ def trainer_args_for_check(command: str, cfg: dict) -> None:
     """Build the job's TRL config and peft config from a resolved recipe, as the job will (at the launch's
     process count, without the options that depend on the machine: MACHINE_OPTIONS), for their own checks at
     load time (postrain.jobs.checks): a PostrainError if either library refuses a value."""
-    from postrain.jobs.common import peft_config
-
     trainer = dict(cfg.get("trainer") or {})
     for key, value in MACHINE_OPTIONS.items():
         if key in trainer:
@@ -55,8 +61,6 @@ def trainer_args_for_check(command: str, cfg: dict) -> None:
 
 
 def _train_rows(recipe: Recipe) -> int | None:
-    from postrain.data.sources import source_size
-
     spec = (recipe.cfg.get("data") or {}).get("train")
     if spec is None:
         raise RecipeError(f"`{recipe.command}` needs data.train (a dataset: builtin:<task>, a file, or a hub id)")
@@ -65,9 +69,6 @@ def _train_rows(recipe: Recipe) -> int | None:
 
 def _check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
     """Build the rewards (a bad entry fails here) and check the columns they read in every local dataset."""
-    from postrain.data.sources import is_local, load_source
-    from postrain.rewards import build_rewards, check_reward_columns
-
     base_dir = recipe.path.parent if recipe.path else None
     rewards, _ = build_rewards(recipe.cfg["rewards"], base_dir=base_dir)
     for where, spec in sets.items():
@@ -80,16 +81,12 @@ def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | Non
     run: an impossible batch, a config TRL rejects, a reward column the data lacks, a model path that does not
     exist (`check_models=False` for pipeline stages, whose inputs earlier stages write). `worker_args`: the
     command line a launch would give its workers (shown in the launch command)."""
-    from postrain.models.loading import check_model_reference
-
     cmd, cfg = recipe.command, recipe.cfg
     out: dict[str, Any] = {"command": cmd, "run directory": cfg["output_dir"], "recipe hash": recipe.hash}
     if check_models and cmd in ("sft", "dpo", "grpo", "eval"):
         check_model_reference(cfg["model"], "model")
         check_model_reference(cfg.get("ref_model"), "ref_model")
     if cmd == "grpo":
-        from postrain.launch.vllm import check_vllm_installed
-
         check_vllm_installed(cfg, recipe.origins)
         _check_rewards(recipe, {"data.train": cfg["data"].get("train"), "data.eval": cfg["data"].get("eval")})
     lm_eval = cmd == "eval" and (cfg.get("eval") or {}).get("backend") == "lm_eval"
@@ -113,16 +110,10 @@ def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | Non
             out.update(_total_steps(args, steps_per_epoch))
         strategy = sharding_strategy(launch_section(cfg), recipe.origins)
         out.update(memory_plan(cfg, cmd, strategy, world, bool(args.bf16 or args.fp16)))
-        from postrain.jobs.train_eval import plan_lines
-
         out.update(plan_lines(recipe))  # eval_during_training: rewards built, local sets' reward columns checked
     elif cmd == "eval":
-        from postrain.data.sources import source_size
-
         out["model"] = cfg["model"]["name_or_path"]
         if cfg.get("models"):  # comparison mode: every model must exist
-            from postrain.evaluation.settings import model_entries
-
             entries = model_entries(cfg)
             for label, spec in entries.items():
                 if check_models:
@@ -136,31 +127,24 @@ def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | Non
             out[f"set {name}"] = (f"{source_size(spec) or 'unknown'} prompts x {gen['num_samples']} samples, "
                                   f"{decoding}, <= {gen['max_new_tokens']} new tokens")
     elif cmd == "merge":
-        from postrain.merging import model_references, validate_merge_config
-        from postrain.models.loading import resolve_model_path
-
         out["merge method"] = cfg["merge"].get("merge_method")
         out["models"] = ", ".join(model_references(cfg["merge"]))
         if check_models:  # every input exists (a pipeline's are written by earlier stages)
             validate_merge_config(cfg["merge"], resolve_model=resolve_model_path)
     if cmd in ("sft", "dpo", "grpo", "merge"):
-        from postrain.jobs.hub import describe_target
-        from postrain.jobs.trackers import report_to_names
-
         if cmd != "merge":
             trackers = report_to_names(args.report_to)  # as TrainingArguments resolved it ("all": the installed ones)
             out["trackers (trainer.report_to)"] = ", ".join(trackers) if trackers else "none"
         target = describe_target(cfg)
         out["push to hub (hub.repo_id)"] = target if target else "no (hub.repo_id is null)"
     if cmd == "pipeline":
+        # cycle: postrain.jobs.pipeline imports postrain.jobs.checks, which imports this module
         from postrain.jobs.pipeline import stage_recipe
 
         for name, stage in cfg["stages"].items():
             loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
             plan(loaded, check_models=False)
             out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
-            from postrain.jobs.hub import hub_target
-
             if hub_target(loaded.cfg):
                 out[f"stage {name}"] += f", pushed to {hub_target(loaded.cfg)['repo_id']}"
     return out
@@ -187,6 +171,7 @@ def _launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any
 def _batch_unit(recipe: Recipe) -> str:
     """What one row of a DPO batch is, as the recipe's `loss:` entries read it: a preference pair, a list of K
     completions (K read from local data) or one unpaired, labelled completion."""
+    # slow: torch (through postrain.preference.section), needed only when this runs
     from postrain.preference.section import section_shape
 
     shape = section_shape(recipe.cfg.get("loss")).name
@@ -200,9 +185,6 @@ def _batch_unit(recipe: Recipe) -> str:
 def _list_sizes(spec: dict | None) -> str:
     """K of K-response lists: the number (or range) of completions per row of a local source; "K" where the data
     is not at hand (a hub dataset, a file not written yet)."""
-    from postrain.data.sources import is_local, load_source
-    from postrain.errors import PostrainError
-
     if spec is None or not is_local(spec):
         return "K"
     try:
@@ -217,14 +199,11 @@ def _lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
     indexing only the include_path takes milliseconds; lm-eval's own catalogue (thousands of YAML files, seconds) is
     not indexed, so a registered name is checked when the run starts, before its directory is made. No dataset is
     loaded (that needs the hub for registered tasks)."""
-    from postrain.errors import did_you_mean
-    from postrain.evaluation.lm_eval_backend import is_task_file, resolved_settings
-
     settings = resolved_settings(recipe.cfg, recipe.origins)
     include = settings.get("include_path")
     local: list[str] = []
     if include:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # optional: lm_eval, the lm-evaluation-harness backend
 
         local = list(TaskManager(include_path=include, include_defaults=False).all_tasks)
     out: dict[str, Any] = {}

@@ -129,7 +129,7 @@ class RunLock:
     def acquire(cls, final: Path) -> "RunLock | None":
         """Lock the run directory `final`, or RunDirError naming the run that holds it. None when this process'
         launcher holds it for us (a launched worker)."""
-        import fcntl
+        import fcntl  # optional: fcntl, POSIX only: postrain.jobs still imports (plans, --dry-run) where it is missing
 
         path = lock_path(final)
         if os.environ.get(LOCK_HELD_ENV) == str(path.resolve()):

@@ -24,7 +24,7 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # slow: trl, needed only when this runs
 
     return train_with_trl(recipe, options, job="sft", trainer_cls=SFTTrainer, config_cls=SFTConfig)
 

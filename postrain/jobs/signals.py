@@ -24,6 +24,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from postrain.jobs.rundir import note
+
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 # A repeat of the signal within this many seconds is the same request: under a launch a worker gets the signal
 # twice, from the terminal or the job scheduler (sent to every process) and forwarded by the launcher.
@@ -66,8 +68,6 @@ def _handler(signum, frame) -> None:
         return
     if _State.training and _State.requested is None:
         _State.requested, _State.requested_at = signum, now
-        from postrain.jobs.rundir import note
-
         note(f"{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then stopping "
              f"(send it again to stop at once)")
         return

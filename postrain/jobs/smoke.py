@@ -20,7 +20,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from postrain.errors import RecipeError
 from postrain.jobs.table import job_module
+from postrain.models.loading import resolve_model_path
+from postrain.models.packaged import PACKAGED_MODELS
 
 SMOKE_TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
 
@@ -46,9 +49,6 @@ SMOKE_MODEL_ENV = "POSTRAIN_SMOKE_MODEL"
 
 def smoke_model_name() -> str | None:
     """The packaged model `POSTRAIN_SMOKE_MODEL` names, or None (smoke on the tiny model)."""
-    from postrain.errors import RecipeError
-    from postrain.models.packaged import PACKAGED_MODELS
-
     name = os.environ.get(SMOKE_MODEL_ENV, "").strip()
     if name in ("", "tiny"):
         return None
@@ -233,8 +233,6 @@ def smoke_merge(merge: dict) -> dict:
     """Point every model reference of a mergekit config at tiny models (distinct seeds, same shape).
     Also under `POSTRAIN_SMOKE_MODEL`: a merge needs distinct inputs of one shape, and the pretrained model is one
     checkpoint."""
-    from postrain.models.loading import resolve_model_path
-
     seed = iter(range(100))
 
     def tiny_path() -> str:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from postrain.errors import RecipeError, did_you_mean
+from postrain.recipes.validate import origin_of
+from postrain.reports.rundir import read_json, run_lineage
 
 TRAINING_COMMANDS = ("sft", "dpo", "grpo")
 # pip packages of transformers' integrations where the name differs from the report_to value
@@ -59,10 +62,8 @@ def check_report_to(command: str, cfg: dict, origins: dict[str, str]) -> None:
     names = report_to_names((cfg.get("trainer") or {}).get("report_to"))
     if not names:
         return
-    from postrain.recipes.validate import origin_of
-
     # transformers' own table and availability checks, so this refuses exactly what the trainer would
-    from transformers.integrations import integration_utils
+    from transformers.integrations import integration_utils  # slow: transformers, needed only when this runs
 
     known = list(integration_utils.INTEGRATION_TO_CALLBACK)
     origin = origin_of(origins, "trainer.report_to")
@@ -82,9 +83,6 @@ def check_report_to(command: str, cfg: dict, origins: dict[str, str]) -> None:
 
 def run_config(recipe, run_dir: Path, command_line: str) -> dict[str, Any]:
     """What the trackers log as the run's config (and the model card repeats)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from postrain.reports.rundir import run_lineage
 
     try:
         postrain_version = version("postrain")
@@ -118,9 +116,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def attach(trainer, recipe, run_dir: Path) -> None:
     """Called once the trainer is built: point TensorBoard at `<run_dir>/tensorboard` and add the callback that
     logs the run config to every active tracker at train start (the command line as env.json recorded it)."""
-    from transformers.integrations import TensorBoardCallback
-
-    from postrain.reports.rundir import read_json
+    from transformers.integrations import TensorBoardCallback  # slow: transformers, needed only when this runs
 
     trackers = [cb for cb in trainer.callback_handler.callbacks if _logger_for(cb) is not None]
     if not trackers:
@@ -137,7 +133,7 @@ def attach(trainer, recipe, run_dir: Path) -> None:
 def run_config_callback(config: dict[str, Any], handler):
     """A TrainerCallback logging `config` to the integration callbacks of `handler` (the trainer's
     CallbackHandler) at train start, on the main process."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # slow: transformers, needed only when this runs
 
     class RunConfigLogger(TrainerCallback):
         def __init__(self):
@@ -156,6 +152,7 @@ def run_config_callback(config: dict[str, Any], handler):
 
 
 def _logger_for(cb):
+    # slow: transformers, needed only when this runs
     from transformers.integrations import MLflowCallback, TensorBoardCallback, TrackioCallback, WandbCallback
 
     for cls, log in ((TensorBoardCallback, _tensorboard), (WandbCallback, _wandb), (MLflowCallback, _mlflow),
@@ -216,7 +213,7 @@ def _tensorboard(cb, config: dict) -> bool:
     writer.add_text("postrain/recipe", f"recipe hash `{config['recipe_hash']}`\n\n```yaml\n{recipe_yaml}```")
     writer.add_text("postrain/lineage", f"```json\n{json.dumps(config['lineage'], indent=2)}\n```")
     writer.add_text("postrain/command", f"`{config['command_line']}`")
-    from torch.utils.tensorboard.summary import hparams
+    from torch.utils.tensorboard.summary import hparams  # optional: tensorboard
 
     # hparams take numbers, strings and booleans; lists, mappings and nulls of the recipe stay in the text above
     simple = {f"recipe.{k}": v for k, v in flatten(config["recipe"]).items()

@@ -37,10 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from postrain.errors import RecipeError
+from postrain.data.sources import is_local, load_source, source_size
+from postrain.errors import DataError, RecipeError
 from postrain.files import SAMPLES_DIR  # the run directory's name, read by the reports too
+from postrain.models.generation import generate_with_ids
 from postrain.recipes.schema import GenerationSpec, TrainEvalGenerationSpec, TrainEvalSpec
 from postrain.recipes.validate import origin_of, validate_section
+from postrain.rewards import RewardSpecError, build_rewards, check_reward_columns, policy_options
 
 SECTION = "eval_during_training"
 TRAINING_COMMANDS = ("sft", "dpo", "grpo")
@@ -58,9 +61,6 @@ def set_spec(cfg: dict, spec: dict) -> tuple[dict, list[str]]:
 
 def load_set(cfg: dict, spec: dict, where: str):
     """Load one set as `set_spec` formats it; an inherited prompt_template that does not fit the set says so."""
-    from postrain.data.sources import load_source
-    from postrain.errors import DataError
-
     spec, inherited = set_spec(cfg, spec)
     try:
         return load_source(spec, "eval", where=where)
@@ -141,8 +141,6 @@ class TrainEval:
         section = section_with_defaults(recipe.cfg)
         if section is None:
             return None
-        from postrain.rewards import check_reward_columns
-
         rewards, weights = build_section_rewards(recipe, section)
         sets = []
         for name, spec in section["sets"].items():
@@ -162,9 +160,9 @@ class TrainEval:
                               ) -> tuple[dict[str, float], list[dict]]:
         """`evaluate`'s logs and the first `save_samples` sample records of each set (postrain eval's records:
         prompt, completion, answer, score, rewards, parsed; with `set` and `completion_tokens`)."""
-        import torch
+        import torch  # slow: torch, needed only when this runs
 
-        from postrain.models.generation import generate_with_ids
+        # cycle: postrain.jobs.evaluate imports postrain.jobs.checks, which imports this module
         from postrain.jobs.evaluate import score_set
 
         was_training = model.training
@@ -208,7 +206,7 @@ class TrainEval:
         steps and at the end, and passing the results to `record(state, logs)` (metrics.jsonl and the console).
         It runs in `on_step_end`, before the trainer logs that step, so the model is back in train mode when the
         trainer decides whether its logs are train or eval metrics."""
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # slow: transformers, needed only when this runs
 
         train_eval = self
 
@@ -245,8 +243,6 @@ class TrainEval:
 def build_section_rewards(recipe, section: dict) -> tuple[list, list[float]]:
     """The section's rewards, else the job's own (grpo), each built anew: their error counts are the
     evaluation's, not mixed into training's `rewards/<name>/errors`."""
-    from postrain.rewards import RewardSpecError, build_rewards, policy_options
-
     own = bool(section["rewards"])
     specs = section["rewards"] if own else recipe.cfg.get("rewards") or []
     policy = section["reward_errors"] or recipe.cfg.get("reward_errors") or {}  # sft / dpo have none: fail
@@ -258,9 +254,6 @@ def build_section_rewards(recipe, section: dict) -> tuple[list, list[float]]:
 
 def plan_lines(recipe) -> dict[str, str]:
     """`--dry-run`'s account of the section; builds the rewards and checks the columns of every local set."""
-    from postrain.data.sources import is_local, source_size
-    from postrain.rewards import check_reward_columns
-
     section = section_with_defaults(recipe.cfg)
     if section is None:
         return {}

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from postrain.errors import RecipeError
-from postrain.recipes.schema import RECIPE_SCHEMAS
+from postrain.recipes.schema import RECIPE_SCHEMAS, LaunchSpec, RewardErrorPolicy
 from postrain.recipes.validate import ConfigClass, validate_recipe
 
 BUILTIN = "built-in defaults"
@@ -130,8 +130,6 @@ def recipe_hash(cfg: dict) -> str:
     cfg = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
     launch = cfg.get("launch")
     if isinstance(launch, dict):
-        from postrain.recipes.schema import LaunchSpec
-
         layout = {k: v for k, v in launch.items() if k not in LAUNCH_LOCATION_KEYS}
         default = {k: v for k, v in dataclasses.asdict(LaunchSpec()).items() if k not in LAUNCH_LOCATION_KEYS}
         cfg = {k: v for k, v in cfg.items() if k != "launch"}
@@ -141,8 +139,6 @@ def recipe_hash(cfg: dict) -> str:
     if isinstance(errors, dict):
         # The reward time limits (added later) count only when set away from their defaults, so recipes written
         # before them keep their hash (a finished pipeline stage is not rerun, --resume is not refused).
-        from postrain.recipes.schema import RewardErrorPolicy
-
         default = dataclasses.asdict(RewardErrorPolicy())
         cfg["reward_errors"] = {k: v for k, v in errors.items()
                                 if k not in TIME_LIMIT_KEYS or v != default[k]}
@@ -315,6 +311,7 @@ def read_recipe(
         raise RecipeError(f"cannot resolve interpolation{f' in {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}") from None
     if declared == "grpo":
         # `method: dapo` becomes its rl: parts, as a layer just below the recipe's own rl: keys
+        # slow: torch (through postrain.rl.methods), recipe loading must not import it
         from postrain.rl.methods import apply_method
 
         apply_method(cfg, origins, _leaf_origins)

@@ -29,7 +29,7 @@ def _library_dataclass(meta: dict, config_class: ConfigClass | None) -> type | N
             raise TypeError("validating a trainer: section needs config_class (postrain.trainers.config_class)")
         return config_class(meta["trainer_config"])
     if "peft" in meta:
-        import peft
+        import peft  # slow: peft, needed only when this runs
 
         return getattr(peft, meta["peft"])
     return None
