@@ -20,9 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from postrain.errors import PostrainError
-from postrain.launch.vllm import check_serve_installed, serve, serve_command
 from postrain.registry import FAMILIES, suggest
-from postrain.reports.plot import plot as plot_runs
 
 app = typer.Typer(
     name="postrain",
@@ -63,7 +61,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def load(recipe: str, overrides: list[str] | None, command: str | None, smoke: bool = False):
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs import load_recipe, load_smoke_recipe
 
     loaded = load_smoke_recipe(recipe, overrides or [], command) if smoke else load_recipe(recipe, overrides or [],
@@ -95,7 +93,7 @@ def _worker_args(name: str, recipe: str, overrides: list[str], smoke: bool, over
 
 def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overwrite: bool, resume: bool,
          stage: str | None = None) -> None:
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs.signals import Interrupted
     # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
     from postrain.launch.launcher import launched_worker, record_rank_error
@@ -108,7 +106,7 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
         if dry_run:
             _print_plan(recipe_obj, worker_args)
             return
-        # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+        # slow: torch (through postrain.jobs), --help must not load it
         from postrain.jobs import RunOptions, run_job
 
         cmdline = " ".join(shlex.quote(a) for a in ["postrain", *sys.argv[1:]])
@@ -118,7 +116,7 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
         from postrain.launch.launcher import launch_section, needs_launch
 
         if command != "pipeline" and needs_launch(launch_section(recipe_obj.cfg)):  # a pipeline launches per stage
-            # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+            # slow: torch (through postrain.jobs), --help must not load it
             from postrain.jobs.common import run_launched
 
             run_launched(recipe_obj, options, worker_args)
@@ -142,7 +140,7 @@ def _job(command: str, recipe: str, overrides, dry_run: bool, smoke: bool, overw
 
 
 def _print_plan(recipe_obj, worker_args: list[str] | None = None) -> None:
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs.plan import plan
 
     rows = plan(recipe_obj, worker_args=worker_args)
@@ -225,8 +223,10 @@ def vllm_serve(recipe: str = RecipeArg, overrides: Optional[list[str]] = Overrid
                vllm_args: str = typer.Option("", "--vllm-args", help="Further `vllm serve` arguments, as one "
                                              "string (e.g. \"--enforce-eager --max-num-seqs 64\").")) -> None:
     """Start TRL's vLLM server for a GRPO recipe with trainer.vllm_mode: server (its model and vLLM settings)."""
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs.common import quiet_libraries
+    # slow: postrain.launch.vllm (model loading helpers, ~15 ms), --help does not need it
+    from postrain.launch.vllm import check_serve_installed, serve, serve_command
     quiet_libraries()  # the tiny model may be built first: no progress bars around the printed command
     try:
         recipe_obj = load(recipe, overrides, "grpo")
@@ -293,7 +293,7 @@ def recipes(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bool) -> None:
     """`postrain recipes --check`: liveness of every recipe (pipelines stage by stage, as the pipeline loads them)."""
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs.catalog import check_recipes
     from postrain.jobs.pipeline import stage_recipe
 
@@ -318,7 +318,7 @@ def _recipes_check(root: Optional[Path], papers: bool, strict: bool, as_json: bo
 
 def _recipes_inherited(ref: str, as_json: bool) -> None:
     """`postrain recipes --inherited RECIPE`: the fields RECIPE leaves to others, grouped by where they come from."""
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs import load_recipe
     from postrain.jobs.catalog import inherited_fields
     # slow: omegaconf (through postrain.recipes, ~90 ms), --help does not need it
@@ -353,7 +353,7 @@ def _recipes_inherited(ref: str, as_json: bool) -> None:
 def variants(family: Optional[str] = typer.Option(None, "--family", help="Only this family (e.g. preference, advantage)."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the registered method parts: preference losses, advantages, policy losses, aggregations, ..."""
-    # slow: torch (through postrain.variants), --help and recipe loading must not load it
+    # slow: torch (through postrain.variants), --help must not load it
     from postrain.variants import all_variants
 
     rows = [v.as_dict() for v in all_variants(family)]
@@ -379,6 +379,8 @@ def plot(runs: list[Path] = typer.Argument(..., help="Run directories (a pipelin
                                      "points go beside it as .json."),
          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing figure.")) -> None:
     """Training curves (reward, task metric, KL, entropy, length, clip fraction, loss, ...) of runs, overlaid."""
+    from postrain.reports.plot import plot as plot_runs  # slow: postrain.reports.plot (~40 ms), --help does not need it
+
     try:
         result = plot_runs(runs, output, overwrite)
     except PostrainError as e:
@@ -413,7 +415,7 @@ def push(run: Path = typer.Argument(..., help="A finished sft, dpo, grpo or merg
                                                 "hub.revision, else the default branch).")) -> None:
     """Upload a finished run's model folder (weights, tokenizer, model card) to the Hugging Face hub; also retries a
     push that failed after a run."""
-    # slow: torch (through postrain.jobs), --help and recipe loading must not load it
+    # slow: torch (through postrain.jobs), --help must not load it
     from postrain.jobs.hub import push_finished_run
 
     try:
