@@ -47,13 +47,14 @@ def fsync_tree(root: Path, durable: tuple[Path, ...] = ()) -> None:
     """fsync every file under `root`, then every directory (children before parents), except the folders in
     `durable`: each was made durable when it was published and not written since."""
     root, durable = Path(root), {Path(d) for d in durable}
+    folders = []
     for folder, dirs, files in os.walk(root, topdown=True):
         dirs[:] = [d for d in dirs if Path(folder) / d not in durable]
+        folders.append(Path(folder))
         for name in files:
             fsync_path(Path(folder) / name)
-    for folder, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(Path(w[0]).parts)):
-        if not any(Path(folder) == d or d in Path(folder).parents for d in durable):
-            fsync_path(Path(folder))
+    for folder in reversed(folders):  # children before parents
+        fsync_path(folder)
 
 
 def partial_dir(final: Path) -> Path:
