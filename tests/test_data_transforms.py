@@ -12,6 +12,7 @@ from postrain.data.sources import check_source_options, load_source, source_size
 from postrain.data.transforms import TRANSFORMS
 from postrain.errors import DataError, RecipeError
 from postrain.jobs import load_recipe
+from postrain.recipes.validate import other_keys
 from tests.conftest import write_recipe
 
 SFT = "defaults: [base/sft]\nmodel: {name_or_path: tiny}\n"
@@ -56,6 +57,49 @@ def test_a_registered_transform_loads_with_no_other_edit(tmp_path, truncate):
         load_recipe(recipe, ["data.train.pairing.min_margin=1"], "sft")
 
 
+def test_a_transform_with_a_section_of_its_own_needs_no_schema_edit(tmp_path):
+    """A new section name is a source key as soon as an entry owns it: the schema reads the source's keys from the
+    registry (no SourceSpec field), and the registry's checks apply to it."""
+    @TRANSFORMS.register("clip", section="clipping", rows_per_row=1, ranges={"max_chars": ">= 1"})
+    def clip(rows: list[dict], where: str, *, max_chars: int = 100) -> list[dict]:
+        return [{**row, "completion": row["completion"][:max_chars]} for row in rows]
+
+    recipe = write_recipe(tmp_path / "toy.yaml", SFT + "data: {train: {source: builtin:arithmetic, "
+                                                       "transform: clip, clipping: {max_chars: 1}}}\n")
+    try:
+        loaded = load_recipe(recipe, [], "sft")
+        assert loaded.cfg["data"]["train"]["clipping"] == {"max_chars": 1}
+        cut = load_source(loaded.cfg["data"]["train"], "sft", where="data.train")
+        assert set(map(len, cut["completion"])) == {1}
+        with pytest.raises(RecipeError, match=r"data\.train\.clipping\.max_chars: must be >= 1, got 0"):
+            load_recipe(recipe, ["data.train.clipping.max_chars=0"], "sft")
+        typo = write_recipe(tmp_path / "typo.yaml", SFT + "data: {train: {source: builtin:arithmetic, "
+                                                          "transform: clip, cliping: {max_chars: 1}}}\n")
+        with pytest.raises(RecipeError, match=r"unknown key 'data\.train\.cliping' .*did you mean 'clipping'"):
+            load_recipe(typo, [], "sft")
+        with pytest.raises(RecipeError, match=r"data\.train\.clipping: set only with transform: clip"):
+            load_recipe(recipe, ["data.train.transform=null"], "sft")
+    finally:
+        del TRANSFORMS.entries["clip"]
+    with pytest.raises(RecipeError, match=r"unknown key 'data\.train\.clipping'"):  # no entry owns it any more
+        load_recipe(recipe, ["data.train.transform=null"], "sft")
+
+
+def test_the_package_imports_every_transform_module():
+    """A transform file is found by being in the folder: no import list to extend."""
+    import pkgutil
+    import sys
+
+    import postrain.data.transforms as package
+
+    modules = [m.name for m in pkgutil.iter_modules(package.__path__)]
+    assert {"pairing", "steps", "best_of_k", "registry"} <= set(modules)
+    assert all(f"postrain.data.transforms.{name}" in sys.modules for name in modules)
+    # each module but the registry's registers entries, and every shipped entry comes from one of them
+    assert {variant.fn.__module__ for variant in TRANSFORMS} == \
+        {f"postrain.data.transforms.{name}" for name in modules if name != "registry"}
+
+
 def test_an_empty_result_says_why(tmp_path):
     @TRANSFORMS.register("drop_all", rows_per_row=None, empty="it drops every row")
     def drop_all(rows: list[dict], where: str) -> list[dict]:
@@ -94,12 +138,16 @@ def test_settings_are_checked_against_the_signature(spec, message):
 
 
 def test_every_entry_states_its_facts_and_keys_a_source_has():
-    source_keys = {f.name for f in dataclasses.fields(SourceSpec)}
+    # the keys a transform owns are a source's keys besides SourceSpec's own fields (the schema reads them from the
+    # registry: other_keys), never one of those fields
+    source_fields = {f.name for f in dataclasses.fields(SourceSpec)}
+    accepted = other_keys(SourceSpec)
     for variant in TRANSFORMS:
         assert "rows_per_row" in variant.extra, f"{variant.name}: say whether its size is known before it runs"
         owned = variant.extra.get("section") or None
         keys = [owned] if owned else list(variant.params)
-        assert set(keys) <= source_keys, f"{variant.name} reads {keys}, not all of them source keys"
+        assert set(keys) <= set(accepted), f"{variant.name} reads {keys}, not all of them source keys"
+        assert not set(keys) & source_fields, f"{variant.name} reads {keys}: a SourceSpec field is not its to read"
         assert set(variant.data) <= {"rows", "dataset", "where", "source", "prompt_template", "solution_rows"}
         for model_key in variant.extra.get("models", ()):
             assert model_key in variant.params

@@ -55,7 +55,7 @@ def test_each_sample_is_scored_beta_log_ratio_minus_length_penalty():
     spec = as_source({"source": "x.jsonl", "transform": "implicit_reward_pairs",
                       "implicit_reward": {"policy": tiny(0), "reference": tiny(1), "beta": beta,
                                           "length_penalty": alpha, "min_samples": 2, "batch_size": 2}})
-    pairs = implicit_reward_pairs(rows, "data.train", spec, **spec.implicit_reward)
+    pairs = implicit_reward_pairs(rows, "data.train", spec, **spec.transform_settings["implicit_reward"])
 
     policy, tokenizer, _ = load_model(tiny(0))
     reference, _, _ = load_model(tiny(1))

@@ -48,19 +48,8 @@ class SourceSpec:
     # step_pairs, step_prefixes, step_controlled_pairs (steps.py), best_of_k, thought_dropout,
     # implicit_reward_pairs. Checked against the registry when the recipe loads.
     transform: str | None = None
-    # `curriculum_pairs`' stage (Curry-DPO): which of each prompt's pairs, by falling score gap, from 0.
-    curriculum_stage: int | None = None
     # Take one slice of the rows (sDPO's data chunks); see ChunkSpec.
     chunk: ChunkSpec | None = None
-    # The transforms' settings, each section read by the transforms whose entry names it (keys: their parameters):
-    # `pairing:` score_pairs / win_rate_pairs; `thought_dropout:` thought_dropout (TON); `steps:` step_pairs,
-    # step_prefixes, step_controlled_pairs; `best_of_k:` best_of_k (RAFT); `implicit_reward:` implicit_reward_pairs
-    # (DICE). A section set without its transform is refused when the recipe loads.
-    pairing: dict[str, Any] | None = None
-    thought_dropout: dict[str, Any] | None = None
-    steps: dict[str, Any] | None = None
-    best_of_k: dict[str, Any] | None = None
-    implicit_reward: dict[str, Any] | None = None
     # Concatenate a second source's rows with these (DICE's experience replay of offline pairs; see MixSpec).
     mix: MixSpec | None = None
     # Training rows whose prompt does not fit (sft / dpo: at least trainer.max_length tokens, so TRL's truncation
@@ -69,6 +58,11 @@ class SourceSpec:
     # (reported). null: refuse in sft / dpo, keep in grpo (RoPE models run past their nominal positions; TRL
     # does not cut GRPO prompts). See postrain.data.lengths.
     too_long: Literal["refuse", "drop", "keep"] | None = None
+    # The transform's settings: the source's other keys, as written: its section (`pairing: {...}`, `steps: {...}`)
+    # or its parameters as source keys (curriculum_pairs' `curriculum_stage: 1`). The transforms' registry says
+    # which keys those are (postrain.data.transforms.transform_keys: each entry's `section`, or its parameters), and
+    # the recipe check reads them from there; no field here names them, so a new transform is one file.
+    transform_settings: dict[str, Any] = field(default_factory=dict, metadata={"recipe_key": False})
 
 
 @dataclass
@@ -84,14 +78,24 @@ class MixSpec(SourceSpec):
     new_prompts_only: bool = True
 
 
-SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(SourceSpec))
+SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(SourceSpec) if f.metadata.get("recipe_key", True))
 
 
 def as_source(spec: dict | SourceSpec) -> SourceSpec:
+    """A source as written (a recipe mapping, validated) as a SourceSpec: its own keys as fields, every other key in
+    `transform_settings` (the transform's settings; an eval set's `generation:` rides along unread)."""
     if isinstance(spec, SourceSpec):
         return spec
-    # Keys of richer specs (an eval set's `generation:`) are not the source's business; the recipe was validated.
-    return SourceSpec(**{k: v for k, v in spec.items() if k in SOURCE_KEYS})
+    return SourceSpec(**{k: v for k, v in spec.items() if k in SOURCE_KEYS},
+                      transform_settings={k: v for k, v in spec.items() if k not in SOURCE_KEYS})
+
+
+def as_mapping(spec: dict | SourceSpec) -> dict:
+    """A source as its recipe mapping: as_source's inverse (its transform's settings back among its keys)."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    out = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "transform_settings"}
+    return {**out, **spec.transform_settings}
 
 
 def describe(spec: SourceSpec) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from postrain.data.mix import MIX_KEYS, check_mix, mix_rows
 from postrain.data.rows import format_row, read_labelled_rows, read_rows
-from postrain.data.source_spec import SOURCE_KEYS, MixSpec, SourceSpec, as_source, describe
+from postrain.data.source_spec import MixSpec, SourceSpec, as_mapping, as_source, describe
 from postrain.data.transforms import TRANSFORMS, check_transform, given_params, rows_per_row
 from postrain.data.transforms.registry import empty_reason
 from postrain.data.values import VALUE_KINDS, check_job_values
@@ -127,10 +127,10 @@ def mixed(ds, spec: SourceSpec, job: str, where: str):
     """`ds` (this source, loaded and formatted) mixed with `spec.mix`'s source, loaded the same way."""
     import datasets  # slow to import: only once data loads
 
-    mix = spec.mix if isinstance(spec.mix, dict) else dataclasses.asdict(spec.mix)
+    mix = as_mapping(spec.mix)
     defaults = MixSpec()
     settings = {key: mix.get(key, getattr(defaults, key)) for key in MIX_KEYS}
-    source = {k: v for k, v in mix.items() if k in SOURCE_KEYS}
+    source = {k: v for k, v in mix.items() if k not in MIX_KEYS}
     there = load_source(source, job, where=f"{where}.mix")
     rows = mix_rows(ds.to_list(), there.to_list(), settings["fraction"], settings["seed"],
                     settings["new_prompts_only"], where)

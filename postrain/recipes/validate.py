@@ -16,6 +16,8 @@ import types
 import typing
 from typing import Any, Callable, Union
 
+from postrain.data.source_spec import SourceSpec
+from postrain.data.transforms import transform_keys
 from postrain.errors import RecipeError, did_you_mean, origin_of
 from postrain.value_types import matches as _matches, type_name
 
@@ -37,12 +39,14 @@ def _library_dataclass(meta: dict, config_class: ConfigClass | None) -> type | N
 
 @functools.lru_cache(maxsize=None)
 def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> type annotation of a dataclass (init fields only), with string annotations resolved."""
+    """Field name -> type annotation of a dataclass's recipe keys (init fields not marked `recipe_key: False`), with
+    string annotations resolved."""
     try:
         hints = typing.get_type_hints(cls)
     except Exception:  # some library annotations do not resolve; fall back to the raw ones
         hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)
+            if f.init and f.metadata.get("recipe_key", True)}
 
 
 def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, str]) -> RecipeError:
@@ -86,14 +90,24 @@ def _dataclass_members(tp: Any) -> list[type]:
     return []
 
 
+def other_keys(cls: type) -> dict[str, str]:
+    """Keys a section takes besides its dataclass's fields -> what reads them: a data source's transform settings
+    (SourceSpec.transform_settings), the keys its registered transforms own (postrain.data.transforms, which checks
+    their contents when the recipe loads)."""
+    return transform_keys() if issubclass(cls, SourceSpec) else {}
+
+
 def _validate_dataclass(value: dict, cls: type, path: str, origins: dict[str, str],
                         config_class: ConfigClass | None) -> None:
     types_ = field_types(cls)
+    extra = other_keys(cls)
     metas = {f.name: dict(f.metadata) for f in dataclasses.fields(cls)}
     for key, sub in value.items():
         sub_path = f"{path}.{key}" if path else str(key)
+        if key in extra:
+            continue
         if key not in types_:
-            raise unknown_key_error(sub_path, str(key), list(types_), origins)
+            raise unknown_key_error(sub_path, str(key), [*types_, *extra], origins)
         validate_section(sub, types_[key], sub_path, origins, metas.get(key), config_class)
 
 

@@ -1,7 +1,13 @@
-"""The data transforms (`transform:` of a source), one module per kind, each registered in TRANSFORMS
-(postrain.data.transforms.registry). Importing the package registers them all."""
+"""The data transforms (`transform:` of a source), one module per kind, each registering its entries in TRANSFORMS
+(postrain.data.transforms.registry). Importing the package imports every module in it, so a new transform is a new
+file here and nothing else."""
 
-from postrain.data.transforms import best_of_k, implicit_reward_pairs, pairing, steps, thought_dropout  # noqa: F401
-from postrain.data.transforms.registry import TRANSFORMS, check_transform, given_params, rows_per_row
+import importlib
+import pkgutil
 
-__all__ = ["TRANSFORMS", "check_transform", "given_params", "rows_per_row"]
+from postrain.data.transforms.registry import TRANSFORMS, check_transform, given_params, rows_per_row, transform_keys
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["TRANSFORMS", "check_transform", "given_params", "rows_per_row", "transform_keys"]

@@ -59,7 +59,18 @@ def required_params(variant: Variant) -> list[str]:
 
 
 def _get(spec: Any, key: str) -> Any:
-    return spec.get(key) if isinstance(spec, dict) else getattr(spec, key, None)
+    """A transform's source key, from the source as written (a mapping) or as a SourceSpec (its other keys)."""
+    return spec.get(key) if isinstance(spec, dict) else spec.transform_settings.get(key)
+
+
+def transform_keys() -> dict[str, str]:
+    """Every source key a registered transform owns -> the transform(s) reading it: the keys a source may have
+    besides SourceSpec's own fields (the recipe schema accepts them; check_transform checks their contents)."""
+    keys: dict[str, list[str]] = {}
+    for entry in TRANSFORMS:
+        for key in owned_keys(entry):
+            keys.setdefault(key, []).append(entry.name)
+    return {key: " / ".join(names) for key, names in keys.items()}
 
 
 def given_params(spec: Any, variant: Variant) -> dict[str, Any]:
