@@ -15,7 +15,10 @@ reward function and the same GRPOConfig (the recipe's resolved `trainer:` sectio
 order of the variants rotates every repeat. Printed per variant: the whole process' wall time and the median
 step time over the steps after the first (TRL's `step_time`: generation, scoring, forward and backward), each as
 min / median / max over the repeats, and the ratio to plain TRL of the medians (> 1: faster than TRL); and the first
-step's reward and gradient norm, which must equal TRL's for `postrain` and `rl` (the same computation).
+step's reward and gradient norm, which must equal TRL's for `postrain` and `rl` (the same computation). Then each
+variant's cost over TRL from the pairs of each repeat (the median paired difference of the process' wall time, its
+CPU time with its children, and the step time), with a 95% bootstrap interval: a bound such as issue 16's 3% for
+`postrain` is shown met when the interval's upper end is under it.
 Timings on a machine other processes are using are noise: quote figures from an idle machine only.
 """
 
@@ -26,6 +29,7 @@ import compileall
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -106,16 +110,34 @@ def run_variant(name: str, work: Path, setup: dict, args, out: Path) -> dict:
         recipe = work / f"{name.replace('+', '_')}.yaml"
         recipe.write_text("defaults: [base.yaml]\n" + VARIANTS[name].format(buffer=max(1, args.completion // 2)))
         command = [sys.executable, "-m", "postrain.cli", "grpo", str(recipe), f"output_dir={out}", "--overwrite"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=environment(args))
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # the process and its children
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     logs = (json.loads((out / "log_history.json").read_text()) if VARIANTS[name] is None else
             [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
     steps = [m for m in logs if "step_time" in m]
-    return {"wall": wall, "step": statistics.median(m["step_time"] for m in steps[1:] or steps),
+    return {"wall": wall, "cpu": cpu, "step": statistics.median(m["step_time"] for m in steps[1:] or steps),
             "first": steps[0]}
+
+
+def paired_overhead(variant: list[dict], baseline: list[dict], key: str, resamples: int = 10000) -> str:
+    """The variant's cost over the baseline from the pairs run back to back in each repeat: the median of the
+    paired differences (variant - baseline) as a share of the baseline's median, with a seeded 95% percentile
+    bootstrap interval of that median. Pairing removes what drifts between repeats (a neighbour's load); the
+    interval says whether the repeats pin the figure down (a bound is shown met only when the interval is under
+    it)."""
+    base = statistics.median(r[key] for r in baseline)
+    diffs = [v[key] - b[key] for v, b in zip(variant, baseline)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    low, high = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    return (f"{statistics.median(diffs):+.2f} s ({100 * statistics.median(diffs) / base:+.1f}%), 95% "
+            f"[{100 * low / base:+.1f}%, {100 * high / base:+.1f}%]")
 
 
 def main() -> None:
@@ -169,6 +191,12 @@ def main() -> None:
         print(f"{name:12s} {stats(walls):>24s} {stats(steps):>24s} {base_wall / statistics.median(walls):14.3f}x "
               f"{base_step / statistics.median(steps):11.3f}x   {first.get('reward', float('nan')):.6f}, "
               f"{first.get('grad_norm', float('nan')):.6f}")
+    print("\npaired with TRL in each repeat: median (variant - TRL) over the repeats, share of TRL's median, and "
+          "its 95% bootstrap interval")
+    for name, runs in results.items():
+        if name != "trl":
+            print(f"{name:12s} process wall {paired_overhead(runs, results['trl'], 'wall')}; process CPU "
+                  f"{paired_overhead(runs, results['trl'], 'cpu')}; step {paired_overhead(runs, results['trl'], 'step')}")
 
 
 if __name__ == "__main__":
