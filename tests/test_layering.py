@@ -1,4 +1,5 @@
-"""The layers of postrain, read from the source: cli -> jobs -> trainers -> registries -> models, tensors, errors.
+"""The layers of postrain, read from the source: cli -> jobs -> trainers -> recipes -> data, rewards -> models ->
+method registries -> registry -> tensors, errors (LAYERS has them all).
 
 Every import of one postrain package by another (at module level or inside a function: both are arrows) must
 point to a lower layer. The arrows that point up or sideways today are listed in KNOWN_ARROWS, one per importing
@@ -21,8 +22,10 @@ POSTRAIN = Path(__file__).resolve().parent.parent / "postrain"
 LAYERS = [
     {"errors"},
     {"value_types", "tensors", "files"},                    # files: atomic writes, run-directory names
-    {"models", "registry"},                                  # the Registry mechanism; models and their loading
-    {"preference", "rl", "rewards", "data", "merging"},     # the registries and libraries
+    {"registry"},                                            # the Registry mechanism
+    {"preference", "rl"},                                    # the method registries: pure functions over tensors
+    {"models"},                                              # models and their loading
+    {"rewards", "data", "merging"},                          # the libraries that load models or run rewards
     {"evaluation", "variants"},                              # evaluation scores with rewards; every method entry
     {"recipes"},                                             # the recipe vocabulary, loading and checks
     {"trainers", "launch"},
