@@ -1,7 +1,9 @@
 """Jobs: one module per command, the only code that wires data, models, trainers and rewards. Each job module has
 `run(recipe, options)`, `check(cfg, origins)` (its load-time checks: postrain.jobs.checks has those several
-jobs share) and `smoke_layer(cfg)` (what --smoke swaps in: postrain.jobs.smoke has the shared parts); JOB_MODULES,
-the per-command table, is how the loading (postrain.jobs.loading) and `run_job` reach them."""
+jobs share), `plan(recipe, check_models, worker_args)` (its --dry-run lines after the shared head:
+postrain.jobs.plan has the shared parts) and `smoke_layer(cfg)` (what --smoke swaps in: postrain.jobs.smoke has the
+shared parts); JOB_MODULES, the per-command table, is how the loading (postrain.jobs.loading), --dry-run and
+`run_job` reach them."""
 
 from __future__ import annotations
 

@@ -28,9 +28,12 @@ the losses and gradients stay those of the standard batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from postrain.errors import RecipeError, origin_of
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.plan import batch_unit, check_models_exist, sequence_batch_plan, training_plan
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.recipes import Recipe
 from postrain.recipes.checks import check_loss_models
@@ -60,6 +63,20 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_health("dpo", cfg, origins)
     checks.check_library_configs("dpo", cfg, origins, TRAINER_RANGES)
     checks.check_reward_errors(cfg, origins)
+
+
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The --dry-run lines of a dpo run after the head (postrain.jobs.plan): a training job's, one row of the batch
+    being what the `loss:` entries read (a preference pair, a list of K completions, one unpaired completion).
+    `check_models`: the model and reference exist (a pipeline stage's are written by earlier stages)."""
+    if check_models:
+        check_models_exist(recipe.cfg)
+
+    def batch_plan(args, rows: int | None, world: int) -> dict[str, Any]:
+        # the unit is read once TRL has accepted the config (its error, if any, is the one reported)
+        return sequence_batch_plan(args, rows, world, unit=batch_unit(recipe))
+
+    return training_plan(recipe, batch_plan, worker_args)
 
 
 def check_losses(cfg: dict, origins: dict[str, str]) -> None:

@@ -20,8 +20,8 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from postrain.data.sources import load_source
-from postrain.errors import DataError, RecipeError
+from postrain.data.sources import load_source, source_size
+from postrain.errors import DataError, RecipeError, did_you_mean
 from postrain.evaluation import lm_eval_backend  # imports lm-eval (optional) only where it runs
 from postrain.evaluation.metrics import group_prompts, per_prompt_metrics, summarize
 from postrain.evaluation.results import results_table
@@ -29,6 +29,7 @@ from postrain.evaluation.settings import check_eval_recipe, differences, model_e
 from postrain.evaluation.settings import set_generation, set_metric_settings
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
+from postrain.jobs.plan import check_models_exist, check_rewards
 from postrain.models.generation import generate_with_ids
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.models.loading import check_model_reference
@@ -49,6 +50,71 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_health("eval", cfg, origins)
     checks.check_reward_errors(cfg, origins)
 
+
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The --dry-run lines of an eval run after the head (postrain.jobs.plan): the model, or each of `models:`, then
+    lm-eval's tasks and settings (`eval.backend: lm_eval`) or, per set, its prompts, samples and decoding; the
+    rewards are built and the local sets checked for the columns they read. `check_models`: every model exists (a
+    pipeline stage's are written by earlier stages). `worker_args` is not read: eval runs in the calling process."""
+    cfg = recipe.cfg
+    if check_models:
+        check_models_exist(cfg)
+    lm_eval = (cfg.get("eval") or {}).get("backend") == "lm_eval"
+    if not lm_eval:  # lm-eval scores with its tasks' own metrics: no rewards, no sets
+        check_rewards(recipe, {f"sets.{name}": spec for name, spec in cfg["sets"].items()})
+    out: dict[str, Any] = {"model": cfg["model"]["name_or_path"]}
+    if cfg.get("models"):  # comparison mode: every model must exist
+        entries = model_entries(cfg)
+        for label, spec in entries.items():
+            if check_models:
+                check_model_reference(spec, f"models ({label})")
+        out["model"] = ", ".join(f"{label} ({spec['name_or_path']})" for label, spec in entries.items())
+    if lm_eval:
+        out.update(lm_eval_plan(recipe))
+    for name, spec in ({} if lm_eval else cfg["sets"]).items():
+        gen = {**cfg["generation"], **(spec.get("generation") or {})}
+        decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
+        out[f"set {name}"] = (f"{source_size(spec) or 'unknown'} prompts x {gen['num_samples']} samples, "
+                              f"{decoding}, <= {gen['max_new_tokens']} new tokens")
+    return out
+
+
+def lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
+    """`eval.backend: lm_eval`'s tasks and settings. Local tasks (task files, `include_path`) are checked by name:
+    indexing only the include_path takes milliseconds; lm-eval's own catalogue (thousands of YAML files, seconds) is
+    not indexed, so a registered name is checked when the run starts, before its directory is made. No dataset is
+    loaded (that needs the hub for registered tasks)."""
+    settings = lm_eval_backend.resolved_settings(recipe.cfg, recipe.origins)
+    include = settings.get("include_path")
+    local: list[str] = []
+    if include:
+        from lm_eval.tasks import TaskManager  # optional: lm_eval, the lm-evaluation-harness backend
+
+        local = list(TaskManager(include_path=include, include_defaults=False).all_tasks)
+    out: dict[str, Any] = {}
+    for task in settings["tasks"]:
+        if lm_eval_backend.is_task_file(task):
+            kind = "task file"
+        elif task in local:
+            kind = f"task in {include}"
+        else:
+            kind = "lm-eval task or group (name checked when the run starts; its dataset may need the hub)"
+            near = did_you_mean(task, local) if local else ""
+            if near:  # not an error: a registered task may share a local one's spelling; a typo is worth a word
+                kind += f"; not in include_path: {near}"
+        out[f"task {task}"] = kind
+    if include:
+        out["include_path"] = include
+    limit = settings["limit"]
+    out["num_fewshot"] = "each task's default" if settings["num_fewshot"] is None else settings["num_fewshot"]
+    out["limit"] = ("all documents" if limit is None else f"{limit:g} of each task's documents" if limit < 1
+                    else f"{int(limit)} documents per task")
+    out["lm-eval batch size"] = settings["batch_size"]
+    if settings.get("gen_kwargs"):
+        out["gen_kwargs"] = settings["gen_kwargs"]
+    if settings.get("apply_chat_template"):
+        out["apply_chat_template"] = settings["apply_chat_template"]
+    return out
 
 
 def smoke_layer(cfg: dict) -> dict:

@@ -14,9 +14,12 @@ rl_buffer.pt) and restored by --resume.
 
 from __future__ import annotations
 
+from typing import Any
+
 from postrain.errors import RecipeError
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.plan import check_models_exist, check_rewards, grpo_batch_plan, training_plan
 from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
 from postrain.rewards import build_rewards, check_reward_columns, policy_options
@@ -48,6 +51,19 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_health("grpo", cfg, origins)
     checks.check_library_configs("grpo", cfg, origins, TRAINER_RANGES)
     checks.check_reward_errors(cfg, origins)
+
+
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The --dry-run lines of a grpo run after the head (postrain.jobs.plan): vLLM is there if the recipe uses it,
+    the rewards build and the local train and eval sets have the columns they read, then a training job's lines
+    with GRPO's batch arithmetic (completions, prompts, the generation batch). `check_models`: the model and
+    reference exist (a pipeline stage's are written by earlier stages)."""
+    cfg = recipe.cfg
+    if check_models:
+        check_models_exist(cfg)
+    check_vllm_installed(cfg, recipe.origins)
+    check_rewards(recipe, {"data.train": cfg["data"].get("train"), "data.eval": cfg["data"].get("eval")})
+    return training_plan(recipe, grpo_batch_plan, worker_args)
 
 
 def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import MODEL_SUBDIR, RunOptions, prepare_run_dir, running
 from postrain.jobs.hub import push_after_run
+from postrain.jobs.plan import hub_plan
 from postrain.jobs.rundir import partial_dir, publish
-from postrain.merging import run_mergekit, validate_merge_config
+from postrain.merging import model_references, run_mergekit, validate_merge_config
 from postrain.models.loading import resolve_model_path
 from postrain.recipes import Recipe
 from postrain.reports.model_card import write_model_card
@@ -29,6 +31,19 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_run_sections("merge", cfg, origins)
     checks.check_health("merge", cfg, origins)
     checks.check_reward_errors(cfg, origins)
+
+
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The --dry-run lines of a merge after the head (postrain.jobs.plan): the method, the input models and the hub
+    target. `check_models`: every input exists (a pipeline's are written by earlier stages). `worker_args` is not
+    read: a merge runs in the calling process."""
+    cfg = recipe.cfg
+    out: dict[str, Any] = {"merge method": cfg["merge"].get("merge_method"),
+                           "models": ", ".join(model_references(cfg["merge"]))}
+    if check_models:
+        validate_merge_config(cfg["merge"], resolve_model=resolve_model_path)
+    out.update(hub_plan(cfg))
+    return out
 
 
 def check_merge_section(cfg: dict) -> None:

@@ -25,8 +25,10 @@ from postrain.jobs import checks
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
 from postrain.jobs.common import run_launched
+from postrain.jobs.hub import hub_target
 from postrain.jobs.loading import load_recipe, load_smoke_recipe
 from postrain.jobs.signals import Interrupted
+from postrain.jobs.table import job_module
 from postrain.launch.launcher import launch_section, needs_launch
 from postrain.recipes import Recipe, find_recipe
 from postrain.reports.rundir import model_inputs, upstream_stages  # pipeline facts the reports read too
@@ -40,6 +42,20 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_health("pipeline", cfg, origins)
     checks.check_reward_errors(cfg, origins)
 
+
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The --dry-run lines of a pipeline after the head (postrain.jobs.plan): one per stage, its command, recipe,
+    run directory, hash and hub target. Every stage's recipe is loaded and planned by its own job now, without
+    checking its models (earlier stages write them); `check_models` and `worker_args` are not read (each stage
+    launches itself)."""
+    out: dict[str, Any] = {}
+    for name, stage in recipe.cfg["stages"].items():
+        loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
+        job_module(loaded.command).plan(loaded, check_models=False)
+        out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
+        if hub_target(loaded.cfg):
+            out[f"stage {name}"] += f", pushed to {hub_target(loaded.cfg)['repo_id']}"
+    return out
 
 
 def smoke_layer(cfg: dict) -> dict:

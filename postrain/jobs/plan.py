@@ -1,5 +1,10 @@
 """`--dry-run`: everything about a recipe that can be checked without loading weights, and the run's plan.
 
+The plan is the head every command shares (`plan_head`) and the lines of the command's own job (`plan` of its job
+module, reached through postrain.jobs.table); this module holds the pieces those jobs share: the training jobs'
+lines (`training_plan`: the launch, TRL's batch arithmetic, the memory plan, the trackers, the hub target), the
+model and reward checks.
+
 The trainer's config is built exactly as the job builds it (TRL's own `__post_init__` checks and derives the
 batch arithmetic: GRPO's generation batch, its divisibility by `num_generations`, the eval batch, DPO's
 `loss_weights`), the datasets are counted, reward columns checked and model references resolved. "Valid" then
@@ -10,22 +15,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from unittest import mock
 
 from postrain.data.sources import is_local, load_source, source_size
-from postrain.errors import PostrainError, RecipeError, did_you_mean
-from postrain.evaluation.lm_eval_backend import is_task_file, resolved_settings
-from postrain.evaluation.settings import model_entries
+from postrain.errors import PostrainError, RecipeError
 from postrain.jobs.common import peft_config, trainer_config
-from postrain.jobs.hub import describe_target, hub_target
+from postrain.jobs.hub import describe_target
+from postrain.jobs.table import job_module
 from postrain.jobs.trackers import report_to_names
 from postrain.jobs.train_eval import plan_lines
 from postrain.launch.launcher import command_line, launch_section, needs_launch, sharding_strategy, world_size
 from postrain.launch.memory import memory_plan
-from postrain.launch.vllm import check_vllm_installed
-from postrain.merging import model_references, validate_merge_config
-from postrain.models.loading import check_model_reference, resolve_model_path
+from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
 from postrain.rewards import build_rewards, check_reward_columns
 from postrain.trainers import config_class
@@ -60,14 +62,30 @@ def trainer_args_for_check(command: str, cfg: dict) -> None:
     peft_config(recipe)
 
 
-def _train_rows(recipe: Recipe) -> int | None:
-    spec = (recipe.cfg.get("data") or {}).get("train")
-    if spec is None:
-        raise RecipeError(f"`{recipe.command}` needs data.train (a dataset: builtin:<task>, a file, or a hub id)")
-    return source_size(spec)
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The run's plan as an ordered mapping of label -> value: the head every command shares, then the lines of its
+    job's own `plan` (reached through the per-command table). Raises a PostrainError for what would stop the run:
+    an impossible batch, a config TRL rejects, a reward column the data lacks, a model path that does not exist
+    (`check_models=False` for pipeline stages, whose inputs earlier stages write). `worker_args`: the command line
+    a launch would give its workers (shown in the launch command)."""
+    out = plan_head(recipe)
+    out.update(job_module(recipe.command).plan(recipe, check_models=check_models, worker_args=worker_args))
+    return out
 
 
-def _check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
+def plan_head(recipe: Recipe) -> dict[str, Any]:
+    """The lines every plan opens with: the command, where the run writes, the resolved recipe's hash."""
+    return {"command": recipe.command, "run directory": recipe.cfg["output_dir"], "recipe hash": recipe.hash}
+
+
+def check_models_exist(cfg: dict) -> None:
+    """`model` and `ref_model` name models that exist (a run directory, a packaged model, a local folder or a hub
+    id)."""
+    check_model_reference(cfg["model"], "model")
+    check_model_reference(cfg.get("ref_model"), "ref_model")
+
+
+def check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
     """Build the rewards (a bad entry fails here) and check the columns they read in every local dataset."""
     base_dir = recipe.path.parent if recipe.path else None
     rewards, _ = build_rewards(recipe.cfg["rewards"], base_dir=base_dir)
@@ -76,81 +94,51 @@ def _check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:
             check_reward_columns(rewards, load_source(spec, recipe.command, where=where), where)
 
 
-def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
-    """The run's plan as an ordered mapping of label -> value. Raises a PostrainError for what would stop the
-    run: an impossible batch, a config TRL rejects, a reward column the data lacks, a model path that does not
-    exist (`check_models=False` for pipeline stages, whose inputs earlier stages write). `worker_args`: the
-    command line a launch would give its workers (shown in the launch command)."""
-    cmd, cfg = recipe.command, recipe.cfg
-    out: dict[str, Any] = {"command": cmd, "run directory": cfg["output_dir"], "recipe hash": recipe.hash}
-    if check_models and cmd in ("sft", "dpo", "grpo", "eval"):
-        check_model_reference(cfg["model"], "model")
-        check_model_reference(cfg.get("ref_model"), "ref_model")
-    if cmd == "grpo":
-        check_vllm_installed(cfg, recipe.origins)
-        _check_rewards(recipe, {"data.train": cfg["data"].get("train"), "data.eval": cfg["data"].get("eval")})
-    lm_eval = cmd == "eval" and (cfg.get("eval") or {}).get("backend") == "lm_eval"
-    if cmd == "eval" and not lm_eval:  # lm-eval scores with its tasks' own metrics: no rewards, no sets
-        _check_rewards(recipe, {f"sets.{name}": spec for name, spec in cfg["sets"].items()})
-    if cmd in ("sft", "dpo", "grpo"):
-        out["model"] = cfg["model"]["name_or_path"]
-        out.update(_launch_plan(recipe, worker_args))
-        args = _trainer_args(recipe, world_size(launch_section(cfg)))  # TRL's own batch checks at that size
-        rows = _train_rows(recipe)
-        out["train rows"] = rows if rows is not None else "unknown (hub dataset; counted when loaded)"
-        world = world_size(launch_section(cfg))
-        per_device, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-        if cmd == "grpo":
-            out.update(_grpo_plan(args, rows, world))
-        else:
-            global_batch = per_device * accum * world
-            unit = _batch_unit(recipe) if cmd == "dpo" else "sequences"
-            out[f"global batch ({unit} per optimizer step)"] = f"{per_device} per device x {accum} accumulation x {world} processes = {global_batch}"
-            steps_per_epoch = math.ceil(rows / global_batch) if rows else None
-            out.update(_total_steps(args, steps_per_epoch))
-        strategy = sharding_strategy(launch_section(cfg), recipe.origins)
-        out.update(memory_plan(cfg, cmd, strategy, world, bool(args.bf16 or args.fp16)))
-        out.update(plan_lines(recipe))  # eval_during_training: rewards built, local sets' reward columns checked
-    elif cmd == "eval":
-        out["model"] = cfg["model"]["name_or_path"]
-        if cfg.get("models"):  # comparison mode: every model must exist
-            entries = model_entries(cfg)
-            for label, spec in entries.items():
-                if check_models:
-                    check_model_reference(spec, f"models ({label})")
-            out["model"] = ", ".join(f"{label} ({spec['name_or_path']})" for label, spec in entries.items())
-        if lm_eval:
-            out.update(_lm_eval_plan(recipe))
-        for name, spec in ({} if lm_eval else cfg["sets"]).items():
-            gen = {**cfg["generation"], **(spec.get("generation") or {})}
-            decoding = f"sampled (temperature {gen['temperature']})" if gen["do_sample"] else "greedy"
-            out[f"set {name}"] = (f"{source_size(spec) or 'unknown'} prompts x {gen['num_samples']} samples, "
-                                  f"{decoding}, <= {gen['max_new_tokens']} new tokens")
-    elif cmd == "merge":
-        out["merge method"] = cfg["merge"].get("merge_method")
-        out["models"] = ", ".join(model_references(cfg["merge"]))
-        if check_models:  # every input exists (a pipeline's are written by earlier stages)
-            validate_merge_config(cfg["merge"], resolve_model=resolve_model_path)
-    if cmd in ("sft", "dpo", "grpo", "merge"):
-        if cmd != "merge":
-            trackers = report_to_names(args.report_to)  # as TrainingArguments resolved it ("all": the installed ones)
-            out["trackers (trainer.report_to)"] = ", ".join(trackers) if trackers else "none"
-        target = describe_target(cfg)
-        out["push to hub (hub.repo_id)"] = target if target else "no (hub.repo_id is null)"
-    if cmd == "pipeline":
-        # cycle: postrain.jobs.pipeline imports postrain.jobs.checks, which imports this module
-        from postrain.jobs.pipeline import stage_recipe
+# What a training job's batch lines are: (TRL config as built, training rows or None, processes) -> label -> value.
+BatchPlan = Callable[[Any, int | None, int], dict[str, Any]]
 
-        for name, stage in cfg["stages"].items():
-            loaded = stage_recipe(recipe, name, stage, smoke=False)  # validates every stage's recipe now
-            plan(loaded, check_models=False)
-            out[f"stage {name}"] = f"{stage['command']} {loaded.path.name} -> {loaded.cfg['output_dir']} ({loaded.hash})"
-            if hub_target(loaded.cfg):
-                out[f"stage {name}"] += f", pushed to {hub_target(loaded.cfg)['repo_id']}"
+
+def training_plan(recipe: Recipe, batch_plan: BatchPlan, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The plan of a training job (sft, dpo, grpo) after the head: the model, the launch, the training rows, the
+    job's own batch arithmetic (`batch_plan`, given the TRL config as the job builds it at the launch's process
+    count, so TRL's own batch checks run at that size), the memory plan, evaluation during training (its rewards
+    built, the local sets' reward columns checked), the trackers and the hub target."""
+    cfg = recipe.cfg
+    out: dict[str, Any] = {"model": cfg["model"]["name_or_path"]}
+    out.update(launch_plan(recipe, worker_args))
+    args = _trainer_args(recipe, world_size(launch_section(cfg)))  # TRL's own batch checks at that size
+    rows = _train_rows(recipe)
+    out["train rows"] = rows if rows is not None else "unknown (hub dataset; counted when loaded)"
+    world = world_size(launch_section(cfg))
+    out.update(batch_plan(args, rows, world))
+    strategy = sharding_strategy(launch_section(cfg), recipe.origins)
+    out.update(memory_plan(cfg, recipe.command, strategy, world, bool(args.bf16 or args.fp16)))
+    out.update(plan_lines(recipe))  # eval_during_training: rewards built, local sets' reward columns checked
+    out.update(trackers_plan(args))
+    out.update(hub_plan(cfg))
     return out
 
 
-def _launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any]:
+def trackers_plan(args) -> dict[str, Any]:
+    """The trackers the run reports to, as TrainingArguments resolved `report_to` ("all": the installed ones)."""
+    trackers = report_to_names(args.report_to)
+    return {"trackers (trainer.report_to)": ", ".join(trackers) if trackers else "none"}
+
+
+def hub_plan(cfg: dict) -> dict[str, Any]:
+    """Where the finished model is pushed, if anywhere."""
+    target = describe_target(cfg)
+    return {"push to hub (hub.repo_id)": target if target else "no (hub.repo_id is null)"}
+
+
+def _train_rows(recipe: Recipe) -> int | None:
+    spec = (recipe.cfg.get("data") or {}).get("train")
+    if spec is None:
+        raise RecipeError(f"`{recipe.command}` needs data.train (a dataset: builtin:<task>, a file, or a hub id)")
+    return source_size(spec)
+
+
+def launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any]:
     """How many processes run the job and the exact command that starts them."""
     section = launch_section(recipe.cfg)
     processes = world_size(section)
@@ -168,7 +156,7 @@ def _launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any
     return out
 
 
-def _batch_unit(recipe: Recipe) -> str:
+def batch_unit(recipe: Recipe) -> str:
     """What one row of a DPO batch is, as the recipe's `loss:` entries read it: a preference pair, a list of K
     completions (K read from local data) or one unpaired, labelled completion."""
     # slow: torch (through postrain.preference.section), needed only when this runs
@@ -194,45 +182,19 @@ def _list_sizes(spec: dict | None) -> str:
     return str(min(sizes)) if len(sizes) == 1 else f"{min(sizes)} to {max(sizes)}" if sizes else "K"
 
 
-def _lm_eval_plan(recipe: Recipe) -> dict[str, Any]:
-    """`eval.backend: lm_eval`'s tasks and settings. Local tasks (task files, `include_path`) are checked by name:
-    indexing only the include_path takes milliseconds; lm-eval's own catalogue (thousands of YAML files, seconds) is
-    not indexed, so a registered name is checked when the run starts, before its directory is made. No dataset is
-    loaded (that needs the hub for registered tasks)."""
-    settings = resolved_settings(recipe.cfg, recipe.origins)
-    include = settings.get("include_path")
-    local: list[str] = []
-    if include:
-        from lm_eval.tasks import TaskManager  # optional: lm_eval, the lm-evaluation-harness backend
-
-        local = list(TaskManager(include_path=include, include_defaults=False).all_tasks)
-    out: dict[str, Any] = {}
-    for task in settings["tasks"]:
-        if is_task_file(task):
-            kind = "task file"
-        elif task in local:
-            kind = f"task in {include}"
-        else:
-            kind = "lm-eval task or group (name checked when the run starts; its dataset may need the hub)"
-            near = did_you_mean(task, local) if local else ""
-            if near:  # not an error: a registered task may share a local one's spelling; a typo is worth a word
-                kind += f"; not in include_path: {near}"
-        out[f"task {task}"] = kind
-    if include:
-        out["include_path"] = include
-    limit = settings["limit"]
-    out["num_fewshot"] = "each task's default" if settings["num_fewshot"] is None else settings["num_fewshot"]
-    out["limit"] = ("all documents" if limit is None else f"{limit:g} of each task's documents" if limit < 1
-                    else f"{int(limit)} documents per task")
-    out["lm-eval batch size"] = settings["batch_size"]
-    if settings.get("gen_kwargs"):
-        out["gen_kwargs"] = settings["gen_kwargs"]
-    if settings.get("apply_chat_template"):
-        out["apply_chat_template"] = settings["apply_chat_template"]
+def sequence_batch_plan(args, rows: int | None, world: int, unit: str = "sequences") -> dict[str, Any]:
+    """The batch arithmetic of a job whose rows are trained on as they are (sft, dpo): one row, one `unit` of the
+    global batch."""
+    per_device, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_batch = per_device * accum * world
+    out: dict[str, Any] = {f"global batch ({unit} per optimizer step)":
+                           f"{per_device} per device x {accum} accumulation x {world} processes = {global_batch}"}
+    steps_per_epoch = math.ceil(rows / global_batch) if rows else None
+    out.update(_total_steps(args, steps_per_epoch))
     return out
 
 
-def _grpo_plan(args, rows: int | None, world: int) -> dict[str, Any]:
+def grpo_batch_plan(args, rows: int | None, world: int) -> dict[str, Any]:
     """GRPO's batch arithmetic as GRPOConfig derived it on `world` processes (per_device_train_batch_size counts
     completions)."""
     per_device, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps

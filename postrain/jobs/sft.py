@@ -6,8 +6,11 @@ Data: prompt/completion pairs (loss on the completion only, TRL's default), chat
 
 from __future__ import annotations
 
+from typing import Any
+
 from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.plan import check_models_exist, sequence_batch_plan, training_plan
 from postrain.recipes import Recipe
 
 # The trainer settings --smoke adds to every training job's (postrain.jobs.smoke.SMOKE_TRAINER_COMMON).
@@ -21,6 +24,14 @@ def check(cfg: dict, origins: dict[str, str]) -> None:
     checks.check_health("sft", cfg, origins)
     checks.check_library_configs("sft", cfg, origins)
     checks.check_reward_errors(cfg, origins)
+
+
+def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | None = None) -> dict[str, Any]:
+    """The --dry-run lines of an sft run after the head (postrain.jobs.plan): a training job's, one sequence per row
+    of the batch. `check_models`: the model exists (a pipeline stage's are written by earlier stages)."""
+    if check_models:
+        check_models_exist(recipe.cfg)
+    return training_plan(recipe, sequence_batch_plan, worker_args)
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:

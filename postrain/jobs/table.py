@@ -1,5 +1,6 @@
-"""The per-command table of the jobs: command -> its job module (`run`, `check`, `smoke_layer`). The loading
-(postrain.jobs.loading), --smoke (postrain.jobs.smoke) and `run_job` reach a command's job through it."""
+"""The per-command table of the jobs: command -> its job module (`run`, `check`, `plan`, `smoke_layer`). The loading
+(postrain.jobs.loading), --smoke (postrain.jobs.smoke), --dry-run (postrain.jobs.plan, and a pipeline's plan for
+its stages) and `run_job` reach a command's job through it."""
 
 from __future__ import annotations
 
