@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from postrain.errors import RecipeError, origin_of
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.common import RunOptions
+from postrain.jobs.training import train_with_trl
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.recipes import Recipe
 from postrain.recipes.checks import check_loss_models

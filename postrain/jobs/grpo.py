@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from postrain.errors import RecipeError
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.common import RunOptions
+from postrain.jobs.training import train_with_trl
 from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
 from postrain.rewards import build_rewards, check_reward_columns, policy_options

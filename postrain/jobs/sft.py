@@ -7,7 +7,8 @@ Data: prompt/completion pairs (loss on the completion only, TRL's default), chat
 from __future__ import annotations
 
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.common import RunOptions
+from postrain.jobs.training import train_with_trl
 from postrain.recipes import Recipe
 
 # The trainer settings --smoke adds to every training job's (postrain.jobs.smoke.SMOKE_TRAINER_COMMON).
