@@ -118,8 +118,9 @@ def check_conventions(cfg: dict, origins: dict[str, str]) -> None:
 def run(recipe: Recipe, options: RunOptions) -> dict:
     # slow: torch (through postrain.preference.section), needed only when this runs
     from postrain.preference.section import parse_losses
-    # slow: trl (through postrain.trainers.dpo), needed only when this runs
-    from postrain.trainers.dpo import check_loss_data, trainer_class_for
+    # slow: trl (through postrain.trainers.dpo and .preference_trainers), needed only when this runs
+    from postrain.trainers.dpo import check_loss_data
+    from postrain.trainers.preference_trainers import trainer_class_for
     # slow: torch (through postrain.trainers.token_level), needed only when this runs
     from postrain.trainers.token_level import check_model_references
 
