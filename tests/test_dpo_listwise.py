@@ -238,6 +238,21 @@ def test_the_pair_trainer_refuses_list_losses_naming_the_list_trainer():
         make_trainer(PostrainDPOTrainer, [{"name": "exo_k"}], ragged_rows())
 
 
+def test_the_trainer_the_pair_trainer_names_for_each_shape_is_the_one_postrain_dpo_builds():
+    """The pair trainer names the trainer of another shape by its path (SHAPE_TRAINERS: it cannot import the
+    list-wise and unpaired trainers, which subclass it); that path is the class trainer_class_for picks."""
+    from postrain.preference.section import SHAPES
+    from postrain.trainers.dpo import SHAPE_TRAINERS, parse_losses
+    from postrain.trainers.preference_trainers import trainer_class_for
+
+    picked = {}
+    for losses in ([], [{"name": "dpo"}], [{"name": "exo_k"}], [{"name": "bco"}]):
+        trainer = trainer_class_for(parse_losses(losses) if losses else [])
+        picked.setdefault(trainer.shape.name, set()).add(f"{trainer.__module__}.{trainer.__qualname__}")
+    assert set(SHAPE_TRAINERS) == {shape.name for shape in SHAPES} == set(picked)
+    assert {name: {path} for name, path in SHAPE_TRAINERS.items()} == picked
+
+
 # --- TRL source pins ----------------------------------------------------------------------------------------------
 
 # sha256 of each TRL 1.16 piece the list-wise and unpaired trainers mirror or call (postrain.trainers.completions,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postrain.cli import app
 from postrain.evaluation.results import generation_of, model_results
-from postrain.jobs.evaluate import score_set
+from postrain.evaluation.scoring import score_set
 from tests.conftest import TINY, postrain, write_recipe
 
 runner = CliRunner()

@@ -208,7 +208,7 @@ def test_mean_length_counts_generated_tokens_up_to_and_including_eos():
 
     from postrain.data.sources import load_source
     from postrain.models.generation import completion_token_ids, generate_with_ids
-    from postrain.jobs.evaluate import score_set
+    from postrain.evaluation.scoring import score_set
     from postrain.models.loading import load_model
     from postrain.rewards import build_rewards
 

@@ -105,7 +105,7 @@ def test_curriculum_pairs_from_a_file_and_their_load_time_checks(tmp_path):
 def recording_trainers(monkeypatch) -> list:
     """Make `postrain dpo` build trainers that keep the first batch they train on and the log-probs handed to the
     loss (policy and reference), in the returned list (one trainer per job)."""
-    import postrain.trainers.dpo as dpo_module
+    import postrain.trainers.preference_trainers as dpo_module
 
     made: list = []
     original = dpo_module.trainer_class_for
@@ -208,7 +208,7 @@ def test_sdpo_step_two_starts_from_and_refers_to_step_one(tmp_path, monkeypatch)
 
 def recording_weights(monkeypatch) -> list:
     """Make `postrain dpo` build trainers that keep the policy's weights at the start and after every step."""
-    import postrain.trainers.dpo as dpo_module
+    import postrain.trainers.preference_trainers as dpo_module
     from transformers import TrainerCallback
 
     made: list = []

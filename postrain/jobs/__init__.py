@@ -3,22 +3,13 @@
 jobs share), `plan(recipe, check_models, worker_args)` (its --dry-run lines after the shared head:
 postrain.jobs.plan has the shared parts) and `smoke_layer(cfg)` (what --smoke swaps in: postrain.jobs.smoke has the
 shared parts); JOB_MODULES, the per-command table, is how the loading (postrain.jobs.loading), --dry-run and
-`run_job` reach them."""
+`run_job` (postrain.jobs.dispatch) reach them."""
 
 from __future__ import annotations
 
-from postrain.jobs.common import RunOptions, check_trl_version, quiet_libraries
+from postrain.jobs.common import RunOptions
+from postrain.jobs.dispatch import run_job
 from postrain.jobs.loading import load_recipe, load_smoke_recipe
-from postrain.jobs.preflight import check_output_dir
 from postrain.jobs.table import JOB_MODULES, job_module
-
-
-def run_job(recipe, options: RunOptions | None = None) -> dict:
-    """Run a resolved recipe with the job for its command."""
-    check_trl_version()
-    check_output_dir(recipe.cfg["output_dir"])  # before the data loads: nothing is written if it cannot be
-    quiet_libraries()
-    return job_module(recipe.command).run(recipe, options or RunOptions())
-
 
 __all__ = ["JOB_MODULES", "RunOptions", "job_module", "load_recipe", "load_smoke_recipe", "run_job"]

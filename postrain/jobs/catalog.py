@@ -13,10 +13,12 @@ from typing import Any
 from postrain.errors import PostrainError, origin_of
 from postrain.jobs.liveness import LOG, check_liveness
 from postrain.jobs.loading import load_recipe
+from postrain.preference import PREFERENCE
 from postrain.recipes.catalog import list_recipes
 from postrain.recipes.loader import BUILTIN, COMMAND_LINE, recipes_root
 from postrain.recipes.schema import RECIPE_SCHEMAS
 from postrain.registry import FAMILIES
+from postrain.rl.section import LIST_PARTS, SINGLE_PARTS, normalize_part
 from postrain.trainers import config_class
 
 
@@ -72,9 +74,6 @@ def _entry_defaults(recipe) -> list[dict]:
                              "from": f"{FAMILIES[variant.family].what} {variant.name!r} (postrain/registry)"})
 
     if recipe.command == "grpo" and isinstance(cfg.get("rl"), dict):
-        # slow: torch (through postrain.rl.section), needed only when this runs
-        from postrain.rl.section import LIST_PARTS, SINGLE_PARTS, normalize_part
-
         for key, registry in SINGLE_PARTS.items():
             if cfg["rl"].get(key) is not None:
                 spec = normalize_part(cfg["rl"][key], f"rl.{key}")
@@ -84,9 +83,6 @@ def _entry_defaults(recipe) -> list[dict]:
                 spec = normalize_part(value, f"rl.{key}[{i}]")
                 add(f"rl.{key}[{i}]", registry.get(spec.pop("name")), spec)
     if recipe.command == "dpo" and cfg.get("loss"):
-        # slow: torch (through postrain.preference), needed only when this runs
-        from postrain.preference import PREFERENCE
-
         for i, entry in enumerate(cfg["loss"]):
             if isinstance(entry, dict) and entry.get("name") in PREFERENCE:
                 add(f"loss[{i}]", PREFERENCE.entries[entry["name"]], entry)

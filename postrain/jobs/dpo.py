@@ -32,13 +32,19 @@ from typing import Any
 
 from postrain.errors import RecipeError, origin_of
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.common import RunOptions
+from postrain.jobs.training import train_with_trl
 from postrain.jobs.plan import batch_unit, check_models_exist, sequence_batch_plan, training_plan
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
+from postrain.preference import PREFERENCE
+from postrain.preference.section import parse_losses, section_shape, state_settings
+from postrain.preference.turn_data import reads_turns_section
 from postrain.recipes import Recipe
 from postrain.recipes.checks import check_loss_models
 from postrain.trainers import config_class
 from postrain.trainers.logp_models import check_logp_models as check_section, provided_columns
+from postrain.trainers.shared_prefix_dpo import check_options
+from postrain.trainers.token_level import check_model_references
 
 # DPOConfig's fields with a range TRL does not check (beside the ranges of every trainer, checks.TRAINER_RANGES).
 TRAINER_RANGES: dict[str, str] = {
@@ -84,9 +90,6 @@ def check_losses(cfg: dict, origins: dict[str, str]) -> None:
     entry names (checked as `model:` is)."""
     if not cfg.get("loss"):
         return
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import parse_losses
-
     check_loss_models(parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins), origins)
 
 
@@ -95,11 +98,6 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     reproduce (postrain.trainers.shared_prefix_dpo). The model itself is checked once loaded."""
     if not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import section_shape
-    # slow: torch (through postrain.trainers.shared_prefix_dpo), needed only when this runs
-    from postrain.trainers.shared_prefix_dpo import check_options
-
     models = {"model": cfg.get("model"), "ref_model": cfg.get("ref_model")}
     for i, entry in enumerate(cfg.get("loss") or []):
         if isinstance(entry, dict) and isinstance(entry.get("token_reward_model"), dict):
@@ -120,8 +118,6 @@ def check_conventions(cfg: dict, origins: dict[str, str]) -> None:
     if not cfg.get("loss"):
         checks.check_trl_conventions("dpo", cfg, origins)
         return
-    from postrain.preference import PREFERENCE  # slow: torch (through postrain.preference), needed only when this runs
-
     for i, entry in enumerate(cfg["loss"]):
         if isinstance(entry, dict) and entry.get("name") in PREFERENCE:
             params = {k: v for k, v in entry.items() if k in PREFERENCE.entries[entry["name"]].params}
@@ -132,12 +128,9 @@ def check_conventions(cfg: dict, origins: dict[str, str]) -> None:
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import parse_losses
-    # slow: trl (through postrain.trainers.dpo), needed only when this runs
-    from postrain.trainers.dpo import check_loss_data, trainer_class_for
-    # slow: torch (through postrain.trainers.token_level), needed only when this runs
-    from postrain.trainers.token_level import check_model_references
+    # slow: trl (through postrain.trainers.dpo and .preference_trainers), needed only when this runs
+    from postrain.trainers.dpo import check_loss_data
+    from postrain.trainers.preference_trainers import trainer_class_for
 
     ref_spec = recipe.cfg.get("ref_model")
     losses = recipe.cfg.get("loss") or []
@@ -183,12 +176,6 @@ def smoke_layer(cfg: dict) -> dict:
 def smoke_data_shape(cfg: dict) -> str:
     """pairs, lists or unpaired: what the recipe's `loss:` entries read (postrain.preference.section); `turns` (the
     built-in tasks' multi-turn conversational pairs) for per-turn losses (dmpo, postrain.preference.turn_data)."""
-    # the preference registry imports torch: slow
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import section_shape
-    # slow: torch (through postrain.preference.turn_data), needed only when this runs
-    from postrain.preference.turn_data import reads_turns_section
-
     if reads_turns_section(cfg.get("loss")):
         return "turns"
     return section_shape(cfg.get("loss")).name
@@ -201,9 +188,6 @@ SMOKE_GROUP_SOURCE = "answer"
 def smoke_group_column_data(cfg: dict, data: dict) -> dict:
     """The smoke layer's `data` for a DPO recipe whose losses read groups (group_robust_po): the group column mapped
     from the built-in rows' answer, and no eval set (its answers are groups the training rows may lack)."""
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import state_settings
-
     columns = {entry["group_column"]: SMOKE_GROUP_SOURCE for entry in cfg.get("loss") or []
                if isinstance(entry, dict) and "group_column" in state_settings(entry.get("name"))
                and entry.get("group_column")}

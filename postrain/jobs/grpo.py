@@ -18,12 +18,15 @@ from typing import Any
 
 from postrain.errors import RecipeError
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.common import RunOptions
+from postrain.jobs.training import train_with_trl
 from postrain.jobs.plan import check_models_exist, check_rewards, grpo_batch_plan, training_plan
 from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
 from postrain.rewards import build_rewards, check_reward_columns, policy_options
+from postrain.rl.section import check_rl_section, parse_rl_section, reference_beta
 from postrain.trainers import config_class
+from postrain.trainers.shared_prefix import check_recipe
 
 # GRPOConfig's fields with a range TRL does not check (beside the ranges of every trainer, checks.TRAINER_RANGES).
 TRAINER_RANGES: dict[str, str] = {
@@ -70,9 +73,6 @@ def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:
     """The `rl:` parts: names, parameters, data a GRPO batch can supply, conflicting TRL options."""
     if cfg.get("rl") is None:
         return
-    # slow: torch (through postrain.rl.section), needed only when this runs
-    from postrain.rl.section import check_rl_section
-
     check_rl_section("grpo", cfg, origins)
 
 
@@ -81,9 +81,6 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     (postrain.trainers.shared_prefix)."""
     if not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
-    # slow: torch (through postrain.trainers.shared_prefix), needed only when this runs
-    from postrain.trainers.shared_prefix import check_recipe
-
     check_recipe("grpo", cfg, origins)
 
 
@@ -106,9 +103,6 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
-        # slow: torch (through postrain.rl.section), needed only when this runs
-        from postrain.rl.section import parse_rl_section, reference_beta
-
         parts = parse_rl_section(cfg["rl"], recipe.origins)  # parsed once: the trainer takes the parts
         extra["rl"] = parts
         beta = reference_beta(parts)

@@ -37,7 +37,9 @@ from typing import Any
 
 from postrain.errors import RecipeError, origin_of
 from postrain.launch.launcher import inside_launch, launch_section, world_size
+from postrain.preference.section import parse_losses
 from postrain.registry import FAMILIES
+from postrain.rl.section import DEFAULT_PARTS, parse_rl_section
 from postrain.trainers import config_class
 from postrain.variants import all_variants
 
@@ -324,9 +326,6 @@ def trl_path_parts(command: str, trainer: dict, origins: dict) -> list[tuple[Any
 
 def _plain_default(key: str, name: str, variant, params: dict) -> bool:
     """A part that is TRL's default at its default settings (what `rl: {}` and a plain GRPO recipe train with)."""
-    # slow: torch (through postrain.rl.section), needed only when this runs
-    from postrain.rl.section import DEFAULT_PARTS
-
     return DEFAULT_PARTS.get(key) == name and all(variant.params.get(k) == v for k, v in params.items())
 
 
@@ -336,9 +335,6 @@ DEFAULT_SKIPS = ("off_policy",)
 
 
 def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
-    # slow: torch (through postrain.rl.section), needed only when this runs
-    from postrain.rl.section import parse_rl_section
-
     trainer = cfg.get("trainer") or {}
     if cfg.get("rl") is None:
         out = []
@@ -365,9 +361,6 @@ def _dpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
     if not cfg.get("loss"):
         return [f for variant, params, where in trl_path_parts("dpo", trainer, origins)
                 for f in evaluate(variant, params, layout, f"preference loss {variant.name!r}", where)]
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import parse_losses
-
     out = []
     for i, term in enumerate(parse_losses(cfg["loss"], trainer, origins)):
         where = f"loss[{i}], from {origin_of(origins, 'loss')}"

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import MODEL_SUBDIR, RunOptions, prepare_run_dir, running
+from postrain.jobs.common import RunOptions, prepare_run_dir, running
 from postrain.jobs.hub import push_after_run
 from postrain.jobs.plan import hub_plan
 from postrain.jobs.rundir import partial_dir, publish
 from postrain.merging import model_references, run_mergekit, validate_merge_config
-from postrain.models.loading import resolve_model_path
+from postrain.models.loading import MODEL_SUBDIR, resolve_model_path
 from postrain.recipes import Recipe
 from postrain.reports.model_card import write_model_card
 

@@ -25,6 +25,7 @@ from postrain.jobs import checks
 from postrain.jobs.common import (RunOptions, last_checkpoint, read_recipe_hash, read_status, resumable_attempt,
                                   write_json)
 from postrain.jobs.common import run_launched
+from postrain.jobs.dispatch import run_job
 from postrain.jobs.hub import hub_target
 from postrain.jobs.loading import load_recipe, load_smoke_recipe
 from postrain.jobs.signals import Interrupted
@@ -161,8 +162,6 @@ def run_stage(pipeline: Recipe, name: str, stage: Recipe, stage_options: RunOpti
     """Run one stage here, or, when its `launch:` asks for several processes or a sharding configuration, under
     `accelerate launch` as `postrain run PIPELINE --stage NAME` (each worker loads the pipeline as this process did
     and runs that stage alone)."""
-    from postrain.jobs import run_job  # cycle: the postrain.jobs package imports this module (through its job table)
-
     if not needs_launch(launch_section(stage.cfg)):
         run_job(stage, stage_options)
         return

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, train_with_trl
+from postrain.jobs.common import RunOptions
+from postrain.jobs.training import train_with_trl
 from postrain.jobs.plan import check_models_exist, sequence_batch_plan, training_plan
 from postrain.recipes import Recipe
 

@@ -9,7 +9,7 @@
       save_samples: 4            # completions per set kept per evaluation in eval_samples/step_<N>.jsonl; 0: none
 
 The sets are generated and scored as `postrain eval` does (postrain.models.generation: `generate_with_ids`;
-postrain.jobs.evaluate: `score_set`) and logged to metrics.jsonl as `eval/<set>/accuracy` (mean of the first
+postrain.evaluation.scoring: `score_set`) and logged to metrics.jsonl as `eval/<set>/accuracy` (mean of the first
 reward, the verifier), `eval/<set>/mean_reward` (the weighted reward sum) and `eval/<set>/mean_length_tokens`,
 at step 0 (`at_start`), every `every_steps` steps and at the last step. Next to the training reward this shows
 reward hacking: the reward rises, the task metric does not. The first `save_samples` completions of each set are kept per evaluation
@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from postrain.data.sources import is_local, load_source, source_size
 from postrain.errors import DataError, RecipeError
+from postrain.evaluation.scoring import score_set
 from postrain.files import SAMPLES_DIR  # the run directory's name, read by the reports too
 from postrain.models.generation import generate_with_ids
 from postrain.recipes.schema import GenerationSpec, TrainEvalGenerationSpec, TrainEvalSpec
@@ -161,9 +162,6 @@ class TrainEval:
         """`evaluate`'s logs and the first `save_samples` sample records of each set (postrain eval's records:
         prompt, completion, answer, score, rewards, parsed; with `set` and `completion_tokens`)."""
         import torch  # slow: torch, needed only when this runs
-
-        # cycle: postrain.jobs.evaluate imports postrain.jobs.checks, which imports this module
-        from postrain.jobs.evaluate import score_set
 
         was_training = model.training
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

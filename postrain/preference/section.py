@@ -16,7 +16,7 @@ Data shapes. A registry loss's data arguments say which rows it trains on (`Data
             list_mask (B, K)
   unpaired  {prompt, completion, label}: logps, ref_logps, labels (B,), KTO's kl, BCO's delta
 One recipe trains on one shape: `parse_losses` refuses a `loss:` section that mixes them (a list loss next to a
-pair loss). The trainer for each shape is the trainers layer's choice (postrain.trainers.dpo.trainer_class_for).
+pair loss). The trainer for each shape is the trainers layer's choice (postrain.trainers.preference_trainers.trainer_class_for).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from postrain.data.source_spec import ChunkSpec, MixSpec, SourceSpec  # noqa: F401  (part of the recipe schema)
 # The tiny model's size and lm-eval's settings are their readers' own (models, evaluation layers).
 from postrain.evaluation.lm_eval_backend import LMEvalSpec
+from postrain.evaluation.scoring import EvalMetricsSpec  # `metrics:` of an eval recipe, next to the scoring that reads it
 from postrain.models.tiny import TinyModelSpec
 
 
@@ -63,24 +64,6 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
-
-
-@dataclass
-class EvalMetricsSpec:
-    """What `postrain eval` reports per set besides accuracy (postrain.evaluation.metrics), each with a confidence
-    interval over prompts. Top-level `metrics:` applies to every set; a set's own `metrics:` overrides it key by key.
-    Every k must be at most the set's `generation.num_samples` (checked at load time)."""
-
-    # pass@k, the unbiased estimator of Chen et al. 2021 (arXiv:2107.03374) over each prompt's num_samples samples.
-    pass_at: list[int] = field(default_factory=lambda: [1])
-    # maj@k: is the majority answer (by the verifier's equivalence) among each prompt's first k samples correct?
-    maj_at: list[int] = field(default_factory=list)
-    # A column of the set's rows (difficulty, topic, ...): the metrics are also reported per value of it.
-    subset_column: str | None = None
-    # `bootstrap`: percentile bootstrap over prompts, seeded with the recipe's `seed`; `normal`: mean +- z * s.e.
-    interval: Literal["bootstrap", "normal"] = "bootstrap"
-    confidence: float = 0.95
-    resamples: int = 1000
 
 
 @dataclass

@@ -10,7 +10,8 @@ import. Every reward comes back wrapped by the error policy and run in a worker 
 """
 
 from postrain.rewards import builtin  # noqa: F401  (registers the built-in rewards)
-from postrain.rewards.build import GuardedReward, build_rewards, load_function, policy_options
+from postrain.rewards.build import GuardedReward, build_rewards, policy_options
+from postrain.rewards.references import load_function
 from postrain.rewards.registry import (
     REWARDS,
     RewardError,

@@ -39,6 +39,8 @@ import types
 import weakref
 from typing import Any
 
+from postrain.rewards.references import load_function
+
 # TRL's callbacks into the trainer: replaced by recorders in the child, replayed by the parent.
 CALLBACK_ARGUMENTS = ("log_extra", "log_metric")
 # How long a worker may take to start (the interpreter, postrain.rewards, the reward's own imports) before a call.
@@ -231,9 +233,6 @@ def _receive(stream) -> Any:
 def _load(payload: tuple[str, Any]):
     kind, value = payload
     if kind == "reference":
-        # cycle: postrain.rewards.build imports this module (the worker it runs rewards in)
-        from postrain.rewards.build import load_function
-
         return load_function(value)
     return pickle.loads(value)
 

@@ -6,7 +6,7 @@ registry's data dict is built from them, and the loss is Σ_i weight_i · mean(l
 
 The `loss:` section is parsed by postrain.preference.section (`parse_losses`: the terms, their data shape, the
 load-time checks); the trainer takes the parsed terms, or a raw section which it parses with the same function.
-Each data shape has its trainer (`trainer_class_for`):
+Each data shape has its trainer (postrain.trainers.preference_trainers.trainer_class_for):
   pairs     {prompt, chosen, rejected}                        -> PostrainDPOTrainer (this module)
   lists     {prompt, completions: [K texts], scores | ranks}  -> trainers.listwise.ListwiseDPOTrainer
   unpaired  {prompt, completion, label}                       -> trainers.unpaired.UnpairedDPOTrainer
@@ -51,20 +51,14 @@ from postrain.trainers.dpo_state import BATCH_KEYS as STATE_BATCH_KEYS
 from postrain.trainers.dpo_state import DPOLossState, check_group_column, checkpoint_folder
 
 
-def trainer_class_for(terms: list[LossTerm]) -> type:
-    """The trainer `postrain dpo` builds for these terms: the one whose batches carry their data shape."""
-    shape = losses_shape(terms)
-    if shape is LISTS:
-        # cycle: the list-wise and unpaired trainers subclass this module's; imported when picked
-        from postrain.trainers.listwise import ListwiseDPOTrainer
-
-        return ListwiseDPOTrainer
-    if shape is UNPAIRED:
-        # cycle: as above
-        from postrain.trainers.unpaired import UnpairedDPOTrainer
-
-        return UnpairedDPOTrainer
-    return PostrainDPOTrainer
+# The trainer of each data shape, by its dotted path: the pair trainer names the right one when it is given losses of
+# another shape, and cannot import the list-wise and unpaired trainers (they subclass it).
+# postrain.trainers.preference_trainers.trainer_class_for imports them and picks by shape; a test checks both agree.
+SHAPE_TRAINERS = {
+    PAIRS.name: "postrain.trainers.dpo.PostrainDPOTrainer",
+    LISTS.name: "postrain.trainers.listwise.ListwiseDPOTrainer",
+    UNPAIRED.name: "postrain.trainers.unpaired.UnpairedDPOTrainer",
+}
 
 
 def check_loss_columns(terms: list[LossTerm], columns: list[str], where: str, provided: tuple = ()) -> None:
@@ -205,10 +199,8 @@ class PostrainDPOTrainer(DPOTrainer):
         shape = losses_shape(self.loss_terms)
         if shape is not self.shape:
             what = f"these losses read {shape.rows}" if self.loss_terms else "it needs registry losses (`losses`)"
-            right = trainer_class_for(self.loss_terms)
             raise RecipeError(f"{type(self).__name__} trains on {self.shape.rows}, but {what}: use "
-                              f"{right.__module__}.{right.__qualname__} (postrain dpo picks it from the `loss:` "
-                              f"section)")
+                              f"{SHAPE_TRAINERS[shape.name]} (postrain dpo picks it from the `loss:` section)")
         self.shared_prefix = bool(shared_prefix)  # trainer.shared_prefix (postrain.trainers.shared_prefix_dpo)
         self._shared_prefix_verified = False
         if self.shared_prefix:

@@ -34,6 +34,7 @@ from typing import Any
 from postrain.errors import RecipeError, origin_of
 from postrain.models.generation import token_logps
 from postrain.models.loading import load_model
+from postrain.preference.section import PAIRS, parse_losses
 from postrain.recipes.schema import ModelSpec
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -62,9 +63,6 @@ def check_logp_models(command: str, cfg: dict, origins: dict[str, str]) -> None:
     if command != "dpo":
         return
     section = cfg.get("logp_models") or {}
-    # slow: trl and torch; recipe checks read this module (check_logp_models)
-    from postrain.trainers.dpo import PAIRS, parse_losses
-
     losses = cfg.get("loss") or []
     terms = parse_losses(losses, cfg.get("trainer") or {}, origins) if losses else []
     for term_index, term in enumerate(terms):
