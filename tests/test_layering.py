@@ -290,3 +290,14 @@ def test_the_function_level_import_check_on_a_fake_package(tmp_path):
                                                              "postrain/a.py:14: from postrain import b",
                                                              "postrain/a.py:15: from postrain.b import c  # cycle: as above",
                                                              "postrain/jobs/b.py:2: import json"]
+
+
+def test_load_model_is_called_through_its_module():
+    """Tests replace `postrain.models.loading.load_model` to prove that a step loads no model; a module that bound the
+    name at import (`from postrain.models.loading import load_model`) while a replacement was in place would keep the
+    replacement for the rest of the test process (rewards.judge did: later tests failed by order)."""
+    bound = [f"{path.relative_to(POSTRAIN.parent)}" for path in sorted(POSTRAIN.rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.ImportFrom) and node.module == "postrain.models.loading"
+             and any(alias.name == "load_model" for alias in node.names)]
+    assert not bound, f"import the module and call loading.load_model: {bound}"

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from postrain.models.generation import generate
-from postrain.models.loading import load_model
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.rewards.registry import REWARDS, RewardFunction, RewardSpecError, completion_text
 
 # Yuan et al. 2024 (arXiv 2401.10020), Figure 2, verbatim but for the placeholders {prompt} and {response}.
@@ -108,7 +108,7 @@ class LLMJudge(RewardFunction):
     def judge(self):
         if self._judge is None:
 
-            model, tokenizer, _ = load_model(self.model_spec)
+            model, tokenizer, _ = model_loading.load_model(self.model_spec)
             self._judge = (model, tokenizer)
         return self._judge
 

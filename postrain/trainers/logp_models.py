@@ -33,7 +33,7 @@ from typing import Any
 
 from postrain.errors import RecipeError, origin_of
 from postrain.models.generation import token_logps
-from postrain.models.loading import load_model
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.preference.section import PAIRS, parse_losses
 from postrain.recipes.schema import ModelSpec
 
@@ -116,7 +116,7 @@ def add_logp_columns(trainer, models: dict[str, Any]) -> None:
     for name, model in models.items():
         if isinstance(model, dict):  # a recipe's entry: ModelSpec's defaults for the keys it leaves out
 
-            model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **model})
+            model, tokenizer, _ = model_loading.load_model({**dataclasses.asdict(ModelSpec()), **model})
             _check_same_tokenizer(trainer, name, tokenizer)
         model = prepare_scoring_model(trainer, model)
         trainer.train_dataset = _with_columns(trainer, model, name, trainer.train_dataset, "train",

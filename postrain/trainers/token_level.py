@@ -57,7 +57,8 @@ from typing import Any
 import torch
 
 from postrain.errors import RecipeError
-from postrain.models.loading import check_model_reference, load_model
+from postrain.models.loading import check_model_reference
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.preference.token_inputs import stopword_list
 from postrain.recipes.schema import ModelSpec
 from postrain.trainers.logp_models import prepare_scoring_model
@@ -275,7 +276,7 @@ class TokenLevelInputs:
 def _load_reward_model(trainer, spec: dict):
     """TGDPO's π_rm: loaded as a `ref_model:` is, on the policy's tokenizer, prepared as TRL prepares its reference."""
 
-    model, tokenizer, _ = load_model({**dataclasses.asdict(ModelSpec()), **spec})
+    model, tokenizer, _ = model_loading.load_model({**dataclasses.asdict(ModelSpec()), **spec})
     policy = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     if tokenizer.get_vocab() != policy.get_vocab():
         raise RecipeError(f"token_reward_model {spec.get('name_or_path')!r}: its tokenizer differs from the policy's "

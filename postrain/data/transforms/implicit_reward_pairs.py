@@ -33,7 +33,7 @@ from postrain.data.rows import format_row, require_columns
 from postrain.data.transforms.registry import TRANSFORMS
 from postrain.errors import RecipeError
 from postrain.models.generation import completion_logps
-from postrain.models.loading import load_model
+from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 
 TRANSFORM = "implicit_reward_pairs"
 # The authors' alpha grid (generate_lc_paired_set.py main: alpha_range=(0.0, 1.0, 0.001)).
@@ -98,7 +98,7 @@ def summed_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size
 
 def _load(settings: dict, key: str):
     # load_model fills in ModelSpec's defaults (dtype auto, the tiny model's shape) for the keys a spec leaves out
-    model, tokenizer, _ = load_model(settings[key])
+    model, tokenizer, _ = model_loading.load_model(settings[key])
     # slow: torch, only when the transform scores pairs
     import torch
 
