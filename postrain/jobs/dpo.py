@@ -8,10 +8,10 @@ The reference model, as users of TRL expect:
     the reference model is not kept in memory.
 
 `loss: [{name: simpo, weight: 1.0, beta: 2.0}]` replaces TRL's loss by postrain's preference-loss registry
-(postrain.trainers.dpo), parsed once here (postrain.preference.section) and handed to the trainer; losses that
-read no reference make no reference forward. The losses' data shape picks the trainer: pairs (PostrainDPOTrainer),
-K-response lists (trainers.listwise) or unpaired labelled completions (trainers.unpaired); the data is checked for
-that shape's columns and rows before anything is written.
+(postrain.trainers.dpo), parsed once when the recipe loads (postrain.recipes.sections) and handed to the trainer;
+losses that read no reference make no reference forward. The losses' data shape picks the trainer: pairs
+(PostrainDPOTrainer), K-response lists (trainers.listwise) or unpaired labelled completions (trainers.unpaired);
+the data is checked for that shape's columns and rows before anything is written.
 
 `logp_models: {prev: {name_or_path: ...}}` scores every pair with further models once before training and adds
 their log-probs as columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models): INPO's
@@ -34,6 +34,7 @@ from postrain.jobs.common import RunOptions, train_with_trl
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.recipes import Recipe
 from postrain.recipes.checks import check_loss_models
+from postrain.recipes.sections import loss_terms
 from postrain.trainers import config_class
 from postrain.trainers.logp_models import check_logp_models as check_section, provided_columns
 
@@ -67,10 +68,8 @@ def check_losses(cfg: dict, origins: dict[str, str]) -> None:
     entry names (checked as `model:` is)."""
     if not cfg.get("loss"):
         return
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import parse_losses
-
-    check_loss_models(parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins), origins)
+    # the one parse of the recipe's `loss:` (postrain.recipes.sections); everything after it reads the kept terms
+    check_loss_models(loss_terms(cfg, origins), origins)
 
 
 def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
@@ -79,7 +78,7 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     if not (cfg.get("trainer") or {}).get("shared_prefix"):
         return
     # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import section_shape
+    from postrain.preference.section import losses_shape
     # slow: torch (through postrain.trainers.shared_prefix_dpo), needed only when this runs
     from postrain.trainers.shared_prefix_dpo import check_options
 
@@ -87,7 +86,7 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     for i, entry in enumerate(cfg.get("loss") or []):
         if isinstance(entry, dict) and isinstance(entry.get("token_reward_model"), dict):
             models[f"loss[{i}].token_reward_model"] = entry["token_reward_model"]
-    check_options(cfg.get("trainer") or {}, section_shape(cfg.get("loss")).name, origins, models)
+    check_options(cfg.get("trainer") or {}, losses_shape(loss_terms(cfg, origins)).name, origins, models)
 
 
 def check_logp_models(cfg: dict, origins: dict[str, str]) -> None:
@@ -115,17 +114,15 @@ def check_conventions(cfg: dict, origins: dict[str, str]) -> None:
 
 
 def run(recipe: Recipe, options: RunOptions) -> dict:
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import parse_losses
     # slow: trl (through postrain.trainers.dpo), needed only when this runs
     from postrain.trainers.dpo import check_loss_data, trainer_class_for
     # slow: torch (through postrain.trainers.token_level), needed only when this runs
     from postrain.trainers.token_level import check_model_references
 
     ref_spec = recipe.cfg.get("ref_model")
-    losses = recipe.cfg.get("loss") or []
-    # parsed once: the trainer takes these terms as they are (the recipe's `trainer:` is what its config is built of)
-    terms = parse_losses(losses, recipe.cfg.get("trainer")) if losses else []
+    # parsed once, when the recipe loaded (postrain.recipes.sections): the trainer takes these terms as they are (the
+    # recipe's `trainer:` is what its config is built of)
+    terms = loss_terms(recipe.cfg, recipe.origins)
     check_model_references(terms)  # TGDPO's token_reward_model exists, before anything is written
     logp_models = recipe.cfg.get("logp_models") or {}  # loaded one at a time by the trainer, then freed
     provided = tuple(provided_columns(logp_models))

@@ -19,6 +19,7 @@ from postrain.jobs import checks, smoke
 from postrain.jobs.common import RunOptions, train_with_trl
 from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
+from postrain.recipes.sections import rl_parts
 from postrain.rewards import build_rewards, check_reward_columns, policy_options
 from postrain.trainers import config_class
 
@@ -57,7 +58,8 @@ def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:
     # slow: torch (through postrain.rl.section), needed only when this runs
     from postrain.rl.section import check_rl_section
 
-    check_rl_section("grpo", cfg, origins)
+    # the one parse of the recipe's `rl:` (postrain.recipes.sections); everything after it reads the kept parts
+    check_rl_section("grpo", cfg, origins, rl_parts(cfg, origins))
 
 
 def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
@@ -91,9 +93,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
         # slow: torch (through postrain.rl.section), needed only when this runs
-        from postrain.rl.section import parse_rl_section, reference_beta
+        from postrain.rl.section import reference_beta
 
-        parts = parse_rl_section(cfg["rl"], recipe.origins)  # parsed once: the trainer takes the parts
+        parts = rl_parts(cfg, recipe.origins)  # parsed once, when the recipe loaded: the trainer takes the parts
         extra["rl"] = parts
         beta = reference_beta(parts)
         if beta is not None:  # TRL builds the reference model and its log-probs only where beta != 0

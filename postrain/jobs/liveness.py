@@ -37,6 +37,7 @@ from typing import Any
 
 from postrain.errors import RecipeError, origin_of
 from postrain.launch.launcher import inside_launch, launch_section, world_size
+from postrain.recipes.sections import loss_terms, rl_parts
 from postrain.registry import FAMILIES
 from postrain.trainers import config_class
 from postrain.variants import all_variants
@@ -336,9 +337,6 @@ DEFAULT_SKIPS = ("off_policy",)
 
 
 def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
-    # slow: torch (through postrain.rl.section), needed only when this runs
-    from postrain.rl.section import parse_rl_section
-
     trainer = cfg.get("trainer") or {}
     if cfg.get("rl") is None:
         out = []
@@ -347,7 +345,7 @@ def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
             out += evaluate(variant, params, layout, f"{FAMILIES[variant.family].what} {variant.name!r}", where,
                             skip=skip)
         return out
-    parts = parse_rl_section(cfg["rl"], origins)
+    parts = rl_parts(cfg, origins)  # as the job's check parsed them (postrain.recipes.sections)
     subset = parts.sampler_at("subset")
     out = []
     for family, part in parts.all():
@@ -365,11 +363,8 @@ def _dpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
     if not cfg.get("loss"):
         return [f for variant, params, where in trl_path_parts("dpo", trainer, origins)
                 for f in evaluate(variant, params, layout, f"preference loss {variant.name!r}", where)]
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import parse_losses
-
     out = []
-    for i, term in enumerate(parse_losses(cfg["loss"], trainer, origins)):
+    for i, term in enumerate(loss_terms(cfg, origins)):  # as the job's check parsed them (postrain.recipes.sections)
         where = f"loss[{i}], from {origin_of(origins, 'loss')}"
         out += evaluate(term.variant, {**term.params, **term.state}, layout,
                         f"{FAMILIES['preference'].what} {term.name!r}", where)

@@ -27,6 +27,7 @@ from postrain.launch.vllm import check_vllm_installed
 from postrain.merging import model_references, validate_merge_config
 from postrain.models.loading import check_model_reference, resolve_model_path
 from postrain.recipes import Recipe
+from postrain.recipes.sections import loss_terms
 from postrain.rewards import build_rewards, check_reward_columns
 from postrain.trainers import config_class
 
@@ -172,9 +173,9 @@ def _batch_unit(recipe: Recipe) -> str:
     """What one row of a DPO batch is, as the recipe's `loss:` entries read it: a preference pair, a list of K
     completions (K read from local data) or one unpaired, labelled completion."""
     # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import section_shape
+    from postrain.preference.section import losses_shape
 
-    shape = section_shape(recipe.cfg.get("loss")).name
+    shape = losses_shape(loss_terms(recipe.cfg, recipe.origins)).name  # the terms parsed when the recipe loaded
     if shape == "unpaired":
         return "unpaired completions"
     if shape == "pairs":
