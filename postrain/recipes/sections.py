@@ -53,7 +53,7 @@ def sections_of(cfg: dict[str, Any]) -> ParsedSections:
     """The cache of `cfg`: the one already kept for this cfg object (two Recipes over one cfg share it), else a
     new, empty one (Recipe.__post_init__ holds it)."""
     cache = KEPT.get(id(cfg))
-    if cache is None:
+    if cache is None or cache.cfg is not cfg:  # `is`: the cache of this very object, whatever the id bookkeeping
         cache = KEPT[id(cfg)] = ParsedSections(cfg)
     return cache
 
@@ -62,7 +62,7 @@ def parsed(name: str, cfg: dict[str, Any], origins: dict[str, str] | None, parse
     """Section `name` of `cfg` as `parse(cfg, origins)` returns it, parsed once per Recipe (see the module
     docstring); a cfg no Recipe holds is parsed here on every call."""
     cache = KEPT.get(id(cfg))
-    if cache is None:
+    if cache is None or cache.cfg is not cfg:
         return parse(cfg, origins or {})
     return cache.get(name, origins, parse)
 
