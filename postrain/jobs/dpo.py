@@ -8,10 +8,10 @@ The reference model, as users of TRL expect:
     the reference model is not kept in memory.
 
 `loss: [{name: simpo, weight: 1.0, beta: 2.0}]` replaces TRL's loss by postrain's preference-loss registry
-(postrain.trainers.dpo), parsed once here (postrain.preference.section) and handed to the trainer; losses that
-read no reference make no reference forward. The losses' data shape picks the trainer: pairs (PostrainDPOTrainer),
-K-response lists (trainers.listwise) or unpaired labelled completions (trainers.unpaired); the data is checked for
-that shape's columns and rows before anything is written.
+(postrain.trainers.dpo), parsed once when the recipe loads (postrain.recipes.sections) and handed to the trainer;
+losses that read no reference make no reference forward. The losses' data shape picks the trainer: pairs
+(PostrainDPOTrainer), K-response lists (trainers.listwise) or unpaired labelled completions (trainers.unpaired);
+the data is checked for that shape's columns and rows before anything is written.
 
 `logp_models: {prev: {name_or_path: ...}}` scores every pair with further models once before training and adds
 their log-probs as columns `<name>_chosen_logps` / `<name>_rejected_logps` (postrain.trainers.logp_models): INPO's
@@ -37,10 +37,11 @@ from postrain.jobs.training import train_with_trl
 from postrain.jobs.plan import batch_unit, check_models_exist, sequence_batch_plan, training_plan
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.preference import PREFERENCE
-from postrain.preference.section import parse_losses, section_shape, state_settings
+from postrain.preference.section import losses_shape, section_shape, state_settings
 from postrain.preference.turn_data import reads_turns_section
 from postrain.recipes import Recipe
 from postrain.recipes.checks import check_loss_models
+from postrain.recipes.sections import loss_terms
 from postrain.trainers import config_class
 from postrain.trainers.logp_models import check_logp_models as check_section, provided_columns
 from postrain.trainers.shared_prefix_dpo import check_options
@@ -90,7 +91,8 @@ def check_losses(cfg: dict, origins: dict[str, str]) -> None:
     entry names (checked as `model:` is)."""
     if not cfg.get("loss"):
         return
-    check_loss_models(parse_losses(cfg["loss"], cfg.get("trainer") or {}, origins), origins)
+    # the one parse of the recipe's `loss:` (postrain.recipes.sections); everything after it reads the kept terms
+    check_loss_models(loss_terms(cfg, origins), origins)
 
 
 def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
@@ -102,7 +104,7 @@ def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
     for i, entry in enumerate(cfg.get("loss") or []):
         if isinstance(entry, dict) and isinstance(entry.get("token_reward_model"), dict):
             models[f"loss[{i}].token_reward_model"] = entry["token_reward_model"]
-    check_options(cfg.get("trainer") or {}, section_shape(cfg.get("loss")).name, origins, models)
+    check_options(cfg.get("trainer") or {}, losses_shape(loss_terms(cfg, origins)).name, origins, models)
 
 
 def check_logp_models(cfg: dict, origins: dict[str, str]) -> None:
@@ -133,9 +135,9 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     from postrain.trainers.preference_trainers import trainer_class_for
 
     ref_spec = recipe.cfg.get("ref_model")
-    losses = recipe.cfg.get("loss") or []
-    # parsed once: the trainer takes these terms as they are (the recipe's `trainer:` is what its config is built of)
-    terms = parse_losses(losses, recipe.cfg.get("trainer")) if losses else []
+    # parsed once, when the recipe loaded (postrain.recipes.sections): the trainer takes these terms as they are (the
+    # recipe's `trainer:` is what its config is built of)
+    terms = loss_terms(recipe.cfg, recipe.origins)
     check_model_references(terms)  # TGDPO's token_reward_model exists, before anything is written
     logp_models = recipe.cfg.get("logp_models") or {}  # loaded one at a time by the trainer, then freed
     provided = tuple(provided_columns(logp_models))

@@ -23,8 +23,9 @@ from postrain.jobs.training import train_with_trl
 from postrain.jobs.plan import check_models_exist, check_rewards, grpo_batch_plan, training_plan
 from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
+from postrain.recipes.sections import rl_parts
 from postrain.rewards import build_rewards, check_reward_columns, policy_options
-from postrain.rl.section import check_rl_section, parse_rl_section, reference_beta
+from postrain.rl.section import check_rl_section, reference_beta
 from postrain.trainers import config_class
 from postrain.trainers.shared_prefix import check_recipe
 
@@ -73,7 +74,8 @@ def check_rl_parts(cfg: dict, origins: dict[str, str]) -> None:
     """The `rl:` parts: names, parameters, data a GRPO batch can supply, conflicting TRL options."""
     if cfg.get("rl") is None:
         return
-    check_rl_section("grpo", cfg, origins)
+    # the one parse of the recipe's `rl:` (postrain.recipes.sections); everything after it reads the kept parts
+    check_rl_section("grpo", cfg, origins, rl_parts(cfg, origins))
 
 
 def check_shared_prefix(cfg: dict, origins: dict[str, str]) -> None:
@@ -103,7 +105,7 @@ def run(recipe: Recipe, options: RunOptions) -> dict:
     overrides: dict = {"reward_weights": weights}
     extra: dict = {"reward_funcs": rewards}
     if cfg.get("rl") is not None:  # registry RL parts (`rl:` / `method:`) replace TRL's advantage and loss path
-        parts = parse_rl_section(cfg["rl"], recipe.origins)  # parsed once: the trainer takes the parts
+        parts = rl_parts(cfg, recipe.origins)  # parsed once, when the recipe loaded: the trainer takes the parts
         extra["rl"] = parts
         beta = reference_beta(parts)
         if beta is not None:  # TRL builds the reference model and its log-probs only where beta != 0

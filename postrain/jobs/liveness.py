@@ -37,9 +37,9 @@ from typing import Any
 
 from postrain.errors import RecipeError, origin_of
 from postrain.launch.launcher import inside_launch, launch_section, world_size
-from postrain.preference.section import parse_losses
+from postrain.recipes.sections import loss_terms, rl_parts
 from postrain.registry import FAMILIES
-from postrain.rl.section import DEFAULT_PARTS, parse_rl_section
+from postrain.rl.section import DEFAULT_PARTS
 from postrain.trainers import config_class
 from postrain.variants import all_variants
 
@@ -343,7 +343,7 @@ def _grpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
             out += evaluate(variant, params, layout, f"{FAMILIES[variant.family].what} {variant.name!r}", where,
                             skip=skip)
         return out
-    parts = parse_rl_section(cfg["rl"], origins)
+    parts = rl_parts(cfg, origins)  # as the job's check parsed them (postrain.recipes.sections)
     subset = parts.sampler_at("subset")
     out = []
     for family, part in parts.all():
@@ -362,7 +362,7 @@ def _dpo_findings(cfg: dict, origins: dict, layout: Layout) -> list[Finding]:
         return [f for variant, params, where in trl_path_parts("dpo", trainer, origins)
                 for f in evaluate(variant, params, layout, f"preference loss {variant.name!r}", where)]
     out = []
-    for i, term in enumerate(parse_losses(cfg["loss"], trainer, origins)):
+    for i, term in enumerate(loss_terms(cfg, origins)):  # as the job's check parsed them (postrain.recipes.sections)
         where = f"loss[{i}], from {origin_of(origins, 'loss')}"
         out += evaluate(term.variant, {**term.params, **term.state}, layout,
                         f"{FAMILIES['preference'].what} {term.name!r}", where)

@@ -29,6 +29,8 @@ from postrain.launch.launcher import command_line, launch_section, needs_launch,
 from postrain.launch.memory import memory_plan
 from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
+from postrain.preference.section import losses_shape
+from postrain.recipes.sections import loss_terms
 from postrain.rewards import build_rewards, check_reward_columns
 from postrain.trainers import config_class
 
@@ -159,10 +161,7 @@ def launch_plan(recipe: Recipe, worker_args: list[str] | None) -> dict[str, Any]
 def batch_unit(recipe: Recipe) -> str:
     """What one row of a DPO batch is, as the recipe's `loss:` entries read it: a preference pair, a list of K
     completions (K read from local data) or one unpaired, labelled completion."""
-    # slow: torch (through postrain.preference.section), needed only when this runs
-    from postrain.preference.section import section_shape
-
-    shape = section_shape(recipe.cfg.get("loss")).name
+    shape = losses_shape(loss_terms(recipe.cfg, recipe.origins)).name  # the terms parsed when the recipe loaded
     if shape == "unpaired":
         return "unpaired completions"
     if shape == "pairs":

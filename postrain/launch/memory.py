@@ -25,7 +25,8 @@ from typing import Any
 from postrain.errors import PostrainError
 from postrain.models.packaged import MARKER, converted_dir, gguf_file, is_packaged
 from postrain.models.tiny import TinyModelSpec, build_tokenizer, is_tiny, tiny_config
-from postrain.rl.section import parse_rl_section, reference_beta
+from postrain.recipes.sections import rl_parts
+from postrain.rl.section import reference_beta
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEEPSPEED = ("zero2", "zero3", "zero3_offload")
@@ -188,6 +189,6 @@ def _holds_reference(cfg: dict[str, Any], command: str) -> bool:
         return not trainer.get("precompute_ref_log_probs")
     if command == "grpo":
         if cfg.get("rl") is not None:
-            return reference_beta(parse_rl_section(cfg["rl"])) is not None
+            return reference_beta(rl_parts(cfg)) is not None  # the parts parsed when the recipe loaded
         return bool(trainer.get("beta"))
     return False

@@ -7,8 +7,9 @@ entry's hyperparameters; settings of what the trainer computes for a term sit be
 (token-level inputs: postrain.preference.token_inputs; trainer state: `state_settings=` on the entry, kept by
 postrain.trainers.dpo_state). Without a `loss:` section the trainer is TRL's, untouched (`trainer.loss_type`).
 
-`parse_losses` is the one parser: the recipe checks (postrain.jobs.checks), `postrain dpo` (postrain.jobs.dpo,
-which hands the parsed terms to the trainer) and the trainer given a raw section (direct Python use) call it.
+`parse_losses` is the one parser. A loaded recipe's section is parsed once, by its check (postrain.jobs.dpo), and
+kept for it (postrain.recipes.sections.loss_terms): liveness, the dry-run plan and `postrain dpo`, which hands
+the terms to the trainer, read that parse. The trainer given a raw section (direct Python use) parses it itself.
 
 Data shapes. A registry loss's data arguments say which rows it trains on (`DataShape`, `shape_of`):
   pairs     {prompt, chosen, rejected}: chosen_logps, rejected_logps, ... (B,)

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from postrain.errors import RecipeError
 from postrain.recipes.schema import RECIPE_SCHEMAS, LaunchSpec, RewardErrorPolicy
+from postrain.recipes.sections import ParsedSections, sections_of
 from postrain.recipes.validate import ConfigClass, validate_recipe
 
 BUILTIN = "built-in defaults"
@@ -96,6 +97,12 @@ class Recipe:
     liveness: list = field(default_factory=list)
     # Keys a recipe file or override sets that nothing reads given the rest of it (postrain.recipes.unread).
     warnings: list[str] = field(default_factory=list)
+    # Its `loss:` / `rl:` parsed once, for this cfg object only (postrain.recipes.sections): not an argument, so a
+    # Recipe made with another cfg (dataclasses.replace included) never carries the parse of an earlier one.
+    sections: ParsedSections = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.sections = sections_of(self.cfg)
 
     @property
     def hash(self) -> str:

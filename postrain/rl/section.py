@@ -12,6 +12,8 @@ Each part is `name` plus that registry entry's hyperparameters. A part left out 
 (`advantage: grpo` = scale_rewards "group", `policy_loss: ppo_clip` + `aggregation: token_mean` = loss_type "dapo"),
 so `rl: {}` trains exactly as TRL's defaults do. Without an `rl:` section the trainer is TRL's, untouched.
 
+`parse_rl_section` is the one parser; a loaded recipe's section is parsed once, by its check, and kept for it
+(postrain.recipes.sections.rl_parts): liveness, the dry-run plan, the run and the trainer read that parse.
 `check_rl_section` is the load-time check (postrain.jobs.grpo.check): unknown names and parameters,
 parts whose data a GRPO batch cannot supply, samplers the trainer cannot apply or combine, TRL options that
 the `rl:` path would silently ignore, and the mode and bounds of TRL's vLLM importance-sampling correction, which
@@ -288,11 +290,14 @@ def _check_conventions(parts: RLParts) -> None:
                           f"loss {loss.name!r} ({loss.where}) is sequence-level: {why}")
 
 
-def check_rl_section(command: str, cfg: dict, origins: dict[str, str]) -> None:
-    """Load-time check of a GRPO recipe's `rl:` section (see the module docstring)."""
+def check_rl_section(command: str, cfg: dict, origins: dict[str, str], parts: RLParts | None = None) -> None:
+    """Load-time check of a GRPO recipe's `rl:` section (see the module docstring). `parts`: the section as parsed
+    for the recipe (postrain.recipes.sections.rl_parts, which the job's check passes); parsed here where a caller
+    has no recipe (a direct call)."""
     if command != "grpo" or cfg.get("rl") is None:
         return
-    parts = parse_rl_section(cfg["rl"], origins)
+    if parts is None:
+        parts = parse_rl_section(cfg["rl"], origins)
     trainer = cfg.get("trainer") or {}
     rl_origin = origin_of(origins, "rl")
 

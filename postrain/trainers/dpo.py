@@ -186,8 +186,9 @@ class PostrainDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, losses: list | None = None, logp_models: dict | None = None,
                  shared_prefix: bool = False, **kwargs):
-        """`losses`: the terms postrain.preference.section.parse_losses returned (`postrain dpo` parses the recipe's
-        section once and passes them), or a raw `loss:` section, parsed here against the config's options."""
+        """`losses`: the terms postrain.preference.section.parse_losses returned (`postrain dpo` passes those parsed
+        when the recipe loaded: postrain.recipes.sections), or a raw `loss:` section, parsed here against the
+        config's options."""
         config = kwargs.get("args")
         if is_parsed(losses):
             self.loss_terms = list(losses)

@@ -34,8 +34,9 @@ from typing import Any
 from postrain.errors import RecipeError, origin_of
 from postrain.models.generation import token_logps
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
-from postrain.preference.section import PAIRS, parse_losses
+from postrain.preference.section import PAIRS
 from postrain.recipes.schema import ModelSpec
+from postrain.recipes.sections import loss_terms
 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # What TRL's preference collator adds besides the model's inputs (TRL 1.16 compute_ref_log_probs: _non_model_keys).
@@ -63,8 +64,7 @@ def check_logp_models(command: str, cfg: dict, origins: dict[str, str]) -> None:
     if command != "dpo":
         return
     section = cfg.get("logp_models") or {}
-    losses = cfg.get("loss") or []
-    terms = parse_losses(losses, cfg.get("trainer") or {}, origins) if losses else []
+    terms = loss_terms(cfg, origins)  # as the job's check parsed them (postrain.recipes.sections)
     for term_index, term in enumerate(terms):
         if "references" not in term.params:
             continue
