@@ -9,10 +9,9 @@ import pytest
 
 from postrain.data.source_spec import SourceSpec
 from postrain.data.sources import check_source_options, load_source, source_size
-from postrain.data.transforms import TRANSFORMS
+from postrain.data.transforms import TRANSFORMS, keys_besides_fields
 from postrain.errors import DataError, RecipeError
 from postrain.jobs import load_recipe
-from postrain.recipes.validate import other_keys
 from tests.conftest import write_recipe
 
 SFT = "defaults: [base/sft]\nmodel: {name_or_path: tiny}\n"
@@ -138,10 +137,10 @@ def test_settings_are_checked_against_the_signature(spec, message):
 
 
 def test_every_entry_states_its_facts_and_keys_a_source_has():
-    # the keys a transform owns are a source's keys besides SourceSpec's own fields (the schema reads them from the
-    # registry: other_keys), never one of those fields
+    # the keys a transform owns are a source's keys besides SourceSpec's own fields (the schema is handed them from
+    # the registry: keys_besides_fields), never one of those fields
     source_fields = {f.name for f in dataclasses.fields(SourceSpec)}
-    accepted = other_keys(SourceSpec)
+    accepted = keys_besides_fields(SourceSpec)
     for variant in TRANSFORMS:
         assert "rows_per_row" in variant.extra, f"{variant.name}: say whether its size is known before it runs"
         owned = variant.extra.get("section") or None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from postrain.data.transforms import keys_besides_fields
 from postrain.jobs.table import job_module
 from postrain.jobs.liveness import report
 from postrain.jobs.smoke import smoke_layer
@@ -26,7 +27,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     """Read a recipe (postrain.recipes.loader.read_recipe), run its job's checks and note the keys it sets that
     nothing reads (`warnings`). `liveness` reports method steps the batch layout leaves inert (postrain.jobs.liveness;
     as the recipe's `liveness:` key says: a warning, or a RecipeError)."""
-    recipe = read_recipe(path, overrides, command, config_class=config_class)
+    recipe = read_recipe(path, overrides, command, config_class=config_class, other_keys=keys_besides_fields)
     check_recipe(recipe)
     recipe.warnings = unread_keys(recipe.command, recipe.cfg, recipe.origins, own=(str(recipe.path), COMMAND_LINE))
     if liveness:
@@ -44,10 +45,10 @@ def load_smoke_recipe(path: str | Path, overrides: list[str] | dict | None = Non
     is read once without the layer to build it (unchecked: the checks judge the recipe that runs), then with it and
     checked. Liveness is not judged: the layout is the smoke layer's, not the recipe's.
     """
-    first = read_recipe(path, overrides, command, config_class=config_class)
+    first = read_recipe(path, overrides, command, config_class=config_class, other_keys=keys_besides_fields)
     layer = smoke_layer(first.command, first.cfg)
     top = {k: layer[k] for k in ("data", "sets") if k in layer} if data_wins else None
-    smoked = read_recipe(path, overrides, command, config_class=config_class, smoke_layer=layer, top_layer=top)
+    smoked = read_recipe(path, overrides, command, config_class=config_class, other_keys=keys_besides_fields, smoke_layer=layer, top_layer=top)
     check_recipe(smoked)
     # The recipe's own unread keys, not the ones the smoke layer makes unread (it turns checkpoints off).
     smoked.warnings = unread_keys(first.command, first.cfg, first.origins, own=(str(first.path), COMMAND_LINE))

@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from postrain.errors import RecipeError
 from postrain.recipes.schema import RECIPE_SCHEMAS, LaunchSpec, RewardErrorPolicy
 from postrain.recipes.sections import ParsedSections, sections_of
-from postrain.recipes.validate import ConfigClass, validate_recipe
+from postrain.recipes.validate import ConfigClass, OtherKeys, no_other_keys, validate_recipe
 
 BUILTIN = "built-in defaults"
 
@@ -255,6 +255,7 @@ def read_recipe(
     command: str | None = None,
     *,
     config_class: ConfigClass,
+    other_keys: OtherKeys = no_other_keys,
     smoke_layer: dict | None = None,
     top_layer: dict | None = None,
 ) -> Recipe:
@@ -263,7 +264,9 @@ def read_recipe(
     `command` is the subcommand it runs under: a recipe that declares another command is refused.
     `overrides` is a list of `key=value` strings (command line) or a nested dict (pipeline stages).
     `config_class(command)` is the TRL config class a `trainer:` section is validated against
-    (postrain.trainers.config_class). `smoke_layer` (from `--smoke`) sits between the recipe and the overrides;
+    (postrain.trainers.config_class); `other_keys(dataclass)` the keys a section takes besides its fields (a data
+    source's transform settings: postrain.data.transforms.keys_besides_fields; without it a source takes its fields
+    only, and a transform's settings are refused as unknown keys). `smoke_layer` (from `--smoke`) sits between the recipe and the overrides;
     `top_layer` above the overrides (postrain.jobs.loading.load_smoke_recipe).
     """
     layers: list[tuple[dict, str]] = []
@@ -322,7 +325,7 @@ def read_recipe(
         from postrain.rl.methods import apply_method
 
         apply_method(cfg, origins, _leaf_origins)
-    validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins, config_class)
+    validate_recipe(cfg, RECIPE_SCHEMAS[declared], origins, config_class, other_keys)
     return Recipe(command=declared, cfg=cfg, path=recipe_path, origins=origins)
 
 

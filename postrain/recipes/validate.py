@@ -5,7 +5,9 @@ some sections map onto (TRL's SFTConfig / DPOConfig / GRPOConfig under `trainer:
 `peft:`). An unknown key names the file (or command line) it came from and the closest valid keys.
 
 The trainer's config class is the trainers' to say (postrain.trainers.config_class, a layer above this one): the
-caller passes it in as `config_class(command) -> type` (postrain.jobs.loading does).
+caller passes it in as `config_class(command) -> type` (postrain.jobs.loading does). So are the keys a data source
+takes besides SourceSpec's fields (its transform's settings: the transforms' registry says which), passed in as
+`other_keys(dataclass) -> {key: reader}`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import types
 import typing
 from typing import Any, Callable, Union
 
-from postrain.data.source_spec import SourceSpec
-from postrain.data.transforms import transform_keys
 from postrain.errors import RecipeError, did_you_mean, origin_of
 from postrain.value_types import matches as _matches, type_name
 
 # command -> the TRL config class its `trainer:` section is validated against (postrain.trainers.config_class).
 ConfigClass = Callable[[str], type]
+# a section's dataclass -> the keys it takes besides its fields, each -> what reads it: a data source's transform
+# settings (postrain.data.transforms.keys_besides_fields: the keys its registered transforms own).
+OtherKeys = Callable[[type], dict[str, str]]
+
+
+def no_other_keys(cls: type) -> dict[str, str]:
+    return {}
 
 
 def _library_dataclass(meta: dict, config_class: ConfigClass | None) -> type | None:
@@ -55,13 +62,13 @@ def unknown_key_error(path: str, key: str, valid: list[str], origins: dict[str, 
 
 
 def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], meta: dict | None = None,
-                     config_class: ConfigClass | None = None) -> None:
+                     config_class: ConfigClass | None = None, other_keys: OtherKeys = no_other_keys) -> None:
     """Raise RecipeError for the first unknown key or wrongly typed value under `path`."""
     lib_cls = _library_dataclass(meta or {}, config_class)
     if lib_cls is not None and value is not None:
         if not isinstance(value, dict):
             raise RecipeError(f"'{path}' (from {origin_of(origins, path)}) must be a mapping of {lib_cls.__name__} fields")
-        _validate_dataclass(value, lib_cls, path, origins, config_class)
+        _validate_dataclass(value, lib_cls, path, origins, config_class, other_keys)
         return
     if not _matches(value, tp):
         raise RecipeError(
@@ -71,15 +78,15 @@ def validate_section(value: Any, tp: Any, path: str, origins: dict[str, str], me
     # Recurse into dataclass-typed values, including inside Optional / list / dict.
     for inner in _dataclass_members(tp):
         if isinstance(value, dict) and inner is not None:
-            _validate_dataclass(value, inner, path, origins, config_class)
+            _validate_dataclass(value, inner, path, origins, config_class, other_keys)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]) and isinstance(value, dict):
         for k, v in value.items():
-            validate_section(v, args[1], f"{path}.{k}", origins, config_class=config_class)
+            validate_section(v, args[1], f"{path}.{k}", origins, config_class=config_class, other_keys=other_keys)
     if origin is list and args and dataclasses.is_dataclass(args[0]) and isinstance(value, list):
         for i, v in enumerate(value):
-            validate_section(v, args[0], f"{path}[{i}]", origins, config_class=config_class)
+            validate_section(v, args[0], f"{path}[{i}]", origins, config_class=config_class, other_keys=other_keys)
 
 
 def _dataclass_members(tp: Any) -> list[type]:
@@ -90,15 +97,8 @@ def _dataclass_members(tp: Any) -> list[type]:
     return []
 
 
-def other_keys(cls: type) -> dict[str, str]:
-    """Keys a section takes besides its dataclass's fields -> what reads them: a data source's transform settings
-    (SourceSpec.transform_settings), the keys its registered transforms own (postrain.data.transforms, which checks
-    their contents when the recipe loads)."""
-    return transform_keys() if issubclass(cls, SourceSpec) else {}
-
-
 def _validate_dataclass(value: dict, cls: type, path: str, origins: dict[str, str],
-                        config_class: ConfigClass | None) -> None:
+                        config_class: ConfigClass | None, other_keys: OtherKeys) -> None:
     types_ = field_types(cls)
     extra = other_keys(cls)
     metas = {f.name: dict(f.metadata) for f in dataclasses.fields(cls)}
@@ -108,8 +108,9 @@ def _validate_dataclass(value: dict, cls: type, path: str, origins: dict[str, st
             continue
         if key not in types_:
             raise unknown_key_error(sub_path, str(key), [*types_, *extra], origins)
-        validate_section(sub, types_[key], sub_path, origins, metas.get(key), config_class)
+        validate_section(sub, types_[key], sub_path, origins, metas.get(key), config_class, other_keys)
 
 
-def validate_recipe(cfg: dict, schema: type, origins: dict[str, str], config_class: ConfigClass) -> None:
-    _validate_dataclass(cfg, schema, "", origins, config_class)
+def validate_recipe(cfg: dict, schema: type, origins: dict[str, str], config_class: ConfigClass,
+                    other_keys: OtherKeys = no_other_keys) -> None:
+    _validate_dataclass(cfg, schema, "", origins, config_class, other_keys)

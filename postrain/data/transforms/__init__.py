@@ -5,9 +5,10 @@ file here and nothing else."""
 import importlib
 import pkgutil
 
-from postrain.data.transforms.registry import TRANSFORMS, check_transform, given_params, rows_per_row, transform_keys
+from postrain.data.transforms.registry import (TRANSFORMS, check_transform, given_params, keys_besides_fields,
+                                               rows_per_row, transform_keys)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["TRANSFORMS", "check_transform", "given_params", "rows_per_row", "transform_keys"]
+__all__ = ["TRANSFORMS", "check_transform", "given_params", "keys_besides_fields", "rows_per_row", "transform_keys"]

@@ -32,6 +32,7 @@ import dataclasses
 import inspect
 from typing import Any
 
+from postrain.data.source_spec import SourceSpec
 from postrain.errors import RecipeError
 from postrain.registry import Registry, Variant, suggest
 from postrain.value_types import check_value, type_name
@@ -71,6 +72,13 @@ def transform_keys() -> dict[str, str]:
         for key in owned_keys(entry):
             keys.setdefault(key, []).append(entry.name)
     return {key: " / ".join(names) for key, names in keys.items()}
+
+
+def keys_besides_fields(cls: type) -> dict[str, str]:
+    """The keys a recipe section of dataclass `cls` takes besides its fields -> what reads them: a data source's
+    (SourceSpec and its subclasses: an eval set, a mix) are its transforms' keys; other sections take none. The
+    recipe schema's validation is handed this (postrain.recipes.validate.OtherKeys)."""
+    return transform_keys() if issubclass(cls, SourceSpec) else {}
 
 
 def given_params(spec: Any, variant: Variant) -> dict[str, Any]:
