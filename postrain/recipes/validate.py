@@ -7,7 +7,7 @@ some sections map onto (TRL's SFTConfig / DPOConfig / GRPOConfig under `trainer:
 The trainer's config class is the trainers' to say (postrain.trainers.config_class, a layer above this one): the
 caller passes it in as `config_class(command) -> type` (postrain.jobs.loading does). So are the keys a data source
 takes besides SourceSpec's fields (its transform's settings: the transforms' registry says which), passed in as
-`other_keys(dataclass) -> {key: reader}`.
+`other_keys(dataclass) -> {key: [its readers]}`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from postrain.value_types import matches as _matches, type_name
 ConfigClass = Callable[[str], type]
 # a section's dataclass -> the keys it takes besides its fields, each -> what reads it: a data source's transform
 # settings (postrain.data.transforms.keys_besides_fields: the keys its registered transforms own).
-OtherKeys = Callable[[type], dict[str, str]]
+OtherKeys = Callable[[type], dict[str, list[str]]]
 
 
-def no_other_keys(cls: type) -> dict[str, str]:
+def no_other_keys(cls: type) -> dict[str, list[str]]:
     return {}
 
 

@@ -64,17 +64,17 @@ def _get(spec: Any, key: str) -> Any:
     return spec.get(key) if isinstance(spec, dict) else spec.transform_settings.get(key)
 
 
-def transform_keys() -> dict[str, str]:
-    """Every source key a registered transform owns -> the transform(s) reading it: the keys a source may have
+def transform_keys() -> dict[str, list[str]]:
+    """Every source key a registered transform owns -> the transforms reading it: the keys a source may have
     besides SourceSpec's own fields (the recipe schema accepts them; check_transform checks their contents)."""
     keys: dict[str, list[str]] = {}
     for entry in TRANSFORMS:
         for key in owned_keys(entry):
             keys.setdefault(key, []).append(entry.name)
-    return {key: " / ".join(names) for key, names in keys.items()}
+    return keys
 
 
-def keys_besides_fields(cls: type) -> dict[str, str]:
+def keys_besides_fields(cls: type) -> dict[str, list[str]]:
     """The keys a recipe section of dataclass `cls` takes besides its fields -> what reads them: a data source's
     (SourceSpec and its subclasses: an eval set, a mix) are its transforms' keys; other sections take none. The
     recipe schema's validation is handed this (postrain.recipes.validate.OtherKeys)."""
@@ -102,11 +102,7 @@ def check_transform(spec: dict, where: str) -> Variant | None:
     section set; in its own, only its parameters, of its annotated types and declared ranges (and its `check`)."""
     name = spec.get("transform")
     variant = TRANSFORMS.get(name, f"{where}.transform") if name is not None else None
-    owners: dict[str, list[str]] = {}
-    for entry in TRANSFORMS:
-        for key in owned_keys(entry):
-            owners.setdefault(key, []).append(entry.name)
-    for key, names in owners.items():
+    for key, names in transform_keys().items():
         if spec.get(key) is not None and (variant is None or key not in owned_keys(variant)):
             raise RecipeError(f"{where}.{key}: set only with transform: {' or '.join(names)} (transform is "
                               f"{name!r}); remove it or set the transform")
