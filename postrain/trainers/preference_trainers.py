@@ -6,17 +6,15 @@ of another shape.
 
 from __future__ import annotations
 
-from postrain.preference.section import LISTS, UNPAIRED, LossTerm, losses_shape
+from postrain.preference.section import LISTS, PAIRS, UNPAIRED, LossTerm, losses_shape
 from postrain.trainers.dpo import PostrainDPOTrainer
 from postrain.trainers.listwise import ListwiseDPOTrainer
 from postrain.trainers.unpaired import UnpairedDPOTrainer
 
+# Each data shape's trainer; a shape without one is a KeyError, never another shape's trainer.
+TRAINER_OF_SHAPE = {PAIRS: PostrainDPOTrainer, LISTS: ListwiseDPOTrainer, UNPAIRED: UnpairedDPOTrainer}
+
 
 def trainer_class_for(terms: list[LossTerm]) -> type:
     """The trainer `postrain dpo` builds for these terms: the one whose batches carry their data shape."""
-    shape = losses_shape(terms)
-    if shape is LISTS:
-        return ListwiseDPOTrainer
-    if shape is UNPAIRED:
-        return UnpairedDPOTrainer
-    return PostrainDPOTrainer
+    return TRAINER_OF_SHAPE[losses_shape(terms)]
