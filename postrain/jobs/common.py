@@ -35,6 +35,7 @@ from postrain.errors import LaunchError, PostrainError, RunDirError
 from postrain.files import attempt_dir, write_atomic
 from postrain.jobs import signals
 from postrain.jobs.rundir import LOCK_HELD_ENV, RunLock, complete_checkpoints, note, replace_with_attempt
+from postrain.models.loading import check_model_reference
 from postrain.launch.launcher import check_runnable_here, current_layout, launch_section, launch_started, relaunch
 from postrain.recipes import Recipe
 
@@ -380,6 +381,13 @@ def _head_commit(git_dir: Path) -> str | None:
     except OSError:
         pass
     return None
+
+
+def check_models_exist(cfg: dict) -> None:
+    """`model` and `ref_model` name models that exist (a run directory, a packaged model, a local folder or a hub
+    id)."""
+    check_model_reference(cfg["model"], "model")
+    check_model_reference(cfg.get("ref_model"), "ref_model")
 
 
 def environment(recipe: Recipe, options: RunOptions) -> dict:

@@ -32,9 +32,9 @@ from typing import Any
 
 from postrain.errors import RecipeError, origin_of
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions
+from postrain.jobs.common import RunOptions, check_models_exist
 from postrain.jobs.training import train_with_trl
-from postrain.jobs.plan import batch_unit, check_models_exist, sequence_batch_plan, training_plan
+from postrain.jobs.plan import batch_unit, sequence_batch_plan, training_plan
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.preference import PREFERENCE
 from postrain.preference.section import losses_shape, section_shape, state_settings

@@ -28,8 +28,8 @@ from postrain.evaluation.settings import check_eval_recipe, differences, model_e
 from postrain.evaluation.scoring import score_set
 from postrain.evaluation.settings import set_generation, set_metric_settings
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions, prepare_run_dir, running, write_json
-from postrain.jobs.plan import check_models_exist, check_rewards
+from postrain.jobs.common import RunOptions, check_models_exist, prepare_run_dir, running, write_json
+from postrain.jobs.plan import check_rewards
 from postrain.models.generation import generate_with_ids
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
 from postrain.models.loading import check_model_reference

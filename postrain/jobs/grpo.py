@@ -18,9 +18,9 @@ from typing import Any
 
 from postrain.errors import RecipeError
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions
+from postrain.jobs.common import RunOptions, check_models_exist
 from postrain.jobs.training import train_with_trl
-from postrain.jobs.plan import check_models_exist, check_rewards, grpo_batch_plan, training_plan
+from postrain.jobs.plan import check_rewards, grpo_batch_plan, training_plan
 from postrain.launch.vllm import check_vllm_installed
 from postrain.recipes import Recipe
 from postrain.recipes.sections import rl_parts

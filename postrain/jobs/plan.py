@@ -27,7 +27,6 @@ from postrain.jobs.trackers import report_to_names
 from postrain.jobs.train_eval import plan_lines
 from postrain.launch.launcher import command_line, launch_section, needs_launch, sharding_strategy, world_size
 from postrain.launch.memory import memory_plan
-from postrain.models.loading import check_model_reference
 from postrain.recipes import Recipe
 from postrain.preference.section import losses_shape
 from postrain.recipes.sections import loss_terms
@@ -78,13 +77,6 @@ def plan(recipe: Recipe, check_models: bool = True, worker_args: list[str] | Non
 def plan_head(recipe: Recipe) -> dict[str, Any]:
     """The lines every plan opens with: the command, where the run writes, the resolved recipe's hash."""
     return {"command": recipe.command, "run directory": recipe.cfg["output_dir"], "recipe hash": recipe.hash}
-
-
-def check_models_exist(cfg: dict) -> None:
-    """`model` and `ref_model` name models that exist (a run directory, a packaged model, a local folder or a hub
-    id)."""
-    check_model_reference(cfg["model"], "model")
-    check_model_reference(cfg.get("ref_model"), "ref_model")
 
 
 def check_rewards(recipe: Recipe, sets: dict[str, dict]) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from postrain.jobs import checks, smoke
-from postrain.jobs.common import RunOptions
+from postrain.jobs.common import RunOptions, check_models_exist
 from postrain.jobs.training import train_with_trl
-from postrain.jobs.plan import check_models_exist, sequence_batch_plan, training_plan
+from postrain.jobs.plan import sequence_batch_plan, training_plan
 from postrain.recipes import Recipe
 
 # The trainer settings --smoke adds to every training job's (postrain.jobs.smoke.SMOKE_TRAINER_COMMON).

@@ -15,14 +15,14 @@ from postrain.data.lengths import fit_source_lengths
 from postrain.data.sources import load_source
 from postrain.errors import RunDirError
 from postrain.jobs import hub, signals, trackers
-from postrain.jobs.common import (RunOptions, check_run_dir, last_checkpoint, peft_config, prepare_run_dir,
-                                  release_run_dir, running, trainer_config)
+from postrain.jobs.common import (RunOptions, check_models_exist, check_run_dir, last_checkpoint, peft_config,
+                                  prepare_run_dir, release_run_dir, running, trainer_config)
 from postrain.jobs.guard import check_finite_weights, guard_callback, guarded, health_settings
 from postrain.jobs.live import PlainView, make_view, view_callback
 from postrain.jobs.rundir import partial_dir, publish
 from postrain.jobs.train_eval import TrainEval
 from postrain.models import loading as model_loading  # load_model through it: tests replace it there
-from postrain.models.loading import MODEL_SUBDIR, check_model_reference
+from postrain.models.loading import MODEL_SUBDIR
 from postrain.recipes import Recipe
 from postrain.reports import model_card
 
@@ -52,8 +52,7 @@ def train_with_trl(
         check_data(train, "data.train")
         if eval_ds is not None:
             check_data(eval_ds, "data.eval")
-    check_model_reference(recipe.cfg["model"], "model")
-    check_model_reference(recipe.cfg.get("ref_model"), "ref_model")
+    check_models_exist(recipe.cfg)
     plan = check_run_dir(recipe, options)  # where the run writes (its checkpoints, its in-training eval samples)
     args = trainer_config(recipe, plan.work, config_cls, **(config_overrides or {}))
     # prompts that do not fit: refused, dropped or kept
